@@ -1,0 +1,45 @@
+"""engram: build and audit the n-gram memory tables of DeepSeek's Engram architecture.
+
+The library is the package; the `engram` command is a thin layer over it. The flow:
+
+    tokenizer.json --vocab--> CompressedVocab
+    corpus/ --corpus/encode/ngrams--> NgramStats
+    params --plan--> TablePlan
+    TablePlan + NgramStats --hashing/store--> TableStore (tables.zarr)
+    TableStore --collisions--> audit report
+
+Public names are re-exported here lazily, so `import engram_cli` stays cheap.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # vocab: tokenizer compression (SPEC section 1)
+    "CompressedVocab": "vocab",
+    "LoadedTokenizer": "vocab",
+    "load_tokenizer": "vocab",
+    "compress_vocab": "vocab",
+    # plan: primes, offsets, multipliers (SPEC section 2)
+    "TablePlan": "plan",
+    "make_plan": "plan",
+    "fit_plan_to_budget": "plan",
+    "parse_budget": "plan",
+    # hashing (SPEC section 3)
+    "hash_positions": "hashing",
+    "ngram_row_ids": "hashing",
+    # errors
+    "EngramError": "errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engram_cli' has no attribute {name!r}")
+    return getattr(import_module(f".{module}", __name__), name)

