@@ -91,3 +91,61 @@ class NgramStats:
             df = pl.scan_parquet(path).slice(start, batch_rows).select([*cols, "count"]).collect()
             ids = np.column_stack([df[c].to_numpy().astype(np.int64) for c in cols])
             yield ids, df["count"].to_numpy().astype(np.int64)
+
+
+def summarize_counts(ids: np.ndarray, counts: np.ndarray, top: int = 20) -> dict:
+    """Summary figures of one order from its distinct n-grams held in memory.
+
+    (Small inputs only: the streaming counter computes the same figures without
+    holding an order in memory.)
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    m = int(counts.shape[0])
+    desc = np.sort(counts)[::-1]
+    total = int(desc.sum())
+
+    def top_share(frac: float) -> float:
+        k = int(np.ceil(frac * m)) if m else 0
+        return float(desc[:k].sum() / total) if total else 0.0
+
+    order_idx = np.lexsort((*[ids[:, i] for i in reversed(range(ids.shape[1]))], -counts))[:top] if m else []
+    return {
+        "windows": total,
+        "distinct": m,
+        "singletons": int((counts == 1).sum()),
+        "top1pct_share": top_share(0.01),
+        "top10pct_share": top_share(0.10),
+        "top": [{"ids": [int(v) for v in ids[i]], "count": int(counts[i])} for i in order_idx],
+    }
+
+
+def write_stats_from_arrays(root: str | Path, per_order: dict[int, tuple[np.ndarray, np.ndarray]], *, extra: dict | None = None) -> NgramStats:
+    """Write a stats directory from in-memory distinct n-grams: {order: (ids (m, n), counts (m,))}.
+
+    For fixtures and small inputs; `ids` rows must be distinct.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    summaries = {}
+    for order, (ids, counts) in sorted(per_order.items()):
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1, order)
+        counts = np.asarray(counts, dtype=np.int64)
+        frame = pl.DataFrame(
+            {
+                "order": pl.Series([order] * len(counts), dtype=pl.UInt8),
+                **{c: pl.Series(ids[:, i], dtype=pl.UInt32) for i, c in enumerate(token_columns(order))},
+                "count": pl.Series(counts, dtype=pl.UInt64),
+            }
+        )
+        frame.write_parquet(order_file(root, order))
+        summaries[str(order)] = summarize_counts(ids, counts)
+    orders = sorted(per_order)
+    summary = {
+        "format": STATS_FORMAT,
+        "orders": orders,
+        "tokens": summaries[str(orders[0])]["windows"] if orders else 0,
+        "per_order": summaries,
+        **(extra or {}),
+    }
+    (root / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return NgramStats(root=root, summary=summary)
