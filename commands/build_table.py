@@ -1,7 +1,165 @@
-"""Placeholder: replaced by the module that implements `engram build-table`."""
+"""`engram build-table CORPUS...`: count a corpus's n-grams, plan and write the tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
 
 import typer
+from rich.table import Table
+
+from engram_cli import plan as plan_defaults
+from engram_cli.errors import PlanError
+from engram_cli.plan import parse_budget
+from engram_cli.units import format_bytes, parse_bytes, parse_int_list
+from engram_cli.vocab import DEFAULT_TOKENIZER, load_or_compress_vocab, load_tokenizer
+
+DEFAULT_OUT = "tables.zarr"  # engram_cli.build_table.DEFAULT_OUT (imported lazily: zarr, polars)
+
+from ._output import console, json_option, print_json, progress_reporter, visible
+
+TOP_SHOWN = 10
+
+
+def render_plan(report: dict, out: Path) -> None:
+    table = Table(title=f"Table plan for {out}", title_justify="left")
+    for col, justify in (("layer", "right"), ("order", "right"), ("head primes", "left"), ("rows", "right"), ("bytes", "right")):
+        table.add_column(col, justify=justify)
+    for layer in report["layers"]:
+        for o in layer["orders"]:
+            p = o["primes"]
+            primes = ", ".join(map(str, p)) if len(p) <= 4 else f"{p[0]}, {p[1]}, … {p[-1]} ({len(p)} heads)"
+            table.add_row(str(layer["layer_id"]), str(o["order"]), primes, f"{o['rows']:,}", format_bytes(o["bytes"]))
+    console.print(table)
+    console.print(
+        f"{len(report['layers'])} layers x orders 2..{report['max_ngram_size']} x {report['heads']} heads, rows of "
+        f"{report['head_dim']} x {report['dtype']}: [bold]{report['total_rows']:,} rows, {format_bytes(report['total_bytes'])}[/]"
+    )
+
+
+def render_result(report: dict) -> None:
+    c = report["corpus"]
+    skipped = c.get("skipped_binary", 0) + c.get("skipped_other", 0) if isinstance(c.get("skipped_other", 0), int) else c.get("skipped_binary", 0)
+    console.print(
+        f"Corpus: {c.get('files', 0):,} files, {c.get('documents', 0):,} documents, {format_bytes(c.get('bytes', 0))}, "
+        f"{c.get('tokens', 0):,} tokens; {skipped:,} files skipped, {c.get('invalid_utf8', 0):,} with invalid UTF-8 replaced"
+    )
+    stats = report["stats"]
+    table = Table(title="N-gram statistics", title_justify="left")
+    for col in ("order", "windows", "distinct", "singletons", "top 1% share", "top 10% share"):
+        table.add_column(col, justify="right")
+    for n, s in stats["per_order"].items():
+        table.add_row(n, f"{s['windows']:,}", f"{s['distinct']:,}", f"{s['singletons']:,}", f"{s['top1pct_share']:.1%}", f"{s['top10pct_share']:.1%}")
+    console.print(table)
+    for n, s in stats["per_order"].items():
+        top = Table(title=f"Most frequent {n}-grams", title_justify="left")
+        top.add_column("count", justify="right")
+        top.add_column("n-gram")
+        for t in s["top"][:TOP_SHOWN]:
+            top.add_row(f"{t['count']:,}", " | ".join(visible(x) for x in t["text"]))
+        console.print(top)
+    store = report["store"]
+    console.print(f"Wrote [bold]{store.get('path')}[/] ({format_bytes(store.get('bytes_on_disk', 0))} on disk).")
+
+
+def build_table_command(
+    corpus: List[Path] = typer.Argument(..., help="Corpus files or directories (text, .jsonl, .parquet, and .gz/.zst of these)."),
+    out: Path = typer.Option(Path(DEFAULT_OUT), "-o", "--out", help="The Zarr v3 store to write."),
+    tokenizer: str = typer.Option(DEFAULT_TOKENIZER, "--tokenizer", help="A tokenizer.json, a directory holding one, or `deepseek`."),
+    vocab_path: Optional[Path] = typer.Option(None, "--vocab", help="A compressed vocabulary from `engram compress-vocab -o` (checked against the tokenizer)."),
+    layers: str = typer.Option("1,15", "--layers", help="Layer ids that get a table, comma-separated."),
+    max_ngram: int = typer.Option(plan_defaults.DEFAULT_MAX_NGRAM, "--max-ngram", help="Largest n-gram order (orders 2..N)."),
+    heads: int = typer.Option(plan_defaults.DEFAULT_HEADS, "--heads", help="Hash heads per order (K)."),
+    rows_per_head: Optional[str] = typer.Option(None, "--rows-per-head", help="Requested rows per head (engram_vocab_size): one value, or one per order. Default 646400."),
+    dim: int = typer.Option(plan_defaults.DEFAULT_DIM, "--dim", help="n_embed_per_ngram; each head's row is dim // heads wide."),
+    seed: int = typer.Option(plan_defaults.DEFAULT_SEED, "--seed", help="Seed of the hash multipliers and of the table initialization."),
+    pad_id: int = typer.Option(plan_defaults.DEFAULT_PAD_ID, "--pad-id", help="Tokenizer id used as left padding (compressed before use)."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="Size the tables to fit: bytes (2GiB, 800MB) or parameters (500M)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Row dtype: float32, float16 or bfloat16."),
+    init: str = typer.Option("normal", "--init", help="Row initialization: normal (std --init-std) or zeros."),
+    init_std: float = typer.Option(0.02, "--init-std", help="Standard deviation of the normal initialization."),
+    chunk_size: str = typer.Option("4MiB", "--chunk-size", help="Target bytes per Zarr chunk (1-8 MiB is typical)."),
+    shard_size: str = typer.Option("256MiB", "--shard-size", help="Target bytes per shard file (many chunks each)."),
+    compressor: str = typer.Option("zstd", "--compressor", help="Chunk compressor: zstd, lz4 or none (crc32c checksums always)."),
+    memory_limit: str = typer.Option("2GiB", "--memory-limit", help="Memory for in-flight n-gram counts before spilling to disk."),
+    text_field: str = typer.Option("text", "--text-field", help="The text field of .jsonl records and .parquet rows."),
+    special_tokens: bool = typer.Option(False, "--special-tokens/--no-special-tokens", help="Add the tokenizer's special tokens (e.g. BOS) to each document."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Parallel shard writers (default: CPU count)."),
+    plan_only: bool = typer.Option(False, "--plan-only", help="Print the plan and stop; write nothing."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output store."),
+    as_json: bool = json_option(),
+) -> None:
+    """Count a corpus's n-grams, plan prime-sized multi-head tables and write them as Zarr v3.
+
+    The plan is printed before anything is written. Example:
+
+        engram build-table corpus/                        # reference plan -> tables.zarr
+        engram build-table corpus/ --budget 256MiB -o small.zarr
+        engram build-table data.jsonl --heads 4 --max-ngram 4 --plan-only
+    """
+    from engram_cli.build_table import build_tables, plan_report, plan_tables, stats_report
+
+    if budget is not None and rows_per_head is not None:
+        raise PlanError("--budget and --rows-per-head both size the tables; give one of them")
+    budget_value = parse_budget(budget) if budget is not None else None
+    rows = parse_int_list(rows_per_head, what="--rows-per-head") if rows_per_head is not None else plan_defaults.DEFAULT_ROWS_PER_HEAD
+    memory = parse_bytes(memory_limit, what="--memory-limit")
+    chunk_bytes = parse_bytes(chunk_size, what="--chunk-size")
+    shard_bytes = parse_bytes(shard_size, what="--shard-size")
+
+    loaded = load_tokenizer(tokenizer)
+    vocab = load_or_compress_vocab(loaded, vocab_path)
+    plan = plan_tables(
+        vocab,
+        layer_ids=parse_int_list(layers, what="--layers"),
+        max_ngram_size=max_ngram,
+        heads=heads,
+        rows_per_head=rows,
+        dim=dim,
+        seed=seed,
+        pad_id=pad_id,
+        dtype=dtype,
+        budget=budget_value,
+    )
+    planned = plan_report(plan)
+    if plan_only:
+        if as_json:
+            print_json({"plan": planned})
+        else:
+            render_plan(planned, out)
+        return
+    if not as_json:
+        render_plan(planned, out)
+    with progress_reporter(quiet=as_json) as progress:
+        result = build_tables(
+            list(corpus),
+            out,
+            tokenizer=loaded,
+            vocab=vocab,
+            plan=plan,
+            force=force,
+            memory_limit=memory,
+            text_field=text_field,
+            add_special_tokens=special_tokens,
+            progress=progress,
+            init=init,
+            init_std=init_std,
+            chunk_bytes=chunk_bytes,
+            shard_bytes=shard_bytes,
+            compressor=compressor,
+            workers=workers,
+        )
+    report = {
+        "plan": planned,
+        "corpus": result.corpus,
+        "stats": stats_report(result.store.stats, vocab),
+        "store": result.store.summary(),
+    }
+    if as_json:
+        print_json(report)
+    else:
+        render_result(report)
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("build-table")(build_table_command)

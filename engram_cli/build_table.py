@@ -1,0 +1,157 @@
+"""The build-table pipeline: corpus -> n-gram statistics -> plan -> Zarr tables.
+
+`plan_tables` turns the user's parameters into the reference `TablePlan` (shared/SPEC.md
+section 2); `build_tables` counts the corpus into a staging store, materializes the
+tables there and renames it into place, so an interrupted run never leaves a store
+that looks complete. Reports are plain dicts (the `--json` schemas of
+docs/build-table.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PlanError
+from .ngrams import NgramStats, count_corpus
+from .plan import Budget, TablePlan, fit_plan_to_budget, make_plan
+from .store import TableStore, finalize, prepare_partial, write_tables
+from .vocab import CompressedVocab, LoadedTokenizer
+
+DEFAULT_OUT = "tables.zarr"
+DEFAULT_MEMORY_LIMIT = 2 * 1024**3
+
+
+def plan_tables(
+    vocab: CompressedVocab,
+    *,
+    layer_ids,
+    max_ngram_size: int,
+    heads: int,
+    rows_per_head,
+    dim: int,
+    seed: int,
+    pad_id: int,
+    dtype: str = "float32",
+    budget: Budget | None = None,
+) -> TablePlan:
+    """The reference plan for `vocab`; `budget` derives equal per-order rows per head."""
+    if not 0 <= pad_id < vocab.vocab_size:
+        raise PlanError(f"--pad-id {pad_id} is not a token id of this tokenizer (0..{vocab.vocab_size - 1}); the DeepSeek pad id is 2")
+    common = dict(
+        compressed_vocab_size=vocab.compressed_size,
+        compressed_pad_id=int(vocab.lookup[pad_id]),
+        layer_ids=layer_ids,
+        max_ngram_size=max_ngram_size,
+        heads=heads,
+        dim=dim,
+        seed=seed,
+        pad_id=pad_id,
+        dtype=dtype,
+        tokenizer_sha256=vocab.tokenizer_sha256,
+        vocab_fingerprint=vocab.fingerprint,
+    )
+    if budget is not None:
+        return fit_plan_to_budget(budget, **common)
+    return make_plan(rows_per_head=rows_per_head, **common)
+
+
+def plan_report(plan: TablePlan) -> dict:
+    """Per layer and order: primes, rows and bytes (the plan printed before writing)."""
+    layers = []
+    for layer in plan.layer_ids:
+        orders = []
+        for n in plan.orders:
+            primes = [int(p) for p in plan.primes[layer][n - 2]]
+            orders.append({"order": n, "primes": primes, "rows": sum(primes), "bytes": sum(primes) * plan.head_dim * plan.dtype_bytes})
+        layers.append({"layer_id": layer, "rows": plan.layer_rows(layer), "bytes": plan.layer_bytes(layer), "orders": orders, "multipliers": [str(m) for m in plan.multipliers[layer]]})
+    return {
+        "heads": plan.heads,
+        "max_ngram_size": plan.max_ngram_size,
+        "rows_per_head": list(plan.rows_per_head),
+        "dim": plan.dim,
+        "head_dim": plan.head_dim,
+        "dtype": plan.dtype,
+        "seed": plan.seed,
+        "pad_id": plan.pad_id,
+        "compressed_pad_id": plan.compressed_pad_id,
+        "compressed_vocab_size": plan.compressed_vocab_size,
+        "total_rows": plan.total_rows,
+        "total_params": plan.total_params,
+        "total_bytes": plan.total_bytes,
+        "fingerprint": plan.fingerprint,
+        "layers": layers,
+    }
+
+
+def decode_ngram(vocab: CompressedVocab, ids) -> list[str]:
+    """The text of each compressed id of an n-gram (its normalized key)."""
+    return [vocab.keys[int(i)] for i in ids]
+
+
+def stats_report(stats: NgramStats, vocab: CompressedVocab) -> dict:
+    """The n-gram summary with the most frequent n-grams decoded to text."""
+    per_order = {}
+    for n in stats.orders:
+        s = dict(stats.order_summary(n))
+        s["top"] = [{**t, "text": decode_ngram(vocab, t["ids"])} for t in s.get("top", [])]
+        per_order[str(n)] = s
+    return {"tokens": stats.summary.get("tokens"), "documents": stats.summary.get("documents"), "per_order": per_order}
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    store: TableStore
+    corpus: dict  # CorpusSummary.to_dict()
+
+
+def build_tables(
+    paths: list[Path],
+    out: Path,
+    *,
+    tokenizer: LoadedTokenizer,
+    vocab: CompressedVocab,
+    plan: TablePlan,
+    force: bool = False,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    text_field: str = "text",
+    add_special_tokens: bool = False,
+    progress=None,
+    **store_options,
+) -> BuildResult:
+    """Count `paths`, write the plan's tables and statistics to `out` (atomically).
+
+    `store_options` go to `store.write_tables` (init, init_std, chunk_bytes,
+    shard_bytes, compressor, workers).
+    """
+    out = Path(out)
+    partial = prepare_partial(out, force)
+    try:
+        corpus, stats = count_corpus(
+            list(paths),
+            tokenizer=tokenizer,
+            vocab=vocab,
+            max_ngram_size=plan.max_ngram_size,
+            pad_id=plan.compressed_pad_id,
+            out_dir=partial / "stats",
+            memory_limit=memory_limit,
+            text_field=text_field,
+            add_special_tokens=add_special_tokens,
+            progress=progress,
+        )
+        write_tables(
+            partial,
+            plan,
+            vocab,
+            stats=stats,
+            memory_limit=memory_limit,
+            extra_attrs={"corpus": corpus.to_dict(), "stats": {k: v for k, v in stats.summary.items() if k != "per_order"}},
+            progress=progress,
+            **store_options,
+        )
+        store = finalize(partial, out, force)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return BuildResult(store=store, corpus=corpus.to_dict())
