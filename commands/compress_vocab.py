@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from engram_cli.vocab import DEFAULT_TOKENIZER, CompressedVocab, compress_vocab, load_tokenizer
+from engram_cli.vocab import DEFAULT_TOKENIZER, REPLACEMENT_CHAR, CompressedVocab, LoadedTokenizer, check_output_path, compress_vocab, load_tokenizer
 
 from ._output import console, json_option, print_json, visible
 
@@ -16,17 +17,19 @@ TOP_CLASSES = 10
 MAX_MEMBERS_SHOWN = 12
 
 
-def vocab_report(vocab: CompressedVocab, tokenizer) -> dict:
+def vocab_report(vocab: CompressedVocab, tokenizer: LoadedTokenizer) -> dict:
     """The `--json` object (schema in docs/compress-vocab.md)."""
     tok = tokenizer.tokenizer
+    merged = vocab.merge_classes()
     classes = []
-    for compressed_id, members in vocab.merge_classes()[:TOP_CLASSES]:
+    for compressed_id, members in merged[:TOP_CLASSES]:
+        texts = tok.decode_batch([[t] for t in members], skip_special_tokens=False)
         classes.append(
             {
                 "compressed_id": compressed_id,
                 "key": vocab.keys[compressed_id],
                 "size": len(members),
-                "members": [{"id": t, "token": tok.id_to_token(t)} for t in members],
+                "members": [{"id": t, "token": tok.id_to_token(t), "text": text} for t, text in zip(members, texts)],
             }
         )
     return {
@@ -39,35 +42,41 @@ def vocab_report(vocab: CompressedVocab, tokenizer) -> dict:
         "compressed_size": vocab.compressed_size,
         "reduction": vocab.reduction,
         "fffd_tokens": vocab.fffd_tokens,
-        "merged_classes": len(vocab.merge_classes()),
+        "merged_classes": len(merged),
         "fingerprint": vocab.fingerprint,
         "largest_classes": classes,
     }
 
 
+def member_label(member: dict) -> str:
+    """`id:text` with the decoded text made visible; the raw token when decoding gives U+FFFD."""
+    shown = member["token"] if REPLACEMENT_CHAR in member["text"] else member["text"]
+    return f"{member['id']}:{visible(shown)}"
+
+
 def render(report: dict, out: Optional[Path]) -> None:
     console.print(
-        f"[bold]{report['tokenizer']}[/]  {report['vocab_size']:,} ids -> {report['compressed_size']:,} "
+        f"[bold]{escape(report['tokenizer'])}[/]  {report['vocab_size']:,} ids -> {report['compressed_size']:,} "
         f"compressed ids ([bold green]{report['reduction']:.2%}[/] fewer)"
     )
     console.print(
         f"{report['fffd_tokens']:,} byte-fallback tokens (U+FFFD) kept raw; "
         f"{report['merged_classes']:,} classes merge 2+ ids; tokenizer sha256 {report['tokenizer_sha256'][:12]}"
     )
-    table = Table(title=f"{TOP_CLASSES} largest merge classes", title_justify="left")
+    table = Table(title=f"{TOP_CLASSES} largest merge classes (␣ = space)", title_justify="left")
     table.add_column("id", justify="right")
     table.add_column("key")
     table.add_column("size", justify="right")
-    table.add_column("members (tokenizer id: decoded token)")
+    table.add_column("members (tokenizer id:decoded text)")
     for cls in report["largest_classes"]:
         shown = cls["members"][:MAX_MEMBERS_SHOWN]
-        members = "  ".join(f"{m['id']}:{visible(m['token'])}" for m in shown)
+        members = "  ".join(member_label(m) for m in shown)
         if len(cls["members"]) > len(shown):
             members += f"  … +{len(cls['members']) - len(shown)}"
-        table.add_row(str(cls["compressed_id"]), visible(cls["key"]), str(cls["size"]), members)
+        table.add_row(str(cls["compressed_id"]), escape(visible(cls["key"])), str(cls["size"]), escape(members))
     console.print(table)
     if out is not None:
-        console.print(f"Wrote [bold]{out}[/] (lookup array + metadata).")
+        console.print(f"Wrote [bold]{escape(str(out))}[/] (lookup array + metadata).")
 
 
 def compress_vocab_command(
@@ -75,7 +84,7 @@ def compress_vocab_command(
         DEFAULT_TOKENIZER,
         help="A tokenizer.json, a directory holding one, or `deepseek` (the DeepSeek V3/V4 tokenizer).",
     ),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the mapping to FILE.npz (`lookup` + metadata).", dir_okay=False),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the mapping to FILE.npz (`lookup` + metadata)."),
     as_json: bool = json_option(),
 ) -> None:
     """Compress a tokenizer vocabulary (NFKC, accents stripped, lowercase) and show what merged.
@@ -85,6 +94,8 @@ def compress_vocab_command(
         engram compress-vocab                       # the DeepSeek V3/V4 tokenizer
         engram compress-vocab path/to/tokenizer.json -o vocab.npz --json
     """
+    if out is not None:
+        check_output_path(out)  # fail before the work, not after it
     loaded = load_tokenizer(tokenizer)
     vocab = compress_vocab(loaded)
     if out is not None:

@@ -317,7 +317,7 @@ def make_plan(
 
 # -- budgets -------------------------------------------------------------------
 _BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
-_SCALE = {"": 1, "k": 1, "m": 2, "g": 3, "t": 4}
+_SCALE = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
 @dataclass(frozen=True)
@@ -376,12 +376,19 @@ def fit_plan_to_budget(budget: Budget, **plan_kwargs) -> TablePlan:
     dtype_bytes = DTYPE_BYTES.get(plan_kwargs.get("dtype", "float32"), 4)
     rows = rows_for_budget(budget, layers=layers, orders=max(orders, 1), heads=heads, head_dim=dim // heads, dtype_bytes=dtype_bytes)
     limit = budget.params(dtype_bytes)
-    for _ in range(64):
-        plan = make_plan(rows_per_head=rows, **plan_kwargs)
-        over = plan.total_params - limit
-        if over <= 0:
-            return plan
-        rows -= max(1, -(-over // (layers * orders * heads * (dim // heads))))
-        if rows < 2:
-            break
+
+    def fits(r: int) -> bool:
+        return make_plan(rows_per_head=r, **plan_kwargs).total_params <= limit
+
+    # Each head's prime is the next unused prime above the request, so the plan grows
+    # monotonically with `rows`: binary-search the largest request that fits.
+    lo, hi = 1, rows  # fits(hi) is unknown (primes land above the request); lo is a sentinel
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if mid >= 2 and fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo >= 2:
+        return make_plan(rows_per_head=lo, **plan_kwargs)
     raise PlanError(f"budget {budget} is too small for this plan; raise --budget")

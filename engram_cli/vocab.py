@@ -8,10 +8,12 @@ keep it as an .npz that later stages check against their tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
+import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,9 +101,12 @@ def load_tokenizer(spec: str | os.PathLike = DEFAULT_TOKENIZER) -> LoadedTokeniz
     except OSError as e:
         raise TokenizerError(f"cannot read tokenizer {str(path)!r}: {e.strerror}") from None
     try:
-        json.loads(raw)
+        doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{str(path)!r} is not valid JSON ({e}); pass a Hugging Face tokenizer.json") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
+        raise TokenizerError(f"{str(path)!r} is JSON but not a tokenizer (no \"model\" object); pass a Hugging Face tokenizer.json")
+    del doc
     try:
         tok = Tokenizer.from_str(raw.decode("utf-8"))
     except Exception as e:  # tokenizers raises plain Exception subclasses
@@ -193,51 +198,80 @@ class CompressedVocab:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write `lookup`, `keys`, `raw_key` and `metadata` (JSON) to an .npz, atomically."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise OutputError(f"--out {str(path)!r} must end in .npz (numpy would append it silently)")
-        if path.is_dir():
-            raise OutputError(f"--out {str(path)!r} is a directory; give a file name ending in .npz")
-        parent = path.parent if str(path.parent) else Path(".")
-        if not parent.is_dir():
-            raise OutputError(f"cannot write {str(path)!r}: directory {str(parent)!r} does not exist; create it first")
-        tmp = parent / f".{path.name}.partial.npz"
+        """Write the vocabulary to an .npz atomically (format in docs/compress-vocab.md).
+
+        Arrays: `lookup` (V,) int64, `raw_key` (V,) bool, `keys_utf8` (uint8, the keys'
+        UTF-8 bytes back to back) with `keys_offsets` (C+1,) int64, and `metadata` (a JSON
+        string). Keys are stored as bytes because numpy's unicode arrays drop trailing
+        NULs (the key of the byte token 0x00 is "\\x00") and pad every key to the longest.
+        The file appears only when complete: it is written beside `path` and renamed.
+        """
+        path = check_output_path(path)
+        encoded = [k.encode("utf-8", "surrogatepass") for k in self.keys]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        tmp = path.parent / f".{path.name}.partial.npz"
         try:
             np.savez(
                 tmp,
-                lookup=self.lookup.astype(np.int64),
-                keys=np.array(self.keys, dtype=object).astype(str),
-                raw_key=self.raw_key,
+                lookup=self.lookup.astype("<i8"),
+                raw_key=self.raw_key.astype(bool),
+                keys_utf8=np.frombuffer(b"".join(encoded), dtype=np.uint8),
+                keys_offsets=offsets,
                 metadata=np.array(json.dumps(self.metadata())),
             )
             os.replace(tmp, path)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"cannot write {str(path)!r}: {e.strerror}; choose a writable path") from None
+            raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}; choose a writable path with -o/--out") from None
+        finally:
+            with contextlib.suppress(OSError):  # a partial file is left only when writing failed or was interrupted
+                tmp.unlink()
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CompressedVocab":
+        """Read a `save`d vocabulary; `VocabMismatch` if it is missing, foreign or corrupt."""
         path = Path(path)
         if not path.is_file():
             raise VocabMismatch(f"compressed vocabulary {str(path)!r} does not exist; make one with `engram compress-vocab -o {path}`")
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["metadata"]))
+                blob = z["keys_utf8"].tobytes()
+                offsets = z["keys_offsets"].tolist()
+                keys = tuple(blob[a:b].decode("utf-8", "surrogatepass") for a, b in zip(offsets, offsets[1:]))
                 vocab = cls(
                     lookup=z["lookup"].astype(np.int64),
-                    keys=tuple(z["keys"].tolist()),
+                    keys=keys,
                     raw_key=z["raw_key"].astype(bool),
                     tokenizer_sha256=meta["tokenizer_sha256"],
                     normalizer=meta["normalizer"],
                     normalizer_version=meta["normalizer_version"],
                 )
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, zipfile.BadZipFile) as e:
             raise VocabMismatch(f"{str(path)!r} is not an engram compressed vocabulary ({type(e).__name__}); make one with `engram compress-vocab -o FILE.npz`") from None
-        if meta.get("fingerprint") != vocab.fingerprint:
-            raise VocabMismatch(f"{str(path)!r} is corrupt: its lookup does not match its stored fingerprint; rebuild it")
+        if meta.get("fingerprint") != vocab.fingerprint or vocab.lookup.shape != vocab.raw_key.shape or len(keys) != meta.get("compressed_size"):
+            raise VocabMismatch(f"{str(path)!r} is corrupt: its arrays do not match its stored fingerprint and sizes; rebuild it with `engram compress-vocab -o {path}`")
         return vocab
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Reject an --out path that cannot become an .npz file, before any work is done."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"--out {str(path)!r} is a directory; give a file name ending in .npz, e.g. -o {path / 'vocab.npz'}")
+    if path.suffix != ".npz":
+        raise OutputError(f"--out {str(path)!r} must end in .npz (numpy would append it silently); e.g. -o vocab.npz")
+    parent = path.parent
+    if not parent.exists():
+        raise OutputError(f"cannot write {str(path)!r}: directory {str(parent)!r} does not exist; create it first (mkdir -p {parent})")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {str(path)!r}: {str(parent)!r} is not a directory; choose another -o/--out path")
+    if path.exists() and not path.is_file():
+        raise OutputError(f"--out {str(path)!r} exists and is not a regular file; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {str(path)!r}: directory {str(parent)!r} is not writable (read-only or no permission); choose a writable -o/--out path")
+    return path
 
 
 def compress_vocab(tokenizer: LoadedTokenizer) -> CompressedVocab:

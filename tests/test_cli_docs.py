@@ -1,0 +1,43 @@
+"""Every registered command has help with an example and a page docs/<command>.md
+(STYLE.md: a test fails when a command lacks help or is missing from the docs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from engram_cli.cli import app
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+COMMANDS = typer.main.get_command(app).commands  # name -> click command, as registered
+
+
+def test_commands_are_registered():
+    assert "compress-vocab" in COMMANDS
+    assert all(name == name.lower() and " " not in name and "_" not in name for name in COMMANDS)  # kebab-case
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_command_has_help_with_example(name):
+    command = COMMANDS[name]
+    assert command.help and command.help.strip(), f"`engram {name}` has no help; give its function a docstring"
+    assert "Example" in command.help and f"engram {name}" in command.help, f"`engram {name}` help has no example run"
+    result = CliRunner().invoke(app, [name, "--help"])
+    assert result.exit_code == 0 and f"engram {name}" in result.stdout
+    for param in command.params:
+        if param.param_type_name == "option":
+            assert param.help, f"`engram {name}` option {param.opts} has no help"
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_command_has_docs_page(name):
+    page = DOCS / f"{name}.md"
+    assert page.is_file(), f"`engram {name}` has no docs page; write {page.relative_to(DOCS.parent)}"
+    text = page.read_text(encoding="utf-8")
+    assert f"engram {name}" in text, f"{page.name} shows no example run of `engram {name}`"
+    for param in COMMANDS[name].params:
+        if param.param_type_name == "option":
+            assert any(opt in text for opt in param.opts), f"{page.name} does not document {param.opts}"
