@@ -56,7 +56,7 @@ def render_result(report: dict) -> None:
         top.add_column("count", justify="right")
         top.add_column("n-gram")
         for t in s["top"][:TOP_SHOWN]:
-            top.add_row(f"{t['count']:,}", " | ".join(visible(x) for x in t["text"]))
+            top.add_row(f"{t['count']:,}", " · ".join(visible(x) for x in t["text"]))
         console.print(top)
     store = report["store"]
     console.print(f"Wrote [bold]{store.get('path')}[/] ({format_bytes(store.get('bytes_on_disk', 0))} on disk).")

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PlanError
-from .ngrams import NgramStats, count_corpus
+from .encode import count_corpus
+from .ngrams import NgramStats
 from .plan import Budget, TablePlan, fit_plan_to_budget, make_plan
 from .store import TableStore, finalize, prepare_partial, write_tables
 from .vocab import CompressedVocab, LoadedTokenizer
