@@ -97,7 +97,8 @@ def build_table_command(
         engram build-table corpus/ --budget 256MiB -o small.zarr
         engram build-table data.jsonl --heads 4 --max-ngram 4 --plan-only
     """
-    from engram_cli.build_table import build_tables, plan_report, plan_tables, stats_report
+    from engram_cli.build_table import build_tables, plan_report, plan_tables, resolve_corpus, stats_report
+    from engram_cli.store import check_output
 
     if budget is not None and rows_per_head is not None:
         raise PlanError("--budget and --rows-per-head both size the tables; give one of them")
@@ -122,6 +123,9 @@ def build_table_command(
         budget=budget_value,
     )
     planned = plan_report(plan)
+    if not plan_only:
+        check_output(out, force)
+        corpus = resolve_corpus(corpus)
     if plan_only:
         if as_json:
             print_json({"plan": planned})

@@ -31,6 +31,25 @@ _EXPORTS = {
     # hashing (SPEC section 3)
     "hash_positions": "hashing",
     "ngram_row_ids": "hashing",
+    # corpus reading, tokenization, n-gram counting
+    "CorpusSummary": "corpus",
+    "iter_documents": "corpus",
+    "encode_documents": "encode",
+    "count_corpus": "encode",
+    "count_ngrams": "ngrams",
+    "NgramStats": "ngrams",
+    # the Zarr v3 store
+    "TableStore": "store",
+    "create_store": "store",
+    "write_tables": "store",
+    "init_chunk": "store",
+    "hit_counts": "store",
+    # the build-table pipeline
+    "build_tables": "build_table",
+    "plan_tables": "build_table",
+    # collision audits
+    "audit_collisions": "collisions",
+    "what_if_plan": "collisions",
     # errors
     "EngramError": "errors",
 }

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PlanError
+from .corpus import corpus_files
 from .encode import count_corpus
+from .errors import CorpusError
 from .ngrams import NgramStats
 from .plan import Budget, TablePlan, fit_plan_to_budget, make_plan
 from .store import TableStore, finalize, prepare_partial, write_tables
@@ -22,6 +24,15 @@ from .vocab import CompressedVocab, LoadedTokenizer
 
 DEFAULT_OUT = "tables.zarr"
 DEFAULT_MEMORY_LIMIT = 2 * 1024**3
+
+
+def resolve_corpus(paths) -> list[Path]:
+    """The corpus files to read, checked before any work (missing paths, no files)."""
+    files = corpus_files(paths)
+    if not files:
+        shown = ", ".join(str(p) for p in paths)
+        raise CorpusError(f"the corpus {shown} holds no files; pass files or directories with text, .jsonl or .parquet documents")
+    return files
 
 
 def plan_tables(

@@ -12,14 +12,24 @@ document, left-padded with the compressed pad id (shared/SPEC.md section 3), nev
 crossing a document boundary. So `sum(count)` of every order equals the token count.
 
 Reading never loads a whole order: `iter_batches` streams (ids, counts) in slices.
+
+Counting (`count_ngrams`) packs each n-gram into uint64 key columns (ceil(log2 C) bits
+per id, see `KeyLayout`), counts every batch with a polars group_by, merges partials in
+memory and spills them as sorted parquet runs when they outgrow the memory limit; the
+final merge is a polars group_by per key range (row-group statistics skip the rest),
+so memory stays bounded however many distinct n-grams there are. The summary figures
+come from `SummaryBuilder`, fed range by range.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import polars as pl
@@ -86,37 +96,141 @@ class NgramStats:
         if order not in self.orders:
             raise StoreError(f"order {order} was not counted (orders: {list(self.orders)}); rebuild with a larger --max-ngram")
         cols = token_columns(order)
-        total = self.distinct(order)
-        for start in range(0, total, batch_rows):
-            df = pl.scan_parquet(path).slice(start, batch_rows).select([*cols, "count"]).collect()
-            ids = np.column_stack([df[c].to_numpy().astype(np.int64) for c in cols])
-            yield ids, df["count"].to_numpy().astype(np.int64)
+        if self.distinct(order) == 0:
+            return
+        # One streaming pass (collect_batches) instead of a fresh scan + slice per batch.
+        for df in pl.scan_parquet(path).select([*cols, "count"]).collect_batches(chunk_size=batch_rows):
+            for start in range(0, df.height, batch_rows):
+                part = df.slice(start, batch_rows)
+                ids = np.empty((part.height, order), dtype=np.int64)  # (m, n)
+                for i, c in enumerate(cols):
+                    ids[:, i] = part.get_column(c).to_numpy()
+                yield ids, part.get_column("count").to_numpy().astype(np.int64)
+
+
+# -- summary figures (shared by the streaming counter and the small-input writer) ----------
+class SummaryBuilder:
+    """Summary figures of one order, fed chunk by chunk: never holds the order in memory.
+
+    Keeps the count-of-counts histogram (exact top-share figures: the k largest counts
+    are read off it) and the running top-`top` n-grams, ordered by count descending and
+    then by ids in text order.
+    """
+
+    def __init__(self, order: int, top: int = 20):
+        self.order = order
+        self.top = top
+        self.windows = 0
+        self.distinct = 0
+        self.hist: dict[int, int] = {}  # count -> number of distinct n-grams with it
+        self.top_ids = np.empty((0, order), dtype=np.int64)
+        self.top_counts = np.empty(0, dtype=np.int64)
+
+    def add(self, ids: np.ndarray, counts: np.ndarray, *, ids_sorted: bool = False) -> None:
+        """Add distinct n-grams `ids` (m, n) with `counts` (m,); `ids_sorted`: rows ascend."""
+        counts = np.asarray(counts, dtype=np.int64)
+        m = int(counts.shape[0])
+        if m == 0:
+            return
+        self.windows += int(counts.sum())
+        self.distinct += m
+        small = counts[counts < 1 << 16]
+        chunk: dict[int, int] = {}
+        if small.size:
+            bc = np.bincount(small)
+            nz = np.flatnonzero(bc)
+            chunk.update(zip(nz.tolist(), bc[nz].tolist()))
+        if small.size < m:
+            values, freq = np.unique(counts[counts >= 1 << 16], return_counts=True)
+            chunk.update(zip(values.tolist(), freq.tolist()))
+        for value, f in chunk.items():
+            self.hist[value] = self.hist.get(value, 0) + f
+        # Candidates for the top: every count above the top-th largest (read off the
+        # chunk's histogram), plus enough of the ties at it (the first ones in text
+        # order when the rows are sorted).
+        if m > self.top:
+            seen = 0
+            for threshold in sorted(chunk, reverse=True):
+                seen += chunk[threshold]
+                if seen >= self.top:
+                    break
+            above = np.flatnonzero(counts > threshold)
+            ties = np.flatnonzero(counts == threshold)
+            if ids_sorted:
+                ties = ties[: self.top - above.size]
+            cand = np.concatenate([above, ties])
+        else:
+            cand = np.arange(m)
+        self._merge_top(np.asarray(ids)[cand].astype(np.int64).reshape(-1, self.order), counts[cand])
+
+    def _merge_top(self, ids: np.ndarray, counts: np.ndarray) -> None:
+        ids = np.concatenate([self.top_ids, ids])
+        counts = np.concatenate([self.top_counts, counts])
+        order = np.lexsort((*[ids[:, i] for i in reversed(range(self.order))], -counts))[: self.top]
+        self.top_ids, self.top_counts = ids[order], counts[order]
+
+    def top_sum(self, k: int) -> int:
+        """Sum of the k largest counts, read off the histogram."""
+        total = 0
+        for value in sorted(self.hist, reverse=True):
+            if k <= 0:
+                break
+            take = min(k, self.hist[value])
+            total += take * value
+            k -= take
+        return total
+
+    def result(self) -> dict:
+        m = self.distinct
+
+        def top_share(frac: float) -> float:
+            k = int(np.ceil(frac * m)) if m else 0
+            return float(self.top_sum(k) / self.windows) if self.windows else 0.0
+
+        return {
+            "windows": self.windows,
+            "distinct": m,
+            "singletons": self.hist.get(1, 0),
+            "top1pct_share": top_share(0.01),
+            "top10pct_share": top_share(0.10),
+            "top": [{"ids": [int(v) for v in ids], "count": int(c)} for ids, c in zip(self.top_ids, self.top_counts)],
+        }
 
 
 def summarize_counts(ids: np.ndarray, counts: np.ndarray, top: int = 20) -> dict:
-    """Summary figures of one order from its distinct n-grams held in memory.
-
-    (Small inputs only: the streaming counter computes the same figures without
-    holding an order in memory.)
-    """
+    """Summary figures of one order from its distinct n-grams held in memory."""
     counts = np.asarray(counts, dtype=np.int64)
-    m = int(counts.shape[0])
-    desc = np.sort(counts)[::-1]
-    total = int(desc.sum())
+    ids = np.asarray(ids, dtype=np.int64)
+    order = ids.shape[1] if ids.ndim == 2 else (ids.size // counts.size if counts.size else 1)
+    builder = SummaryBuilder(order, top)
+    builder.add(ids.reshape(-1, order), counts)
+    return builder.result()
 
-    def top_share(frac: float) -> float:
-        k = int(np.ceil(frac * m)) if m else 0
-        return float(desc[:k].sum() / total) if total else 0.0
 
-    order_idx = np.lexsort((*[ids[:, i] for i in reversed(range(ids.shape[1]))], -counts))[:top] if m else []
+def _write_summary(root: Path, summary: dict) -> None:
+    tmp = root / f".{SUMMARY_FILE}.partial"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, root / SUMMARY_FILE)
+
+
+def _stats_summary(orders: list[int], summaries: dict[str, dict], extra: dict | None) -> dict:
     return {
-        "windows": total,
-        "distinct": m,
-        "singletons": int((counts == 1).sum()),
-        "top1pct_share": top_share(0.01),
-        "top10pct_share": top_share(0.10),
-        "top": [{"ids": [int(v) for v in ids[i]], "count": int(counts[i])} for i in order_idx],
+        "format": STATS_FORMAT,
+        "orders": orders,
+        "tokens": summaries[str(orders[0])]["windows"] if orders else 0,
+        "per_order": summaries,
+        **(extra or {}),
     }
+
+
+def _order_frame(order: int, ids: np.ndarray, counts: np.ndarray) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "order": pl.Series("order", np.full(len(counts), order, dtype=np.uint8), dtype=pl.UInt8),
+            **{c: pl.Series(c, ids[:, i], dtype=pl.UInt32) for i, c in enumerate(token_columns(order))},
+            "count": pl.Series("count", counts, dtype=pl.UInt64),
+        }
+    )
 
 
 def write_stats_from_arrays(root: str | Path, per_order: dict[int, tuple[np.ndarray, np.ndarray]], *, extra: dict | None = None) -> NgramStats:
@@ -130,22 +244,298 @@ def write_stats_from_arrays(root: str | Path, per_order: dict[int, tuple[np.ndar
     for order, (ids, counts) in sorted(per_order.items()):
         ids = np.asarray(ids, dtype=np.int64).reshape(-1, order)
         counts = np.asarray(counts, dtype=np.int64)
-        frame = pl.DataFrame(
-            {
-                "order": pl.Series([order] * len(counts), dtype=pl.UInt8),
-                **{c: pl.Series(ids[:, i], dtype=pl.UInt32) for i, c in enumerate(token_columns(order))},
-                "count": pl.Series(counts, dtype=pl.UInt64),
-            }
-        )
-        frame.write_parquet(order_file(root, order))
+        _order_frame(order, ids, counts).write_parquet(order_file(root, order))
         summaries[str(order)] = summarize_counts(ids, counts)
-    orders = sorted(per_order)
-    summary = {
-        "format": STATS_FORMAT,
-        "orders": orders,
-        "tokens": summaries[str(orders[0])]["windows"] if orders else 0,
-        "per_order": summaries,
-        **(extra or {}),
-    }
-    (root / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    summary = _stats_summary(sorted(per_order), summaries, extra)
+    _write_summary(root, summary)
     return NgramStats(root=root, summary=summary)
+
+
+# -- exact counting ---------------------------------------------------------------------
+DEFAULT_MEMORY_LIMIT = 2 << 30  # bytes
+_BYTES_PER_ROW_OVERHEAD = 6  # merge = concat copy + hash table + output: ~6x the raw row bytes
+_RUN_ROW_GROUP = 1 << 16  # small row groups in spilled runs: min/max statistics prune key ranges
+_SAMPLES_PER_RUN = 1024
+
+
+def id_bits(vocab_size: int) -> int:
+    """Bits per packed compressed id: ceil(log2(C)), at least 1 (17 for DeepSeek's C = 99092)."""
+    return max(1, (int(vocab_size) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """How an order's n-grams pack into uint64 key columns k0, k1, ...
+
+    `64 // bits` ids per word, tok_0 in the most significant bits of k0: sorting by
+    (k0, k1, ...) sorts the n-grams in text order (tok_0, tok_1, ...).
+    """
+
+    order: int
+    bits: int
+
+    @property
+    def per_word(self) -> int:
+        return 64 // self.bits
+
+    @property
+    def words(self) -> list[tuple[int, int]]:
+        """Token index range [start, stop) held by each key column."""
+        return [(a, min(self.order, a + self.per_word)) for a in range(0, self.order, self.per_word)]
+
+    @property
+    def key_columns(self) -> list[str]:
+        return [f"k{i}" for i in range(len(self.words))]
+
+    def pack(self, tokens: list[np.ndarray]) -> list[np.ndarray]:
+        """tokens[j]: (L,) uint64 ids of tok_j -> one (L,) uint64 array per key column."""
+        bits = np.uint64(self.bits)
+        keys = []
+        for a, b in self.words:
+            key = tokens[a].copy()
+            for j in range(a + 1, b):
+                key <<= bits
+                key |= tokens[j]
+            keys.append(key)
+        return keys
+
+    def unpack(self, keys: list[np.ndarray]) -> np.ndarray:
+        """Key columns -> (m, n) int64 ids in text order."""
+        m = len(keys[0]) if keys else 0
+        ids = np.empty((m, self.order), dtype=np.int64)
+        mask = np.uint64((1 << self.bits) - 1)
+        for key, (a, b) in zip(keys, self.words):
+            key = np.asarray(key, dtype=np.uint64)
+            for j in range(a, b):
+                ids[:, j] = (key >> np.uint64(self.bits * (b - 1 - j))) & mask
+        return ids
+
+
+class _OrderCounter:
+    """Distinct keys and counts of one order: merged in memory, spilled as sorted runs."""
+
+    def __init__(self, layout: KeyLayout, budget_rows: int, merge_rows: int, spill_dir: Callable[[], Path], range_rows: int | None = None):
+        self.layout = layout
+        self.keys = layout.key_columns
+        self.budget_rows = budget_rows
+        self.range_rows = range_rows or budget_rows  # rows per final-merge range: orders merge one at a time
+        self.merge_rows = merge_rows
+        self.spill_dir = spill_dir
+        self.acc: pl.DataFrame | None = None
+        self.pending: list[pl.DataFrame] = []
+        self.pending_rows = 0
+        self.runs: list[Path] = []
+        self.run_rows = 0
+        self.samples: list[tuple[np.ndarray, float]] = []  # (sampled k0 of a run, rows each stands for)
+
+    def add_batch(self, keys: list[np.ndarray]) -> None:
+        frame = pl.DataFrame({name: key for name, key in zip(self.keys, keys)})
+        part = frame.lazy().group_by(self.keys).agg(pl.len().cast(pl.UInt64).alias("count")).collect()
+        self.pending.append(part)
+        self.pending_rows += part.height
+        acc_rows = self.acc.height if self.acc is not None else 0
+        if self.pending_rows >= max(acc_rows, self.merge_rows):
+            self._merge()
+            if self.acc.height > self.budget_rows:
+                self._spill()
+
+    def _merge(self) -> None:
+        frames = ([self.acc] if self.acc is not None else []) + self.pending
+        self.pending, self.pending_rows = [], 0
+        if not frames:
+            return
+        if len(frames) == 1:
+            self.acc = frames[0]
+            return
+        self.acc = pl.concat(frames).lazy().group_by(self.keys).agg(pl.col("count").sum()).collect()
+
+    def _spill(self) -> None:
+        run = self.acc.sort(self.keys)
+        self.acc = None
+        path = self.spill_dir() / f"run_{self.layout.order}_{len(self.runs)}.parquet"
+        run.write_parquet(path, compression="lz4", row_group_size=_RUN_ROW_GROUP, statistics=True)
+        k0 = run.get_column(self.keys[0]).to_numpy()
+        step = max(1, run.height // _SAMPLES_PER_RUN)
+        self.samples.append((k0[::step].copy(), float(step)))
+        self.runs.append(path)
+        self.run_rows += run.height
+
+    def finish(self, out: Path, builder: SummaryBuilder, progress, parts_dir: Callable[[], Path]) -> None:
+        """Write the order's distinct n-grams, sorted in text order, to `out`."""
+        self._merge()
+        order = self.layout.order
+        if not self.runs:
+            frame = self.acc.sort(self.keys) if self.acc is not None else pl.DataFrame(schema={k: pl.UInt64 for k in [*self.keys, "count"]})
+            self.acc = None
+            self._write_range(frame, out, builder)
+            if progress is not None:
+                progress("merging", 1, 1, f"order {order}")
+            return
+        if self.acc is not None and self.acc.height:
+            self._spill()
+        self.acc = None
+        bounds = self._range_bounds()
+        k0 = pl.col(self.keys[0])
+        parts = []
+        for i, (lo, hi) in enumerate(bounds):
+            cond = pl.lit(True)
+            if lo is not None:
+                cond = cond & (k0 >= pl.lit(lo, dtype=pl.UInt64))
+            if hi is not None:
+                cond = cond & (k0 < pl.lit(hi, dtype=pl.UInt64))
+            frame = (
+                pl.scan_parquet(self.runs).filter(cond).group_by(self.keys).agg(pl.col("count").sum()).sort(self.keys).collect()
+            )
+            part = out if len(bounds) == 1 else parts_dir() / f"part_{order}_{i:05d}.parquet"
+            self._write_range(frame, part, builder)
+            parts.append(part)
+            if progress is not None:
+                progress("merging", i + 1, len(bounds), f"order {order}")
+        if len(bounds) > 1:
+            pl.scan_parquet(parts).sink_parquet(out, maintain_order=True)
+            for part in parts:
+                part.unlink()
+        for run in self.runs:
+            run.unlink(missing_ok=True)
+
+    def _range_bounds(self) -> list[tuple[int | None, int | None]]:
+        """k0 ranges [lo, hi) that each hold at most ~budget_rows run rows."""
+        n_ranges = max(1, -(-self.run_rows // max(1, self.range_rows)))
+        if n_ranges == 1:
+            return [(None, None)]
+        values = np.concatenate([s for s, _ in self.samples])
+        weights = np.concatenate([np.full(len(s), w) for s, w in self.samples])
+        idx = np.argsort(values, kind="stable")
+        values, cum = values[idx], np.cumsum(weights[idx])
+        cuts = np.searchsorted(cum, cum[-1] * np.arange(1, n_ranges) / n_ranges)
+        splitters = sorted({int(values[min(c, len(values) - 1)]) for c in cuts} - {int(values[0])})
+        edges = [None, *splitters, None]
+        return list(zip(edges[:-1], edges[1:]))
+
+    def _write_range(self, frame: pl.DataFrame, path: Path, builder: SummaryBuilder) -> None:
+        ids = self.layout.unpack([frame.get_column(k).to_numpy() for k in self.keys])
+        counts = frame.get_column("count").to_numpy().astype(np.int64)
+        builder.add(ids, counts, ids_sorted=True)
+        _order_frame(self.layout.order, ids, counts).write_parquet(path)
+
+
+def _shifted(flat: np.ndarray, pos: np.ndarray, k: int, pad: np.uint64) -> np.ndarray:
+    """shift_k of SPEC section 3 over a batch of documents: token k places back, pad before the start."""
+    if k == 0:
+        return flat
+    out = np.empty_like(flat)
+    out[k:] = flat[:-k] if k < flat.size else flat[:0]
+    out[: min(k, flat.size)] = pad
+    out[pos < k] = pad
+    return out
+
+
+def count_ngrams(
+    documents: Iterable[np.ndarray],
+    *,
+    max_ngram_size: int,
+    pad_id: int,
+    vocab_size: int,
+    out_dir: str | Path,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    spill_dir: str | Path | None = None,
+    progress: Callable[..., None] | None = None,
+    extra: dict | None = None,
+) -> NgramStats:
+    """Count every n-gram window (orders 2..max_ngram_size) of `documents` exactly.
+
+    `documents` yields one array of compressed ids per document (values in
+    [0, vocab_size)); `pad_id` is the compressed pad id. Each position of each document
+    is one window per order, left-padded with `pad_id` and never crossing into another
+    document, so every order's counts sum to the token count. Partial counts are
+    merged in memory and spilled as sorted parquet runs under `spill_dir` (default:
+    inside `out_dir`) once they would pass `memory_limit` bytes; the final merge runs
+    key range by key range. Writes `order_{n}.parquet` and `summary.json` to `out_dir`
+    (with `documents` and the `extra` entries) and returns the opened `NgramStats`.
+    """
+    if max_ngram_size < 2:
+        raise ValueError(f"max_ngram_size must be >= 2, got {max_ngram_size}")
+    if not 1 <= vocab_size <= 1 << 32:
+        raise ValueError(f"vocab_size must be in [1, 2**32], got {vocab_size}")
+    if not 0 <= pad_id < vocab_size:
+        raise ValueError(f"pad_id {pad_id} is outside the compressed vocabulary [0, {vocab_size}); pass the compressed pad id")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    orders = list(range(2, max_ngram_size + 1))
+    bits = id_bits(vocab_size)
+    layouts = {n: KeyLayout(n, bits) for n in orders}
+    # Memory plan: a batch holds ~(max_n + 2 + words) uint64 arrays of its tokens; each
+    # order's merged partial gets an equal share of what is left.
+    batch_tokens = int(min(1 << 22, max(1 << 8, memory_limit // (48 * (max_ngram_size + 4)))))
+    row_bytes = {n: 8 * (len(layouts[n].words) + 1) for n in orders}
+    share = max(memory_limit - 8 * batch_tokens * (max_ngram_size + 4), memory_limit // 4) // len(orders)
+    budget_rows = {n: max(1 << 6, share // (row_bytes[n] * _BYTES_PER_ROW_OVERHEAD)) for n in orders}
+
+    tmp_root: list[Path] = []
+
+    def spill_root() -> Path:
+        if not tmp_root:
+            base = Path(spill_dir) if spill_dir is not None else out_dir
+            base.mkdir(parents=True, exist_ok=True)
+            tmp_root.append(Path(tempfile.mkdtemp(prefix=".engram-spill-", dir=base)))
+        return tmp_root[0]
+
+    # The final merge holds one range of one order at a time, but as keys, ids (m, n)
+    # and an output frame: about twice the per-row cost of the counting phase.
+    range_rows = {n: max(1 << 6, memory_limit // (row_bytes[n] * 2 * _BYTES_PER_ROW_OVERHEAD)) for n in orders}
+    counters = {n: _OrderCounter(layouts[n], budget_rows[n], batch_tokens, spill_root, range_rows[n]) for n in orders}
+    pad = np.uint64(pad_id)
+    tokens = 0
+    n_docs = 0
+    try:
+        buf: list[np.ndarray] = []
+        buf_tokens = 0
+
+        def flush() -> None:
+            nonlocal buf, buf_tokens
+            if not buf_tokens:
+                buf, buf_tokens = [], 0
+                return
+            lengths = np.fromiter((d.size for d in buf), dtype=np.int64, count=len(buf))
+            flat = np.concatenate(buf)
+            lo, hi = int(flat.min()), int(flat.max())
+            if lo < 0 or hi >= vocab_size:
+                raise ValueError(f"compressed ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]; compress the ids with the same vocabulary")
+            flat = flat.astype(np.uint64)
+            starts = np.cumsum(lengths) - lengths
+            pos = np.arange(flat.size, dtype=np.int64) - np.repeat(starts, lengths)  # (L,) position in its document
+            shifted = [_shifted(flat, pos, k, pad) for k in range(max_ngram_size)]  # shift_k, k = 0..max-1
+            for n in orders:
+                tok = [shifted[n - 1 - j] for j in range(n)]  # tok_j: text order, tok_{n-1} = shift_0
+                counters[n].add_batch(layouts[n].pack(tok))
+            buf, buf_tokens = [], 0
+
+        for doc in documents:
+            doc = np.asarray(doc)
+            n_docs += 1
+            if doc.size == 0:
+                continue
+            buf.append(doc.reshape(-1))
+            buf_tokens += doc.size
+            tokens += doc.size
+            if buf_tokens >= batch_tokens:
+                flush()
+                if progress is not None:
+                    progress("counting", tokens, None, f"{n_docs} documents")
+        flush()
+        if progress is not None:
+            progress("counting", tokens, None, f"{n_docs} documents")
+
+        summaries = {}
+        for n in orders:
+            builder = SummaryBuilder(n)
+            counters[n].finish(order_file(out_dir, n), builder, progress, spill_root)
+            summaries[str(n)] = builder.result()
+            if builder.windows != tokens:
+                raise AssertionError(f"order {n} counted {builder.windows} windows for {tokens} tokens")
+    finally:
+        for root in tmp_root:
+            shutil.rmtree(root, ignore_errors=True)
+    summary = _stats_summary(orders, summaries, {"documents": n_docs, **(extra or {})})
+    _write_summary(out_dir, summary)
+    return NgramStats(root=out_dir, summary=summary)

@@ -578,14 +578,20 @@ def partial_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + PARTIAL_SUFFIX)
 
 
-def prepare_partial(out: str | os.PathLike, force: bool) -> Path:
-    """Check `out` may be written, remove a stale partial, create an empty one; return it."""
+def check_output(out: str | os.PathLike, force: bool) -> Path:
+    """Raise `OutputError` unless a store may be written at `out` (cheap: call it first)."""
     out = Path(out)
     if out.exists() and not force:
         raise OutputError(f"{str(out)!r} already exists; pass --force to replace it")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"cannot write {str(out)!r}: directory {str(parent)!r} does not exist; create it first")
+    return out
+
+
+def prepare_partial(out: str | os.PathLike, force: bool) -> Path:
+    """Check `out` may be written, remove a stale partial, create an empty one; return it."""
+    out = check_output(out, force)
     partial = partial_path(out)
     try:
         if partial.is_dir() and not partial.is_symlink():

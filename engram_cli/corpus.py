@@ -1,0 +1,311 @@
+"""Corpus input: files and directories -> documents (str), with a `CorpusSummary`.
+
+What is read (one *document* is what the n-gram windows never cross):
+
+    directory            every file under it, recursively, in sorted path order;
+                         hidden entries (a name starting with ".") are left out
+    *.jsonl / *.ndjson   one document per line: the string field `text_field`
+    *.parquet            one document per row: the string column `text_field`,
+                         read in batches (never the whole file)
+    anything else        plain UTF-8 text; the whole file is one document
+    *.gz / *.zst         any of the above, decompressed while streaming
+
+Bad input is counted, not fatal: invalid UTF-8 is replaced (U+FFFD) and counted per
+document; binary files (a NUL byte in the first 8 KiB) are skipped and counted; JSON
+lines that do not parse or lack the field are skipped and counted by reason. A path
+that does not exist, or a corpus with no document at all, raises `CorpusError`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable, Iterator
+
+from .errors import CorpusError
+
+Progress = Callable[..., None]  # progress(stage, done, total=None, detail="")
+
+BINARY_SNIFF_BYTES = 8192
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+COMPRESSED_SUFFIXES = (".gz", ".zst")
+PARQUET_BATCH_ROWS = 4096  # rows per parquet batch: bounds memory on long documents
+PROGRESS_EVERY_RECORDS = 2048
+
+
+@dataclass
+class CorpusSummary:
+    """What reading a corpus found. Filled in while the documents are read."""
+
+    files: int = 0  # files read (skipped ones not included)
+    documents: int = 0  # documents yielded
+    bytes: int = 0  # UTF-8 bytes of the documents' text (after decompression)
+    skipped_binary: int = 0  # files skipped because they look binary
+    skipped_other: dict[str, int] = field(default_factory=dict)  # reason -> records/files skipped
+    skipped_examples: dict[str, str] = field(default_factory=dict)  # reason -> first path it happened in
+    invalid_utf8: int = 0  # documents in which invalid UTF-8 was replaced by U+FFFD
+    tokens: int = 0  # filled in by the tokenizing stage
+
+    def skip(self, reason: str, path: Path | str) -> None:
+        self.skipped_other[reason] = self.skipped_other.get(reason, 0) + 1
+        self.skipped_examples.setdefault(reason, str(path))
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_binary + sum(self.skipped_other.values())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- finding the files ---------------------------------------------------------------
+def _base_suffix(path: Path) -> str:
+    """The format suffix, under any compression suffix: `a.jsonl.gz` -> `.jsonl`."""
+    name = path.name.lower()
+    for comp in COMPRESSED_SUFFIXES:
+        if name.endswith(comp):
+            name = name[: -len(comp)]
+            break
+    return Path(name).suffix
+
+
+def _compression(path: Path) -> str | None:
+    name = path.name.lower()
+    for comp in COMPRESSED_SUFFIXES:
+        if name.endswith(comp):
+            return comp
+    return None
+
+
+def corpus_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files and directories into the files to read, in a deterministic order.
+
+    Explicit paths keep the order given; each directory contributes its files sorted
+    by relative path. Raises `CorpusError` for a path that does not exist.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise CorpusError("no corpus path given; pass one or more files or directories")
+    files: list[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise CorpusError(f"corpus path {str(path)!r} does not exist; pass an existing file or directory")
+        if path.is_dir():
+            found = []
+            for root, dirs, names in os.walk(path):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                found.extend(Path(root, n) for n in names if not n.startswith("."))
+            found.sort(key=lambda p: p.relative_to(path).parts)
+            files.extend(p for p in found if p.is_file())
+        else:
+            files.append(path)
+    return files
+
+
+# -- opening ---------------------------------------------------------------------------
+def _open_binary(path: Path) -> BinaryIO:
+    """A binary stream of the file's (decompressed) content."""
+    comp = _compression(path)
+    if comp == ".gz":
+        return gzip.open(path, "rb")
+    if comp == ".zst":
+        import zstandard
+
+        raw = open(path, "rb")
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+        return io.BufferedReader(reader, buffer_size=1 << 20)
+    return open(path, "rb")
+
+
+def _decode(data: bytes, summary: CorpusSummary) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        summary.invalid_utf8 += 1
+    return text
+
+
+_DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def _zstd_error() -> tuple[type[BaseException], ...]:
+    try:
+        import zstandard
+
+        return (zstandard.ZstdError,)
+    except ImportError:  # pragma: no cover - zstandard is a dependency
+        return ()
+
+
+# -- readers per format ------------------------------------------------------------------
+def _read_text(path: Path, summary: CorpusSummary) -> Iterator[str]:
+    with _open_binary(path) as f:
+        head = f.read(BINARY_SNIFF_BYTES)
+        if b"\x00" in head:
+            summary.skipped_binary += 1
+            return
+        data = head + f.read()
+    summary.files += 1
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    summary.documents += 1
+    summary.bytes += len(data)
+    yield _decode(data, summary)
+
+
+def _read_jsonl(path: Path, text_field: str, summary: CorpusSummary, tick: Callable[[], None]) -> Iterator[str]:
+    with _open_binary(path) as f:
+        head = f.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES] if hasattr(f, "peek") else b""
+        if b"\x00" in head:
+            summary.skipped_binary += 1
+            return
+        summary.files += 1
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            line = _decode(raw, summary) if lineno > 1 else _decode(raw.removeprefix(b"\xef\xbb\xbf"), summary)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                summary.skip("JSON line that does not parse", f"{path}:{lineno}")
+                continue
+            if not isinstance(record, dict) or text_field not in record:
+                summary.skip(f"JSON line without field {text_field!r}", f"{path}:{lineno}")
+                continue
+            text = record[text_field]
+            if not isinstance(text, str):
+                summary.skip(f"JSON line whose {text_field!r} is not a string", f"{path}:{lineno}")
+                continue
+            try:
+                size = len(text.encode("utf-8"))
+            except UnicodeEncodeError:  # a lone surrogate escaped in the JSON (\ud800)
+                text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+                summary.invalid_utf8 += 1
+                size = len(text.encode("utf-8"))
+            summary.documents += 1
+            summary.bytes += size
+            if summary.documents % PROGRESS_EVERY_RECORDS == 0:
+                tick()
+            yield text
+
+
+def _read_parquet(path: Path, text_field: str, summary: CorpusSummary, tick: Callable[[], None], tmp_dir: Path | None) -> Iterator[str]:
+    import polars as pl
+
+    tmp: Path | None = None
+    source = path
+    if _compression(path) is not None:  # parquet needs a seekable file: decompress to a temporary one
+        fd, name = tempfile.mkstemp(suffix=".parquet", dir=tmp_dir)
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as out, _open_binary(path) as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+        source = tmp
+    try:
+        try:
+            schema = pl.read_parquet_schema(source)
+        except Exception:  # polars raises its own ComputeError/OSError flavours
+            summary.skip("unreadable parquet file", path)
+            return
+        if text_field not in schema:
+            raise CorpusError(f"parquet file {str(path)!r} has no column {text_field!r} (columns: {', '.join(schema)}); pass --text-field NAME")
+        if schema[text_field] not in (pl.String, pl.Utf8):
+            raise CorpusError(f"column {text_field!r} of {str(path)!r} is {schema[text_field]}, not text; pass --text-field with a string column")
+        summary.files += 1
+        batches = pl.scan_parquet(source).select(pl.col(text_field)).collect_batches(chunk_size=PARQUET_BATCH_ROWS)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except pl.exceptions.PolarsError:  # e.g. a corrupt page mid-file: keep what was read
+                summary.skip("unreadable parquet file (stopped mid-file)", path)
+                break
+            col = batch.get_column(text_field)
+            nulls = col.null_count()
+            if nulls:
+                for _ in range(nulls):
+                    summary.skip(f"parquet row whose {text_field!r} is null", path)
+                col = col.drop_nulls()
+            summary.bytes += int(col.str.len_bytes().sum() or 0)
+            texts = col.to_list()
+            summary.documents += len(texts)
+            tick()
+            yield from texts
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def iter_documents(
+    paths: Iterable[str | os.PathLike],
+    *,
+    text_field: str = "text",
+    summary: CorpusSummary | None = None,
+    progress: Progress | None = None,
+    tmp_dir: Path | None = None,
+) -> Iterator[str]:
+    """Yield the documents of a corpus, filling `summary` as it goes.
+
+    Raises `CorpusError` for a missing path (before yielding anything) and, once the
+    files are exhausted, when no document was found.
+    """
+    files = corpus_files(paths)
+    summary = summary if summary is not None else CorpusSummary()
+    sizes = []
+    for p in files:
+        try:
+            sizes.append(p.stat().st_size)
+        except OSError:
+            sizes.append(0)
+    total = float(sum(sizes))
+    done = 0.0
+    zstd_errors = _zstd_error()
+
+    def tick(detail: str = "") -> None:
+        if progress is not None:
+            progress("reading", done, total, detail)
+
+    for path, size in zip(files, sizes):
+        base = _base_suffix(path)
+        try:
+            if base in JSONL_SUFFIXES:
+                yield from _read_jsonl(path, text_field, summary, lambda: tick(str(path)))
+            elif base in PARQUET_SUFFIXES:
+                yield from _read_parquet(path, text_field, summary, lambda: tick(str(path)), tmp_dir)
+            else:
+                yield from _read_text(path, summary)
+        except (*_DECOMPRESS_ERRORS, *zstd_errors) as e:
+            if _compression(path) is not None and not isinstance(e, PermissionError):
+                summary.skip("corrupt or truncated compressed file", path)
+            else:
+                summary.skip(f"unreadable file ({getattr(e, 'strerror', None) or type(e).__name__})", path)
+        done += size
+        tick(str(path))
+    if summary.documents == 0:
+        raise CorpusError(empty_corpus_message(files, summary, text_field))
+
+
+def empty_corpus_message(files: list[Path], summary: CorpusSummary, text_field: str = "text") -> str:
+    """One line: why a corpus gave no document (or no token), and what to do."""
+    where = str(files[0]) if len(files) == 1 else f"{len(files)} files"
+    if not files:
+        return "the corpus has no files (directories are empty or hold only hidden files); pass files with text"
+    reasons = []
+    if summary.skipped_binary:
+        reasons.append(f"{summary.skipped_binary} binary files skipped")
+    reasons.extend(f"{n} x {reason} (first: {summary.skipped_examples[reason]})" for reason, n in summary.skipped_other.items())
+    if summary.documents and not summary.tokens:
+        what = f"the corpus ({where}, {summary.documents} documents) has no tokens: every document is empty"
+    else:
+        what = f"the corpus ({where}) has no documents"
+    why = f": {'; '.join(reasons)}" if reasons else ""
+    return f"{what}{why}; pass text files, or .jsonl/.parquet with a {text_field!r} field (or set --text-field)"

@@ -1,0 +1,233 @@
+"""Tokenization: documents (str) -> compressed ids, one np.ndarray per document.
+
+Documents are tokenized in batches by `tokenizers` itself (`encode_batch_fast`, which
+skips offsets, where the installed version has it; its rayon threads release the GIL),
+then mapped to compressed ids with one vectorized `CompressedVocab.lookup` gather per
+batch. `encode_documents(..., background=True)` runs reading and tokenizing in two
+worker threads feeding a bounded queue, so counting in the caller's thread overlaps
+with them and the tokenizer's threads stay busy across batch boundaries.
+
+No process is forked here: a rayon pool used before a fork leaves the child
+single-threaded (shared/NOTES.md). Work that needs processes should load the
+tokenizer after the fork, in each worker.
+
+`count_corpus` is the whole pipeline: corpus paths -> `CorpusSummary` + `NgramStats`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .corpus import CorpusSummary, corpus_files, empty_corpus_message, iter_documents
+from .errors import CorpusError
+from .ngrams import DEFAULT_MEMORY_LIMIT, SUMMARY_FILE, NgramStats, _write_summary, count_ngrams, order_file
+from .vocab import CompressedVocab, LoadedTokenizer
+
+DEFAULT_BATCH_SIZE = 256  # documents per encode_batch call: enough work for every rayon thread
+DEFAULT_BATCH_CHARS = 1 << 22  # ... and a cap on the characters of one batch (memory)
+_DONE = object()
+
+
+def _raw_tokenizer(tokenizer: LoadedTokenizer | Tokenizer) -> Tokenizer:
+    return tokenizer.tokenizer if isinstance(tokenizer, LoadedTokenizer) else tokenizer
+
+
+def _batches(documents: Iterable[str], batch_size: int, batch_chars: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for doc in documents:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) >= batch_size or chars >= batch_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def encode_batch(
+    texts: list[str],
+    tokenizer: LoadedTokenizer | Tokenizer,
+    vocab: CompressedVocab | None = None,
+    *,
+    add_special_tokens: bool = False,
+) -> list[np.ndarray]:
+    """Tokenize `texts` in one parallel call; return per text its (compressed) ids, int64."""
+    tok = _raw_tokenizer(tokenizer)
+    encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch
+    encodings = encode(texts, add_special_tokens=add_special_tokens)
+    id_lists = [e.ids for e in encodings]
+    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+    flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))  # (L,)
+    if vocab is not None:
+        flat = vocab.lookup[flat]  # tokenizer ids are >= 0: the plain gather is `compress`
+    return np.split(flat, np.cumsum(lengths)[:-1])
+
+
+def _encode_in_threads(batches: Iterator[list[str]], encode: Callable[[list[str]], list[np.ndarray]], workers: int, prefetch: int) -> Iterator[list[np.ndarray]]:
+    """Tokenize batches in `workers` threads, in order; errors re-raise in the consumer.
+
+    Each worker takes the next batch (reading happens here, under a lock) and runs
+    `encode` on it; `encode_batch` releases the GIL, so two calls in flight keep the
+    rayon pool busy across batch boundaries (a batch's longest document no longer
+    idles the other threads). At most `workers + prefetch` batches are held.
+    """
+    out: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    take = threading.Lock()
+    stop = threading.Event()
+    seq = itertools.count()
+    slots = threading.Semaphore(max(1, workers) + max(1, prefetch))
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            while not stop.is_set():
+                if not slots.acquire(timeout=0.1):  # bounds batches taken but not yet consumed
+                    continue
+                with take:
+                    batch = next(batches, None)
+                    i = next(seq)
+                if batch is None:
+                    slots.release()
+                    break
+                if not put((i, encode(batch), None)):
+                    return
+            put((None, _DONE, None))
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            put((None, _DONE, e))
+
+    threads = [threading.Thread(target=work, name=f"engram-encode-{k}", daemon=True) for k in range(max(1, workers))]
+    for t in threads:
+        t.start()
+    try:
+        held: dict[int, list[np.ndarray]] = {}
+        want = 0
+        done = 0
+        while done < len(threads):
+            i, item, error = out.get()
+            if error is not None:
+                raise error
+            if item is _DONE:
+                done += 1
+                continue
+            held[i] = item
+            while want in held:
+                yield held.pop(want)
+                slots.release()
+                want += 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def _locked(progress: Callable[..., None] | None) -> Callable[..., None] | None:
+    """Serialize progress calls that now come from two threads."""
+    if progress is None:
+        return None
+    lock = threading.Lock()
+
+    def call(*args, **kwargs):
+        with lock:
+            progress(*args, **kwargs)
+
+    return call
+
+
+def encode_documents(
+    documents: Iterable[str],
+    *,
+    tokenizer: LoadedTokenizer | Tokenizer,
+    vocab: CompressedVocab | None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_chars: int = DEFAULT_BATCH_CHARS,
+    add_special_tokens: bool = False,
+    progress: Callable[..., None] | None = None,
+    background: bool = True,
+    workers: int = 2,
+    prefetch: int = 2,
+) -> Iterator[np.ndarray]:
+    """Yield one int64 array of compressed ids per document (tokenizer ids if `vocab` is None), in order.
+
+    With `background`, reading `documents` and tokenizing run in `workers` threads,
+    `prefetch` batches ahead of the consumer; `progress` may then be called from them.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    docs = tokens = 0
+    batches = _batches(documents, batch_size, batch_chars)
+
+    def encode(batch: list[str]) -> list[np.ndarray]:
+        return encode_batch(batch, tokenizer, vocab, add_special_tokens=add_special_tokens)
+
+    encoded = _encode_in_threads(batches, encode, workers, prefetch) if background else map(encode, batches)
+    for ids in encoded:
+        docs += len(ids)
+        tokens += sum(a.size for a in ids)
+        if progress is not None:
+            progress("tokenizing", tokens, None, f"{docs} documents")
+        yield from ids
+
+
+def count_corpus(
+    paths: list[str | os.PathLike],
+    *,
+    tokenizer: LoadedTokenizer,
+    vocab: CompressedVocab,
+    max_ngram_size: int,
+    pad_id: int,
+    out_dir: str | Path,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    text_field: str = "text",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    add_special_tokens: bool = False,
+    progress: Callable[..., None] | None = None,
+    spill_dir: str | Path | None = None,
+) -> tuple[CorpusSummary, NgramStats]:
+    """Read, tokenize, compress and count a corpus: the n-gram statistics of `build-table`.
+
+    `pad_id` is the *compressed* pad id. Writes `out_dir/order_{n}.parquet` and
+    `summary.json` (with the corpus figures under "corpus"). Raises `CorpusError` for
+    a missing path or a corpus without documents or tokens.
+    """
+    out_dir = Path(out_dir)
+    files = corpus_files(paths)  # a missing path fails before any work
+    summary = CorpusSummary()
+    progress = _locked(progress)
+    docs = iter_documents(files, text_field=text_field, summary=summary, progress=progress, tmp_dir=spill_dir)
+    ids = encode_documents(docs, tokenizer=tokenizer, vocab=vocab, batch_size=batch_size, add_special_tokens=add_special_tokens, progress=progress)
+    stats = count_ngrams(
+        ids,
+        max_ngram_size=max_ngram_size,
+        pad_id=pad_id,
+        vocab_size=vocab.compressed_size,
+        out_dir=out_dir,
+        memory_limit=memory_limit,
+        spill_dir=spill_dir,
+        progress=progress,
+    )
+    summary.tokens = int(stats.summary["tokens"])
+    if summary.tokens == 0:
+        for n in stats.orders:
+            order_file(out_dir, n).unlink(missing_ok=True)
+        (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
+        raise CorpusError(empty_corpus_message(files, summary, text_field))
+    full = {**stats.summary, "corpus": summary.to_dict()}
+    _write_summary(out_dir, full)
+    return summary, NgramStats(root=out_dir, summary=full)

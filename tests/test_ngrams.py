@@ -1,0 +1,218 @@
+"""Exact n-gram counting: every count checked against a plain collections.Counter."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engram_cli.ngrams import (
+    KeyLayout,
+    NgramStats,
+    count_ngrams,
+    id_bits,
+    order_file,
+    summarize_counts,
+    token_columns,
+    write_stats_from_arrays,
+)
+from engram_cli.vocab import compress_vocab, load_tokenizer
+
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "corpus"
+
+
+# -- the independent route -------------------------------------------------------------
+def counter_ngrams(docs: list[list[int]], n: int, pad: int) -> Counter:
+    """Windows the model looks up, the obvious way: pad n-1 on the left of each document."""
+    c: Counter = Counter()
+    for doc in docs:
+        padded = [pad] * (n - 1) + list(doc)
+        for i in range(len(doc)):
+            c[tuple(padded[i : i + n])] += 1
+    return c
+
+
+def read_counts(root: Path, n: int) -> Counter:
+    df = pl.read_parquet(order_file(root, n))
+    assert df.columns == ["order", *token_columns(n), "count"]
+    assert df.schema["order"] == pl.UInt8 and df.schema["count"] == pl.UInt64
+    assert all(df.schema[c] == pl.UInt32 for c in token_columns(n))
+    assert (df["order"] == n).all()
+    rows = zip(*[df[c].to_list() for c in token_columns(n)], df["count"].to_list())
+    out = Counter()
+    for *ids, count in rows:
+        key = tuple(ids)
+        assert key not in out, f"duplicate row {key}"
+        out[key] = count
+    return out
+
+
+def expected_summary(c: Counter, top: int = 20) -> dict:
+    counts = sorted(c.values(), reverse=True)
+    total, m = sum(counts), len(counts)
+
+    def share(frac):
+        k = int(np.ceil(frac * m)) if m else 0
+        return sum(counts[:k]) / total if total else 0.0
+
+    best = sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return {
+        "windows": total,
+        "distinct": m,
+        "singletons": sum(1 for v in counts if v == 1),
+        "top1pct_share": share(0.01),
+        "top10pct_share": share(0.10),
+        "top": [{"ids": list(k), "count": v} for k, v in best],
+    }
+
+
+def check_stats(stats: NgramStats, docs: list[list[int]], max_n: int, pad: int) -> None:
+    tokens = sum(len(d) for d in docs)
+    assert stats.orders == tuple(range(2, max_n + 1))
+    assert stats.summary["tokens"] == tokens
+    assert stats.summary["documents"] == len(docs)
+    for n in stats.orders:
+        want = counter_ngrams(docs, n, pad)
+        got = read_counts(stats.root, n)
+        assert got == want, f"order {n}: {len(set(got) ^ set(want))} n-grams differ, e.g. {sorted(set(got) ^ set(want))[:3]}"
+        summ = stats.order_summary(n)
+        exp = expected_summary(want)
+        assert summ["top1pct_share"] == pytest.approx(exp.pop("top1pct_share"), rel=1e-12)
+        assert summ["top10pct_share"] == pytest.approx(exp.pop("top10pct_share"), rel=1e-12)
+        assert {k: summ[k] for k in exp} == exp
+
+
+# -- real text ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fixture_docs():
+    """The developers-reference part of the fixture corpus, DeepSeek tokenizer, compressed."""
+    tok = load_tokenizer()
+    vocab = compress_vocab(tok)
+    docs = []
+    for path in sorted((FIXTURE / "developers-reference").glob("*.rst")):
+        ids = tok.tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False).ids
+        docs.append(vocab.compress(ids))
+    pad = int(vocab.lookup[2])
+    return docs, pad, vocab.compressed_size
+
+
+def test_fixture_counts_match_counter_orders_2_to_5(fixture_docs, tmp_path):
+    docs, pad, C = fixture_docs
+    assert id_bits(C) == 17  # DeepSeek: a trigram fits one uint64 key, 4- and 5-grams take two
+    stats = count_ngrams(docs, max_ngram_size=5, pad_id=pad, vocab_size=C, out_dir=tmp_path)
+    check_stats(stats, [d.tolist() for d in docs], 5, pad)
+    assert NgramStats.open(tmp_path).summary == stats.summary
+
+
+def test_spilling_gives_identical_files(fixture_docs, tmp_path):
+    docs, pad, C = fixture_docs
+    plain = count_ngrams(docs, max_ngram_size=4, pad_id=pad, vocab_size=C, out_dir=tmp_path / "plain")
+    merges = []
+    spill = tmp_path / "spill"
+    spilled = count_ngrams(
+        docs, max_ngram_size=4, pad_id=pad, vocab_size=C, out_dir=tmp_path / "small", memory_limit=1 << 20, spill_dir=spill,
+        progress=lambda stage, done, total=None, detail="": merges.append((stage, done, total)) if stage == "merging" else None,
+    )
+    assert any(total and total > 1 for _, _, total in merges), "the tiny memory limit should have spilled and merged by range"
+    for n in plain.orders:
+        a, b = pl.read_parquet(order_file(plain.root, n)), pl.read_parquet(order_file(spilled.root, n))
+        assert a.equals(b), f"order {n} differs after spilling"
+    assert spilled.summary == plain.summary
+    assert list(spill.iterdir()) == [], "spill files must be removed"
+    assert sorted(p.name for p in (tmp_path / "small").iterdir()) == ["order_2.parquet", "order_3.parquet", "order_4.parquet", "summary.json"]
+
+
+def test_output_sorted_in_text_order_and_iter_batches(fixture_docs, tmp_path):
+    docs, pad, C = fixture_docs
+    stats = count_ngrams(docs[:3], max_ngram_size=3, pad_id=pad, vocab_size=C, out_dir=tmp_path)
+    df = pl.read_parquet(order_file(tmp_path, 3))
+    assert df.select(token_columns(3)).equals(df.select(token_columns(3)).sort(token_columns(3)))
+    parts = list(stats.iter_batches(3, batch_rows=1000))
+    assert all(ids.shape[0] <= 1000 for ids, _ in parts)
+    ids = np.concatenate([i for i, _ in parts])
+    counts = np.concatenate([c for _, c in parts])
+    assert ids.shape == (stats.distinct(3), 3)
+    assert np.array_equal(ids, df.select(token_columns(3)).to_numpy().astype(np.int64))
+    assert np.array_equal(counts, df["count"].to_numpy().astype(np.int64))
+
+
+# -- boundaries and padding --------------------------------------------------------------
+def test_left_padding_and_document_boundaries(tmp_path):
+    docs = [[5, 6, 7], [8], [], [5, 6]]
+    stats = count_ngrams([np.array(d) for d in docs], max_ngram_size=3, pad_id=0, vocab_size=10, out_dir=tmp_path)
+    got = read_counts(tmp_path, 3)
+    assert got[(0, 0, 5)] == 2  # position 0 of both documents starting with 5
+    assert got[(0, 5, 6)] == 2
+    assert (7, 8, 0) not in got and (0, 7, 8) not in got and (6, 7, 8) not in got  # never across documents
+    assert got[(0, 0, 8)] == 1
+    check_stats(stats, docs, 3, 0)
+
+
+def test_write_stats_from_arrays_shares_the_summary(fixture_docs, tmp_path):
+    docs, pad, C = fixture_docs
+    stats = count_ngrams(docs[:4], max_ngram_size=3, pad_id=pad, vocab_size=C, out_dir=tmp_path / "a")
+    per_order = {}
+    for n in stats.orders:
+        c = counter_ngrams([d.tolist() for d in docs[:4]], n, pad)
+        per_order[n] = (np.array(list(c.keys())), np.array(list(c.values())))
+    other = write_stats_from_arrays(tmp_path / "b", per_order)
+    assert other.summary["per_order"] == stats.summary["per_order"]
+    for n, (ids, counts) in per_order.items():
+        assert summarize_counts(ids, counts) == stats.order_summary(n)
+
+
+def test_key_layout_round_trip():
+    rng = np.random.default_rng(1)
+    for C, n in [(99092, 3), (99092, 4), (99092, 5), (2, 5), (2**32, 3), (300, 7)]:
+        layout = KeyLayout(n, id_bits(C))
+        toks = rng.integers(0, C, size=(50, n), dtype=np.int64)
+        keys = layout.pack([toks[:, j].astype(np.uint64) for j in range(n)])
+        assert len(keys) == -(-n // (64 // id_bits(C)))
+        assert np.array_equal(layout.unpack(keys), toks)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="pad_id 10 is outside"):
+        count_ngrams([np.array([1])], max_ngram_size=2, pad_id=10, vocab_size=10, out_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"got values in \[0, 12\]"):
+        count_ngrams([np.array([0, 12])], max_ngram_size=2, pad_id=0, vocab_size=10, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="max_ngram_size must be >= 2"):
+        count_ngrams([np.array([1])], max_ngram_size=1, pad_id=0, vocab_size=10, out_dir=tmp_path)
+
+
+def test_no_tokens_writes_empty_orders(tmp_path):
+    stats = count_ngrams([np.array([], dtype=np.int64)], max_ngram_size=3, pad_id=0, vocab_size=10, out_dir=tmp_path)
+    assert stats.summary["tokens"] == 0 and stats.distinct(3) == 0
+    assert pl.read_parquet(order_file(tmp_path, 3)).height == 0
+    assert list(stats.iter_batches(3)) == []
+
+
+# -- property ------------------------------------------------------------------------------
+@st.composite
+def corpora(draw):
+    C = draw(st.sampled_from([1, 2, 3, 17, 300, 99092, 2**20 + 1, 2**32]))
+    docs = draw(st.lists(st.lists(st.integers(0, C - 1), max_size=80), max_size=12))
+    pad = draw(st.integers(0, C - 1))
+    max_n = draw(st.integers(2, 5))
+    small = draw(st.booleans())
+    return C, docs, pad, max_n, small
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(corpora())
+def test_random_documents_match_counter(case):
+    C, docs, pad, max_n, small = case
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = count_ngrams(
+            (np.array(d, dtype=np.int64) for d in docs), max_ngram_size=max_n, pad_id=pad, vocab_size=C, out_dir=tmp,
+            memory_limit=1 << 12 if small else 1 << 30,  # 4 KiB: batches of 256 tokens, spills of 64 rows
+        )
+        check_stats(stats, docs, max_n, pad)
+        assert json.loads((Path(tmp) / "summary.json").read_text()) == stats.summary
