@@ -39,7 +39,7 @@ import polars as pl
 from .errors import EngramError, PlanError, StoreError
 from .hashing import ngram_mix
 from .ngrams import NgramStats
-from .plan import HASH_FAMILY_REFERENCE, Budget, TablePlan, fit_plan_to_budget, make_plan
+from .plan import HASH_FAMILY_REFERENCE, Budget, TablePlan, fit_plan_to_budget
 
 Progress = Callable[..., None]
 
@@ -536,18 +536,8 @@ def all_heads_share(keys: OrderKeys, primes: Sequence[int]) -> tuple[float, floa
 
 # -- what-if plans, sizing, sweeps --------------------------------------------------
 def _plan_kwargs(plan: TablePlan) -> dict:
-    return dict(
-        compressed_vocab_size=plan.compressed_vocab_size,
-        compressed_pad_id=plan.compressed_pad_id,
-        layer_ids=plan.layer_ids,
-        max_ngram_size=plan.max_ngram_size,
-        seed=plan.seed,
-        pad_id=plan.pad_id,
-        dtype=plan.dtype,
-        hash_family=plan.hash_family,
-        tokenizer_sha256=plan.tokenizer_sha256,
-        vocab_fingerprint=plan.vocab_fingerprint,
-    )
+    """The plan's `make_plan` arguments less the sizing ones (heads, dim, rows per head)."""
+    return {k: v for k, v in plan.make_kwargs().items() if k not in ("heads", "dim", "rows_per_head")}
 
 
 def dim_for_heads(plan: TablePlan, heads: int) -> int:
@@ -573,7 +563,7 @@ def what_if_plan(stored: TablePlan, *, heads: int | None = None, rows_per_head=N
     if budget is not None:
         plan = fit_plan_to_budget(budget, **kwargs)
     else:
-        plan = make_plan(rows_per_head=stored.rows_per_head if rows_per_head is None else rows_per_head, **kwargs)
+        plan = stored.remade(heads=K, dim=dim, rows_per_head=stored.rows_per_head if rows_per_head is None else rows_per_head)
     return plan, notes
 
 
@@ -627,8 +617,7 @@ def resolve_rows(value: str, base: TablePlan) -> tuple[int, ...]:
 
 
 def sweep_plans(spec: SweepSpec, base: TablePlan) -> list[tuple[int, str, TablePlan]]:
-    kwargs = _plan_kwargs(base)
-    return [(K, r, make_plan(heads=K, dim=dim_for_heads(base, K), rows_per_head=resolve_rows(r, base), **kwargs)) for K in spec.heads for r in spec.rows]
+    return [(K, r, base.remade(heads=K, dim=dim_for_heads(base, K), rows_per_head=resolve_rows(r, base))) for K in spec.heads for r in spec.rows]
 
 
 def size_for_target(keys: OrderKeys, base: TablePlan, target: float, *, max_evals: int = 10, tolerance: float = 0.01, max_rows: int = 1 << 33) -> dict:
@@ -638,7 +627,6 @@ def size_for_target(keys: OrderKeys, base: TablePlan, target: float, *, max_eval
     Starts from the ideal-hash solution, then refines with secant steps on the model
     rate = 1 - exp(-L/p) fitted to each measured point, keeping a verified bracket.
     """
-    kwargs = _plan_kwargs(base)
     layer, order = keys.layer_id, keys.order
     floor = None
     if keys.family == "reference":
@@ -650,7 +638,7 @@ def size_for_target(keys: OrderKeys, base: TablePlan, target: float, *, max_eval
     def primes_at(rows: int) -> list[int]:
         rph = list(base.rows_per_head)
         rph[order - 2] = rows
-        return list(make_plan(heads=base.heads, dim=base.dim, rows_per_head=tuple(rph), **kwargs).primes[layer][order - 2])
+        return list(base.remade(rows_per_head=tuple(rph)).primes[layer][order - 2])
 
     rows = rows_for_rate(keys.m, target)
     lo, hi, hi_rate, evals, rate = 0, None, None, 0, None
@@ -806,7 +794,7 @@ def _sizing_summary(plan: TablePlan, target: float, family: str, rows: list[dict
             answer[n - 2] = need
         reachable &= ok
         per_order.append({"order": n, "rows_per_head": need if ok else None, "reachable": ok, "per_layer": mine})
-    sized = make_plan(heads=plan.heads, dim=plan.dim, rows_per_head=tuple(answer), **_plan_kwargs(plan)) if reachable else None
+    sized = plan.remade(rows_per_head=tuple(answer)) if reachable else None
     for entry in per_order:
         entry["bytes"] = order_bytes(sized, entry["order"]) if sized else None
     return {

@@ -171,6 +171,29 @@ class TablePlan:
     def total_bytes(self) -> int:
         return self.total_params * self.dtype_bytes
 
+    # -- what-if variants -------------------------------------------------------
+    def make_kwargs(self) -> dict:
+        """The `make_plan` arguments that rebuild this plan."""
+        return dict(
+            compressed_vocab_size=self.compressed_vocab_size,
+            compressed_pad_id=self.compressed_pad_id,
+            layer_ids=self.layer_ids,
+            max_ngram_size=self.max_ngram_size,
+            heads=self.heads,
+            rows_per_head=self.rows_per_head,
+            dim=self.dim,
+            seed=self.seed,
+            pad_id=self.pad_id,
+            dtype=self.dtype,
+            hash_family=self.hash_family,
+            tokenizer_sha256=self.tokenizer_sha256,
+            vocab_fingerprint=self.vocab_fingerprint,
+        )
+
+    def remade(self, **changes) -> "TablePlan":
+        """This plan rebuilt with some `make_plan` arguments changed (what-if plans)."""
+        return make_plan(**(self.make_kwargs() | changes))
+
     # -- serialization ---------------------------------------------------------
     def to_dict(self) -> dict:
         """A JSON-safe dict (integers stay integers; multipliers exceed 2**53)."""

@@ -68,25 +68,12 @@ def test_what_if_heads_on_a_store_built_with_another_head_count(built):
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["what_if"] and report["stored_plan"]["heads"] == 4 and report["plan"]["heads"] == 8
-    what_if = make_plan(**{**_kwargs(built["plan"]), "heads": 8})
+    what_if = built["plan"].remade(heads=8)
     assert [(a["family"], a["layer"]) for a in report["audit"]] == [("xxh3", 15), ("xxh3", 15)]
     for a in report["audit"]:
         ids, counts = built["per_order"][a["order"]]
         assert [h["p"] for h in a["heads"]] == list(what_if.primes[15][a["order"] - 2])
         check_audit(a, brute_force("xxh3", what_if, 15, a["order"], ids, counts), ids, counts)
-
-
-def _kwargs(plan):
-    return dict(
-        compressed_vocab_size=plan.compressed_vocab_size,
-        compressed_pad_id=plan.compressed_pad_id,
-        layer_ids=plan.layer_ids,
-        heads=plan.heads,
-        dim=plan.dim,
-        rows_per_head=plan.rows_per_head,
-        vocab_fingerprint=plan.vocab_fingerprint,
-        tokenizer_sha256=plan.tokenizer_sha256,
-    )
 
 
 def test_rows_per_head_and_sweep_axes_after_the_flag(built):
@@ -98,7 +85,7 @@ def test_rows_per_head_and_sweep_axes_after_the_flag(built):
     assert {(c["heads"], c["rows"]) for c in report["sweep"]["grid"]} == {(1, "1x"), (1, "2x"), (2, "1x"), (2, "2x")}
     assert [o["order"] for o in report["sizing"]["orders"]] == [2, 3]
     ids, counts = built["per_order"][2]
-    what_if = make_plan(**{**_kwargs(built["plan"]), "rows_per_head": (40, 70)})
+    what_if = built["plan"].remade(rows_per_head=(40, 70))
     a = report["audit"][0]
     bf = brute_force("reference", what_if, 1, 2, ids, counts)
     for h, e in zip(a["heads"], bf["heads"]):
