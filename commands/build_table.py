@@ -39,10 +39,14 @@ def render_plan(report: dict, out: Path) -> None:
 
 def render_result(report: dict) -> None:
     c = report["corpus"]
-    skipped = c.get("skipped_binary", 0) + c.get("skipped_other", 0) if isinstance(c.get("skipped_other", 0), int) else c.get("skipped_binary", 0)
+    skipped = dict(c.get("skipped_other") or {})
+    if c.get("skipped_binary"):
+        skipped["binary"] = c["skipped_binary"]
+    reasons = ", ".join(f"{n:,} {reason}" for reason, n in skipped.items())
     console.print(
         f"Corpus: {c.get('files', 0):,} files, {c.get('documents', 0):,} documents, {format_bytes(c.get('bytes', 0))}, "
-        f"{c.get('tokens', 0):,} tokens; {skipped:,} files skipped, {c.get('invalid_utf8', 0):,} with invalid UTF-8 replaced"
+        f"{c.get('tokens', 0):,} tokens; skipped: {reasons or 'nothing'}; "
+        f"{c.get('invalid_utf8', 0):,} documents with invalid UTF-8 replaced"
     )
     stats = report["stats"]
     table = Table(title="N-gram statistics", title_justify="left")
@@ -98,7 +102,7 @@ def build_table_command(
         engram build-table data.jsonl --heads 4 --max-ngram 4 --plan-only
     """
     from engram_cli.build_table import build_tables, plan_report, plan_tables, resolve_corpus, stats_report
-    from engram_cli.store import check_output
+    from engram_cli.store import check_output, check_write_options
 
     if budget is not None and rows_per_head is not None:
         raise PlanError("--budget and --rows-per-head both size the tables; give one of them")
@@ -107,6 +111,7 @@ def build_table_command(
     memory = parse_bytes(memory_limit, what="--memory-limit")
     chunk_bytes = parse_bytes(chunk_size, what="--chunk-size")
     shard_bytes = parse_bytes(shard_size, what="--shard-size")
+    check_write_options(init=init, init_std=init_std, compressor=compressor, workers=workers, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes)
 
     loaded = load_tokenizer(tokenizer)
     vocab = load_or_compress_vocab(loaded, vocab_path)

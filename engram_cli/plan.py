@@ -30,6 +30,9 @@ DEFAULT_ROWS_PER_HEAD = 129280 * 5  # engram_vocab_size per order
 DEFAULT_DIM = 512  # n_embed_per_ngram; each head's row is dim // heads wide
 DEFAULT_SEED = 0
 DEFAULT_PAD_ID = 2  # a tokenizer id, compressed before use
+# Far above any real table (DeepSeek's ~768 M rows are all heads together), and low
+# enough that primes, row offsets and mix % p stay in int64.
+MAX_ROWS_PER_HEAD = 1 << 40
 
 
 def is_prime(n: int) -> bool:
@@ -315,6 +318,10 @@ def make_plan(
         )
     if any(r < 2 for r in rows_per_head):
         raise PlanError(f"--rows-per-head must be at least 2, got {list(rows_per_head)}")
+    if any(r > MAX_ROWS_PER_HEAD for r in rows_per_head):
+        raise PlanError(f"--rows-per-head {max(rows_per_head):,} is beyond {MAX_ROWS_PER_HEAD:,} (2**40) rows per head; a head that large would not fit any host")
+    if seed < 0:
+        raise PlanError(f"--seed must be >= 0 (it seeds numpy's generator with seed + 10007 * layer), got {seed}")
     if dtype not in DTYPE_BYTES:
         raise PlanError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     if compressed_vocab_size < 1:

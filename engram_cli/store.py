@@ -11,7 +11,7 @@ One Zarr v3 group that plain zarr-python (or tensorstore) opens without this mod
         hits  (rows,) uint64     windows of the corpus that hash to each row (with statistics)
       stats/               NgramStats parquet files (not Zarr; zarr-python skips it)
 
-docs/store-format.md lists every attribute. The design target is DeepSeek's scale
+docs/build-table.md lists every attribute. The design target is DeepSeek's scale
 (~768M rows, ~200 GB): nothing holds a whole table in memory. zarr-python creates the
 arrays and their metadata; the table shards themselves are written by `write_shard`,
 each whole by one task, one chunk in memory at a time, in exactly the bytes zarr-python
@@ -62,13 +62,14 @@ DEFAULT_CHUNK_BYTES = 4 * MiB
 # work (one task writes it whole, chunk by chunk); a task holds only ~2 chunks in memory.
 DEFAULT_SHARD_BYTES = 128 * MiB
 DEFAULT_MEMORY_LIMIT = 2 * GiB
-# Measured (benchmarks/bench_store.py, docs/store-format.md): freshly initialized rows
+# Measured (benchmarks/bench_store.py, docs/build-table.md): freshly initialized rows
 # hardly compress (float32: zstd-1 to 0.92x, blosc-lz4+shuffle to 0.94x), but trained
 # and 16-bit tables do, and zeros chunks vanish. blosc-lz4 is the cheap codec: the
 # generate-and-write rate stays at ~0.75x of a raw file write (zstd-1: 0.52-0.73x).
 # `--compressor none` keeps only the crc32c checksum, for the last 25% of write rate.
 DEFAULT_COMPRESSOR = "lz4"
 COMPRESSORS = ("none", "lz4", "zstd")
+LZ4_LEVEL = 1  # blosc-lz4 with bit shuffle; see table_codecs
 DEFAULT_PARALLEL = "threads"
 PARALLEL_KINDS = ("threads", "processes")
 INIT_KINDS = ("normal", "zeros")
@@ -166,9 +167,11 @@ def table_codecs(compressor: str, itemsize: int) -> list:
     if compressor == "zstd":
         return [ZstdCodec(level=1), Crc32cCodec()]
     if compressor == "lz4":
-        # Byte shuffle groups the sign/exponent bytes, the only compressible part of
-        # random floats. Inside zarr's codec threads blosc runs single-threaded.
-        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=itemsize), Crc32cCodec()]
+        # Bit shuffle groups the sign/exponent bits, the only compressible part of
+        # random floats: measured on normal(0, 0.02) float32 chunks, clevel 1 with
+        # bitshuffle ran 3.5 GB/s to 0.88x, byte shuffle at clevel 5 2.0 GB/s to 0.94x.
+        # Inside zarr's codec threads blosc runs single-threaded.
+        return [BloscCodec(cname="lz4", clevel=LZ4_LEVEL, shuffle="bitshuffle", typesize=itemsize), Crc32cCodec()]
     raise StoreError(f"unknown compressor {compressor!r}; choose one of {', '.join(COMPRESSORS)}")
 
 
@@ -224,7 +227,7 @@ def chunk_encoder(compressor: str, itemsize: int) -> Callable[[np.ndarray], obje
     if compressor == "zstd":
         return Zstd(level=1, checksum=False).encode
     if compressor == "lz4":
-        return Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE, blocksize=0, typesize=itemsize).encode
+        return Blosc(cname="lz4", clevel=LZ4_LEVEL, shuffle=Blosc.BITSHUFFLE, blocksize=0, typesize=itemsize).encode
     raise StoreError(f"unknown compressor {compressor!r}; choose one of {', '.join(COMPRESSORS)}")
 
 
@@ -287,19 +290,13 @@ def _stats_batch_rows(order: int, heads: int, memory_limit: int) -> int:
     return int(min(1 << 21, max(1 << 12, (memory_limit // 4) // per_ngram)))
 
 
-# float64 holds every integer below 2**53 exactly: a batch whose counts sum below it
-# can be added with np.bincount (about 10x faster than np.add.at) without rounding.
-_EXACT_FLOAT_SUM = 1 << 53
-
-
 def _accumulate(acc: np.ndarray, index: np.ndarray, weights: np.ndarray) -> None:
-    """acc[index] += weights (uint64, repeated indices summed), exactly."""
-    if index.size == 0:
-        return
-    if int(weights.sum(dtype=np.uint64)) < _EXACT_FLOAT_SUM:
-        acc += np.bincount(index, weights=weights.astype(np.float64), minlength=acc.shape[0]).astype(np.uint64)
-    else:  # pragma: no cover - a single batch past 9e15 windows
-        np.add.at(acc, index, weights.astype(np.uint64))
+    """acc[index] += weights (uint64, repeated indices summed), exactly.
+
+    np.add.at costs O(len(index)) and no extra memory; np.bincount would cost
+    O(len(acc)) per batch plus two accumulator-sized temporaries.
+    """
+    np.add.at(acc, index, weights.astype(np.uint64, copy=False))
 
 
 def hit_counts(
@@ -403,7 +400,7 @@ class TableStore:
     # -- metadata ------------------------------------------------------------------
     @property
     def attrs(self) -> dict:
-        """The root group's "engram" attributes (docs/store-format.md)."""
+        """The root group's "engram" attributes (docs/build-table.md)."""
         return self._attrs
 
     @property
@@ -518,7 +515,7 @@ class TableStore:
 
     # -- summary -------------------------------------------------------------------
     def summary(self) -> dict:
-        """A JSON-safe summary (keys documented in docs/store-format.md)."""
+        """A JSON-safe summary (keys documented in docs/build-table.md)."""
         plan = self.plan
         layers = []
         for layer_id in plan.layer_ids:
@@ -658,6 +655,31 @@ def _vocab_group(root: zarr.Group, vocab: "CompressedVocab") -> None:
             arr[:] = data
 
 
+def check_write_options(
+    *,
+    init: str = "normal",
+    init_std: float = DEFAULT_INIT_STD,
+    compressor: str = DEFAULT_COMPRESSOR,
+    parallel: str = DEFAULT_PARALLEL,
+    workers: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> None:
+    """Raise `StoreError` for write options `write_tables` cannot use (cheap: call it first)."""
+    if init not in INIT_KINDS:
+        raise StoreError(f"unknown --init {init!r}; choose one of {', '.join(INIT_KINDS)}")
+    if not (np.isfinite(init_std) and init_std >= 0):
+        raise StoreError(f"--init-std must be a finite number >= 0, got {init_std}")
+    if compressor not in COMPRESSORS:
+        raise StoreError(f"unknown --compressor {compressor!r}; choose one of {', '.join(COMPRESSORS)}")
+    if parallel not in PARALLEL_KINDS:
+        raise StoreError(f"unknown parallel mode {parallel!r}; choose one of {', '.join(PARALLEL_KINDS)}")
+    if workers is not None and workers < 1:
+        raise StoreError(f"--workers must be at least 1, got {workers}")
+    if chunk_bytes < 1 or shard_bytes < 1:
+        raise StoreError(f"--chunk-size and --shard-size must be positive, got {chunk_bytes} and {shard_bytes} bytes")
+
+
 def _resolve_workers(workers: int | None, chunk_bytes: int, memory_limit: int) -> int:
     by_memory = max(1, memory_limit // (4 * max(1, chunk_bytes)))  # a task holds ~2-3 chunks
     want = (os.cpu_count() or 1) if workers is None else workers
@@ -697,12 +719,7 @@ def write_tables(
     from . import __version__
 
     partial = Path(partial)
-    if init not in INIT_KINDS:
-        raise StoreError(f"unknown init {init!r}; choose one of {', '.join(INIT_KINDS)}")
-    if parallel not in PARALLEL_KINDS:
-        raise StoreError(f"unknown parallel mode {parallel!r}; choose one of {', '.join(PARALLEL_KINDS)}")
-    if compressor not in COMPRESSORS:
-        raise StoreError(f"unknown compressor {compressor!r}; choose one of {', '.join(COMPRESSORS)}")
+    check_write_options(init=init, init_std=init_std, compressor=compressor, parallel=parallel, workers=workers, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes)
     if plan.compressed_vocab_size != vocab.compressed_size:
         raise VocabMismatch(f"the plan is for {plan.compressed_vocab_size} compressed ids but the vocabulary has {vocab.compressed_size}; plan with this vocabulary")
     if plan.vocab_fingerprint and plan.vocab_fingerprint != vocab.fingerprint:

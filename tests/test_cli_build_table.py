@@ -123,6 +123,13 @@ def test_existing_output_needs_force(tmp_path, small_corpus):
         (["--heads", "3"], "--dim 512"),
         (["--pad-id", "999999"], "--pad-id"),
         (["--dtype", "int8"], "--dtype"),
+        (["--init", "bogus"], "--init"),
+        (["--init-std", "nan"], "--init-std"),
+        (["--compressor", "gzip"], "--compressor"),
+        (["--workers", "0"], "--workers"),
+        (["--seed", "-5"], "--seed"),
+        (["--rows-per-head", "100000000000000000000"], "--rows-per-head"),
+        (["--chunk-size", "0"], "--chunk-size"),
     ],
 )
 def test_bad_options_fail_before_work(tmp_path, small_corpus, args, fragment):
@@ -130,6 +137,12 @@ def test_bad_options_fail_before_work(tmp_path, small_corpus, args, fragment):
     line = one_error_line(invoke(small_corpus, "-o", out, *args))
     assert fragment in line
     assert not out.exists() and not store_module.partial_path(out).exists()
+
+
+@pytest.mark.parametrize("args", [["--seed", "-1", "--layers", "0"], ["--rows-per-head", "100000000000000000000"]])
+def test_plan_only_rejects_out_of_range_plans(tmp_path, args):
+    line = one_error_line(invoke(tmp_path / "unused", "--plan-only", *args))
+    assert ("--seed" in line) or ("--rows-per-head" in line)
 
 
 def test_missing_and_empty_corpus(tmp_path):
