@@ -130,7 +130,7 @@ def build_table_command(
     planned = plan_report(plan)
     if not plan_only:
         check_output(out, force)
-        corpus = resolve_corpus(corpus)
+        resolve_corpus(corpus)  # missing paths and empty directories fail before the plan is shown
     if plan_only:
         if as_json:
             print_json({"plan": planned})

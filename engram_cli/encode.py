@@ -207,8 +207,8 @@ def count_corpus(
     a missing path or a corpus without documents or tokens.
     """
     out_dir = Path(out_dir)
-    files = corpus_files(paths)  # a missing path fails before any work
     summary = CorpusSummary()
+    files = corpus_files(paths, summary)  # a missing path fails before any work; skipped stores are counted
     progress = _locked(progress)
     docs = iter_documents(files, text_field=text_field, summary=summary, progress=progress, tmp_dir=spill_dir)
     ids = encode_documents(docs, tokenizer=tokenizer, vocab=vocab, batch_size=batch_size, add_special_tokens=add_special_tokens, progress=progress)

@@ -14,7 +14,9 @@ crossing a document boundary. So `sum(count)` of every order equals the token co
 Reading never loads a whole order: `iter_batches` streams (ids, counts) in slices.
 
 Counting (`count_ngrams`) packs each n-gram into uint64 key columns (ceil(log2 C) bits
-per id, see `KeyLayout`), counts every batch with a polars group_by, merges partials in
+per id, see `KeyLayout`), counts every batch (at most `MAX_BATCH_TOKENS` tokens; a longer
+document is sliced, each slice carrying the max-1 tokens before it as context, so the
+windows are unchanged) with a polars group_by, merges partials in
 memory and spills them as sorted parquet runs when they outgrow the memory limit; the
 final merge is a polars group_by per key range (row-group statistics skip the rest),
 so memory stays bounded however many distinct n-grams there are. The summary figures
@@ -256,6 +258,7 @@ DEFAULT_MEMORY_LIMIT = 2 << 30  # bytes
 _BYTES_PER_ROW_OVERHEAD = 6  # merge = concat copy + hash table + output: ~6x the raw row bytes
 _RUN_ROW_GROUP = 1 << 16  # small row groups in spilled runs: min/max statistics prune key ranges
 _SAMPLES_PER_RUN = 1024
+MAX_BATCH_TOKENS = 1 << 22  # tokens counted per batch at most; longer documents are sliced
 
 
 def id_bits(vocab_size: int) -> int:
@@ -466,7 +469,7 @@ def count_ngrams(
     layouts = {n: KeyLayout(n, bits) for n in orders}
     # Memory plan: a batch holds ~(max_n + 2 + words) uint64 arrays of its tokens; each
     # order's merged partial gets an equal share of what is left.
-    batch_tokens = int(min(1 << 22, max(1 << 8, memory_limit // (48 * (max_ngram_size + 4)))))
+    batch_tokens = int(max(1, min(MAX_BATCH_TOKENS, max(1 << 8, memory_limit // (48 * (max_ngram_size + 4))))))
     row_bytes = {n: 8 * (len(layouts[n].words) + 1) for n in orders}
     share = max(memory_limit - 8 * batch_tokens * (max_ngram_size + 4), memory_limit // 4) // len(orders)
     budget_rows = {n: max(1 << 6, share // (row_bytes[n] * _BYTES_PER_ROW_OVERHEAD)) for n in orders}
@@ -488,40 +491,61 @@ def count_ngrams(
     tokens = 0
     n_docs = 0
     try:
-        buf: list[np.ndarray] = []
-        buf_tokens = 0
+        # A batch holds pieces of documents, at most `batch_tokens` counted tokens in
+        # all: a document longer than what is left of the batch is sliced, and each
+        # piece after the first carries the max-1 tokens before it as context (read
+        # for the windows, not counted), so the windows are exactly those of the whole
+        # document, with left padding only at its true start.
+        ctx_len = max_ngram_size - 1
+        buf: list[np.ndarray] = []  # context + counted tokens of each piece
+        buf_ctx: list[int] = []  # context tokens at the head of each piece
+        buf_start: list[int] = []  # position in its document of each piece's first counted token
+        buf_tokens = 0  # counted tokens in the batch
 
         def flush() -> None:
-            nonlocal buf, buf_tokens
+            nonlocal buf, buf_ctx, buf_start, buf_tokens
             if not buf_tokens:
-                buf, buf_tokens = [], 0
+                buf, buf_ctx, buf_start, buf_tokens = [], [], [], 0
                 return
             lengths = np.fromiter((d.size for d in buf), dtype=np.int64, count=len(buf))
+            ctx = np.asarray(buf_ctx, dtype=np.int64)
             flat = np.concatenate(buf)
             lo, hi = int(flat.min()), int(flat.max())
             if lo < 0 or hi >= vocab_size:
                 raise ValueError(f"compressed ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]; compress the ids with the same vocabulary")
             flat = flat.astype(np.uint64)
             starts = np.cumsum(lengths) - lengths
-            pos = np.arange(flat.size, dtype=np.int64) - np.repeat(starts, lengths)  # (L,) position in its document
+            first = np.asarray(buf_start, dtype=np.int64) - ctx  # position in its document of each piece's head
+            local = np.arange(flat.size, dtype=np.int64) - np.repeat(starts, lengths)  # (L,) index in its piece
+            pos = local + np.repeat(first, lengths)  # (L,) position in its document
+            keep = local >= np.repeat(ctx, lengths) if ctx.any() else None  # counted rows (not context)
             shifted = [_shifted(flat, pos, k, pad) for k in range(max_ngram_size)]  # shift_k, k = 0..max-1
+            del local, pos
             for n in orders:
                 tok = [shifted[n - 1 - j] for j in range(n)]  # tok_j: text order, tok_{n-1} = shift_0
-                counters[n].add_batch(layouts[n].pack(tok))
-            buf, buf_tokens = [], 0
+                keys = layouts[n].pack(tok)
+                if keep is not None:
+                    keys = [key[keep] for key in keys]
+                counters[n].add_batch(keys)
+            buf, buf_ctx, buf_start, buf_tokens = [], [], [], 0
 
         for doc in documents:
-            doc = np.asarray(doc)
+            doc = np.asarray(doc).reshape(-1)
             n_docs += 1
-            if doc.size == 0:
-                continue
-            buf.append(doc.reshape(-1))
-            buf_tokens += doc.size
-            tokens += doc.size
-            if buf_tokens >= batch_tokens:
-                flush()
-                if progress is not None:
-                    progress("counting", tokens, None, f"{n_docs} documents")
+            start = 0
+            while start < doc.size:
+                stop = min(doc.size, start + batch_tokens - buf_tokens)
+                head = max(0, start - ctx_len)
+                buf.append(doc[head:stop])
+                buf_ctx.append(start - head)
+                buf_start.append(start)
+                buf_tokens += stop - start
+                tokens += stop - start
+                start = stop
+                if buf_tokens >= batch_tokens:
+                    flush()
+                    if progress is not None:
+                        progress("counting", tokens, None, f"{n_docs} documents")
         flush()
         if progress is not None:
             progress("counting", tokens, None, f"{n_docs} documents")

@@ -113,6 +113,19 @@ def test_existing_output_needs_force(tmp_path, small_corpus):
     assert not store_module.partial_path(out).exists()
 
 
+def test_rebuild_inside_the_corpus_skips_the_old_store(tmp_path, small_corpus):
+    out = small_corpus / "tables.zarr"  # the output lies inside the corpus directory
+    first = invoke(small_corpus, "-o", out, *SMALL_PLAN, "--json")
+    assert first.exit_code == 0, first.output
+    second = invoke(small_corpus, "-o", out, *SMALL_PLAN, "--json", "--force")
+    assert second.exit_code == 0, second.output
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert b["corpus"]["documents"] == a["corpus"]["documents"] == len(SMALL_FILES)
+    assert b["stats"]["per_order"] == a["stats"]["per_order"]
+    # skipped and reported: the earlier store and this build's own staging directory
+    assert sum(b["corpus"]["skipped_other"].values()) == 2
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [

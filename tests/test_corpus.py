@@ -125,6 +125,77 @@ def test_missing_path_and_empty_corpus(tmp_path):
         read_all([tmp_path / "j.jsonl"])
 
 
+def _earlier_store(path: Path) -> None:
+    """An earlier build's output, as a real Zarr v3 group with parquet stats inside."""
+    import zarr
+
+    root = zarr.create_group(store=str(path), zarr_format=3)
+    root.create_array("table_0", shape=(64, 4), chunks=(16, 4), dtype="float32")[:] = 1.0
+    (path / "stats").mkdir()
+    pl.DataFrame({"order": [2], "tok_0": [1], "tok_1": [2], "count": [3]}).write_parquet(path / "stats" / "order_2.parquet")
+    (path / "stats" / "summary.json").write_text("{}")
+
+
+def test_table_stores_in_the_corpus_are_pruned_and_counted(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text("alpha")
+    (corpus / "sub" / "b.txt").write_text("beta")
+    _earlier_store(corpus / "tables.zarr")
+    _earlier_store(corpus / "sub" / "other.zarr.old-123")  # a store moved aside by finalize
+    (corpus / "tables.zarr.partial").mkdir()  # a build's (empty) staging directory
+    (corpus / "run.partial" / "stats").mkdir(parents=True)  # `--out run` staging, stats only
+    (corpus / "run.partial" / "stats" / "x.txt").write_text("not corpus")
+    (corpus / "notes.partial").mkdir()  # just a name: no stats, no zarr.json -> corpus
+    (corpus / "notes.partial" / "c.txt").write_text("gamma")
+    (corpus / "v2").mkdir()
+    (corpus / "v2" / ".zgroup").write_text('{"zarr_format": 2}')
+    (corpus / "v2" / "0.0").write_text("chunk")
+
+    want = {corpus / "a.txt", corpus / "notes.partial" / "c.txt", corpus / "sub" / "b.txt"}
+    assert set(corpus_files([corpus])) == want
+    docs, summary = read_all([corpus])
+    assert sorted(docs) == ["alpha", "beta", "gamma"]
+    pruned = {"tables.zarr", "tables.zarr.partial", "run.partial", "v2", "sub/other.zarr.old-123"}
+    assert summary.skipped == len(pruned) and summary.files == 3
+    (reason, n), = summary.skipped_other.items()
+    assert n == len(pruned) and "Zarr" in reason
+    assert Path(summary.skipped_examples[reason]).relative_to(corpus).as_posix() in pruned
+
+
+def test_naming_a_table_store_as_corpus_is_an_error(tmp_path):
+    _earlier_store(tmp_path / "tables.zarr")
+    (tmp_path / "out.zarr.partial").mkdir()
+    for path, what in [
+        (tmp_path / "tables.zarr", "is a table store"),
+        (tmp_path / "tables.zarr" / "stats", "lies inside the table store"),
+        (tmp_path / "tables.zarr" / "stats" / "order_2.parquet", "lies inside the table store"),
+        (tmp_path / "out.zarr.partial", "is a table store"),
+    ]:
+        with pytest.raises(CorpusError, match=f"{what}.*not a corpus") as e:
+            corpus_files([path])
+        assert "\n" not in str(e.value)
+
+
+def test_count_corpus_next_to_an_earlier_store(deepseek, tmp_path):
+    """`build-table . --force` in a directory holding tables.zarr: the store is not read."""
+    tok, vocab = deepseek
+    (tmp_path / "doc.txt").write_text("The quick brown fox jumps over the lazy dog. The quick brown fox.")
+    _earlier_store(tmp_path / "tables.zarr")
+    (tmp_path / "tables.zarr.partial").mkdir()  # what prepare_partial leaves before counting
+    pad = int(vocab.lookup[2])
+    summary, stats = count_corpus(
+        [tmp_path], tokenizer=tok, vocab=vocab, max_ngram_size=3, pad_id=pad, out_dir=tmp_path / "tables.zarr.partial" / "stats",
+    )
+    doc = vocab.compress(tok.tokenizer.encode((tmp_path / "doc.txt").read_text(), add_special_tokens=False).ids).tolist()
+    assert (summary.files, summary.documents, summary.tokens) == (1, 1, len(doc))
+    for n in (2, 3):
+        padded = [pad] * (n - 1) + doc
+        want = Counter(tuple(padded[i : i + n]) for i in range(len(doc)))
+        df = pl.read_parquet(order_file(stats.root, n))
+        assert dict(zip(df.select(token_columns(n)).iter_rows(), df["count"].to_list())) == dict(want)
+
+
 # -- tokenizing --------------------------------------------------------------------------------
 def test_encode_documents_matches_encode(deepseek):
     tok, vocab = deepseek

@@ -155,6 +155,32 @@ def test_left_padding_and_document_boundaries(tmp_path):
     check_stats(stats, docs, 3, 0)
 
 
+@pytest.mark.parametrize("slice_tokens", [1000, 3])
+def test_long_documents_are_sliced_with_exact_windows(tmp_path, monkeypatch, slice_tokens):
+    """A document longer than a batch is counted in bounded slices, windows unchanged."""
+    import engram_cli.ngrams as ngrams_mod
+
+    monkeypatch.setattr(ngrams_mod, "MAX_BATCH_TOKENS", slice_tokens)
+    batch_sizes = []
+    real_add = ngrams_mod._OrderCounter.add_batch
+
+    def add_batch(self, keys):
+        batch_sizes.append(len(keys[0]))
+        real_add(self, keys)
+
+    monkeypatch.setattr(ngrams_mod._OrderCounter, "add_batch", add_batch)
+    rng = np.random.default_rng(7)
+    long = rng.integers(1, 6, size=3 * 1000 + 517).tolist()  # longer than 3 slices of 1000
+    docs = [[3, 4], long, [1, 2, 3, 4, 5] * 50, long[:999], [2]]
+    stats = count_ngrams([np.array(d) for d in docs], max_ngram_size=5, pad_id=0, vocab_size=6, out_dir=tmp_path)
+    for n in range(2, 6):
+        # Independent route: a Counter over each whole document, left-padded only at its start.
+        assert read_counts(tmp_path, n) == counter_ngrams(docs, n, 0), f"order {n}"
+    check_stats(stats, docs, 5, 0)
+    assert max(batch_sizes) <= slice_tokens
+    assert sum(batch_sizes) == 4 * sum(len(d) for d in docs)  # every window counted once per order
+
+
 def test_write_stats_from_arrays_shares_the_summary(fixture_docs, tmp_path):
     docs, pad, C = fixture_docs
     stats = count_ngrams(docs[:4], max_ngram_size=3, pad_id=pad, vocab_size=C, out_dir=tmp_path / "a")
