@@ -144,7 +144,7 @@ def collisions_command(
     if target is not None and not 0 < target < 1:
         raise PlanError(f"--target must be a rate between 0 and 1 (e.g. 0.05), got {target}")
     if plot is not None:
-        check_plot_support()
+        check_plot_support(plot)
 
     store = TableStore.open(store_path)
     stored = store.plan

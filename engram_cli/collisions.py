@@ -13,14 +13,17 @@ with any one other n-gram (its worst partner): s = K is indistinguishable, and "
 head" means some head where x is alone in its bucket.
 
 Hash families: `reference` (SPEC section 3: one 64-bit multiply-XOR mix per n-gram,
-reduced modulo each head's prime) and `xxh3` (xxhash's xxh3_64 of the n-gram's
-little-endian uint32 ids, seeded per head by `xxh3_seed`, reduced modulo the prime).
+reduced modulo each head's prime) and `xxh3` (XXH3_64 of the n-gram's little-endian
+uint32 ids, seeded per head by `xxh3_seed`, reduced modulo the prime; computed by the
+vectorized `engram_cli.xxh3`, bit-exact with the xxhash package, which hashes n-grams
+of more than 60 ids).
 
 Memory: one (layer, order) at a time, the audit holds per distinct n-gram its count
 (int64) and either its mix (int64, reference) or one uint64 digest per head (xxh3),
-plus per head the bucket of each n-gram (uint32/int64) while the across-head figures
-run. The n-gram ids themselves are streamed (`NgramStats.iter_batches`) and never held;
-the worst buckets' members are re-read by row index.
+plus per head the bucket of each n-gram (uint32; int64 only for a prime above 2^32)
+and a collide flag while the across-head figures run, and a 1-byte s(x). The n-gram ids
+themselves are streamed (`NgramStats.iter_batches`) and never held; the worst buckets'
+members are picked by row index in one more streaming pass.
 
 This module does not open stores: it takes a `TablePlan` and an `NgramStats`.
 """
@@ -34,9 +37,9 @@ from itertools import combinations, repeat
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-import polars as pl
 
-from .errors import EngramError, PlanError, StoreError
+from . import xxh3
+from .errors import EngramError, OutputError, PlanError, StoreError
 from .hashing import ngram_mix
 from .ngrams import NgramStats
 from .plan import HASH_FAMILY_REFERENCE, Budget, TablePlan, fit_plan_to_budget
@@ -50,6 +53,17 @@ MAX_MEMBERS = 20  # members listed per worst bucket (all are counted)
 SMALL_SET = 4096  # candidate sets this small get the exact pairwise comparison
 TWO64 = 1 << 64
 BATCH_ROWS = 1 << 21
+BUCKET_CHUNK = 1 << 20  # rows reduced per step when computing one head's buckets
+
+
+def bucket_dtype(p: int) -> np.dtype:
+    """Buckets of a head with prime p are stored as uint32 (every p <= 2^32), else int64."""
+    return np.dtype(np.uint32) if int(p) <= (1 << 32) else np.dtype(np.int64)
+
+
+def count_dtype(k: int) -> np.dtype:
+    """The smallest unsigned dtype that holds 0..k (head counters)."""
+    return np.dtype(np.uint8) if k < (1 << 8) else np.dtype(np.uint16) if k < (1 << 16) else np.dtype(np.int64)
 
 
 def _noop(*_args, **_kwargs) -> None:
@@ -119,8 +133,17 @@ def xxh3_seed(plan_seed: int, layer_id: int, order: int, head: int) -> int:
 def xxh3_digests(ids: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
     """xxh3_64 of each n-gram's ids packed as little-endian uint32 in text order: (m, n) -> (m, len(seeds)) uint64.
 
-    One C call per n-gram and head (xxhash has no array API); the packing is vectorized.
+    Vectorized (`engram_cli.xxh3`, bit-exact with xxhash) for n-grams of up to 60 ids
+    (240 bytes, XXH3's short-input paths); longer ones go through `xxh3_digests_loop`.
     """
+    ids = np.asarray(ids)
+    if xxh3.supports_ids(ids.shape[1]):
+        return xxh3.xxh3_64_ids(ids, seeds)
+    return xxh3_digests_loop(ids, seeds)
+
+
+def xxh3_digests_loop(ids: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
+    """`xxh3_digests` by one xxhash C call per n-gram and head (xxhash has no array API)."""
     import xxhash
 
     ids = np.ascontiguousarray(np.asarray(ids), dtype="<u4")
@@ -255,7 +278,7 @@ def worst_partner_heads(
     """
     K = len(buckets)
     m = buckets[0].size
-    s = np.zeros(m, dtype=np.int64)
+    s = np.zeros(m, dtype=count_dtype(K))
     if m < 2:
         return s
     if collide is None:
@@ -305,10 +328,20 @@ class OrderKeys:
         return int(self.counts.sum())
 
     def buckets(self, head: int, p: int) -> np.ndarray:
-        """Bucket in [0, p) of every n-gram for head `head` with table size p (int64)."""
-        if self.family == "reference":
-            return self.mix % np.int64(p)
-        return (self.digests[:, head] % np.uint64(p)).view(np.int64)
+        """Bucket in [0, p) of every n-gram for head `head` with table size p.
+
+        uint32 (4 bytes per n-gram) when p <= 2^32, which every plan prime is in practice;
+        int64 otherwise. Computed in chunks, so no full-length int64 temporary is made.
+        """
+        p = int(p)
+        out = np.empty(self.m, dtype=bucket_dtype(p))
+        for start in range(0, self.m, BUCKET_CHUNK):
+            end = start + BUCKET_CHUNK
+            if self.family == "reference":
+                out[start:end] = self.mix[start:end] % np.int64(p)
+            else:
+                out[start:end] = self.digests[start:end, head] % np.uint64(p)
+        return out
 
     def mix_duplicated(self) -> np.ndarray | None:
         """Reference only: which n-grams' 64-bit mix equals another n-gram's."""
@@ -429,23 +462,33 @@ def _decode(ids: Sequence[int], vocab_keys: Sequence[str] | None) -> str | None:
     return "".join(vocab_keys[i] if 0 <= i < len(vocab_keys) else f"<{i}>" for i in ids)
 
 
-def read_rows(stats: NgramStats, order: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, counts) of the given row indices of an order's stats, in the given order."""
-    cols = [f"tok_{i}" for i in range(order)]
+def read_rows(stats: NgramStats, order: int, rows: np.ndarray, *, batch_rows: int = BATCH_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, counts) of the given row indices of an order's stats, in the given order.
+
+    One streaming pass (`NgramStats.iter_batches`), keeping only the wanted rows of each
+    batch and stopping after the last one; the order's file is never held whole.
+    """
     rows = np.asarray(rows, dtype=np.int64)
-    wanted = pl.LazyFrame({"_row": rows}).with_columns(pl.col("_row").cast(pl.Int64))
-    df = (
-        stats.scan(order)
-        .with_row_index("_row")
-        .with_columns(pl.col("_row").cast(pl.Int64))
-        .join(wanted, on="_row", how="inner")
-        .select(["_row", *cols, "count"])
-        .collect()
-    )
-    pos = {int(r): i for i, r in enumerate(df["_row"].to_numpy())}
-    take = np.array([pos[int(r)] for r in rows], dtype=np.int64)
-    ids = np.column_stack([df[c].to_numpy().astype(np.int64) for c in cols])[take] if len(rows) else np.zeros((0, order), np.int64)
-    return ids, df["count"].to_numpy().astype(np.int64)[take]
+    wanted = np.unique(rows)  # sorted
+    ids = np.zeros((wanted.size, order), dtype=np.int64)
+    counts = np.zeros(wanted.size, dtype=np.int64)
+    if wanted.size:
+        if wanted[0] < 0 or wanted[-1] >= stats.distinct(order):
+            raise StoreError(f"row {int(wanted[-1] if wanted[-1] >= 0 else wanted[0])} is outside order {order}'s {stats.distinct(order)} n-grams")
+        offset, got = 0, 0
+        for batch_ids, batch_counts in stats.iter_batches(order, batch_rows):
+            end = offset + batch_counts.size
+            hi = int(np.searchsorted(wanted, end, side="left"))
+            if hi > got:
+                local = wanted[got:hi] - offset
+                ids[got:hi] = batch_ids[local]
+                counts[got:hi] = batch_counts[local]
+                got = hi
+            offset = end
+            if got == wanted.size:
+                break
+    take = np.searchsorted(wanted, rows)
+    return ids[take], counts[take]
 
 
 def worst_buckets(stats: NgramStats, keys: OrderKeys, buckets: list[np.ndarray], candidates: list, *, top: int, vocab_keys: Sequence[str] | None) -> list[dict]:
@@ -834,6 +877,7 @@ def _sweep_summary(cells, rows: list[dict], families) -> dict:
 
 def plot_sweep(sweep: dict, path) -> None:
     """Draw the sweep grid (rates vs bytes, one line per head count) to an image file."""
+    check_plot_path(path)
     try:
         import matplotlib
 
@@ -853,13 +897,34 @@ def plot_sweep(sweep: dict, path) -> None:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise OutputError(f"cannot write the --plot image {str(path)!r}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
 
 
-def check_plot_support() -> None:
-    """Raise a clear error now (before any work) when --plot cannot be honoured."""
+def check_plot_path(path) -> None:
+    """The --plot image's folder must exist (and be a folder): checked before any work."""
+    from pathlib import Path
+
+    target = Path(path)
+    parent = target.parent
+    if target.is_dir():
+        raise OutputError(f"--plot {str(path)!r} is a directory; give an image file name such as sweep.png")
+    if not parent.exists():
+        raise OutputError(f"--plot {str(path)!r}: directory {str(parent)!r} does not exist; create it or choose another path")
+    if not parent.is_dir():
+        raise OutputError(f"--plot {str(path)!r}: {str(parent)!r} is not a directory")
+
+
+def check_plot_support(path=None) -> None:
+    """Raise a clear error now (before any work) when --plot cannot be honoured: the
+    image's folder (when `path` is given) first, then matplotlib."""
     import importlib.util
 
+    if path is not None:
+        check_plot_path(path)
     if importlib.util.find_spec("matplotlib") is None:
         raise EngramError("--plot needs matplotlib, which is not installed; run `pip install 'engram-cli[plot]'` (or pip install matplotlib)")

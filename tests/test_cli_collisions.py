@@ -143,3 +143,24 @@ def test_plot(built, tmp_path):
     else:
         assert r.exit_code == 0, r.output
         assert out.stat().st_size > 0
+
+
+def test_plot_into_missing_directory_fails_up_front(built, tmp_path):
+    """One line and exit 2, before any audit work, whether or not matplotlib is installed."""
+    out = tmp_path / "nodir" / "p.png"
+    r = invoke(built["store"], "--sweep", "heads=1,2", "--plot", out)
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    assert "Traceback" not in r.output
+    dir_error = f"Error: --plot {str(out)!r}: directory {str(out.parent)!r} does not exist; create it or choose another path"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert lines[0] in (dir_error, "Error: --plot needs matplotlib, which is not installed; run `pip install 'engram-cli[plot]'` (or pip install matplotlib)")
+    else:
+        assert lines[0] == dir_error
+    assert not out.parent.exists()
+    # checked before the store is opened: a missing store is not what is reported
+    r = invoke(tmp_path / "no_store.zarr", "--sweep", "heads=1,2", "--plot", out)
+    assert r.exit_code == 2 and "--plot" in r.output and "no_store" not in r.output, r.output

@@ -404,3 +404,80 @@ def test_plot_needs_matplotlib_or_draws(tmp_path, fixture):
     else:
         C.plot_sweep(report["sweep"], tmp_path / "s.png")
         assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_plot_path_checked_before_matplotlib(tmp_path, fixture):
+    missing = tmp_path / "nodir" / "p.png"
+    for call in (lambda: C.check_plot_support(missing), lambda: C.check_plot_path(missing)):
+        with pytest.raises(EngramError, match="directory .*nodir.* does not exist"):
+            call()
+    with pytest.raises(EngramError, match="is a directory"):
+        C.check_plot_path(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EngramError, match="is not a directory"):
+        C.check_plot_path(tmp_path / "file" / "p.png")
+    C.check_plot_path(tmp_path / "ok.png")  # an existing folder passes
+    plan, stats, _ = fixture
+    report = C.audit_collisions(plan, stats, sweep=C.parse_sweep(["heads=1,2"], plan), top=0)
+    with pytest.raises(EngramError, match="does not exist"):
+        C.plot_sweep(report["sweep"], missing)
+
+
+# -- vectorized xxh3, compact buckets, streaming row reads -------------------------------
+@pytest.mark.parametrize("order", [2, 3, 4, 7, 60, 61])
+def test_xxh3_digests_match_xxhash(order):
+    rng = np.random.default_rng(order)
+    ids = rng.integers(0, 2**32, size=(200, order), dtype=np.int64)
+    seeds = [C.xxh3_seed(3, layer, order, j) for layer in (1, 15) for j in range(3)] + [0, 2**64 - 1]
+    got = C.xxh3_digests(ids, seeds)
+    for j, seed in enumerate(seeds):
+        want = [xxhash.xxh3_64_intdigest(struct.pack(f"<{order}I", *map(int, g)), seed) for g in ids]
+        assert list(map(int, got[:, j])) == want
+    assert np.array_equal(got, C.xxh3_digests_loop(ids, seeds))
+
+
+@pytest.mark.parametrize("family", ["reference", "xxh3"])
+def test_buckets_uint32_or_int64(fixture, family):
+    plan, stats, per_order = fixture
+    ids, _ = per_order[3]
+    keys = C.load_order_keys(plan, stats, 15, 3, family, heads=2)
+    rows = stats.scan(3).collect()
+    ids = np.column_stack([rows[f"tok_{i}"].to_numpy() for i in range(3)])
+    for p, dtype in ((89, np.uint32), (2**32 - 5, np.uint32), (2**32 + 15, np.int64), (2**61 - 1, np.int64)):
+        b = keys.buckets(1, p)
+        assert b.dtype == dtype
+        assert [int(x) for x in b] == [bf_bucket(family, plan, 15, 3, 1, p, g) for g in ids]
+    assert C.bucket_dtype(2**32) == np.uint32 and C.bucket_dtype(2**32 + 1) == np.int64
+
+
+def test_buckets_chunked(fixture, monkeypatch):
+    plan, stats, _ = fixture
+    keys = C.load_order_keys(plan, stats, 1, 2, "reference", heads=1)
+    whole = keys.buckets(0, 53)
+    monkeypatch.setattr(C, "BUCKET_CHUNK", 7)
+    assert np.array_equal(keys.buckets(0, 53), whole)
+
+
+def test_worst_partner_heads_is_a_small_counter():
+    rng = np.random.default_rng(4)
+    buckets = [rng.integers(0, 50, size=300).astype(np.uint32) for _ in range(3)]
+    s = C.worst_partner_heads(buckets, [50, 50, 50])
+    assert s.dtype == np.uint8 and int(s.max()) <= 3
+    assert C.count_dtype(255) == np.uint8 and C.count_dtype(256) == np.uint16
+
+
+@pytest.mark.parametrize("batch_rows", [1, 7, 64, 1 << 21])
+def test_read_rows_streams(fixture, batch_rows):
+    _, stats, _ = fixture
+    df = stats.scan(3).collect()
+    rng = np.random.default_rng(batch_rows)
+    rows = rng.integers(0, df.height, size=40)
+    rows[:3] = [df.height - 1, 0, rows[5]]  # last row, first row, a repeat; any order
+    ids, counts = C.read_rows(stats, 3, rows, batch_rows=batch_rows)
+    for k, r in enumerate(rows):
+        assert ids[k].tolist() == [int(df[f"tok_{i}"][int(r)]) for i in range(3)]
+        assert counts[k] == df["count"][int(r)]
+    empty_ids, empty_counts = C.read_rows(stats, 3, np.zeros(0, np.int64))
+    assert empty_ids.shape == (0, 3) and empty_counts.shape == (0,)
+    with pytest.raises(StoreError):
+        C.read_rows(stats, 3, np.array([df.height]))
