@@ -607,6 +607,8 @@ def what_if_plan(stored: TablePlan, *, heads: int | None = None, rows_per_head=N
         plan = fit_plan_to_budget(budget, **kwargs)
     else:
         plan = stored.remade(heads=K, dim=dim, rows_per_head=stored.rows_per_head if rows_per_head is None else rows_per_head)
+    if plan.fingerprint == stored.fingerprint:  # e.g. `--heads 8` on an 8-head store
+        return stored, notes
     return plan, notes
 
 

@@ -62,11 +62,11 @@ DEFAULT_CHUNK_BYTES = 4 * MiB
 # work (one task writes it whole, chunk by chunk); a task holds only ~2 chunks in memory.
 DEFAULT_SHARD_BYTES = 128 * MiB
 DEFAULT_MEMORY_LIMIT = 2 * GiB
-# Measured (benchmarks/bench_store.py, docs/build-table.md): freshly initialized rows
-# hardly compress (float32: zstd-1 to 0.92x, blosc-lz4+shuffle to 0.94x), but trained
-# and 16-bit tables do, and zeros chunks vanish. blosc-lz4 is the cheap codec: the
-# generate-and-write rate stays at ~0.75x of a raw file write (zstd-1: 0.52-0.73x).
-# `--compressor none` keeps only the crc32c checksum, for the last 25% of write rate.
+# Measured (benchmarks/bench_store.py, docs/benchmarks.md): freshly initialized rows
+# hardly compress (float32: zstd-1 to 0.92x, blosc-lz4 + bit shuffle to 0.88x), but
+# trained and 16-bit tables do, and zeros chunks vanish. blosc-lz4 is the cheap codec:
+# the generate-and-write rate stays at 0.73x of a raw file write (zstd-1: 0.59x).
+# `--compressor none` keeps only the crc32c checksum, for the last 20% of write rate.
 DEFAULT_COMPRESSOR = "lz4"
 COMPRESSORS = ("none", "lz4", "zstd")
 LZ4_LEVEL = 1  # blosc-lz4 with bit shuffle; see table_codecs

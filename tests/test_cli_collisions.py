@@ -56,7 +56,7 @@ def test_json_report_matches_brute_force(built):
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["what_if"] is False and report["store"] == str(built["store"])
-    assert report["plan"]["fingerprint"] == built["plan"].fingerprint
+    assert report["plan"]["primes"] == {str(k): [list(o) for o in v] for k, v in built["plan"].primes.items()}
     keys = built["vocab"].keys
     for a in report["audit"]:
         ids, counts = built["per_order"][a["order"]]
@@ -74,6 +74,14 @@ def test_what_if_heads_on_a_store_built_with_another_head_count(built):
         ids, counts = built["per_order"][a["order"]]
         assert [h["p"] for h in a["heads"]] == list(what_if.primes[15][a["order"] - 2])
         check_audit(a, brute_force("xxh3", what_if, 15, a["order"], ids, counts), ids, counts)
+
+
+def test_the_stored_head_count_is_the_stored_plan(built):
+    r = invoke(built["store"], "--heads", built["plan"].heads, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert not report["what_if"] and report["stored_plan"] is None
+    assert report["plan"]["primes"] == {str(k): [list(o) for o in v] for k, v in built["plan"].primes.items()}
 
 
 def test_rows_per_head_and_sweep_axes_after_the_flag(built):
