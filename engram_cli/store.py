@@ -435,7 +435,7 @@ class TableStore:
 
         root = self.path / STATS_DIR
         if not (root / SUMMARY_FILE).is_file():
-            raise StoreError(f"table store {str(self.path)!r} holds no n-gram statistics (built without a corpus); rebuild it with `engram build-table --corpus ...`")
+            raise StoreError(f"table store {str(self.path)!r} holds no n-gram statistics (built without a corpus); rebuild it with `engram build-table CORPUS`")
         return NgramStats.open(root)
 
     @property
@@ -482,7 +482,7 @@ class TableStore:
     def hits(self, layer_id: int) -> zarr.Array:
         """The layer's hit counts: (layer_rows,) uint64."""
         if not self.has_hits:
-            raise StoreError(f"table store {str(self.path)!r} has no hit counts (built without a corpus); rebuild it with `engram build-table --corpus ...`")
+            raise StoreError(f"table store {str(self.path)!r} has no hit counts (built without a corpus); rebuild it with `engram build-table CORPUS`")
         try:
             return self._layer_group(layer_id)["hits"]
         except KeyError:
@@ -501,7 +501,12 @@ class TableStore:
             bad = ids[(ids < 0) | (ids >= rows)][0]
             raise StoreError(f"row {int(bad)} is out of range for layer {layer_id} ({rows} rows)")
         uniq, inverse = np.unique(ids.ravel(), return_inverse=True)
-        got = arr.get_orthogonal_selection((uniq, slice(None))) if uniq.size else np.empty((0, arr.shape[1]), arr.dtype)
+        try:
+            got = arr.get_orthogonal_selection((uniq, slice(None))) if uniq.size else np.empty((0, arr.shape[1]), arr.dtype)
+        except ValueError as e:  # zarr's crc32c codec raises ValueError on a mismatch
+            if "checksum" not in str(e):
+                raise
+            raise StoreError(f"layer {layer_id} of {str(self.path)!r} has a corrupt chunk (crc32c mismatch); rebuild the store or restore it from a copy") from None
         out = np.asarray(got)[inverse].reshape(*ids.shape, arr.shape[1])
         return out if as_stored else from_storage(out, self.dtype)
 

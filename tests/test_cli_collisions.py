@@ -130,7 +130,7 @@ def test_bad_options_fail_with_one_line(built, args, message):
 def test_store_without_statistics(built):
     r = invoke(built["bare"])
     assert r.exit_code == 2
-    assert r.output.strip() == f"Error: table store {str(built['bare'])!r} holds no n-gram statistics (built without a corpus); rebuild it with `engram build-table --corpus ...`"
+    assert r.output.strip() == f"Error: table store {str(built['bare'])!r} holds no n-gram statistics (built without a corpus); rebuild it with `engram build-table CORPUS`"
 
 
 def test_missing_store_defaults_to_tables_zarr(tmp_path, monkeypatch):

@@ -492,3 +492,15 @@ def test_shards_are_byte_identical_to_zarrs_own_writer(tmp_path, compressor, dty
     assert ours_files == theirs_files and len(ours_files) == -(-values.shape[0] // store.shard_rows)
     for rel in ours_files:
         assert (tmp_path / "t.zarr" / "layer_3" / "table" / rel).read_bytes() == (tmp_path / "zarr-wrote" / rel).read_bytes(), rel
+
+
+def test_corrupt_chunk_is_a_store_error(tmp_path, stats_dir):
+    out = tmp_path / "t.zarr"
+    store = create_store(out, small_plan(), VOCAB, stats_root=stats_dir, compressor="none", **SMALL)
+    shard = sorted(p for p in (out / "layer_1" / "table" / "c").rglob("*") if p.is_file())[0]
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF  # one flipped bit pattern inside the first chunk's payload
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="corrupt chunk"):
+        TableStore.open(out).read_rows(1, np.array([0, 1]))
+    assert store.read_rows(1, np.array([store.chunk_rows])).shape == (1, small_plan().head_dim)  # other chunks still read
