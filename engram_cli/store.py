@@ -686,10 +686,9 @@ def check_write_options(
 
 
 def _resolve_workers(workers: int | None, chunk_bytes: int, memory_limit: int) -> int:
+    """Workers to use (`workers` was checked by `check_write_options`), capped by memory."""
     by_memory = max(1, memory_limit // (4 * max(1, chunk_bytes)))  # a task holds ~2-3 chunks
     want = (os.cpu_count() or 1) if workers is None else workers
-    if want < 1:
-        raise StoreError(f"workers must be at least 1, got {workers}")
     return int(min(want, by_memory))
 
 
