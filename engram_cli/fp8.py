@@ -1,0 +1,109 @@
+"""FP8 table rows: float8 e4m3 values with one ue8m0 scale byte per 32 values.
+
+The layout vLLM's DeepSeek-V4.1 Engram tables use (docs/spec.md, "FP8 rows"). A stored
+row of a `head_dim`-wide table is `head_dim + head_dim // 32` bytes:
+
+    [ e4m3 value bytes (head_dim) | ue8m0 scale bytes (head_dim // 32) ]
+
+Block b of a row (values 32*b .. 32*b+31) has scale `2 ** (scale_byte[b] - 127)`.
+Dequantization is defined bit-exactly as one float32 multiply, which every backend
+(numpy here, torch and Triton in `engram_cli.kernels`) performs identically:
+
+    value_f32 = float32(e4m3 byte) * bitcast_f32(uint32(scale_byte) << 23)
+
+Quantization picks the smallest power-of-two scale that brings the block's absolute
+maximum within e4m3's range (448), `e = ceil(log2(amax / 448))` clipped to
+[-126, 127] (so the scale byte is in 1..254 and the scale a normal float32), then
+rounds `x / 2**e` to e4m3 (round to nearest even, torch's cast).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FP8_BLOCK = 32  # values per scale byte
+FP8_MAX = 448.0  # largest finite e4m3fn value
+_SCALE_BIAS = 127
+
+
+def fp8_row_bytes(head_dim: int) -> int:
+    """Stored bytes per row: head_dim value bytes + head_dim // 32 scale bytes."""
+    check_fp8_head_dim(head_dim)
+    return head_dim + head_dim // FP8_BLOCK
+
+
+def check_fp8_head_dim(head_dim: int) -> None:
+    if head_dim <= 0 or head_dim % FP8_BLOCK:
+        from .errors import PlanError
+
+        raise PlanError(
+            f"float8_e4m3 rows need a head width that is a multiple of {FP8_BLOCK}, got {head_dim}; "
+            f"change --n-embed or --heads, or pick another --dtype"
+        )
+
+
+def _e4m3_table() -> np.ndarray:
+    """float32 value of each of the 256 e4m3fn bytes (NaN for 0x7F and 0xFF)."""
+    import torch
+
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+
+
+_E4M3_TO_F32: np.ndarray | None = None
+
+
+def e4m3_to_float32_table() -> np.ndarray:
+    """The 256-entry lookup table byte -> float32 (computed once, by torch's own cast)."""
+    global _E4M3_TO_F32
+    if _E4M3_TO_F32 is None:
+        _E4M3_TO_F32 = _e4m3_table()
+    return _E4M3_TO_F32
+
+
+def scale_bytes_to_float32(scale_bytes: np.ndarray) -> np.ndarray:
+    """ue8m0 bytes -> float32 scales, by bit-casting `byte << 23` (byte 0 -> 0.0)."""
+    return (np.asarray(scale_bytes, dtype=np.uint8).astype(np.uint32) << np.uint32(23)).view(np.float32)
+
+
+def quantize_fp8_rows(x: np.ndarray) -> np.ndarray:
+    """float32 rows (n, head_dim) -> packed uint8 rows (n, head_dim + head_dim // 32)."""
+    import torch
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    check_fp8_head_dim(d)
+    blocks = x.reshape(n, d // FP8_BLOCK, FP8_BLOCK)
+    amax = np.abs(blocks).max(axis=2)  # (n, d/32)
+    with np.errstate(divide="ignore"):
+        e = np.ceil(np.log2(amax / np.float32(FP8_MAX)))
+    e = np.nan_to_num(e, nan=-126.0, neginf=-126.0, posinf=127.0)
+    e = np.clip(e, -126, 127).astype(np.int32)
+    # log2 in float can land one off at exact powers of two: fix up exactly.
+    scale = np.ldexp(np.float32(1), e).astype(np.float32)
+    too_small = amax / scale > FP8_MAX
+    e = np.where(too_small & (e < 127), e + 1, e)
+    smaller = (e > -126) & (amax / np.ldexp(np.float32(1), e - 1).astype(np.float32) <= FP8_MAX)
+    e = np.where(smaller, e - 1, e)
+    scale_bytes = (e + _SCALE_BIAS).astype(np.uint8)
+    inv = np.ldexp(np.float32(1), -e).astype(np.float32)  # exact power of two
+    scaled = blocks * inv[:, :, None]
+    values = torch.from_numpy(np.ascontiguousarray(scaled.reshape(n, d))).to(torch.float8_e4m3fn)
+    out = np.empty((n, d + d // FP8_BLOCK), dtype=np.uint8)
+    out[:, :d] = values.view(torch.uint8).numpy()
+    out[:, d:] = scale_bytes
+    return out
+
+
+def dequantize_fp8_rows(packed: np.ndarray, head_dim: int | None = None) -> np.ndarray:
+    """Packed uint8 rows (n, head_dim + head_dim // 32) -> float32 rows (n, head_dim)."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    width = packed.shape[-1]
+    d = head_dim if head_dim is not None else width * FP8_BLOCK // (FP8_BLOCK + 1)
+    if width != fp8_row_bytes(d):
+        from .errors import StoreError
+
+        raise StoreError(f"packed fp8 rows are {width} bytes wide, expected {fp8_row_bytes(d)} for head width {d}")
+    values = e4m3_to_float32_table()[packed[..., :d]]  # (..., d) float32
+    scales = scale_bytes_to_float32(packed[..., d:])  # (..., d/32)
+    out = values.reshape(*values.shape[:-1], d // FP8_BLOCK, FP8_BLOCK) * scales[..., None]
+    return out.reshape(values.shape).astype(np.float32, copy=False)
