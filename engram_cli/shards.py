@@ -179,13 +179,14 @@ def plan_shards(
         base = _corpus._base_suffix(path)
         pieces: list[Shard] | None = None
         if size > shard_bytes and _corpus._compression(path) is None:
-            try:
-                binary = _is_binary(path)
-            except OSError:
-                binary = True  # unreadable: the whole-file reader reports it
-            if not binary and base in _corpus.JSONL_SUFFIXES:
-                pieces = _jsonl_shards(path, size, mtime, shard_bytes, text_field)
-            elif not binary and base in _corpus.PARQUET_SUFFIXES:
+            if base in _corpus.JSONL_SUFFIXES:
+                try:
+                    binary = _is_binary(path)
+                except OSError:
+                    binary = True  # unreadable: the whole-file reader reports it
+                if not binary:
+                    pieces = _jsonl_shards(path, size, mtime, shard_bytes, text_field)
+            elif base in _corpus.PARQUET_SUFFIXES:
                 pieces = _parquet_shards(path, size, mtime, shard_bytes, text_field)
         if not pieces:
             pieces = [Shard(0, str(path), "file", size=size, mtime_ns=mtime, text_field=text_field)]
