@@ -32,3 +32,12 @@ class PlanError(EngramError):
 
 class StoreError(EngramError):
     """A table store that is missing, incomplete, corrupt or of another version."""
+
+
+# -- scale-out (engram_cli.distributed) -------------------------------------------------
+class ClusterError(EngramError):
+    """A --cluster value that cannot be parsed or joined, or Ray missing (the `ray` extra)."""
+
+
+class ResumeError(EngramError):
+    """A --work-dir whose partial results belong to another build (or cannot be reused)."""

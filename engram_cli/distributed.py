@@ -1,0 +1,630 @@
+"""Ray scheduling of the build's shard-level functions: map, radix reduce and materialize on a cluster.
+
+The distributed build adds scheduling, not a second implementation. Every task runs a
+function the single-process path runs too:
+
+    map           one corpus shard (`engram_cli.shards`) -> partial n-gram statistics:
+                  `encode.encode_documents` + `ngrams.count_ngrams`, the pieces of
+                  `count_corpus`, on the shard's documents; loads the tokenizer in the
+                  task's own process (no Rust handle crosses a process boundary)
+    reduce        one radix partition (a `tok_0` range) of every partial ->
+                  `ngrams.merge_stats(..., tok0_range=)`; `ngrams.concat_stats` joins
+                  the partitions, in order, into the store's `stats/`
+    materialize   the store's public steps: `create_layout`, `count_hits_range` per row
+                  range, `run_shard_task` per Zarr shard (each written by one task,
+                  through `run_shard_tasks(..., executor=)`), `mark_complete`
+
+Tasks run through `RayExecutor`, a `concurrent.futures.Executor` over Ray tasks (any
+other Executor works too: tests compare with a thread pool). Map and reduce outputs
+are written atomically (a temporary directory renamed into place, a `done.json`
+marker last) under `--work-dir`, which every worker must see (a shared file system
+on a real cluster); Ray retries a task whose worker died (`max_retries`), and a rerun
+with `resume=True` reuses every partial whose fingerprint (shard, tokenizer,
+vocabulary, orders, pad id) matches. Nothing here imports Ray until a cluster is
+asked for; without the `ray` extra, `ClusterError` names `pip install 'engram-cli[ray]'`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import os
+import shutil
+import socket
+import threading
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+from .errors import ClusterError, CorpusError, ResumeError, TokenizerError
+
+Progress = Callable[..., None]
+
+INSTALL_HINT = "pip install 'engram-cli[ray]'"
+WORK_FORMAT = "engram-work/1"
+WORK_FILE = "work.json"  # marks a directory as ours: only then do we delete inside it
+DONE_FILE = "done.json"  # written last in a partial's directory: its fingerprint
+DEFAULT_MAX_RETRIES = 3  # Ray re-runs a task whose worker process died this many times
+ClusterKind = Literal["local", "address"]
+
+
+# -- the cluster -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where tasks run: a local cluster of `workers` processes, or a running cluster at `address`."""
+
+    kind: str  # "local" | "address"
+    workers: int | None = None  # local: worker processes (num_cpus); None = CPU count
+    address: str | None = None  # "auto" (RAY_ADDRESS or the local head) | "ray://host:port" | "host:port"
+
+    def describe(self) -> str:
+        return f"local:{self.workers}" if self.kind == "local" else str(self.address)
+
+
+def parse_cluster(text: str) -> ClusterSpec:
+    """`local`, `local:N`, `auto` or `ray://HOST:PORT` (also `HOST:PORT`); `ClusterError` otherwise."""
+    value = text.strip()
+    if value == "local":
+        return ClusterSpec("local", os.cpu_count() or 1)
+    if value.startswith("local:"):
+        n = value.split(":", 1)[1]
+        if not n.isdigit() or int(n) < 1:
+            raise ClusterError(f"--cluster {text!r}: the worker count after 'local:' must be a positive integer, e.g. --cluster local:4")
+        return ClusterSpec("local", int(n))
+    if value == "auto":
+        return ClusterSpec("address", address="auto")
+    if value.startswith("ray://") or (":" in value and value.rsplit(":", 1)[1].isdigit()):
+        return ClusterSpec("address", address=value)
+    raise ClusterError(f"--cluster {text!r} is not a cluster: use local, local:N, auto (a running cluster, RAY_ADDRESS honoured) or ray://HOST:PORT")
+
+
+def import_ray():
+    """The `ray` module, or `ClusterError` naming the extra to install."""
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError(f"--cluster needs Ray, which is not installed here; {INSTALL_HINT} (or build without --cluster)") from None
+    return ray
+
+
+@dataclass
+class Cluster:
+    """A joined cluster: its spec and what it offers (for the store's `cluster` attribute)."""
+
+    spec: ClusterSpec
+    cpus: int
+    nodes: int
+    started: bool  # we started it (a local cluster) and shut it down on exit
+
+    @property
+    def description(self) -> dict:
+        return {"cluster": self.spec.describe(), "cpus": self.cpus, "nodes": self.nodes, "ray": _ray_version()}
+
+
+def _ray_version() -> str:
+    import ray
+
+    return ray.__version__
+
+
+@contextmanager
+def connect(spec: ClusterSpec | str) -> Iterator[Cluster]:
+    """Start (local) or join (address) a Ray cluster for the duration of the block.
+
+    A local cluster is `ray.init(num_cpus=N, include_dashboard=False)`: N worker
+    processes, no dashboard, shut down on exit. Joining never shuts the cluster down.
+    A Ray session already initialised in this process is reused as it is.
+    """
+    spec = parse_cluster(spec) if isinstance(spec, str) else spec
+    ray = import_ray()
+    started = False
+    if not ray.is_initialized():
+        common = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            if spec.kind == "local":
+                # RAY_ADDRESS would make init join a cluster instead of starting one.
+                saved = os.environ.pop("RAY_ADDRESS", None)
+                try:
+                    ray.init(num_cpus=spec.workers, **common)
+                finally:
+                    if saved is not None:
+                        os.environ["RAY_ADDRESS"] = saved
+            else:
+                ray.init(address=spec.address, **{k: v for k, v in common.items() if k != "include_dashboard"})
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ClusterError(f"cannot join the Ray cluster {spec.describe()!r} ({first}); start one with `ray start --head`, or use --cluster local:N") from None
+        started = True
+    try:
+        res = ray.cluster_resources()
+        yield Cluster(spec, int(res.get("CPU", 0)), len([n for n in ray.nodes() if n.get("Alive")]), started)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# -- the executor ----------------------------------------------------------------------------
+def _call(fn: Callable, *args, **kwargs):
+    """The body of every Ray task: a plain call (module-level, so Ray pickles it by name)."""
+    return fn(*args, **kwargs)
+
+
+class RayExecutor(cf.Executor):
+    """A `concurrent.futures.Executor` whose `submit` runs `fn(*args, **kwargs)` as a Ray task.
+
+    Each task asks for `num_cpus` CPUs and is re-run up to `max_retries` times when its
+    worker process dies (Ray's task retries; an exception the function raises is not
+    retried). Futures carry the task's own exception (not Ray's wrapper), so an
+    `EngramError` raised in a worker reaches the CLI as its one-line message. Needs a
+    connected Ray (see `connect`). `share(obj)` puts a large argument in the object
+    store once; pass the result as a top-level argument and each task gets the value.
+    """
+
+    def __init__(self, *, max_retries: int = DEFAULT_MAX_RETRIES, num_cpus: float = 1):
+        ray = import_ray()
+        if not ray.is_initialized():
+            raise ClusterError("RayExecutor needs a connected Ray cluster; use engram_cli.distributed.connect(...) first")
+        self._ray = ray
+        self._task = ray.remote(max_retries=max_retries, num_cpus=num_cpus)(_call)
+        self._lock = threading.Lock()
+        self._pending: dict[cf.Future, Any] = {}
+        self._closed = False
+
+    def share(self, obj):
+        return self._ray.put(obj)
+
+    def submit(self, fn, /, *args, **kwargs) -> cf.Future:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot submit to a RayExecutor after shutdown")
+            ref = self._task.remote(fn, *args, **kwargs)
+            out: cf.Future = cf.Future()
+            out.set_running_or_notify_cancel()
+            self._pending[out] = ref
+        ray_future = ref.future()
+
+        def done(f: cf.Future) -> None:
+            with self._lock:
+                self._pending.pop(out, None)
+            if f.cancelled():
+                out.set_exception(cf.CancelledError())
+                return
+            exc = f.exception()
+            if exc is None:
+                out.set_result(f.result())
+            else:
+                out.set_exception(_unwrap(exc))
+
+        ray_future.add_done_callback(done)
+        return out
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            pending = dict(self._pending)
+        if cancel_futures:
+            for ref in pending.values():
+                try:
+                    self._ray.cancel(ref, force=False)
+                except Exception:  # already finished or gone
+                    pass
+        if wait:
+            cf.wait(list(pending))
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The exception a task raised, out of Ray's RayTaskError; a dead worker as a ClusterError."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        return cause
+    name = type(exc).__name__
+    if name in ("WorkerCrashedError", "NodeDiedError", "OutOfMemoryError"):
+        first = (str(exc).splitlines() or [name])[0]
+        return ClusterError(f"a Ray worker died {DEFAULT_MAX_RETRIES + 1} times running a task ({name}: {first}); check worker memory (--memory-limit is per task), then rerun with --resume")
+    return exc
+
+
+# -- atomic partials -----------------------------------------------------------------------
+def fingerprint(*parts: Any) -> str:
+    """sha256 of the JSON of `parts`: what a partial was made from."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_done(path: Path) -> dict | None:
+    """The `done.json` of a finished partial, or None when it is missing or unreadable."""
+    try:
+        return json.loads((Path(path) / DONE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_done(path: Path, fp: str) -> bool:
+    done = read_done(path)
+    return done is not None and done.get("fingerprint") == fp
+
+
+@contextmanager
+def atomic_dir(final: Path, fp: str) -> Iterator[Path]:
+    """Write a partial into a temporary sibling; on success mark it done and rename it to `final`.
+
+    A task killed midway leaves only a `.tmp-*` directory (removed with the work
+    directory); `final` either does not exist or is complete with its `done.json`.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        (tmp / DONE_FILE).write_text(json.dumps({"fingerprint": fp, "pid": os.getpid(), "host": socket.gethostname()}))
+        if final.exists():  # a stale partial of another input (or a duplicate run): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -- map: count one corpus shard -------------------------------------------------------------
+_TOKENIZERS: dict[str, Any] = {}  # per worker process: spec -> LoadedTokenizer, loaded on first use
+
+
+def _tokenizer_in_process(spec: str, sha256: str):
+    """Load (once per process) the tokenizer named `spec` and check it is the driver's."""
+    from .vocab import load_tokenizer
+
+    tok = _TOKENIZERS.get(spec)
+    if tok is None:
+        tok = _TOKENIZERS[spec] = load_tokenizer(spec)
+    if tok.sha256 != sha256:
+        raise TokenizerError(f"tokenizer {spec!r} on worker {socket.gethostname()} has sha256 {tok.sha256[:12]}, the driver's has {sha256[:12]}; install the same tokenizer on every node")
+    return tok
+
+
+def count_map_shard(
+    shard,
+    out_dir: str,
+    *,
+    tokenizer: str,
+    tokenizer_sha256: str,
+    vocab,
+    max_ngram_size: int,
+    pad_id: int,
+    fp: str,
+    memory_limit: int,
+    add_special_tokens: bool = False,
+    resume: bool = False,
+) -> str:
+    """Map task: count `shard` (a `shards.Shard`) into partial statistics at `out_dir`; returns `out_dir`.
+
+    The statistics are what `count_corpus` writes for the shard's documents (with the
+    shard's `CorpusSummary` under "corpus"), but an empty shard is not an error here:
+    the driver checks the merged corpus. With `resume`, a finished partial of the same
+    fingerprint `fp` is kept as it is.
+    """
+    from .corpus import CorpusSummary
+    from .encode import encode_documents
+    from .ngrams import count_ngrams
+    from .shards import iter_shard_documents
+
+    out = Path(out_dir)
+    if resume and is_done(out, fp):
+        return str(out)
+    with atomic_dir(out, fp) as tmp:
+        (tmp / "started.json").write_text(json.dumps({"pid": os.getpid(), "shard": shard.index}))  # what a kill test looks for
+        tok = _tokenizer_in_process(tokenizer, tokenizer_sha256)
+        summary = CorpusSummary()
+        docs = iter_shard_documents(shard, summary=summary, tmp_dir=tmp)
+        ids = encode_documents(docs, tokenizer=tok, vocab=vocab, add_special_tokens=add_special_tokens)
+        stats = count_ngrams(ids, max_ngram_size=max_ngram_size, pad_id=pad_id, vocab_size=vocab.compressed_size, out_dir=tmp, memory_limit=memory_limit)
+        summary.tokens = int(stats.summary["tokens"])
+        _write_summary(tmp, {**stats.summary, "corpus": summary.to_dict()})
+        (tmp / "started.json").unlink()
+    return str(out)
+
+
+def _write_summary(root: Path, summary: dict) -> None:
+    from . import ngrams
+
+    write = getattr(ngrams, "write_summary", None) or getattr(ngrams, "_write_summary")
+    write(Path(root), summary)
+
+
+# -- reduce: merge one radix partition ---------------------------------------------------------
+def merge_partition(parts: list[str], out_dir: str, *, tok0_range: tuple[int, int], fp: str, memory_limit: int, resume: bool = False) -> str:
+    """Reduce task: the n-grams with `tok_0` in `tok0_range` of every partial, merged (`merge_stats`)."""
+    from .ngrams import merge_stats
+
+    out = Path(out_dir)
+    if resume and is_done(out, fp):
+        return str(out)
+    with atomic_dir(out, fp) as tmp:
+        merge_stats(parts, tmp, memory_limit=memory_limit, tok0_range=tuple(tok0_range))
+    return str(out)
+
+
+def radix_ranges(vocab_size: int, partitions: int) -> list[tuple[int, int]]:
+    """`partitions` contiguous `tok_0` ranges covering [0, vocab_size), in ascending order."""
+    partitions = max(1, min(int(partitions), vocab_size))
+    bounds = [vocab_size * i // partitions for i in range(partitions + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+# -- the driver --------------------------------------------------------------------------------
+@dataclass
+class WorkDir:
+    """The shared directory of a distributed build's partials (`<out>.work` by default)."""
+
+    root: Path
+    build_fp: str
+
+    @property
+    def map_dir(self) -> Path:
+        return self.root / "map"
+
+    @property
+    def reduce_dir(self) -> Path:
+        return self.root / "reduce"
+
+    def open(self, resume: bool) -> None:
+        """Create it (or take it over); without `resume`, drop the partials of an earlier run."""
+        marker = self.root / WORK_FILE
+        if self.root.exists() and any(self.root.iterdir()) and not marker.is_file():
+            raise ResumeError(f"--work-dir {str(self.root)!r} exists and is not an engram work directory; pass an empty or new directory")
+        self.root.mkdir(parents=True, exist_ok=True)
+        if marker.is_file():
+            try:
+                old = json.loads(marker.read_text())
+            except ValueError:
+                old = {}
+            if resume and old.get("build") not in (None, self.build_fp):
+                raise ResumeError(
+                    f"--work-dir {str(self.root)!r} holds partials of another build (tokenizer, vocabulary or orders differ); "
+                    "rerun without --resume to start afresh, or pass another --work-dir"
+                )
+        if not resume:
+            for d in (self.map_dir, self.reduce_dir):
+                shutil.rmtree(d, ignore_errors=True)
+        marker.write_text(json.dumps({"format": WORK_FORMAT, "build": self.build_fp}))
+
+    def remove(self) -> None:
+        for d in (self.map_dir, self.reduce_dir):
+            shutil.rmtree(d, ignore_errors=True)
+        (self.root / WORK_FILE).unlink(missing_ok=True)
+        try:
+            self.root.rmdir()
+        except OSError:  # the user's directory with other content: leave it
+            pass
+
+
+def default_work_dir(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.parent / f"{out.name}.work"
+
+
+@dataclass
+class StageCounter:
+    """Reports a stage's progress as futures finish."""
+
+    progress: Progress | None
+    stage: str
+    total: float
+    done: float = 0.0
+    reused: int = 0
+
+    def __post_init__(self) -> None:
+        self.report("")
+
+    def report(self, detail: str) -> None:
+        if self.progress is not None:
+            self.progress(self.stage, self.done, self.total, detail)
+
+    def add(self, amount: float, detail: str = "") -> None:
+        self.done += amount
+        self.report(detail)
+
+
+def run_all(executor: cf.Executor, calls: list[tuple[Callable, tuple, dict]], on_done: Callable[[int, Any], None] | None = None) -> list:
+    """Submit every call, wait for all; results in call order. The first error cancels the rest."""
+    futures = [executor.submit(fn, *args, **kwargs) for fn, args, kwargs in calls]
+    index = {f: i for i, f in enumerate(futures)}
+    results: list = [None] * len(futures)
+    try:
+        for f in cf.as_completed(futures):
+            results[index[f]] = f.result()
+            if on_done is not None:
+                on_done(index[f], results[index[f]])
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
+    return results
+
+
+@dataclass
+class DistributedOptions:
+    """The scheduling knobs of a distributed build (the table options go to the store)."""
+
+    work_dir: Path | None = None  # default: <out>.work beside the output
+    resume: bool = False
+    map_bytes: int | None = None  # corpus bytes per map shard (default shards.DEFAULT_SHARD_BYTES)
+    partitions: int | None = None  # radix partitions (reduce tasks); default: the cluster's CPUs
+    max_retries: int = DEFAULT_MAX_RETRIES
+    keep_work: bool = False  # keep the partials after a successful build
+    extra: dict = field(default_factory=dict)
+
+
+def count_distributed(
+    paths: list,
+    stats_out: Path,
+    *,
+    executor: cf.Executor,
+    work: WorkDir,
+    tokenizer,
+    vocab,
+    max_ngram_size: int,
+    pad_id: int,
+    memory_limit: int,
+    text_field: str = "text",
+    add_special_tokens: bool = False,
+    map_bytes: int | None = None,
+    partitions: int = 1,
+    resume: bool = False,
+    progress: Progress | None = None,
+):
+    """Map (count shards) and reduce (merge radix partitions) into `stats_out`: the statistics of `count_corpus`.
+
+    Returns (CorpusSummary, NgramStats), like `count_corpus`; raises `CorpusError` for
+    a corpus without documents or tokens (checked on the merged figures).
+    """
+    from .corpus import CorpusSummary, corpus_files, empty_corpus_message
+    from .ngrams import NgramStats, concat_stats
+    from .shards import DEFAULT_SHARD_BYTES, merge_summaries, plan_shards
+
+    first = CorpusSummary()
+    files = corpus_files(paths, first)
+    shards = plan_shards(files, expanded=True, shard_bytes=map_bytes or DEFAULT_SHARD_BYTES, text_field=text_field)
+    share = getattr(executor, "share", lambda x: x)
+    vocab_arg = share(vocab)
+    base = (tokenizer.sha256, vocab.fingerprint, max_ngram_size, pad_id, add_special_tokens)
+    map_fps = [fingerprint("map", s.fingerprint, *base) for s in shards]
+    map_dirs = [str(work.map_dir / f"{s.index:06d}-{fp[:16]}") for s, fp in zip(shards, map_fps)]
+    reused = sum(1 for d, fp in zip(map_dirs, map_fps) if resume and is_done(Path(d), fp))
+    counter = StageCounter(progress, "map shards", float(sum(max(1, s.weight) for s in shards)))
+    if reused:
+        counter.report(f"{reused} of {len(shards)} shards reused (--resume)")
+    calls = [
+        (count_map_shard, (s, d), dict(tokenizer=tokenizer.name, tokenizer_sha256=tokenizer.sha256, vocab=vocab_arg, max_ngram_size=max_ngram_size,
+                                        pad_id=pad_id, fp=fp, memory_limit=memory_limit, add_special_tokens=add_special_tokens, resume=resume))
+        for s, d, fp in zip(shards, map_dirs, map_fps)
+    ]
+    run_all(executor, calls, lambda i, _: counter.add(max(1, shards[i].weight), shards[i].describe()))
+    parts = [NgramStats.open(d) for d in map_dirs]
+    corpus = merge_summaries(first, [CorpusSummary.from_dict(p.summary["corpus"]) for p in parts])
+    if corpus.documents == 0 or corpus.tokens == 0:
+        raise CorpusError(empty_corpus_message(files, corpus, text_field))
+
+    ranges = radix_ranges(vocab.compressed_size, partitions)
+    red_fps = [fingerprint("reduce", map_fps, r) for r in ranges]
+    red_dirs = [str(work.reduce_dir / f"{i:04d}-{fp[:16]}") for i, fp in enumerate(red_fps)]
+    rcounter = StageCounter(progress, "merge partitions", float(len(ranges)))
+    calls = [(merge_partition, (map_dirs, d), dict(tok0_range=r, fp=fp, memory_limit=memory_limit, resume=resume)) for r, d, fp in zip(ranges, red_dirs, red_fps)]
+    run_all(executor, calls, lambda i, _: rcounter.add(1, f"tok_0 in [{ranges[i][0]}, {ranges[i][1]})"))
+    stats = concat_stats(red_dirs, stats_out)
+    full = {**{k: v for k, v in stats.summary.items() if k != "corpus"}, "corpus": corpus.to_dict()}
+    _write_summary(stats_out, full)
+    return corpus, NgramStats(root=Path(stats_out), summary=full)
+
+
+def materialize(
+    partial: Path,
+    plan,
+    vocab,
+    *,
+    stats,
+    executor: cf.Executor,
+    memory_limit: int,
+    extra_attrs: dict,
+    progress: Progress | None = None,
+    workers: int | None = None,
+    **store_options,
+) -> None:
+    """The store's public steps on `executor`: layout, hit counts per row range, Zarr shards, complete."""
+    from .store import check_hit_totals, count_hits_range, create_layout, hit_passes, mark_complete, run_shard_tasks, shard_tasks
+
+    layout = create_layout(partial, plan, vocab, stats=stats, memory_limit=memory_limit, extra_attrs=extra_attrs, **store_options)
+    if layout.has_hits:
+        passes = hit_passes(layout)
+        counter = StageCounter(progress, "hit counts", float(len(passes)))
+        calls = [(count_hits_range, (layout.path, plan, lid, a, b), dict(memory_limit=memory_limit)) for lid, a, b in passes]
+        sums = run_all(executor, calls, lambda i, _: counter.add(1, f"layer {passes[i][0]} rows {passes[i][1]}:{passes[i][2]}"))
+        for layer_id in plan.layer_ids:
+            per_order = dict.fromkeys(plan.orders, 0)
+            for (lid, _, _), got in zip(passes, sums):
+                if lid == layer_id:
+                    for order, n in got.items():
+                        per_order[int(order)] += n
+            check_hit_totals(plan, stats, layer_id, per_order)
+    run_shard_tasks(shard_tasks(layout), executor, workers or 2, "threads", progress)
+    mark_complete(partial)
+
+
+def build_tables_distributed(
+    paths: list,
+    out: Path,
+    *,
+    cluster: ClusterSpec | str,
+    tokenizer,
+    vocab,
+    plan,
+    options: DistributedOptions | None = None,
+    force: bool = False,
+    memory_limit: int | None = None,
+    text_field: str = "text",
+    add_special_tokens: bool = False,
+    progress: Progress | None = None,
+    executor: cf.Executor | None = None,
+    **store_options,
+):
+    """`build_table.build_tables` on a Ray cluster (or on `executor`): same store, bit for bit.
+
+    Map, reduce and materialize as in the module docstring, into `<out>.partial`,
+    renamed into place at the end. The store's attributes gain `cluster` (where it
+    ran); everything else is what the single-process build writes. `memory_limit` is
+    per task. A failure keeps the work directory, so a rerun with `options.resume`
+    redoes only the missing partials; success removes it (unless `keep_work`).
+    """
+    from .build_table import BuildResult
+    from .defaults import DEFAULT_MEMORY_LIMIT
+    from .store import finalize, prepare_partial
+
+    options = options or DistributedOptions()
+    memory_limit = memory_limit or DEFAULT_MEMORY_LIMIT
+    out = Path(out)
+    work = WorkDir(Path(options.work_dir) if options.work_dir else default_work_dir(out),
+                   fingerprint("build", tokenizer.sha256, vocab.fingerprint, plan.max_ngram_size, plan.compressed_pad_id, add_special_tokens, text_field))
+    partial = prepare_partial(out, force)
+    workers = store_options.pop("workers", None)
+    try:
+        work.open(options.resume)
+        with _executor(cluster, executor, options.max_retries) as (ex, description):
+            n_cpus = description.get("cpus") or workers or 1
+            corpus, stats = count_distributed(
+                list(paths), partial / "stats", executor=ex, work=work, tokenizer=tokenizer, vocab=vocab,
+                max_ngram_size=plan.max_ngram_size, pad_id=plan.compressed_pad_id, memory_limit=memory_limit,
+                text_field=text_field, add_special_tokens=add_special_tokens, map_bytes=options.map_bytes,
+                partitions=options.partitions or n_cpus, resume=options.resume, progress=progress,
+            )
+            attrs = {"corpus": corpus.to_dict(), "stats": {k: v for k, v in stats.summary.items() if k != "per_order"}, "cluster": description}
+            materialize(partial, plan, vocab, stats=stats, executor=ex, memory_limit=memory_limit, extra_attrs=attrs, progress=progress, workers=2 * n_cpus, **store_options)
+        store = finalize(partial, out, force)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if not options.keep_work:
+        work.remove()
+    return BuildResult(store=store, corpus=corpus.to_dict())
+
+
+@contextmanager
+def _executor(cluster, executor: cf.Executor | None, max_retries: int):
+    """(executor, cluster description): the given executor, or a RayExecutor on the joined cluster."""
+    if executor is not None:
+        yield executor, {"cluster": f"executor:{type(executor).__name__}", "cpus": getattr(executor, "_max_workers", None) or 1}
+        return
+    with connect(cluster) as c:
+        ex = RayExecutor(max_retries=max_retries)
+        try:
+            yield ex, c.description
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
+
+
+__all__ = [
+    "Cluster", "ClusterSpec", "DistributedOptions", "RayExecutor", "WorkDir", "atomic_dir", "build_tables_distributed",
+    "connect", "count_distributed", "count_map_shard", "default_work_dir", "fingerprint", "import_ray", "materialize",
+    "merge_partition", "parse_cluster", "radix_ranges", "run_all",
+]
