@@ -1,0 +1,305 @@
+"""Scale-out on Ray: a 2-worker local cluster builds the same store, byte for byte, as one process.
+
+Real parts throughout: the DeepSeek tokenizer (loaded inside each Ray worker), the
+fixture corpus plus a .jsonl made from its paragraphs (split into byte-range map
+shards), real Zarr v3 stores. The reference is the single-process `build_tables`
+run in the same test; nothing expected is hard-coded. A local cluster starts in ~3 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from engram_cli.distributed import (
+    ClusterSpec,
+    DistributedOptions,
+    atomic_dir,
+    build_tables_distributed,
+    connect,
+    is_done,
+    parse_cluster,
+    radix_ranges,
+    RayExecutor,
+)
+from engram_cli.errors import ClusterError, CorpusError, ResumeError
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "fixtures" / "corpus"
+SMALL_FILES = ["debian-policy/ap-license.rst", "debian-policy/index.rst", "developers-reference/scope.rst"]
+STORE = dict(init="normal", init_std=0.02, chunk_bytes=64 << 10, shard_bytes=256 << 10, compressor="lz4")
+MAP_BYTES = 64 << 10  # small map shards: the .jsonl splits into several byte ranges
+
+
+# -- helpers ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def deepseek():
+    from engram_cli.vocab import compress_vocab, load_tokenizer
+
+    tok = load_tokenizer()
+    return tok, compress_vocab(tok)
+
+
+def small_plan(vocab):
+    from engram_cli.build_table import plan_tables
+
+    return plan_tables(vocab, layer_ids=[1, 4], max_ngram_size=3, heads=4, rows_per_head=[3001, 5003], dim=64, seed=0, pad_id=2)
+
+
+def add_jsonl(root: Path, source: Path) -> None:
+    """A .jsonl of the source's paragraphs (one document each), so map shards are byte ranges too."""
+    paras = []
+    for p in sorted(source.rglob("*.rst"))[:6]:
+        paras += [x for x in p.read_text(encoding="utf-8").split("\n\n") if x.strip()]
+    (root / "paragraphs.jsonl").write_text("".join(json.dumps({"text": x}) + "\n" for x in paras))
+
+
+def small_corpus(tmp: Path) -> Path:
+    root = tmp / "corpus"
+    for rel in SMALL_FILES:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes((FIXTURE / rel).read_bytes())
+    add_jsonl(root, FIXTURE / "debian-policy")
+    return root
+
+
+def single(paths, out, deepseek, plan):
+    from engram_cli.build_table import build_tables
+
+    tok, vocab = deepseek
+    return build_tables(paths, out, tokenizer=tok, vocab=vocab, plan=plan, workers=1, **STORE)
+
+
+def store_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def normalized_attrs(raw: bytes) -> dict:
+    doc = json.loads(raw)
+    attrs = doc["attributes"]["engram"]
+    attrs.pop("created", None)  # a timestamp
+    attrs.pop("cluster", None)  # where it ran
+    return doc
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    fa, fb = store_files(a), store_files(b)
+    assert sorted(fa) == sorted(fb)
+    differ = [k for k in fa if k != "zarr.json" and fa[k] != fb[k]]
+    assert not differ, f"files differ: {differ[:5]}"
+    assert normalized_attrs(fa["zarr.json"]) == normalized_attrs(fb["zarr.json"])
+
+
+# -- parsing and bootstrap --------------------------------------------------------------------
+def test_parse_cluster():
+    assert parse_cluster("local:3") == ClusterSpec("local", 3)
+    assert parse_cluster("local").workers == (os.cpu_count() or 1)
+    assert parse_cluster("auto") == ClusterSpec("address", address="auto")
+    assert parse_cluster("ray://head:10001").address == "ray://head:10001"
+    for bad in ("local:0", "local:x", "yarn", "ray:/x"):
+        with pytest.raises(ClusterError, match="--cluster"):
+            parse_cluster(bad)
+
+
+def test_radix_ranges_cover_the_vocabulary():
+    for c, p in [(10, 3), (129280, 7), (5, 9)]:
+        r = radix_ranges(c, p)
+        assert r[0][0] == 0 and r[-1][1] == c and all(a[1] == b[0] for a, b in zip(r, r[1:]))
+
+
+def test_missing_ray_names_the_extra(tmp_path):
+    """Ray made unimportable (a sys.modules shim): one line, exit 2, the pip command; no traceback."""
+    corpus = small_corpus(tmp_path)
+    shim = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from engram_cli.cli import main\n"
+        f"sys.argv = ['engram', 'build-table', {str(corpus)!r}, '-o', {str(tmp_path / 'o.zarr')!r}, '--cluster', 'local:2', '--heads', '4', '--dim', '64', '--rows-per-head', '3001']\n"
+        "main()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", shim], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'engram-cli[ray]'" in lines[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "o.zarr").exists() and not (tmp_path / "o.zarr.partial").exists()
+
+
+def test_no_cluster_never_imports_ray(tmp_path):
+    probe = (
+        "import sys\n"
+        "from engram_cli.cli import main\n"
+        "import engram_cli.distributed, engram_cli.shards\n"
+        f"sys.argv = ['engram', 'build-table', {str(FIXTURE)!r}, '--plan-only', '--json']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_atomic_dir_leaves_nothing_half_written(tmp_path):
+    final = tmp_path / "part"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final, "fp1") as tmp:
+            (tmp / "x").write_text("half")
+            raise RuntimeError("killed")
+    assert not final.exists() and list(tmp_path.iterdir()) == []
+    with atomic_dir(final, "fp1") as tmp:
+        (tmp / "x").write_text("whole")
+    assert is_done(final, "fp1") and not is_done(final, "fp2")
+
+
+# -- the build -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fixture_builds(tmp_path_factory, deepseek):
+    """The fixture corpus (+ a .jsonl of its paragraphs) built once in one process, once on 2 Ray workers."""
+    tmp = tmp_path_factory.mktemp("dist")
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    add_jsonl(corpus, FIXTURE)
+    paths = [FIXTURE, corpus]
+    plan = small_plan(deepseek[1])
+    t0 = time.perf_counter()
+    single(paths, tmp / "single.zarr", deepseek, plan)
+    t1 = time.perf_counter()
+    stages = []
+    tok, vocab = deepseek
+    result = build_tables_distributed(
+        paths, tmp / "ray.zarr", cluster="local:2", tokenizer=tok, vocab=vocab, plan=plan,
+        options=DistributedOptions(map_bytes=MAP_BYTES, partitions=3), progress=lambda s, *a: stages.append(s), **STORE,
+    )
+    t2 = time.perf_counter()
+    return tmp, result, stages, (t1 - t0, t2 - t1)
+
+
+def test_two_workers_build_the_same_store_byte_for_byte(fixture_builds):
+    tmp, result, stages, _ = fixture_builds
+    assert_same_store(tmp / "single.zarr", tmp / "ray.zarr")
+    attrs = result.store.attrs
+    assert attrs["cluster"]["cluster"] == "local:2" and attrs["cluster"]["cpus"] == 2
+    assert {"map shards", "merge partitions", "hit counts", "writing"} <= set(stages)
+    assert not (tmp / "ray.zarr.work").exists()  # partials removed after success
+
+
+def test_thread_executor_builds_the_same_store(tmp_path, deepseek):
+    """The driver takes any Executor: a thread pool gives the same bytes as one process."""
+    corpus = small_corpus(tmp_path)
+    plan = small_plan(deepseek[1])
+    single([corpus], tmp_path / "a.zarr", deepseek, plan)
+    with ThreadPoolExecutor(2) as ex:
+        build_tables_distributed([corpus], tmp_path / "b.zarr", cluster="local:1", tokenizer=deepseek[0], vocab=deepseek[1], plan=plan,
+                                 options=DistributedOptions(map_bytes=4096, partitions=2), executor=ex, **STORE)
+    assert_same_store(tmp_path / "a.zarr", tmp_path / "b.zarr")
+
+
+def test_killed_worker_is_retried_and_the_build_is_identical(tmp_path, deepseek):
+    """SIGKILL a Ray worker while it counts a shard: Ray re-runs the task, the store is the same."""
+    corpus = small_corpus(tmp_path)
+    plan = small_plan(deepseek[1])
+    single([corpus], tmp_path / "a.zarr", deepseek, plan)
+    work = tmp_path / "work"
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer():
+        while not stop.is_set() and not killed:
+            for started in (work / "map").glob(".*.tmp-*/started.json") if (work / "map").exists() else []:
+                try:
+                    pid = json.loads(started.read_text())["pid"]
+                except (OSError, ValueError, KeyError):
+                    continue
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.002)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    try:
+        build_tables_distributed([corpus], tmp_path / "b.zarr", cluster="local:2", tokenizer=deepseek[0], vocab=deepseek[1], plan=plan,
+                                 options=DistributedOptions(work_dir=work, map_bytes=8192, partitions=2, keep_work=True), **STORE)
+    finally:
+        stop.set()
+        t.join()
+    assert killed, "no map task was seen running"
+    assert all(json.loads(d.read_text())["pid"] != killed[0] for d in (work / "map").glob("*/done.json"))
+    assert_same_store(tmp_path / "a.zarr", tmp_path / "b.zarr")
+
+
+def test_resume_reuses_finished_partials(tmp_path, deepseek):
+    corpus = small_corpus(tmp_path)
+    plan = small_plan(deepseek[1])
+    tok, vocab = deepseek
+    work = tmp_path / "work"
+    opts = dict(work_dir=work, map_bytes=8192, partitions=2)
+    single([corpus], tmp_path / "a.zarr", deepseek, plan)
+    with ThreadPoolExecutor(2) as ex:
+        # A first run that fails in the materialize stage keeps its map and reduce partials.
+        def fail_on_write(stage, *a):
+            if stage == "writing":
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            build_tables_distributed([corpus], tmp_path / "b.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=plan,
+                                     options=DistributedOptions(**opts), executor=ex, progress=fail_on_write, **STORE)
+        assert not (tmp_path / "b.zarr").exists() and not (tmp_path / "b.zarr.partial").exists()
+        done = {p.parent.name: p.stat().st_mtime_ns for p in work.glob("*/*/done.json")}
+        assert len(done) > 3
+        # One partial lost (as if its task had died before the rename): only it is redone.
+        lost = sorted(work.glob("map/*"))[1]
+        import shutil
+
+        shutil.rmtree(lost)
+        build_tables_distributed([corpus], tmp_path / "b.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=plan,
+                                 options=DistributedOptions(resume=True, keep_work=True, **opts), executor=ex, **STORE)
+    after = {p.parent.name: p.stat().st_mtime_ns for p in work.glob("*/*/done.json")}
+    assert set(after) == set(done)
+    assert {k for k in after if after[k] != done[k]} == {lost.name}  # map and reduce partials reused
+    assert_same_store(tmp_path / "a.zarr", tmp_path / "b.zarr")
+
+
+def test_resume_refuses_another_builds_work_dir(tmp_path, deepseek):
+    corpus = small_corpus(tmp_path)
+    tok, vocab = deepseek
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "work.json").write_text(json.dumps({"format": "engram-work/1", "build": "someone-else"}))
+    with ThreadPoolExecutor(1) as ex, pytest.raises(ResumeError, match="another build"):
+        build_tables_distributed([corpus], tmp_path / "b.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=small_plan(vocab),
+                                 options=DistributedOptions(work_dir=work, resume=True), executor=ex, **STORE)
+    (tmp_path / "stranger").mkdir()
+    (tmp_path / "stranger" / "notes.txt").write_text("mine")
+    with ThreadPoolExecutor(1) as ex, pytest.raises(ResumeError, match="not an engram work directory"):
+        build_tables_distributed([corpus], tmp_path / "c.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=small_plan(vocab),
+                                 options=DistributedOptions(work_dir=tmp_path / "stranger"), executor=ex, **STORE)
+    assert (tmp_path / "stranger" / "notes.txt").read_text() == "mine"
+
+
+def test_empty_corpus_is_a_corpus_error(tmp_path, deepseek):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "blank.jsonl").write_text("\n\n")
+    tok, vocab = deepseek
+    with ThreadPoolExecutor(1) as ex, pytest.raises(CorpusError, match="no documents"):
+        build_tables_distributed([tmp_path / "c"], tmp_path / "b.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=small_plan(vocab), executor=ex, **STORE)
+    assert not (tmp_path / "b.zarr").exists() and not (tmp_path / "b.zarr.partial").exists()
+
+
+def test_ray_executor_unwraps_task_errors():
+    with connect("local:1"):
+        ex = RayExecutor()
+        with pytest.raises(CorpusError, match="bad"):
+            ex.submit(_raise_corpus_error).result()
+        assert ex.submit(pow, 3, 4).result() == 81
+        ex.shutdown()
+
+
+def _raise_corpus_error():
+    raise CorpusError("bad input")
