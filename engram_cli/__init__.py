@@ -28,14 +28,18 @@ _EXPORTS = {
     "make_plan": "plan",
     "fit_plan_to_budget": "plan",
     "parse_budget": "plan",
+    "parse_bytes": "units",
     # hashing (SPEC section 3)
     "hash_positions": "hashing",
+    "shift": "hashing",
     "ngram_row_ids": "hashing",
     # corpus reading, tokenization, n-gram counting
     "CorpusSummary": "corpus",
     "iter_documents": "corpus",
     "encode_documents": "encode",
-    "count_corpus": "encode",
+    "count_corpus": "build_table",
+    "count_shard": "build_table",
+    "merge_stats": "ngrams",
     "count_ngrams": "ngrams",
     "NgramStats": "ngrams",
     # the Zarr v3 store

@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import polars as pl
 
+from .defaults import DEFAULT_MEMORY_LIMIT
 from .errors import StoreError
 
 STATS_FORMAT = "engram-ngram-stats/1"
@@ -209,7 +210,8 @@ def summarize_counts(ids: np.ndarray, counts: np.ndarray, top: int = 20) -> dict
     return builder.result()
 
 
-def _write_summary(root: Path, summary: dict) -> None:
+def write_summary(root: Path, summary: dict) -> None:
+    """Write a stats directory's summary.json atomically (temp file + rename)."""
     tmp = root / f".{SUMMARY_FILE}.partial"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, root / SUMMARY_FILE)
@@ -249,12 +251,11 @@ def write_stats_from_arrays(root: str | Path, per_order: dict[int, tuple[np.ndar
         _order_frame(order, ids, counts).write_parquet(order_file(root, order))
         summaries[str(order)] = summarize_counts(ids, counts)
     summary = _stats_summary(sorted(per_order), summaries, extra)
-    _write_summary(root, summary)
+    write_summary(root, summary)
     return NgramStats(root=root, summary=summary)
 
 
 # -- exact counting ---------------------------------------------------------------------
-DEFAULT_MEMORY_LIMIT = 2 << 30  # bytes
 _BYTES_PER_ROW_OVERHEAD = 6  # merge = concat copy + hash table + output: ~6x the raw row bytes
 _RUN_ROW_GROUP = 1 << 16  # small row groups in spilled runs: min/max statistics prune key ranges
 _SAMPLES_PER_RUN = 1024
@@ -561,5 +562,112 @@ def count_ngrams(
         for root in tmp_root:
             shutil.rmtree(root, ignore_errors=True)
     summary = _stats_summary(orders, summaries, {"documents": n_docs, **(extra or {})})
-    _write_summary(out_dir, summary)
+    write_summary(out_dir, summary)
     return NgramStats(root=out_dir, summary=summary)
+
+
+# -- merging statistics (one NgramStats per corpus shard -> the corpus's) ------------------
+_MERGE_SAMPLES_PER_PART = 4096
+
+
+def _merge_bounds(files: list[Path], column: str, rows: int, range_rows: int) -> list[tuple[int | None, int | None]]:
+    """tok_0 ranges [lo, hi) that each hold about `range_rows` input rows (sampled, streamed)."""
+    n_ranges = max(1, -(-rows // max(1, range_rows)))
+    if n_ranges == 1:
+        return [(None, None)]
+    samples, weights = [], []
+    for f in files:
+        height = pl.scan_parquet(f).select(pl.len()).collect().item()
+        if not height:
+            continue
+        step = max(1, height // _MERGE_SAMPLES_PER_PART)
+        col = pl.scan_parquet(f).select(pl.col(column).gather_every(step)).collect().get_column(column).to_numpy()
+        samples.append(col.astype(np.int64))
+        weights.append(np.full(col.size, float(step)))
+    values = np.concatenate(samples)
+    idx = np.argsort(values, kind="stable")
+    values, cum = values[idx], np.cumsum(np.concatenate(weights)[idx])
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, n_ranges) / n_ranges)
+    splitters = sorted({int(values[min(c, len(values) - 1)]) for c in cuts} - {int(values[0])})
+    edges = [None, *splitters, None]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def merge_stats(
+    parts: Iterable[str | Path | NgramStats],
+    out: str | Path,
+    *,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    progress: Callable[..., None] | None = None,
+) -> NgramStats:
+    """Merge the statistics of corpus shards into the statistics of their concatenation.
+
+    `parts` are stats directories (or opened `NgramStats`) counted with the same
+    vocabulary, pad id and orders, in corpus order (shard 0 first). The result in `out`
+    is what `count_ngrams` / `count_corpus` over the concatenated corpus writes: the
+    same parquet rows in the same order (sorted in text order, one row per distinct
+    n-gram, counts summed) and the same summary figures (`documents`, `tokens`, the
+    per-order figures, and `corpus` merged with `CorpusSummary.merge` when the parts
+    carry one). When the merged order fits one key range the parquet file is written by
+    the same call as a single in-memory run, so it is byte-identical to it.
+
+    Memory stays bounded: each order is merged one tok_0 key range at a time (ranges
+    chosen from a sample of the parts so each holds ~`memory_limit` worth of rows;
+    parquet row-group statistics skip the rest), ranges are written as part files and
+    streamed into the order's file. Nothing holds a whole order.
+    """
+    from .corpus import CorpusSummary  # corpus imports nothing from here; keep ngrams light
+
+    stats = [p if isinstance(p, NgramStats) else NgramStats.open(p) for p in parts]
+    if not stats:
+        raise StoreError("merge_stats needs at least one statistics directory; pass the per-shard stats/ folders")
+    orders = list(stats[0].orders)
+    for s in stats[1:]:
+        if list(s.orders) != orders:
+            raise StoreError(f"statistics {s.root} count orders {list(s.orders)}, {stats[0].root} counts {orders}; merge statistics counted with the same --max-ngram")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = {}
+    for n in orders:
+        files = [order_file(s.root, n) for s in stats]
+        cols = token_columns(n)
+        rows = sum(s.distinct(n) for s in stats)
+        row_bytes = 8 * (n + 1)
+        range_rows = max(1 << 6, memory_limit // (row_bytes * 2 * _BYTES_PER_ROW_OVERHEAD))
+        bounds = _merge_bounds(files, cols[0], rows, range_rows)
+        builder = SummaryBuilder(n)
+        pieces = []
+        tmp = Path(tempfile.mkdtemp(prefix=".engram-merge-", dir=out)) if len(bounds) > 1 else None
+        try:
+            for i, (lo, hi) in enumerate(bounds):
+                cond = pl.lit(True)
+                if lo is not None:
+                    cond = cond & (pl.col(cols[0]) >= lo)
+                if hi is not None:
+                    cond = cond & (pl.col(cols[0]) < hi)
+                frame = pl.scan_parquet(files).filter(cond).group_by(cols).agg(pl.col("count").sum()).sort(cols).collect()
+                ids = np.stack([frame.get_column(c).to_numpy().astype(np.int64) for c in cols], axis=1) if frame.height else np.empty((0, n), np.int64)
+                counts = frame.get_column("count").to_numpy().astype(np.int64)
+                del frame
+                builder.add(ids, counts, ids_sorted=True)
+                piece = order_file(out, n) if tmp is None else tmp / f"part_{i:05d}.parquet"
+                _order_frame(n, ids, counts).write_parquet(piece)
+                pieces.append(piece)
+                if progress is not None:
+                    progress("merging", i + 1, len(bounds), f"order {n}")
+            if tmp is not None:
+                pl.scan_parquet(pieces).sink_parquet(order_file(out, n), maintain_order=True)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        summaries[str(n)] = builder.result()
+    extra = {"documents": sum(int(s.summary.get("documents", 0)) for s in stats)}
+    summary = _stats_summary(orders, summaries, extra)
+    if all("corpus" in s.summary for s in stats):
+        merged = CorpusSummary.from_dict(stats[0].summary["corpus"]).merge([CorpusSummary.from_dict(s.summary["corpus"]) for s in stats[1:]])
+        summary["corpus"] = merged.to_dict()
+    write_summary(out, summary)
+    return NgramStats(root=out, summary=summary)
+
+
+_write_summary = write_summary  # old private name

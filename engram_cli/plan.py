@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import PlanError
+from .errors import EngramError, PlanError
+from .units import parse_bytes
 
 HASH_FAMILY_REFERENCE = "multiply-xor"
 # The layer seed stride of the reference (`PRIME_1` in engram_demo_v1.py).
@@ -347,7 +348,6 @@ def make_plan(
 
 # -- budgets -------------------------------------------------------------------
 _BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
-_SCALE = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
 @dataclass(frozen=True)
@@ -365,17 +365,21 @@ class Budget:
 
 
 def parse_budget(text: str) -> Budget:
-    """`2GiB`/`2GB`/`2048MiB` are bytes (binary with `i`); `500M`/`1.5G` are parameters."""
-    m = _BUDGET_RE.match(text)
+    """`2GiB`/`2GB`/`2048MiB` are bytes (binary with `i`); `500M`/`1.5G` are parameters.
+
+    The number and its scale are read by `units.parse_bytes` (one parser for every size
+    the CLI takes); a trailing `B` makes it bytes, its absence parameters.
+    """
+    m = _BUDGET_RE.match(str(text))
     if not m:
         raise PlanError(f"cannot read budget {text!r}; write bytes like 2GiB or 800MB, or parameters like 500M")
     value, scale, binary, is_bytes = m.groups()
     if binary and not is_bytes:
         raise PlanError(f"budget {text!r}: a binary unit needs a B (e.g. 2GiB); write 500M for parameters")
-    base = 1024 if binary else 1000
-    amount = int(float(value) * base ** _SCALE[scale.lower()])
-    if amount <= 0:
-        raise PlanError(f"budget {text!r} is not positive")
+    try:
+        amount = parse_bytes(f"{value}{scale}{binary}", what="budget")
+    except EngramError:
+        raise PlanError(f"budget {text!r} is not positive; write bytes like 2GiB or parameters like 500M") from None
     return Budget(amount=amount, unit="bytes" if is_bytes else "params")
 
 
