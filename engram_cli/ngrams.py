@@ -38,6 +38,7 @@ import polars as pl
 
 from .defaults import DEFAULT_MEMORY_LIMIT
 from .errors import StoreError
+from .hashing import shift_flat
 
 STATS_FORMAT = "engram-ngram-stats/1"
 SUMMARY_FILE = "summary.json"
@@ -423,15 +424,7 @@ class _OrderCounter:
         _order_frame(self.layout.order, ids, counts).write_parquet(path)
 
 
-def _shifted(flat: np.ndarray, pos: np.ndarray, k: int, pad: np.uint64) -> np.ndarray:
-    """shift_k of SPEC section 3 over a batch of documents: token k places back, pad before the start."""
-    if k == 0:
-        return flat
-    out = np.empty_like(flat)
-    out[k:] = flat[:-k] if k < flat.size else flat[:0]
-    out[: min(k, flat.size)] = pad
-    out[pos < k] = pad
-    return out
+_shifted = shift_flat  # the reference shift_k, from hashing
 
 
 def count_ngrams(
