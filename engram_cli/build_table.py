@@ -1,7 +1,7 @@
 """The build-table pipeline: corpus -> n-gram statistics -> plan -> Zarr tables.
 
-`plan_tables` turns the user's parameters into the reference `TablePlan` (shared/SPEC.md
-section 2); `build_tables` counts the corpus into a staging store, materializes the
+`plan_tables` turns the user's parameters into the reference `TablePlan` (docs/spec.md,
+"Table plan"); `build_tables` counts the corpus into a staging store, materializes the
 tables there and renames it into place, so an interrupted run never leaves a store
 that looks complete. Reports are plain dicts (the `--json` schemas of
 docs/build-table.md).

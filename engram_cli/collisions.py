@@ -12,7 +12,7 @@ and across the K heads of an order, for every n-gram x, `s(x)` = the most heads 
 with any one other n-gram (its worst partner): s = K is indistinguishable, and "clean
 head" means some head where x is alone in its bucket.
 
-Hash families: `reference` (SPEC section 3: one 64-bit multiply-XOR mix per n-gram,
+Hash families: `reference` (docs/spec.md, "Hash": one 64-bit multiply-XOR mix per n-gram,
 reduced modulo each head's prime) and `xxh3` (XXH3_64 of the n-gram's little-endian
 uint32 ids, seeded per head by `xxh3_seed`, reduced modulo the prime; computed by the
 vectorized `engram_cli.xxh3`, bit-exact with the xxhash package, which hashes n-grams

@@ -8,7 +8,7 @@ Layout of a stats directory (inside a store it is `tables.zarr/stats/`):
     summary.json      figures per order (see `NgramStats.summary`)
 
 The windows counted are exactly the ones the model looks up: every position of every
-document, left-padded with the compressed pad id (shared/SPEC.md section 3), never
+document, left-padded with the compressed pad id (docs/spec.md, "Hash"), never
 crossing a document boundary. So `sum(count)` of every order equals the token count.
 
 Reading never loads a whole order: `iter_batches` streams (ids, counts) in slices.
@@ -21,6 +21,12 @@ memory and spills them as sorted parquet runs when they outgrow the memory limit
 final merge is a polars group_by per key range (row-group statistics skip the rest),
 so memory stays bounded however many distinct n-grams there are. The summary figures
 come from `SummaryBuilder`, fed range by range.
+
+Merging (`merge_stats`): the statistics of corpus shards (e.g. one `count_shard` per
+Ray task), in corpus order, merge into exactly the statistics of the whole corpus,
+one tok_0 key range at a time, so memory stays bounded. A distributed build runs
+`count_shard` per shard and one `merge_stats` at the end; radix-partitioned partial
+statistics (one reduce per partition) are not provided yet.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 `TablePlan` is the single source of truth for addressing. The store's attributes,
 the kernels and the checkpoints all hold `TablePlan.to_dict()`; `TablePlan.from_dict`
-restores it and checks its fingerprint. The construction follows shared/SPEC.md
-section 2 (DeepSeek's `engram_demo_v1.py`) exactly.
+restores it and checks its fingerprint. The construction follows docs/spec.md,
+"Table plan" (DeepSeek's `engram_demo_v1.py`) exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ HASH_FAMILY_REFERENCE = "multiply-xor"
 LAYER_SEED_STRIDE = 10007
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
-# Reference defaults (shared/SPEC.md section 2).
+# Reference defaults (docs/spec.md, "Table plan").
 DEFAULT_LAYER_IDS = (1, 15)
 DEFAULT_MAX_NGRAM = 3
 DEFAULT_HEADS = 8
@@ -292,7 +292,7 @@ def make_plan(
     tokenizer_sha256: str = "",
     vocab_fingerprint: str = "",
 ) -> TablePlan:
-    """Build the reference plan (shared/SPEC.md section 2); every argument is checked."""
+    """Build the reference plan (docs/spec.md, "Table plan"); every argument is checked."""
     layer_ids = tuple(int(x) for x in layer_ids)
     if not layer_ids:
         raise PlanError("no layers given; pass at least one layer id, e.g. --layers 1,15")

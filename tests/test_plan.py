@@ -1,4 +1,4 @@
-"""The table plan (SPEC sections 2 and 5): primes, multipliers, budgets, serialization."""
+"""The table plan (docs/spec.md, "Table plan" and "Test vectors"): primes, multipliers, budgets, serialization."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from engram_cli.errors import EngramError
 from engram_cli.units import parse_bytes
 from engram_cli.plan import Budget, TablePlan, fit_plan_to_budget, is_prime, make_plan, parse_budget
 
-# SPEC section 5: published vectors of the reference (default parameters, DeepSeek tokenizer).
+# docs/spec.md, "Test vectors": published vectors of the reference (default parameters, DeepSeek tokenizer).
 SPEC_PRIMES = {
     1: [[646403, 646411, 646421, 646423, 646433, 646453, 646519, 646523],
         [646537, 646543, 646549, 646571, 646573, 646577, 646609, 646619]],

@@ -1,4 +1,4 @@
-"""Tokenizer compression (SPEC section 1), checked against an independent route.
+"""Tokenizer compression (docs/spec.md, "Tokenizer compression"), checked against an independent route.
 
 The independent route reads the tokenizer's JSON itself, decodes byte-level tokens with
 the GPT-2 byte table, and normalizes with Python's `unicodedata` and `re`, never with
@@ -40,7 +40,7 @@ def assert_same_lookup(got: np.ndarray, want: np.ndarray, texts) -> None:
     assert bad.size == 0, f"{bad.size} ids differ; first {bad[:5].tolist()}: got {got[bad[:5]].tolist()}, want {want[bad[:5]].tolist()}, texts {[texts[i] for i in bad[:5]]}"
 
 
-# -- SPEC section 1 facts on the DeepSeek tokenizer -----------------------------------
+# -- docs/spec.md "Tokenizer compression" facts on the DeepSeek tokenizer -----------------------------------
 def test_deepseek_size_and_reduction(deepseek_tokenizer, deepseek_vocab):
     assert deepseek_vocab.vocab_size == deepseek_tokenizer.tokenizer.get_vocab_size(with_added_tokens=True) == 129_280
     assert deepseek_vocab.compress([0, 1, 2]).tolist() == [0, 1, 2]
