@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .corpus import corpus_files
-from .corpus import CorpusSummary, empty_corpus_message, iter_documents
-from .encode import DEFAULT_BATCH_SIZE, _locked, encode_documents
+from .corpus import CorpusSummary, corpus_files, empty_corpus_message, iter_documents
 from .defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_STORE
+from .encode import DEFAULT_BATCH_SIZE, encode_documents, locked_progress
 from .errors import CorpusError, PlanError
 from .ngrams import SUMMARY_FILE, NgramStats, count_ngrams, merge_stats, order_file, write_summary
 from .plan import Budget, TablePlan, fit_plan_to_budget, make_plan
@@ -28,9 +27,12 @@ from .vocab import CompressedVocab, LoadedTokenizer
 DEFAULT_OUT = DEFAULT_STORE  # kept for importers; the one home is engram_cli.defaults
 
 
-def resolve_corpus(paths) -> list[Path]:
-    """The corpus files to read, checked before any work (missing paths, no files)."""
-    files = corpus_files(paths)
+def resolve_corpus(paths, summary: CorpusSummary | None = None) -> list[Path]:
+    """The corpus files to read, checked before any work (missing paths, no files).
+
+    Pruned table stores are counted in `summary` when given.
+    """
+    files = corpus_files(paths, summary)
     if not files:
         shown = ", ".join(str(p) for p in paths)
         raise CorpusError(f"the corpus {shown} holds no files; pass files or directories with text, .jsonl or .parquet documents")
@@ -195,9 +197,9 @@ def count_corpus(
     """
     out_dir = Path(out_dir)
     summary = CorpusSummary()
-    files = corpus_files(paths, summary)  # a missing path fails before any work; skipped stores are counted
-    progress = _locked(progress)
-    docs = iter_documents(files, text_field=text_field, summary=summary, progress=progress, tmp_dir=spill_dir)
+    files = corpus_files(paths, summary)  # expanded once, here; a missing path fails before any work; skipped stores are counted
+    progress = locked_progress(progress)
+    docs = iter_documents(files, text_field=text_field, summary=summary, progress=progress, tmp_dir=spill_dir, expanded=True)
     ids = encode_documents(docs, tokenizer=tokenizer, vocab=vocab, batch_size=batch_size, add_special_tokens=add_special_tokens, progress=progress)
     stats = count_ngrams(
         ids,

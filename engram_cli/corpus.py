@@ -337,14 +337,17 @@ def iter_documents(
     summary: CorpusSummary | None = None,
     progress: Progress | None = None,
     tmp_dir: Path | None = None,
+    expanded: bool = False,
 ) -> Iterator[str]:
     """Yield the documents of a corpus, filling `summary` as it goes.
 
+    `expanded=True`: `paths` is already the file list `corpus_files` returned (the
+    pipeline expands the corpus once and passes the list along), read as given.
     Raises `CorpusError` for a missing path (before yielding anything) and, once the
     files are exhausted, when no document was found.
     """
     summary = summary if summary is not None else CorpusSummary()
-    files = corpus_files(paths, summary)
+    files = [Path(p) for p in paths] if expanded else corpus_files(paths, summary)
     sizes = []
     for p in files:
         try:

@@ -135,7 +135,7 @@ def _encode_in_threads(batches: Iterator[list[str]], encode: Callable[[list[str]
             t.join()
 
 
-def _locked(progress: Callable[..., None] | None) -> Callable[..., None] | None:
+def locked_progress(progress: Callable[..., None] | None) -> Callable[..., None] | None:
     """Serialize progress calls that now come from two threads."""
     if progress is None:
         return None
@@ -181,6 +181,9 @@ def encode_documents(
         if progress is not None:
             progress("tokenizing", tokens, None, f"{docs} documents")
         yield from ids
+
+
+_locked = locked_progress  # old private name
 
 
 def __getattr__(name: str):
