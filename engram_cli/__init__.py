@@ -40,6 +40,7 @@ _EXPORTS = {
     "count_corpus": "build_table",
     "count_shard": "build_table",
     "merge_stats": "ngrams",
+    "concat_stats": "ngrams",
     "count_ngrams": "ngrams",
     "NgramStats": "ngrams",
     # the Zarr v3 store

@@ -25,8 +25,10 @@ come from `SummaryBuilder`, fed range by range.
 Merging (`merge_stats`): the statistics of corpus shards (e.g. one `count_shard` per
 Ray task), in corpus order, merge into exactly the statistics of the whole corpus,
 one tok_0 key range at a time, so memory stays bounded. A distributed build runs
-`count_shard` per shard and one `merge_stats` at the end; radix-partitioned partial
-statistics (one reduce per partition) are not provided yet.
+`count_shard` per shard, then either one `merge_stats` or, partitioned by key,
+one `merge_stats(parts, out_r, tok0_range=(lo_r, hi_r))` per partition r (each reads
+only its key range of every shard: parquet row-group statistics skip the rest) and
+`concat_stats` over the partitions in ascending order.
 """
 
 from __future__ import annotations
@@ -598,6 +600,7 @@ def merge_stats(
     *,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
     progress: Callable[..., None] | None = None,
+    tok0_range: tuple[int, int] | None = None,
 ) -> NgramStats:
     """Merge the statistics of corpus shards into the statistics of their concatenation.
 
@@ -614,6 +617,11 @@ def merge_stats(
     chosen from a sample of the parts so each holds ~`memory_limit` worth of rows;
     parquet row-group statistics skip the rest), ranges are written as part files and
     streamed into the order's file. Nothing holds a whole order.
+
+    `tok0_range=(lo, hi)`: merge only the n-grams whose oldest token `tok_0` lies in
+    [lo, hi) (a radix partition: tok_0 is the key's most significant part), with the
+    summary figures of that partition; `concat_stats` joins the partitions, in
+    ascending ranges, into the whole. One reduce task per partition.
     """
     from .corpus import CorpusSummary  # corpus imports nothing from here; keep ngrams light
 
@@ -634,6 +642,10 @@ def merge_stats(
         row_bytes = 8 * (n + 1)
         range_rows = max(1 << 6, memory_limit // (row_bytes * 2 * _BYTES_PER_ROW_OVERHEAD))
         bounds = _merge_bounds(files, cols[0], rows, range_rows)
+        if tok0_range is not None:
+            lo0, hi0 = int(tok0_range[0]), int(tok0_range[1])
+            inner = [b for b in dict.fromkeys([lo0, *(e for e, _ in bounds[1:] if lo0 < e < hi0), hi0])]
+            bounds = list(zip(inner[:-1], inner[1:])) or [(lo0, hi0)]
         builder = SummaryBuilder(n)
         pieces = []
         tmp = Path(tempfile.mkdtemp(prefix=".engram-merge-", dir=out)) if len(bounds) > 1 else None
@@ -661,6 +673,8 @@ def merge_stats(
                 shutil.rmtree(tmp, ignore_errors=True)
         summaries[str(n)] = builder.result()
     extra = {"documents": sum(int(s.summary.get("documents", 0)) for s in stats)}
+    if tok0_range is not None:
+        extra["tok0_range"] = [int(tok0_range[0]), int(tok0_range[1])]
     summary = _stats_summary(orders, summaries, extra)
     if all("corpus" in s.summary for s in stats):
         merged = CorpusSummary.from_dict(stats[0].summary["corpus"]).merge([CorpusSummary.from_dict(s.summary["corpus"]) for s in stats[1:]])
@@ -670,3 +684,34 @@ def merge_stats(
 
 
 _write_summary = write_summary  # old private name
+
+
+def concat_stats(partitions: Iterable[str | Path | NgramStats], out: str | Path) -> NgramStats:
+    """Join key-range partitions (`merge_stats(..., tok0_range=...)`, ascending and
+    disjoint) into one stats directory: rows streamed into each order's file in order,
+    summary figures recomputed by streaming the rows again (`SummaryBuilder`).
+    The rows and summary equal the unpartitioned merge; the parquet row groups differ.
+    """
+    parts = [p if isinstance(p, NgramStats) else NgramStats.open(p) for p in partitions]
+    if not parts:
+        raise StoreError("concat_stats needs at least one partition; pass the per-partition stats/ folders")
+    ranges = [p.summary.get("tok0_range") for p in parts]
+    if any(r is None for r in ranges) or any(a[1] > b[0] for a, b in zip(ranges, ranges[1:])):
+        raise StoreError(f"concat_stats joins key-range partitions in ascending order; got ranges {ranges}")
+    orders = list(parts[0].orders)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = {}
+    for n in orders:
+        pl.scan_parquet([order_file(p.root, n) for p in parts]).sink_parquet(order_file(out, n), maintain_order=True)
+        builder = SummaryBuilder(n)
+        for part in parts:
+            for ids, counts in part.iter_batches(n):
+                builder.add(ids, counts, ids_sorted=True)
+        summaries[str(n)] = builder.result()
+    extra = {"documents": parts[0].summary.get("documents", 0)}
+    summary = _stats_summary(orders, summaries, extra)
+    if "corpus" in parts[0].summary:
+        summary["corpus"] = parts[0].summary["corpus"]
+    write_summary(out, summary)
+    return NgramStats(root=out, summary=summary)

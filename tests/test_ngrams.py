@@ -18,6 +18,7 @@ from engram_cli.ngrams import (
     NgramStats,
     count_ngrams,
     id_bits,
+    concat_stats,
     merge_stats,
     order_file,
     summarize_counts,
@@ -334,3 +335,23 @@ def test_corpus_summary_merge_adds_up():
     assert m.skipped_examples == {"bad json": "a.jsonl", "no text": "b.jsonl"}
     assert a.merge([b, b]).documents == 5 and a.documents == 3  # a new summary; a untouched
     assert CorpusSummary.from_dict(m.to_dict()) == m
+
+
+def test_key_range_partitions_concatenate_to_the_whole(whole_and_shards):
+    """The distributed reduce: one merge per tok_0 range, then concat_stats. Row for row
+    and figure for figure equal to the whole (concat streams the partitions into one
+    file, so its row groups, and bytes, differ)."""
+    root, whole, parts, _ = whole_and_shards
+    C = 99_092  # DeepSeek's compressed vocabulary: tok_0 < C
+    edges = [0, 300, 5_000, C]
+    # a 1 MiB limit also splits the big partition into several key ranges inside it
+    partitions = [merge_stats(parts, root / f"radix{i}", tok0_range=(lo, hi), memory_limit=1 << 20) for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))]
+    assert all(p.distinct(2) > 0 for p in partitions)  # every partition holds rows
+    joined = concat_stats(partitions, root / "joined")
+    for n in whole.orders:
+        a, b = pl.read_parquet(order_file(whole.root, n)), pl.read_parquet(order_file(joined.root, n))
+        assert a.equals(b), f"order {n} differs"
+        assert sum(p.distinct(n) for p in partitions) == whole.distinct(n)
+    assert joined.summary == whole.summary
+    with pytest.raises(StoreError, match="ascending"):
+        concat_stats(list(reversed(partitions)), root / "bad")
