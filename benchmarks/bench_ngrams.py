@@ -10,6 +10,10 @@ Speed: the fixture corpus tokenized (DeepSeek tokenizer, compressed ids), repeat
   - engram's count_ngrams (padding, boundaries, parquet output and summary included).
 Figures: speed-ups of engram over each baseline (baseline time / engram time).
 
+Merge: the same documents counted in `--shards` shards and merged (`merge_stats`,
+and the key-partitioned reduce `merge_stats(tok0_range=...)` + `concat_stats`), as
+ratios of the single count's time.
+
 Memory: a child process counts `--rss-tokens` synthetic Zipf-distributed ids over
 DeepSeek's compressed vocabulary (int64: 256 MiB for 32 Mi tokens, 4x the default
 64 MiB limit), streamed as documents, with `--rss-memory-limit`; it reports its peak
@@ -34,7 +38,7 @@ import numpy as np  # noqa: E402
 
 from _harness import measure, peak_rss_bytes, print_rows, record  # noqa: E402
 
-from engram_cli.ngrams import count_ngrams, id_bits  # noqa: E402
+from engram_cli.ngrams import concat_stats, count_ngrams, id_bits, merge_stats  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "corpus"
 DEEPSEEK_C = 99092
@@ -106,6 +110,39 @@ def speed(args) -> list[dict]:
     return rows
 
 
+def merging(args) -> list[dict]:
+    """The shard path against the single count, same documents: count `--shards` shards
+    then `merge_stats` (and the key-partitioned reduce: one merge per tok_0 range, then
+    `concat_stats`), each as a ratio of the single `count_ngrams` run."""
+    docs, pad, C = fixture_ids()
+    docs = docs * args.copies
+    tokens = int(sum(d.size for d in docs))
+    cut = np.linspace(0, len(docs), args.shards + 1).astype(int)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        kw = dict(max_ngram_size=args.max_ngram, pad_id=pad, vocab_size=C)
+        t_single = measure(lambda: count_ngrams(docs, out_dir=root / "single", **kw), repeat=args.repeat)
+        t_shards = measure(lambda: [count_ngrams(docs[a:b], out_dir=root / f"s{i}", **kw) for i, (a, b) in enumerate(zip(cut[:-1], cut[1:]))], repeat=args.repeat)
+        parts = [root / f"s{i}" for i in range(args.shards)]
+        t_merge = measure(lambda: merge_stats(parts, root / "merged"), repeat=args.repeat)
+        edges = np.linspace(0, C, args.shards + 1).astype(int)
+
+        def radix():
+            outs = [merge_stats(parts, root / f"r{i}", tok0_range=(int(a), int(b))) for i, (a, b) in enumerate(zip(edges[:-1], edges[1:]))]
+            concat_stats(outs, root / "joined")
+
+        t_radix = measure(radix, repeat=args.repeat)
+    rows = []
+    for provider, m in [
+        ("engram.count_ngrams (single)", t_single),
+        (f"count_ngrams x{args.shards} shards", t_shards),
+        ("merge_stats", t_merge),
+        (f"merge_stats x{args.shards} tok0 ranges + concat_stats", t_radix),
+    ]:
+        rows.append({"provider": provider, "tokens": tokens, "best_s": m["best_s"], "ratio_vs_single": m["best_s"] / t_single["best_s"]})
+    return rows
+
+
 def proc_status_bytes(field: str) -> int | None:
     """VmHWM / VmRSS of this process from /proc (per address space: unlike getrusage's
     ru_maxrss, which Linux carries across fork+exec, it does not include the parent's peak)."""
@@ -172,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rss-memory-limit", type=int, default=64 << 20)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-merge", action="store_true")
+    ap.add_argument("--shards", type=int, default=3)
     ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss_child:
@@ -181,6 +220,10 @@ def main(argv: list[str] | None = None) -> None:
         rows = speed(args)
         print_rows(f"bench_ngrams speed: fixture x{args.copies}, orders 2..{args.max_ngram}", rows)
         record("ngrams", rows, copies=args.copies, max_ngram=args.max_ngram)
+    if not args.skip_merge:
+        rows = merging(args)
+        print_rows(f"bench_ngrams merge: fixture x{args.copies}, {args.shards} shards, orders 2..{args.max_ngram}", rows)
+        record("ngrams_merge", rows, copies=args.copies, max_ngram=args.max_ngram, shards=args.shards)
     if not args.skip_memory:
         rows = memory(args)
         print_rows(f"bench_ngrams memory: {args.rss_tokens} synthetic tokens, limit {args.rss_memory_limit >> 20} MiB", rows)

@@ -9,12 +9,11 @@ import typer
 from rich.table import Table
 
 from engram_cli import plan as plan_defaults
+from engram_cli.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_STORE
 from engram_cli.errors import PlanError
 from engram_cli.plan import parse_budget
 from engram_cli.units import format_bytes, parse_bytes, parse_int_list
 from engram_cli.vocab import DEFAULT_TOKENIZER, load_or_compress_vocab, load_tokenizer
-
-DEFAULT_OUT = "tables.zarr"  # engram_cli.build_table.DEFAULT_OUT (imported lazily: zarr, polars)
 
 from ._output import console, json_option, print_json, progress_reporter, visible
 
@@ -68,7 +67,7 @@ def render_result(report: dict) -> None:
 
 def build_table_command(
     corpus: List[Path] = typer.Argument(..., help="Corpus files or directories (text, .jsonl, .parquet, and .gz/.zst of these)."),
-    out: Path = typer.Option(Path(DEFAULT_OUT), "-o", "--out", help="The Zarr v3 store to write."),
+    out: Path = typer.Option(Path(DEFAULT_STORE), "-o", "--out", help="The Zarr v3 store to write."),
     tokenizer: str = typer.Option(DEFAULT_TOKENIZER, "--tokenizer", help="A tokenizer.json, a directory holding one, or `deepseek`."),
     vocab_path: Optional[Path] = typer.Option(None, "--vocab", help="A compressed vocabulary from `engram compress-vocab -o` (checked against the tokenizer)."),
     layers: str = typer.Option("1,15", "--layers", help="Layer ids that get a table, comma-separated."),
@@ -85,7 +84,7 @@ def build_table_command(
     chunk_size: str = typer.Option("4MiB", "--chunk-size", help="Target bytes per Zarr chunk (1-8 MiB is typical)."),
     shard_size: str = typer.Option("128MiB", "--shard-size", help="Target bytes per shard file (many chunks each)."),
     compressor: str = typer.Option("lz4", "--compressor", help="Chunk compressor: lz4 (blosc), zstd or none; crc32c checksums always."),
-    memory_limit: str = typer.Option("2GiB", "--memory-limit", help="Memory for in-flight n-gram counts before spilling to disk."),
+    memory_limit: str = typer.Option(format_bytes(DEFAULT_MEMORY_LIMIT).replace(" ", ""), "--memory-limit", help="Memory for in-flight n-gram counts before spilling to disk."),
     text_field: str = typer.Option("text", "--text-field", help="The text field of .jsonl records and .parquet rows."),
     special_tokens: bool = typer.Option(False, "--special-tokens/--no-special-tokens", help="Add the tokenizer's special tokens (e.g. BOS) to each document."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Parallel shard writers (default: CPU count)."),

@@ -18,24 +18,29 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    # vocab: tokenizer compression (SPEC section 1)
+    # vocab: tokenizer compression (docs/spec.md, "Tokenizer compression")
     "CompressedVocab": "vocab",
     "LoadedTokenizer": "vocab",
     "load_tokenizer": "vocab",
     "compress_vocab": "vocab",
-    # plan: primes, offsets, multipliers (SPEC section 2)
+    # plan: primes, offsets, multipliers (docs/spec.md, "Table plan")
     "TablePlan": "plan",
     "make_plan": "plan",
     "fit_plan_to_budget": "plan",
     "parse_budget": "plan",
-    # hashing (SPEC section 3)
+    "parse_bytes": "units",
+    # hashing (docs/spec.md, "Hash")
     "hash_positions": "hashing",
+    "shift": "hashing",
     "ngram_row_ids": "hashing",
     # corpus reading, tokenization, n-gram counting
     "CorpusSummary": "corpus",
     "iter_documents": "corpus",
     "encode_documents": "encode",
-    "count_corpus": "encode",
+    "count_corpus": "build_table",
+    "count_shard": "build_table",
+    "merge_stats": "ngrams",
+    "concat_stats": "ngrams",
     "count_ngrams": "ngrams",
     "NgramStats": "ngrams",
     # the Zarr v3 store

@@ -1,7 +1,7 @@
 """The build-table pipeline: corpus -> n-gram statistics -> plan -> Zarr tables.
 
-`plan_tables` turns the user's parameters into the reference `TablePlan` (shared/SPEC.md
-section 2); `build_tables` counts the corpus into a staging store, materializes the
+`plan_tables` turns the user's parameters into the reference `TablePlan` (docs/spec.md,
+"Table plan"); `build_tables` counts the corpus into a staging store, materializes the
 tables there and renames it into place, so an interrupted run never leaves a store
 that looks complete. Reports are plain dicts (the `--json` schemas of
 docs/build-table.md).
@@ -9,26 +9,30 @@ docs/build-table.md).
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from .errors import PlanError
-from .corpus import corpus_files
-from .encode import count_corpus
-from .errors import CorpusError
-from .ngrams import NgramStats
+from .corpus import CorpusSummary, corpus_files, empty_corpus_message, iter_documents
+from .defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_STORE
+from .encode import DEFAULT_BATCH_SIZE, encode_documents, locked_progress
+from .errors import CorpusError, PlanError
+from .ngrams import SUMMARY_FILE, NgramStats, count_ngrams, merge_stats, order_file, write_summary
 from .plan import Budget, TablePlan, fit_plan_to_budget, make_plan
 from .store import TableStore, finalize, prepare_partial, write_tables
 from .vocab import CompressedVocab, LoadedTokenizer
 
-DEFAULT_OUT = "tables.zarr"
-DEFAULT_MEMORY_LIMIT = 2 * 1024**3
+DEFAULT_OUT = DEFAULT_STORE  # kept for importers; the one home is engram_cli.defaults
 
 
-def resolve_corpus(paths) -> list[Path]:
-    """The corpus files to read, checked before any work (missing paths, no files)."""
-    files = corpus_files(paths)
+def resolve_corpus(paths, summary: CorpusSummary | None = None) -> list[Path]:
+    """The corpus files to read, checked before any work (missing paths, no files).
+
+    Pruned table stores are counted in `summary` when given.
+    """
+    files = corpus_files(paths, summary)
     if not files:
         shown = ", ".join(str(p) for p in paths)
         raise CorpusError(f"the corpus {shown} holds no files; pass files or directories with text, .jsonl or .parquet documents")
@@ -167,3 +171,90 @@ def build_tables(
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return BuildResult(store=store, corpus=corpus.to_dict())
+
+
+# -- counting: corpus -> statistics (moved here from encode.py) ---------------------------
+def count_corpus(
+    paths: list[str | os.PathLike],
+    *,
+    tokenizer: LoadedTokenizer,
+    vocab: CompressedVocab,
+    max_ngram_size: int,
+    pad_id: int,
+    out_dir: str | Path,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    text_field: str = "text",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    add_special_tokens: bool = False,
+    progress: Callable[..., None] | None = None,
+    spill_dir: str | Path | None = None,
+) -> tuple[CorpusSummary, NgramStats]:
+    """Read, tokenize, compress and count a corpus: the n-gram statistics of `build-table`.
+
+    `pad_id` is the *compressed* pad id. Writes `out_dir/order_{n}.parquet` and
+    `summary.json` (with the corpus figures under "corpus"). Raises `CorpusError` for
+    a missing path or a corpus without documents or tokens.
+    """
+    out_dir = Path(out_dir)
+    summary = CorpusSummary()
+    files = corpus_files(paths, summary)  # expanded once, here; a missing path fails before any work; skipped stores are counted
+    progress = locked_progress(progress)
+    docs = iter_documents(files, text_field=text_field, summary=summary, progress=progress, tmp_dir=spill_dir, expanded=True)
+    ids = encode_documents(docs, tokenizer=tokenizer, vocab=vocab, batch_size=batch_size, add_special_tokens=add_special_tokens, progress=progress)
+    stats = count_ngrams(
+        ids,
+        max_ngram_size=max_ngram_size,
+        pad_id=pad_id,
+        vocab_size=vocab.compressed_size,
+        out_dir=out_dir,
+        memory_limit=memory_limit,
+        spill_dir=spill_dir,
+        progress=progress,
+    )
+    summary.tokens = int(stats.summary["tokens"])
+    if summary.tokens == 0:
+        for n in stats.orders:
+            order_file(out_dir, n).unlink(missing_ok=True)
+        (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
+        raise CorpusError(empty_corpus_message(files, summary, text_field))
+    full = {**stats.summary, "corpus": summary.to_dict()}
+    write_summary(out_dir, full)
+    return summary, NgramStats(root=out_dir, summary=full)
+
+
+def count_shard(
+    files: list[str | os.PathLike],
+    *,
+    tokenizer: LoadedTokenizer | str,
+    vocab: CompressedVocab | str | os.PathLike,
+    max_ngram_size: int,
+    pad_id: int,
+    out_dir: str | Path,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    text_field: str = "text",
+    add_special_tokens: bool = False,
+    spill_dir: str | Path | None = None,
+) -> NgramStats:
+    """Count one corpus shard (a list of files) into `out_dir`: the unit of a distributed build.
+
+    Picklable by design (a module-level function whose arguments may all be plain
+    values): `tokenizer` may be a tokenizer spec (`deepseek`, a tokenizer.json or a
+    directory, loaded in the worker so no Rust handle crosses a process boundary) and
+    `vocab` a vocab.npz path. `pad_id` is the *compressed* pad id. The shards' results,
+    in corpus order, go to `ngrams.merge_stats`, which gives exactly the statistics of
+    counting the files one after the other in one process.
+    """
+    from .vocab import load_tokenizer
+
+    if not isinstance(tokenizer, LoadedTokenizer):
+        tokenizer = load_tokenizer(tokenizer)
+    if not isinstance(vocab, CompressedVocab):
+        vocab = CompressedVocab.load(vocab)
+    _, stats = count_corpus(
+        list(files), tokenizer=tokenizer, vocab=vocab, max_ngram_size=max_ngram_size, pad_id=pad_id,
+        out_dir=out_dir, memory_limit=memory_limit, text_field=text_field, add_special_tokens=add_special_tokens, spill_dir=spill_dir,
+    )
+    return stats
+
+
+__all__ = ["count_corpus", "count_shard", "merge_stats"]

@@ -12,7 +12,7 @@ and across the K heads of an order, for every n-gram x, `s(x)` = the most heads 
 with any one other n-gram (its worst partner): s = K is indistinguishable, and "clean
 head" means some head where x is alone in its bucket.
 
-Hash families: `reference` (SPEC section 3: one 64-bit multiply-XOR mix per n-gram,
+Hash families: `reference` (docs/spec.md, "Hash": one 64-bit multiply-XOR mix per n-gram,
 reduced modulo each head's prime) and `xxh3` (XXH3_64 of the n-gram's little-endian
 uint32 ids, seeded per head by `xxh3_seed`, reduced modulo the prime; computed by the
 vectorized `engram_cli.xxh3`, bit-exact with the xxhash package, which hashes n-grams
@@ -40,18 +40,15 @@ import numpy as np
 
 from . import xxh3
 from .errors import EngramError, OutputError, PlanError, StoreError
-from .hashing import ngram_mix
+from .hashing import FAMILIES, TWO64, ngram_mix, parse_families, xxh3_digests, xxh3_digests_loop, xxh3_seed  # noqa: F401 - the families live in hashing
 from .ngrams import NgramStats
 from .plan import HASH_FAMILY_REFERENCE, Budget, TablePlan, fit_plan_to_budget
 
 Progress = Callable[..., None]
 
-FAMILIES = ("reference", "xxh3")
-_FAMILY_ALIASES = {"reference": "reference", HASH_FAMILY_REFERENCE: "reference", "multiply_xor": "reference", "xxh3": "xxh3", "xxh3_64": "xxh3"}
 TOP_BUCKETS = 10
 MAX_MEMBERS = 20  # members listed per worst bucket (all are counted)
 SMALL_SET = 4096  # candidate sets this small get the exact pairwise comparison
-TWO64 = 1 << 64
 BATCH_ROWS = 1 << 21
 BUCKET_CHUNK = 1 << 20  # rows reduced per step when computing one head's buckets
 
@@ -100,62 +97,6 @@ def rows_for_rate(m: int, target: float) -> int:
     if m <= 1:
         return 2
     return max(2, math.ceil(-1.0 / math.expm1(math.log1p(-target) / (m - 1))))
-
-
-# -- families ----------------------------------------------------------------------
-def parse_families(text: str | Sequence[str]) -> tuple[str, ...]:
-    """`reference`, `xxh3` or `reference,xxh3` (also `both`) -> canonical family names."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    out: list[str] = []
-    for item in items:
-        name = item.strip().lower()
-        if name == "both":
-            names = list(FAMILIES)
-        elif name in _FAMILY_ALIASES:
-            names = [_FAMILY_ALIASES[name]]
-        else:
-            raise PlanError(f"unknown hash family {item.strip()!r}; use reference, xxh3, or reference,xxh3")
-        out += [n for n in names if n not in out]
-    if not out:
-        raise PlanError("no hash family given; use --hash reference, xxh3 or reference,xxh3")
-    return tuple(out)
-
-
-def xxh3_seed(plan_seed: int, layer_id: int, order: int, head: int) -> int:
-    """The xxh3_64 seed of one head: ((seed * 2^16 + layer) * 2^8 + order) * 2^8 + head, mod 2^64.
-
-    Injective for layer < 65536, order < 256, head < 256; independent of the head count,
-    so head j hashes the same way in every what-if plan.
-    """
-    return (((int(plan_seed) * 2**16 + int(layer_id)) * 2**8 + int(order)) * 2**8 + int(head)) % TWO64
-
-
-def xxh3_digests(ids: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
-    """xxh3_64 of each n-gram's ids packed as little-endian uint32 in text order: (m, n) -> (m, len(seeds)) uint64.
-
-    Vectorized (`engram_cli.xxh3`, bit-exact with xxhash) for n-grams of up to 60 ids
-    (240 bytes, XXH3's short-input paths); longer ones go through `xxh3_digests_loop`.
-    """
-    ids = np.asarray(ids)
-    if xxh3.supports_ids(ids.shape[1]):
-        return xxh3.xxh3_64_ids(ids, seeds)
-    return xxh3_digests_loop(ids, seeds)
-
-
-def xxh3_digests_loop(ids: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
-    """`xxh3_digests` by one xxhash C call per n-gram and head (xxhash has no array API)."""
-    import xxhash
-
-    ids = np.ascontiguousarray(np.asarray(ids), dtype="<u4")
-    m, n = ids.shape
-    width = 4 * n
-    buf = ids.tobytes()
-    rows = [buf[i : i + width] for i in range(0, m * width, width)]
-    out = np.empty((m, len(seeds)), dtype=np.uint64)
-    fn = xxhash.xxh3_64_intdigest
-    for j, seed in enumerate(seeds):
-        out[:, j] = np.fromiter(map(fn, rows, repeat(int(seed))), dtype=np.uint64, count=m)
-    return out
 
 
 # -- exact duplicate detection -----------------------------------------------------

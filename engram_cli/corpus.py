@@ -67,6 +67,32 @@ class CorpusSummary:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "CorpusSummary":
+        """The inverse of `to_dict` (as stored in a stats summary.json under "corpus")."""
+        return cls(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()})
+
+    def merge(self, other: "CorpusSummary | Iterable[CorpusSummary]") -> "CorpusSummary":
+        """This summary followed by `other` (one or a list, in corpus order), as a new one.
+
+        Equals the summary of reading the shards' files one after the other: figures
+        add up, and each skip reason keeps the first path it happened in.
+        """
+        others = [other] if isinstance(other, CorpusSummary) else list(other)
+        out = CorpusSummary.from_dict(self.to_dict())
+        for o in others:
+            out.files += o.files
+            out.documents += o.documents
+            out.bytes += o.bytes
+            out.skipped_binary += o.skipped_binary
+            out.invalid_utf8 += o.invalid_utf8
+            out.tokens += o.tokens
+            for reason, count in o.skipped_other.items():
+                out.skipped_other[reason] = out.skipped_other.get(reason, 0) + count
+            for reason, path in o.skipped_examples.items():
+                out.skipped_examples.setdefault(reason, path)
+        return out
+
 
 # -- finding the files ---------------------------------------------------------------
 def _base_suffix(path: Path) -> str:
@@ -311,14 +337,17 @@ def iter_documents(
     summary: CorpusSummary | None = None,
     progress: Progress | None = None,
     tmp_dir: Path | None = None,
+    expanded: bool = False,
 ) -> Iterator[str]:
     """Yield the documents of a corpus, filling `summary` as it goes.
 
+    `expanded=True`: `paths` is already the file list `corpus_files` returned (the
+    pipeline expands the corpus once and passes the list along), read as given.
     Raises `CorpusError` for a missing path (before yielding anything) and, once the
     files are exhausted, when no document was found.
     """
     summary = summary if summary is not None else CorpusSummary()
-    files = corpus_files(paths, summary)
+    files = [Path(p) for p in paths] if expanded else corpus_files(paths, summary)
     sizes = []
     for p in files:
         try:

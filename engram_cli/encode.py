@@ -11,13 +11,14 @@ No process is forked here: a rayon pool used before a fork leaves the child
 single-threaded (shared/NOTES.md). Work that needs processes should load the
 tokenizer after the fork, in each worker.
 
-`count_corpus` is the whole pipeline: corpus paths -> `CorpusSummary` + `NgramStats`.
+The pipeline driver `count_corpus` (corpus paths -> `CorpusSummary` + `NgramStats`) lives
+in `engram_cli.build_table`.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
+
 import queue
 import threading
 from pathlib import Path
@@ -26,9 +27,6 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tokenizers import Tokenizer
 
-from .corpus import CorpusSummary, corpus_files, empty_corpus_message, iter_documents
-from .errors import CorpusError
-from .ngrams import DEFAULT_MEMORY_LIMIT, SUMMARY_FILE, NgramStats, _write_summary, count_ngrams, order_file
 from .vocab import CompressedVocab, LoadedTokenizer
 
 DEFAULT_BATCH_SIZE = 256  # documents per encode_batch call: enough work for every rayon thread
@@ -137,7 +135,7 @@ def _encode_in_threads(batches: Iterator[list[str]], encode: Callable[[list[str]
             t.join()
 
 
-def _locked(progress: Callable[..., None] | None) -> Callable[..., None] | None:
+def locked_progress(progress: Callable[..., None] | None) -> Callable[..., None] | None:
     """Serialize progress calls that now come from two threads."""
     if progress is None:
         return None
@@ -185,49 +183,13 @@ def encode_documents(
         yield from ids
 
 
-def count_corpus(
-    paths: list[str | os.PathLike],
-    *,
-    tokenizer: LoadedTokenizer,
-    vocab: CompressedVocab,
-    max_ngram_size: int,
-    pad_id: int,
-    out_dir: str | Path,
-    memory_limit: int = DEFAULT_MEMORY_LIMIT,
-    text_field: str = "text",
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    add_special_tokens: bool = False,
-    progress: Callable[..., None] | None = None,
-    spill_dir: str | Path | None = None,
-) -> tuple[CorpusSummary, NgramStats]:
-    """Read, tokenize, compress and count a corpus: the n-gram statistics of `build-table`.
+_locked = locked_progress  # old private name
 
-    `pad_id` is the *compressed* pad id. Writes `out_dir/order_{n}.parquet` and
-    `summary.json` (with the corpus figures under "corpus"). Raises `CorpusError` for
-    a missing path or a corpus without documents or tokens.
-    """
-    out_dir = Path(out_dir)
-    summary = CorpusSummary()
-    files = corpus_files(paths, summary)  # a missing path fails before any work; skipped stores are counted
-    progress = _locked(progress)
-    docs = iter_documents(files, text_field=text_field, summary=summary, progress=progress, tmp_dir=spill_dir)
-    ids = encode_documents(docs, tokenizer=tokenizer, vocab=vocab, batch_size=batch_size, add_special_tokens=add_special_tokens, progress=progress)
-    stats = count_ngrams(
-        ids,
-        max_ngram_size=max_ngram_size,
-        pad_id=pad_id,
-        vocab_size=vocab.compressed_size,
-        out_dir=out_dir,
-        memory_limit=memory_limit,
-        spill_dir=spill_dir,
-        progress=progress,
-    )
-    summary.tokens = int(stats.summary["tokens"])
-    if summary.tokens == 0:
-        for n in stats.orders:
-            order_file(out_dir, n).unlink(missing_ok=True)
-        (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
-        raise CorpusError(empty_corpus_message(files, summary, text_field))
-    full = {**stats.summary, "corpus": summary.to_dict()}
-    _write_summary(out_dir, full)
-    return summary, NgramStats(root=out_dir, summary=full)
+
+def __getattr__(name: str):
+    """`count_corpus` moved to `engram_cli.build_table` (the pipeline driver); old imports keep working."""
+    if name == "count_corpus":
+        from .build_table import count_corpus
+
+        return count_corpus
+    raise AttributeError(name)

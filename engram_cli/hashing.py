@@ -1,4 +1,4 @@
-"""The reference multiply-XOR n-gram hash (shared/SPEC.md section 3) and row ids.
+"""Every n-gram hash family: the reference multiply-XOR hash (docs/spec.md, "Hash"), xxh3, and row ids.
 
 Two views of the same function:
 - `hash_positions`: the reference layout, every position of (B, T) compressed ids,
@@ -10,13 +10,26 @@ Two views of the same function:
 
 All arithmetic is wrapping int64, and the modulo is floor modulo (numpy `%`): the mix
 may be negative, the hash is always in [0, p).
+
+`shift` / `shift_k` (one batch row per sequence) and `shift_flat` (documents end to end)
+are the reference's shift. The `xxh3` family (XXH3_64 of the little-endian uint32 ids,
+seeded per head by `xxh3_seed`) is what `engram collisions --hash xxh3` audits.
 """
 
 from __future__ import annotations
 
+from itertools import repeat
+from typing import Sequence
+
 import numpy as np
 
-from .plan import TablePlan
+from . import xxh3
+from .errors import PlanError
+from .plan import HASH_FAMILY_REFERENCE, TablePlan
+
+TWO64 = 1 << 64
+FAMILIES = ("reference", "xxh3")
+_FAMILY_ALIASES = {"reference": "reference", HASH_FAMILY_REFERENCE: "reference", "multiply_xor": "reference", "xxh3": "xxh3", "xxh3_64": "xxh3"}
 
 
 def ngram_mix(ngrams: np.ndarray, multipliers) -> np.ndarray:
@@ -60,6 +73,22 @@ def shift(x: np.ndarray, k: int, pad: int) -> np.ndarray:
     return np.pad(x, ((0, 0), (k, 0)), mode="constant", constant_values=pad)[:, :T]
 
 
+shift_k = shift  # the reference's name
+
+
+def shift_flat(flat: np.ndarray, pos: np.ndarray, k: int, pad) -> np.ndarray:
+    """`shift_k` over documents laid end to end: `flat` (L,) ids, `pos` (L,) each id's
+    position in its document; the token k places back, `pad` where that is before the
+    document's start (what the counter uses on a batch of documents)."""
+    if k == 0:
+        return flat
+    out = np.empty_like(flat)
+    out[k:] = flat[:-k] if k < flat.size else flat[:0]
+    out[: min(k, flat.size)] = pad
+    out[pos < k] = pad
+    return out
+
+
 def hash_positions(plan: TablePlan, layer_id: int, ids: np.ndarray) -> np.ndarray:
     """The reference `_get_ngram_hashes`: (B, T) compressed ids -> (B, T, (max-1)*K) int64."""
     x = np.asarray(ids, dtype=np.int64)
@@ -80,3 +109,59 @@ def hash_positions(plan: TablePlan, layer_id: int, ids: np.ndarray) -> np.ndarra
 def position_row_ids(plan: TablePlan, layer_id: int, ids: np.ndarray) -> np.ndarray:
     """`hash_positions` plus each head's row offset: rows of the layer's table."""
     return hash_positions(plan, layer_id, ids) + plan.row_offsets(layer_id)[None, None, :]
+
+
+# -- hash families (the reference multiply-XOR above; xxh3 for the collision audit) ----------------------------------------------------------------------
+def parse_families(text: str | Sequence[str]) -> tuple[str, ...]:
+    """`reference`, `xxh3` or `reference,xxh3` (also `both`) -> canonical family names."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out: list[str] = []
+    for item in items:
+        name = item.strip().lower()
+        if name == "both":
+            names = list(FAMILIES)
+        elif name in _FAMILY_ALIASES:
+            names = [_FAMILY_ALIASES[name]]
+        else:
+            raise PlanError(f"unknown hash family {item.strip()!r}; use reference, xxh3, or reference,xxh3")
+        out += [n for n in names if n not in out]
+    if not out:
+        raise PlanError("no hash family given; use --hash reference, xxh3 or reference,xxh3")
+    return tuple(out)
+
+
+def xxh3_seed(plan_seed: int, layer_id: int, order: int, head: int) -> int:
+    """The xxh3_64 seed of one head: ((seed * 2^16 + layer) * 2^8 + order) * 2^8 + head, mod 2^64.
+
+    Injective for layer < 65536, order < 256, head < 256; independent of the head count,
+    so head j hashes the same way in every what-if plan.
+    """
+    return (((int(plan_seed) * 2**16 + int(layer_id)) * 2**8 + int(order)) * 2**8 + int(head)) % TWO64
+
+
+def xxh3_digests(ids: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
+    """xxh3_64 of each n-gram's ids packed as little-endian uint32 in text order: (m, n) -> (m, len(seeds)) uint64.
+
+    Vectorized (`engram_cli.xxh3`, bit-exact with xxhash) for n-grams of up to 60 ids
+    (240 bytes, XXH3's short-input paths); longer ones go through `xxh3_digests_loop`.
+    """
+    ids = np.asarray(ids)
+    if xxh3.supports_ids(ids.shape[1]):
+        return xxh3.xxh3_64_ids(ids, seeds)
+    return xxh3_digests_loop(ids, seeds)
+
+
+def xxh3_digests_loop(ids: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
+    """`xxh3_digests` by one xxhash C call per n-gram and head (xxhash has no array API)."""
+    import xxhash
+
+    ids = np.ascontiguousarray(np.asarray(ids), dtype="<u4")
+    m, n = ids.shape
+    width = 4 * n
+    buf = ids.tobytes()
+    rows = [buf[i : i + width] for i in range(0, m * width, width)]
+    out = np.empty((m, len(seeds)), dtype=np.uint64)
+    fn = xxhash.xxh3_64_intdigest
+    for j, seed in enumerate(seeds):
+        out[:, j] = np.fromiter(map(fn, rows, repeat(int(seed))), dtype=np.uint64, count=m)
+    return out

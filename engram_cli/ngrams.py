@@ -8,7 +8,7 @@ Layout of a stats directory (inside a store it is `tables.zarr/stats/`):
     summary.json      figures per order (see `NgramStats.summary`)
 
 The windows counted are exactly the ones the model looks up: every position of every
-document, left-padded with the compressed pad id (shared/SPEC.md section 3), never
+document, left-padded with the compressed pad id (docs/spec.md, "Hash"), never
 crossing a document boundary. So `sum(count)` of every order equals the token count.
 
 Reading never loads a whole order: `iter_batches` streams (ids, counts) in slices.
@@ -21,6 +21,14 @@ memory and spills them as sorted parquet runs when they outgrow the memory limit
 final merge is a polars group_by per key range (row-group statistics skip the rest),
 so memory stays bounded however many distinct n-grams there are. The summary figures
 come from `SummaryBuilder`, fed range by range.
+
+Merging (`merge_stats`): the statistics of corpus shards (e.g. one `count_shard` per
+Ray task), in corpus order, merge into exactly the statistics of the whole corpus,
+one tok_0 key range at a time, so memory stays bounded. A distributed build runs
+`count_shard` per shard, then either one `merge_stats` or, partitioned by key,
+one `merge_stats(parts, out_r, tok0_range=(lo_r, hi_r))` per partition r (each reads
+only its key range of every shard: parquet row-group statistics skip the rest) and
+`concat_stats` over the partitions in ascending order.
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import polars as pl
 
+from .defaults import DEFAULT_MEMORY_LIMIT
 from .errors import StoreError
+from .hashing import shift_flat
 
 STATS_FORMAT = "engram-ngram-stats/1"
 SUMMARY_FILE = "summary.json"
@@ -209,7 +219,8 @@ def summarize_counts(ids: np.ndarray, counts: np.ndarray, top: int = 20) -> dict
     return builder.result()
 
 
-def _write_summary(root: Path, summary: dict) -> None:
+def write_summary(root: Path, summary: dict) -> None:
+    """Write a stats directory's summary.json atomically (temp file + rename)."""
     tmp = root / f".{SUMMARY_FILE}.partial"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, root / SUMMARY_FILE)
@@ -249,12 +260,11 @@ def write_stats_from_arrays(root: str | Path, per_order: dict[int, tuple[np.ndar
         _order_frame(order, ids, counts).write_parquet(order_file(root, order))
         summaries[str(order)] = summarize_counts(ids, counts)
     summary = _stats_summary(sorted(per_order), summaries, extra)
-    _write_summary(root, summary)
+    write_summary(root, summary)
     return NgramStats(root=root, summary=summary)
 
 
 # -- exact counting ---------------------------------------------------------------------
-DEFAULT_MEMORY_LIMIT = 2 << 30  # bytes
 _BYTES_PER_ROW_OVERHEAD = 6  # merge = concat copy + hash table + output: ~6x the raw row bytes
 _RUN_ROW_GROUP = 1 << 16  # small row groups in spilled runs: min/max statistics prune key ranges
 _SAMPLES_PER_RUN = 1024
@@ -422,15 +432,7 @@ class _OrderCounter:
         _order_frame(self.layout.order, ids, counts).write_parquet(path)
 
 
-def _shifted(flat: np.ndarray, pos: np.ndarray, k: int, pad: np.uint64) -> np.ndarray:
-    """shift_k of SPEC section 3 over a batch of documents: token k places back, pad before the start."""
-    if k == 0:
-        return flat
-    out = np.empty_like(flat)
-    out[k:] = flat[:-k] if k < flat.size else flat[:0]
-    out[: min(k, flat.size)] = pad
-    out[pos < k] = pad
-    return out
+_shifted = shift_flat  # the reference shift_k, from hashing
 
 
 def count_ngrams(
@@ -561,5 +563,155 @@ def count_ngrams(
         for root in tmp_root:
             shutil.rmtree(root, ignore_errors=True)
     summary = _stats_summary(orders, summaries, {"documents": n_docs, **(extra or {})})
-    _write_summary(out_dir, summary)
+    write_summary(out_dir, summary)
     return NgramStats(root=out_dir, summary=summary)
+
+
+# -- merging statistics (one NgramStats per corpus shard -> the corpus's) ------------------
+_MERGE_SAMPLES_PER_PART = 4096
+
+
+def _merge_bounds(files: list[Path], column: str, rows: int, range_rows: int) -> list[tuple[int | None, int | None]]:
+    """tok_0 ranges [lo, hi) that each hold about `range_rows` input rows (sampled, streamed)."""
+    n_ranges = max(1, -(-rows // max(1, range_rows)))
+    if n_ranges == 1:
+        return [(None, None)]
+    samples, weights = [], []
+    for f in files:
+        height = pl.scan_parquet(f).select(pl.len()).collect().item()
+        if not height:
+            continue
+        step = max(1, height // _MERGE_SAMPLES_PER_PART)
+        col = pl.scan_parquet(f).select(pl.col(column).gather_every(step)).collect().get_column(column).to_numpy()
+        samples.append(col.astype(np.int64))
+        weights.append(np.full(col.size, float(step)))
+    values = np.concatenate(samples)
+    idx = np.argsort(values, kind="stable")
+    values, cum = values[idx], np.cumsum(np.concatenate(weights)[idx])
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, n_ranges) / n_ranges)
+    splitters = sorted({int(values[min(c, len(values) - 1)]) for c in cuts} - {int(values[0])})
+    edges = [None, *splitters, None]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def merge_stats(
+    parts: Iterable[str | Path | NgramStats],
+    out: str | Path,
+    *,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    progress: Callable[..., None] | None = None,
+    tok0_range: tuple[int, int] | None = None,
+) -> NgramStats:
+    """Merge the statistics of corpus shards into the statistics of their concatenation.
+
+    `parts` are stats directories (or opened `NgramStats`) counted with the same
+    vocabulary, pad id and orders, in corpus order (shard 0 first). The result in `out`
+    is what `count_ngrams` / `count_corpus` over the concatenated corpus writes: the
+    same parquet rows in the same order (sorted in text order, one row per distinct
+    n-gram, counts summed) and the same summary figures (`documents`, `tokens`, the
+    per-order figures, and `corpus` merged with `CorpusSummary.merge` when the parts
+    carry one). When the merged order fits one key range the parquet file is written by
+    the same call as a single in-memory run, so it is byte-identical to it.
+
+    Memory stays bounded: each order is merged one tok_0 key range at a time (ranges
+    chosen from a sample of the parts so each holds ~`memory_limit` worth of rows;
+    parquet row-group statistics skip the rest), ranges are written as part files and
+    streamed into the order's file. Nothing holds a whole order.
+
+    `tok0_range=(lo, hi)`: merge only the n-grams whose oldest token `tok_0` lies in
+    [lo, hi) (a radix partition: tok_0 is the key's most significant part), with the
+    summary figures of that partition; `concat_stats` joins the partitions, in
+    ascending ranges, into the whole. One reduce task per partition.
+    """
+    from .corpus import CorpusSummary  # corpus imports nothing from here; keep ngrams light
+
+    stats = [p if isinstance(p, NgramStats) else NgramStats.open(p) for p in parts]
+    if not stats:
+        raise StoreError("merge_stats needs at least one statistics directory; pass the per-shard stats/ folders")
+    orders = list(stats[0].orders)
+    for s in stats[1:]:
+        if list(s.orders) != orders:
+            raise StoreError(f"statistics {s.root} count orders {list(s.orders)}, {stats[0].root} counts {orders}; merge statistics counted with the same --max-ngram")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = {}
+    for n in orders:
+        files = [order_file(s.root, n) for s in stats]
+        cols = token_columns(n)
+        rows = sum(s.distinct(n) for s in stats)
+        row_bytes = 8 * (n + 1)
+        range_rows = max(1 << 6, memory_limit // (row_bytes * 2 * _BYTES_PER_ROW_OVERHEAD))
+        bounds = _merge_bounds(files, cols[0], rows, range_rows)
+        if tok0_range is not None:
+            lo0, hi0 = int(tok0_range[0]), int(tok0_range[1])
+            inner = [b for b in dict.fromkeys([lo0, *(e for e, _ in bounds[1:] if lo0 < e < hi0), hi0])]
+            bounds = list(zip(inner[:-1], inner[1:])) or [(lo0, hi0)]
+        builder = SummaryBuilder(n)
+        pieces = []
+        tmp = Path(tempfile.mkdtemp(prefix=".engram-merge-", dir=out)) if len(bounds) > 1 else None
+        try:
+            for i, (lo, hi) in enumerate(bounds):
+                cond = pl.lit(True)
+                if lo is not None:
+                    cond = cond & (pl.col(cols[0]) >= lo)
+                if hi is not None:
+                    cond = cond & (pl.col(cols[0]) < hi)
+                frame = pl.scan_parquet(files).filter(cond).group_by(cols).agg(pl.col("count").sum()).sort(cols).collect()
+                ids = np.stack([frame.get_column(c).to_numpy().astype(np.int64) for c in cols], axis=1) if frame.height else np.empty((0, n), np.int64)
+                counts = frame.get_column("count").to_numpy().astype(np.int64)
+                del frame
+                builder.add(ids, counts, ids_sorted=True)
+                piece = order_file(out, n) if tmp is None else tmp / f"part_{i:05d}.parquet"
+                _order_frame(n, ids, counts).write_parquet(piece)
+                pieces.append(piece)
+                if progress is not None:
+                    progress("merging", i + 1, len(bounds), f"order {n}")
+            if tmp is not None:
+                pl.scan_parquet(pieces).sink_parquet(order_file(out, n), maintain_order=True)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        summaries[str(n)] = builder.result()
+    extra = {"documents": sum(int(s.summary.get("documents", 0)) for s in stats)}
+    if tok0_range is not None:
+        extra["tok0_range"] = [int(tok0_range[0]), int(tok0_range[1])]
+    summary = _stats_summary(orders, summaries, extra)
+    if all("corpus" in s.summary for s in stats):
+        merged = CorpusSummary.from_dict(stats[0].summary["corpus"]).merge([CorpusSummary.from_dict(s.summary["corpus"]) for s in stats[1:]])
+        summary["corpus"] = merged.to_dict()
+    write_summary(out, summary)
+    return NgramStats(root=out, summary=summary)
+
+
+_write_summary = write_summary  # old private name
+
+
+def concat_stats(partitions: Iterable[str | Path | NgramStats], out: str | Path) -> NgramStats:
+    """Join key-range partitions (`merge_stats(..., tok0_range=...)`, ascending and
+    disjoint) into one stats directory: rows streamed into each order's file in order,
+    summary figures recomputed by streaming the rows again (`SummaryBuilder`).
+    The rows and summary equal the unpartitioned merge; the parquet row groups differ.
+    """
+    parts = [p if isinstance(p, NgramStats) else NgramStats.open(p) for p in partitions]
+    if not parts:
+        raise StoreError("concat_stats needs at least one partition; pass the per-partition stats/ folders")
+    ranges = [p.summary.get("tok0_range") for p in parts]
+    if any(r is None for r in ranges) or any(a[1] > b[0] for a, b in zip(ranges, ranges[1:])):
+        raise StoreError(f"concat_stats joins key-range partitions in ascending order; got ranges {ranges}")
+    orders = list(parts[0].orders)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = {}
+    for n in orders:
+        pl.scan_parquet([order_file(p.root, n) for p in parts]).sink_parquet(order_file(out, n), maintain_order=True)
+        builder = SummaryBuilder(n)
+        for part in parts:
+            for ids, counts in part.iter_batches(n):
+                builder.add(ids, counts, ids_sorted=True)
+        summaries[str(n)] = builder.result()
+    extra = {"documents": parts[0].summary.get("documents", 0)}
+    summary = _stats_summary(orders, summaries, extra)
+    if "corpus" in parts[0].summary:
+        summary["corpus"] = parts[0].summary["corpus"]
+    write_summary(out, summary)
+    return NgramStats(root=out, summary=summary)

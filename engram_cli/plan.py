@@ -2,8 +2,8 @@
 
 `TablePlan` is the single source of truth for addressing. The store's attributes,
 the kernels and the checkpoints all hold `TablePlan.to_dict()`; `TablePlan.from_dict`
-restores it and checks its fingerprint. The construction follows shared/SPEC.md
-section 2 (DeepSeek's `engram_demo_v1.py`) exactly.
+restores it and checks its fingerprint. The construction follows docs/spec.md,
+"Table plan" (DeepSeek's `engram_demo_v1.py`) exactly.
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import PlanError
+from .errors import EngramError, PlanError
+from .units import parse_bytes
 
 HASH_FAMILY_REFERENCE = "multiply-xor"
 # The layer seed stride of the reference (`PRIME_1` in engram_demo_v1.py).
 LAYER_SEED_STRIDE = 10007
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
-# Reference defaults (shared/SPEC.md section 2).
+# Reference defaults (docs/spec.md, "Table plan").
 DEFAULT_LAYER_IDS = (1, 15)
 DEFAULT_MAX_NGRAM = 3
 DEFAULT_HEADS = 8
@@ -291,7 +292,7 @@ def make_plan(
     tokenizer_sha256: str = "",
     vocab_fingerprint: str = "",
 ) -> TablePlan:
-    """Build the reference plan (shared/SPEC.md section 2); every argument is checked."""
+    """Build the reference plan (docs/spec.md, "Table plan"); every argument is checked."""
     layer_ids = tuple(int(x) for x in layer_ids)
     if not layer_ids:
         raise PlanError("no layers given; pass at least one layer id, e.g. --layers 1,15")
@@ -347,7 +348,6 @@ def make_plan(
 
 # -- budgets -------------------------------------------------------------------
 _BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
-_SCALE = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
 @dataclass(frozen=True)
@@ -365,17 +365,21 @@ class Budget:
 
 
 def parse_budget(text: str) -> Budget:
-    """`2GiB`/`2GB`/`2048MiB` are bytes (binary with `i`); `500M`/`1.5G` are parameters."""
-    m = _BUDGET_RE.match(text)
+    """`2GiB`/`2GB`/`2048MiB` are bytes (binary with `i`); `500M`/`1.5G` are parameters.
+
+    The number and its scale are read by `units.parse_bytes` (one parser for every size
+    the CLI takes); a trailing `B` makes it bytes, its absence parameters.
+    """
+    m = _BUDGET_RE.match(str(text))
     if not m:
         raise PlanError(f"cannot read budget {text!r}; write bytes like 2GiB or 800MB, or parameters like 500M")
     value, scale, binary, is_bytes = m.groups()
     if binary and not is_bytes:
         raise PlanError(f"budget {text!r}: a binary unit needs a B (e.g. 2GiB); write 500M for parameters")
-    base = 1024 if binary else 1000
-    amount = int(float(value) * base ** _SCALE[scale.lower()])
-    if amount <= 0:
-        raise PlanError(f"budget {text!r} is not positive")
+    try:
+        amount = parse_bytes(f"{value}{scale}{binary}", what="budget")
+    except EngramError:
+        raise PlanError(f"budget {text!r} is not positive; write bytes like 2GiB or parameters like 500M") from None
     return Budget(amount=amount, unit="bytes" if is_bytes else "params")
 
 

@@ -14,7 +14,7 @@ from engram_cli.plan import make_plan
 from engram_cli.store import create_store
 from engram_cli.vocab import compress_vocab
 
-from test_collisions import brute_force, check_audit, close
+from oracles import brute_force, check_audit, close
 
 runner = CliRunner()
 

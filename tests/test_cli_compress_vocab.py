@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 import pytest
-from test_vocab import byte_decoder, byte_level_text, independent_lookup, merge_classes, tokens_from_json
+from oracles import byte_decoder, byte_level_text, independent_lookup, merge_classes, tokens_from_json
 from typer.testing import CliRunner
 
 from engram_cli.cli import app

@@ -16,77 +16,12 @@ from engram_cli import collisions as C
 from engram_cli.errors import EngramError, PlanError, StoreError
 from engram_cli.ngrams import write_stats_from_arrays
 from engram_cli.plan import make_plan, parse_budget
+from oracles import bf_bucket, brute_force, check_audit, close, ref_mix  # noqa: E402,F401
 
 VOCAB = 97
 
 
 # -- brute force ---------------------------------------------------------------------
-def ref_mix(ngram, multipliers) -> int:
-    """SPEC section 3 with Python ints: XOR over k of token[n-1-k] * m_k, wrapped to int64."""
-    acc = 0
-    n = len(ngram)
-    for k in range(n):
-        acc ^= (int(ngram[n - 1 - k]) * int(multipliers[k])) % (1 << 64)
-    return acc - (1 << 64) if acc >= 1 << 63 else acc
-
-
-def bf_bucket(family, plan, layer, order, head, p, ngram) -> int:
-    if family == "reference":
-        return ref_mix(ngram, plan.multipliers[layer]) % p  # Python floor modulo
-    seed = (((plan.seed * 65536 + layer) * 256 + order) * 256 + head) % (1 << 64)
-    return xxhash.xxh3_64_intdigest(struct.pack(f"<{order}I", *[int(t) for t in ngram]), seed) % p
-
-
-def brute_force(family, plan, layer, order, ids, counts, primes=None, top=10):
-    """Every figure of one (family, layer, order), the slow obvious way."""
-    primes = list(plan.primes[layer][order - 2]) if primes is None else list(primes)
-    K, m, W = len(primes), len(ids), int(sum(counts))
-    B = [[bf_bucket(family, plan, layer, order, j, p, g) for j, p in enumerate(primes)] for g in ids]
-    heads, worst = [], []
-    for j, p in enumerate(primes):
-        groups = defaultdict(list)
-        for i in range(m):
-            groups[B[i][j]].append(i)
-        shared = [i for g in groups.values() if len(g) > 1 for i in g]
-        heads.append(
-            {
-                "p": p,
-                "shared_observed": len(shared) / m,
-                "shared_ideal": 1 - (1 - 1 / p) ** (m - 1),
-                "token_weighted": sum(counts[i] for i in shared) / W,
-                "shadowed": sum(sum(counts[i] for i in g) - max(counts[i] for i in g) for g in groups.values()) / W,
-                "max_occupancy": max(len(g) for g in groups.values()),
-            }
-        )
-        for b, g in groups.items():
-            if len(g) > 1:
-                tot = sum(counts[i] for i in g)
-                worst.append((-(tot - max(counts[i] for i in g)), -tot, j, b, sorted(g, key=lambda i: (-counts[i], i))))
-    worst.sort(key=lambda t: t[:4])
-    s = []
-    for i in range(m):
-        best = 0
-        for k in range(m):
-            if k != i:
-                best = max(best, sum(B[i][j] == B[k][j] for j in range(K)))
-        s.append(best)
-    clean = [any(sum(B[k][j] == B[i][j] for k in range(m)) == 1 for j in range(K)) for i in range(m)]
-    mixes = [ref_mix(g, plan.multipliers[layer]) for g in ids]
-    mix_count = defaultdict(int)
-    for x in mixes:
-        mix_count[x] += 1
-    return {
-        "heads": heads,
-        "s": s,
-        "hist": [sum(1 for v in s if v == t) for t in range(K + 1)],
-        "hist_w": [sum(counts[i] for i in range(m) if s[i] == t) for t in range(K + 1)],
-        "indist": sum(1 for v in s if v == K) / m,
-        "indist_w": sum(counts[i] for i in range(m) if s[i] == K) / W,
-        "clean": sum(clean) / m,
-        "clean_w": sum(counts[i] for i in range(m) if clean[i]) / W,
-        "mix_dups": sum(1 for x in mixes if mix_count[x] > 1),
-        "worst": [(j, b, -sh, -tot, [ids[i].tolist() for i in g][: C.MAX_MEMBERS], [int(counts[i]) for i in g][: C.MAX_MEMBERS]) for sh, tot, j, b, g in worst[:top]],
-    }
 
 
 def bf_token_weighted_mean(family, plan, layer, order, ids, counts, primes):
@@ -123,29 +58,6 @@ def fixture(tmp_path_factory):
     stats = write_stats_from_arrays(tmp_path_factory.mktemp("stats"), per_order)
     plan = make_plan(compressed_vocab_size=VOCAB, compressed_pad_id=2, layer_ids=(1, 15), heads=4, dim=64, rows_per_head=(60, 90), seed=3)
     return plan, stats, per_order
-
-
-def close(a, b, what):
-    assert a == pytest.approx(b, rel=1e-12, abs=1e-15), f"{what}: audit {a!r} vs brute force {b!r}"
-
-
-def check_audit(a, bf, ids, counts, keys=None):
-    for h, e in zip(a["heads"], bf["heads"]):
-        for k in ("p", "shared_observed", "shared_ideal", "token_weighted", "shadowed", "max_occupancy"):
-            close(h[k], e[k], f"head {h['head']} {k}")
-    x = a["across"]
-    assert x["worst_partner_heads"]["distinct"] == bf["hist"]
-    assert x["worst_partner_heads"]["weighted"] == bf["hist_w"]
-    close(x["indistinguishable"]["distinct"], bf["indist"], "indistinguishable")
-    close(x["indistinguishable"]["weighted"], bf["indist_w"], "indistinguishable weighted")
-    close(x["clean_head"]["distinct"], bf["clean"], "clean head")
-    close(x["clean_head"]["weighted"], bf["clean_w"], "clean head weighted")
-    got = [(w["head"], w["bucket"], w["shadowed"], w["occurrences"], [mm["ids"] for mm in w["members"]], [mm["count"] for mm in w["members"]]) for w in a["worst_buckets"]]
-    assert got == bf["worst"]
-    if keys is not None:
-        for w in a["worst_buckets"]:
-            for mm in w["members"]:
-                assert mm["text"] == "".join(keys[i] for i in mm["ids"])
 
 
 # -- tests -------------------------------------------------------------------------------

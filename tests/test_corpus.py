@@ -14,7 +14,8 @@ import pytest
 import zstandard
 
 from engram_cli.corpus import CorpusSummary, corpus_files, iter_documents
-from engram_cli.encode import count_corpus, encode_batch, encode_documents
+from engram_cli.build_table import count_corpus
+from engram_cli.encode import encode_batch, encode_documents
 from engram_cli.errors import CorpusError
 from engram_cli.ngrams import order_file, token_columns
 from engram_cli.vocab import compress_vocab, load_tokenizer
@@ -261,3 +262,25 @@ def test_count_corpus_without_tokens_is_an_error(deepseek, tmp_path):
     assert not (tmp_path / "out" / "summary.json").exists()
     with pytest.raises(CorpusError, match="does not exist"):
         count_corpus([tmp_path / "missing"], tokenizer=tok, vocab=vocab, max_ngram_size=3, pad_id=2, out_dir=tmp_path / "out")
+
+
+def test_bom_is_stripped_before_counting(deepseek, tmp_path):
+    """A UTF-8 BOM at the head of a text file is not text: same n-grams with and without it."""
+    tok, vocab = deepseek
+    text = (FIXTURE / "developers-reference" / "scope.rst").read_bytes()
+    assert not text.startswith(b"\xef\xbb\xbf")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "bom").mkdir()
+    (tmp_path / "plain" / "a.txt").write_bytes(text)
+    (tmp_path / "bom" / "a.txt").write_bytes(b"\xef\xbb\xbf" + text)
+    pad = int(vocab.lookup[2])
+    got = {}
+    for name in ("plain", "bom"):
+        summary, stats = count_corpus([tmp_path / name], tokenizer=tok, vocab=vocab, max_ngram_size=3, pad_id=pad, out_dir=tmp_path / f"{name}-stats")
+        got[name] = (summary.bytes, summary.tokens, {n: pl.read_parquet(order_file(stats.root, n)) for n in (2, 3)})
+    assert got["bom"][0] == got["plain"][0] == len(text)
+    assert got["bom"][1] == got["plain"][1]
+    for n in (2, 3):
+        assert got["bom"][2][n].equals(got["plain"][2][n]), f"order {n} differs with a BOM"
+    # The BOM would otherwise tokenize: the test can fail.
+    assert len(tok.tokenizer.encode("\ufeff" + text.decode()[:50]).ids) != len(tok.tokenizer.encode(text.decode()[:50]).ids)

@@ -1,4 +1,4 @@
-"""The multiply-XOR hash (SPEC sections 3-5), against the published vectors and a
+"""The multiply-XOR hash (docs/spec.md, "Hash", "Rows", "Test vectors"), against the published vectors and a
 plain-Python re-implementation with explicit int64 wrapping and floor modulo."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from engram_cli.hashing import hash_positions, mix_to_hashes, ngram_mix, ngram_row_ids, position_row_ids
 from engram_cli.plan import make_plan
 
-# SPEC section 5: layer 1 hashes of compressed ids [5, 17, 99], pad = compressed 2.
+# docs/spec.md, "Test vectors": layer 1 hashes of compressed ids [5, 17, 99], pad = compressed 2.
 SPEC_POS0 = [417694, 153810, 631746, 619567, 19819, 4616, 64500, 103595, 142458, 557886, 379397, 606178, 191641, 26676, 195389, 29662]
 SPEC_POS2 = [11664, 151525, 496189, 480017, 619978, 64166, 315710, 315608, 38504, 114869, 163716, 394173, 83204, 529655, 423994, 53290]
 

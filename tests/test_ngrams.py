@@ -18,11 +18,15 @@ from engram_cli.ngrams import (
     NgramStats,
     count_ngrams,
     id_bits,
+    concat_stats,
+    merge_stats,
     order_file,
     summarize_counts,
     token_columns,
     write_stats_from_arrays,
 )
+from engram_cli.corpus import CorpusSummary
+from engram_cli.errors import StoreError
 from engram_cli.vocab import compress_vocab, load_tokenizer
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "corpus"
@@ -242,3 +246,112 @@ def test_random_documents_match_counter(case):
         )
         check_stats(stats, docs, max_n, pad)
         assert json.loads((Path(tmp) / "summary.json").read_text()) == stats.summary
+
+
+# -- merging shard statistics ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def whole_and_shards(tmp_path_factory):
+    """The whole fixture corpus counted once, and in 3 shards (its file list split in 3)."""
+    from engram_cli.build_table import count_corpus, count_shard
+    from engram_cli.corpus import corpus_files
+
+    tok = load_tokenizer()
+    vocab = compress_vocab(tok)
+    pad = int(vocab.lookup[2])
+    root = tmp_path_factory.mktemp("merge")
+    files = corpus_files([FIXTURE])
+    assert len(files) >= 3
+    _, whole = count_corpus(files, tokenizer=tok, vocab=vocab, max_ngram_size=4, pad_id=pad, out_dir=root / "whole")
+    cut = [0, len(files) // 3, 2 * len(files) // 3, len(files)]
+    shards = [files[a:b] for a, b in zip(cut[:-1], cut[1:])]
+    parts = [count_corpus(s, tokenizer=tok, vocab=vocab, max_ngram_size=4, pad_id=pad, out_dir=root / f"shard{i}")[1] for i, s in enumerate(shards)]
+    # The distributed unit: plain, picklable arguments (tokenizer spec, vocab path).
+    vocab_path = vocab.save(root / "vocab.npz")
+    import pickle
+
+    call = pickle.loads(pickle.dumps((count_shard, shards[1], "deepseek", vocab_path)))
+    by_spec = call[0](call[1], tokenizer=call[2], vocab=call[3], max_ngram_size=4, pad_id=pad, out_dir=root / "shard1-by-spec")
+    return root, whole, parts, by_spec
+
+
+def test_count_shard_from_specs_equals_count_corpus(whole_and_shards):
+    _, _, parts, by_spec = whole_and_shards
+    assert by_spec.summary == parts[1].summary
+    for n in by_spec.orders:
+        assert order_file(by_spec.root, n).read_bytes() == order_file(parts[1].root, n).read_bytes()
+
+
+def test_merged_shards_are_byte_identical_to_the_whole(whole_and_shards):
+    """Byte for byte: parquet writing is deterministic for equal frames (same polars call,
+    same row order, one row group), and the merge writes each order with the call a
+    single in-memory count uses, so every file and summary.json must match exactly."""
+    root, whole, parts, _ = whole_and_shards
+    assert sum(p.summary["documents"] for p in parts) == whole.summary["documents"]
+    assert all(p.summary["tokens"] < whole.summary["tokens"] for p in parts)  # the shards really split it
+    merged = merge_stats(parts, root / "merged")
+    for n in whole.orders:
+        assert order_file(merged.root, n).read_bytes() == order_file(whole.root, n).read_bytes(), f"order {n}"
+    assert (merged.root / "summary.json").read_text() == (whole.root / "summary.json").read_text()
+    assert merged.summary == whole.summary
+
+
+def test_merge_in_key_ranges_under_a_small_memory_limit(whole_and_shards):
+    """Row for row: with a tiny memory limit the merge goes range by range and streams the
+    ranges into one file (more row groups than a one-shot write, so the bytes differ);
+    the rows, their order and the summary figures must not."""
+    root, whole, parts, _ = whole_and_shards
+    ranges = []
+    merged = merge_stats(
+        [p.root for p in reversed(parts[1:])] + [parts[0].root], root / "merged-small", memory_limit=1 << 20,
+        progress=lambda stage, done, total=None, detail="": ranges.append(total),
+    )
+    assert max(ranges) > 1, "a 1 MiB limit must merge in several key ranges"
+    for n in whole.orders:
+        a, b = pl.read_parquet(order_file(whole.root, n)), pl.read_parquet(order_file(merged.root, n))
+        assert a.equals(b), f"order {n} differs"
+    drop = lambda s: {k: v for k, v in s.items() if k != "corpus"}  # noqa: E731 - shard order changes skipped_examples only
+    assert drop(merged.summary) == drop(whole.summary)
+    assert [f.name for f in sorted((root / "merged-small").iterdir())] == ["order_2.parquet", "order_3.parquet", "order_4.parquet", "summary.json"]
+
+
+def test_merge_rejects_mismatched_orders(whole_and_shards, tmp_path):
+    _, whole, _, _ = whole_and_shards
+    other = write_stats_from_arrays(tmp_path / "o3", {2: (np.array([[1, 2]]), np.array([1])), 3: (np.array([[1, 2, 3]]), np.array([1]))})
+    with pytest.raises(StoreError, match="same --max-ngram"):
+        merge_stats([whole, other], tmp_path / "out")
+    with pytest.raises(StoreError, match="at least one"):
+        merge_stats([], tmp_path / "out")
+
+
+def test_corpus_summary_merge_adds_up():
+    a = CorpusSummary(files=2, documents=3, bytes=10, skipped_binary=1, tokens=7)
+    a.skip("bad json", "a.jsonl")
+    b = CorpusSummary(files=1, documents=1, bytes=5, invalid_utf8=1, tokens=4)
+    b.skip("bad json", "b.jsonl")
+    b.skip("no text", "b.jsonl")
+    m = a.merge(b)
+    assert (m.files, m.documents, m.bytes, m.skipped_binary, m.invalid_utf8, m.tokens) == (3, 4, 15, 1, 1, 11)
+    assert m.skipped_other == {"bad json": 2, "no text": 1}
+    assert m.skipped_examples == {"bad json": "a.jsonl", "no text": "b.jsonl"}
+    assert a.merge([b, b]).documents == 5 and a.documents == 3  # a new summary; a untouched
+    assert CorpusSummary.from_dict(m.to_dict()) == m
+
+
+def test_key_range_partitions_concatenate_to_the_whole(whole_and_shards):
+    """The distributed reduce: one merge per tok_0 range, then concat_stats. Row for row
+    and figure for figure equal to the whole (concat streams the partitions into one
+    file, so its row groups, and bytes, differ)."""
+    root, whole, parts, _ = whole_and_shards
+    C = 99_092  # DeepSeek's compressed vocabulary: tok_0 < C
+    edges = [0, 300, 5_000, C]
+    # a 1 MiB limit also splits the big partition into several key ranges inside it
+    partitions = [merge_stats(parts, root / f"radix{i}", tok0_range=(lo, hi), memory_limit=1 << 20) for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))]
+    assert all(p.distinct(2) > 0 for p in partitions)  # every partition holds rows
+    joined = concat_stats(partitions, root / "joined")
+    for n in whole.orders:
+        a, b = pl.read_parquet(order_file(whole.root, n)), pl.read_parquet(order_file(joined.root, n))
+        assert a.equals(b), f"order {n} differs"
+        assert sum(p.distinct(n) for p in partitions) == whole.distinct(n)
+    assert joined.summary == whole.summary
+    with pytest.raises(StoreError, match="ascending"):
+        concat_stats(list(reversed(partitions)), root / "bad")

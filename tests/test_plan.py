@@ -1,4 +1,4 @@
-"""The table plan (SPEC sections 2 and 5): primes, multipliers, budgets, serialization."""
+"""The table plan (docs/spec.md, "Table plan" and "Test vectors"): primes, multipliers, budgets, serialization."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engram_cli.errors import PlanError
+from engram_cli.errors import EngramError
+from engram_cli.units import parse_bytes
 from engram_cli.plan import Budget, TablePlan, fit_plan_to_budget, is_prime, make_plan, parse_budget
 
-# SPEC section 5: published vectors of the reference (default parameters, DeepSeek tokenizer).
+# docs/spec.md, "Test vectors": published vectors of the reference (default parameters, DeepSeek tokenizer).
 SPEC_PRIMES = {
     1: [[646403, 646411, 646421, 646423, 646433, 646453, 646519, 646523],
         [646537, 646543, 646549, 646571, 646573, 646577, 646609, 646619]],
@@ -76,8 +78,8 @@ def test_is_prime_agrees_with_trial_division(n):
         ("2GiB", 2 * 1024**3, "bytes"), ("2048MiB", 2 * 1024**3, "bytes"), ("800MB", 800 * 10**6, "bytes"),
         ("1.5GB", 1_500_000_000, "bytes"), ("500M", 500 * 10**6, "params"), ("1.5G", 1_500_000_000, "params"),
         ("  3 k ", 3000, "params"), ("1tib", 1024**4, "bytes"),
-        # plan.py's _SCALE maps "" (no unit) to power 1, so a bare number is read as thousands
-        ("12345", 12345, "params"),
+        # a bare number is a plain count (no scale), never thousands
+        ("12345", 12345, "params"), ("500MB", 500_000_000, "bytes"), ("500MiB", 524_288_000, "bytes"),
     ],
 )
 def test_parse_budget(text, amount, unit):
@@ -88,6 +90,32 @@ def test_parse_budget(text, amount, unit):
 def test_parse_budget_rejects(text):
     with pytest.raises(PlanError):
         parse_budget(text)
+
+
+@pytest.mark.parametrize(
+    "text, amount",
+    [
+        # decimal units are powers of 1000, binary ones (with i) powers of 1024: 500 * 1000**2
+        # and 500 * 1024**2 written out, so swapping the bases (or the scale table) fails here
+        ("500MB", 500 * 1000 * 1000), ("500MiB", 500 * 1024 * 1024), ("500M", 500 * 1000 * 1000),
+        ("2GB", 2 * 1000 * 1000 * 1000), ("2GiB", 2 * 1024 * 1024 * 1024), ("3kB", 3000), ("3KiB", 3072),
+        ("1TB", 1000**4), ("1TiB", 1024**4), ("1024", 1024), ("1.5kB", 1500), (" 7 b ", 7),
+    ],
+)
+def test_parse_bytes_decimal_and_binary(text, amount):
+    assert parse_bytes(text) == amount
+
+
+@pytest.mark.parametrize("text", ["", "abc", "0", "0MB", "-1MB", "2 GiBs", "1..5G"])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(EngramError, match="size|positive"):
+        parse_bytes(text)
+
+
+def test_budget_and_byte_sizes_agree():
+    """One parser: a byte budget reads exactly what `parse_bytes` reads."""
+    for text in ("500MB", "500MiB", "1.5GB", "2TiB", "64kB"):
+        assert parse_budget(text) == Budget(amount=parse_bytes(text), unit="bytes")
 
 
 @pytest.mark.parametrize("budget, kwargs", [("64MiB", {}), ("10M", {"heads": 4, "dim": 256}), ("1GB", {"layer_ids": (2,), "max_ngram_size": 4, "dtype": "bfloat16"})])

@@ -35,62 +35,8 @@ from engram_cli.store import (
 )
 from engram_cli.vocab import CompressedVocab
 
-C = 1000  # compressed vocabulary size
-V = 1300  # tokenizer ids; 300 of them merge into earlier classes
-PAD = 2
-CHUNK_BYTES = 16 * 1024  # 256 rows of 16 float32
-SHARD_BYTES = 64 * 1024  # 4 chunks per shard
-SMALL = dict(chunk_bytes=CHUNK_BYTES, shard_bytes=SHARD_BYTES)
-
-
-def make_vocab() -> CompressedVocab:
-    lookup = np.concatenate([np.arange(C), np.arange(V - C) * 3]).astype(np.int64)
-    keys = tuple(f"tök{i}" if i % 7 else f" ﬁ {i}\u00e9" for i in range(C))  # non-ASCII on purpose
-    raw_key = np.zeros(V, dtype=bool)
-    raw_key[C + 5 : C + 9] = True
-    return CompressedVocab(lookup=lookup, keys=keys, raw_key=raw_key, tokenizer_sha256="ab" * 32)
-
-
-VOCAB = make_vocab()
-
-
-def small_plan(dtype: str = "float32", layer_ids=(1, 4)) -> TablePlan:
-    return make_plan(
-        compressed_vocab_size=C,
-        compressed_pad_id=PAD,
-        rows_per_head=5000,
-        heads=4,
-        dim=64,
-        layer_ids=layer_ids,
-        dtype=dtype,
-        tokenizer_sha256=VOCAB.tokenizer_sha256,
-        vocab_fingerprint=VOCAB.fingerprint,
-    )
-
-
-def make_docs(seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    docs = []
-    for _ in range(60):
-        T = int(rng.integers(1, 90))
-        # Zipf-like ids so that n-grams repeat
-        docs.append(np.minimum(rng.zipf(1.3, size=T) - 1, C - 1).astype(np.int64))
-    return docs
-
-
-def count_windows(docs, max_n: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Every window of every position, left-padded, with collections.Counter."""
-    per_order = {}
-    for n in range(2, max_n + 1):
-        counter: Counter = Counter()
-        for doc in docs:
-            padded = [PAD] * (n - 1) + doc.tolist()
-            for t in range(len(doc)):
-                counter[tuple(padded[t : t + n])] += 1
-        keys = sorted(counter)
-        per_order[n] = (np.array(keys, dtype=np.int64).reshape(-1, n), np.array([counter[k] for k in keys], dtype=np.int64))
-    return per_order
-
+from oracles import STORE_C as C, STORE_CHUNK_BYTES as CHUNK_BYTES, STORE_PAD as PAD, STORE_SHARD_BYTES as SHARD_BYTES, STORE_SMALL as SMALL, STORE_V as V, STORE_VOCAB as VOCAB  # noqa: F401
+from oracles import count_windows, make_docs, make_vocab, small_plan  # noqa: F401
 
 def reference_hits(plan: TablePlan, layer_id: int, docs) -> np.ndarray:
     """Hits by the reference layout: every position's row id of every head, counted."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
-from test_store import SMALL, VOCAB, count_windows, make_docs, small_plan
+from oracles import STORE_SMALL as SMALL, STORE_VOCAB as VOCAB, count_windows, make_docs, small_plan
 
 from engram_cli.ngrams import write_stats_from_arrays
 

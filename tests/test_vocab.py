@@ -1,4 +1,4 @@
-"""Tokenizer compression (SPEC section 1), checked against an independent route.
+"""Tokenizer compression (docs/spec.md, "Tokenizer compression"), checked against an independent route.
 
 The independent route reads the tokenizer's JSON itself, decodes byte-level tokens with
 the GPT-2 byte table, and normalizes with Python's `unicodedata` and `re`, never with
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import loaded, train_tiny_tokenizer, wordlevel_tokenizer
+from oracles import MARKS, WHITE_SPACE, byte_decoder, byte_level_text, independent_lookup, merge_classes, normalize, tokens_from_json  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,66 +32,6 @@ from engram_cli.vocab import CompressedVocab, compress_vocab, load_tokenizer, re
 
 # -- the independent route ---------------------------------------------------------
 # Unicode White_Space (what Rust's char::is_whitespace and so `Strip` use).
-WHITE_SPACE = frozenset(map(chr, [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F, 0x205F, 0x3000]))
-MARKS = frozenset({"Mn", "Mc", "Me"})
-
-
-def normalize(text: str, marks=MARKS) -> str:
-    """SPEC section 1 step 3 with unicodedata: NFKC, NFD, drop marks, lowercase, whitespace."""
-    s = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
-    s = "".join(c for c in s if unicodedata.category(c) not in marks)
-    s = "".join(c.lower() for c in s)  # per character, like tokenizers' Lowercase
-    s = re.sub(r"[ \t\r\n]+", " ", s)
-    if s == " ":
-        return s  # a token that is only whitespace stays one space
-    i, j = 0, len(s)
-    while i < j and s[i] in WHITE_SPACE:
-        i += 1
-    while j > i and s[j - 1] in WHITE_SPACE:
-        j -= 1
-    return s[i:j]
-
-
-def byte_decoder() -> dict[str, int]:
-    """GPT-2's bytes_to_unicode table, inverted: printable stand-in character -> byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-def tokens_from_json(path: Path) -> list[str]:
-    """id -> token string from tokenizer.json (added tokens override the model's vocab)."""
-    doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    id_to_token = {i: t for t, i in doc["model"]["vocab"].items()}
-    id_to_token.update({a["id"]: a["content"] for a in doc["added_tokens"]})
-    assert sorted(id_to_token) == list(range(len(id_to_token))), "ids have gaps"
-    return [id_to_token[i] for i in range(len(id_to_token))]
-
-
-def byte_level_text(token: str, table: dict[str, int]) -> str:
-    """What the ByteLevel decoder makes of one token (raw UTF-8 when a char is not a byte stand-in)."""
-    if all(c in table for c in token):
-        return bytes(table[c] for c in token).decode("utf-8", errors="replace")
-    return token
-
-
-def independent_lookup(tokens: list[str], texts: list[str], marks=MARKS) -> np.ndarray:
-    """SPEC section 1 steps 2-4 from decoded texts, with dense first-appearance ids."""
-    ids: dict[str, int] = {}
-    out = []
-    for token, text in zip(tokens, texts):
-        if "\ufffd" in text:
-            key = token
-        else:
-            key = normalize(text, marks) or text
-        out.append(ids.setdefault(key, len(ids)))
-    return np.array(out, dtype=np.int64)
 
 
 def assert_same_lookup(got: np.ndarray, want: np.ndarray, texts) -> None:
@@ -99,14 +40,7 @@ def assert_same_lookup(got: np.ndarray, want: np.ndarray, texts) -> None:
     assert bad.size == 0, f"{bad.size} ids differ; first {bad[:5].tolist()}: got {got[bad[:5]].tolist()}, want {want[bad[:5]].tolist()}, texts {[texts[i] for i in bad[:5]]}"
 
 
-def merge_classes(lookup: np.ndarray) -> set[tuple[int, ...]]:
-    classes: dict[int, list[int]] = {}
-    for t, c in enumerate(lookup.tolist()):
-        classes.setdefault(c, []).append(t)
-    return {tuple(m) for m in classes.values() if len(m) > 1}
-
-
-# -- SPEC section 1 facts on the DeepSeek tokenizer -----------------------------------
+# -- docs/spec.md "Tokenizer compression" facts on the DeepSeek tokenizer -----------------------------------
 def test_deepseek_size_and_reduction(deepseek_tokenizer, deepseek_vocab):
     assert deepseek_vocab.vocab_size == deepseek_tokenizer.tokenizer.get_vocab_size(with_added_tokens=True) == 129_280
     assert deepseek_vocab.compress([0, 1, 2]).tolist() == [0, 1, 2]
