@@ -20,7 +20,7 @@ from .errors import PlanError
 HASH_FAMILY_REFERENCE = "multiply-xor"
 # The layer seed stride of the reference (`PRIME_1` in engram_demo_v1.py).
 LAYER_SEED_STRIDE = 10007
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3": 1}  # fp8 rows also carry head_dim // 32 scale bytes (engram_cli.fp8)
 
 # Reference defaults (shared/SPEC.md section 2).
 DEFAULT_LAYER_IDS = (1, 15)
