@@ -71,8 +71,25 @@ def parse_option(kind: type[E], value) -> E:
     try:
         return kind(value.value if isinstance(value, StrEnum) else value)
     except ValueError:
-        choices = ", ".join(m.value for m in kind)
-        raise StoreError(f"unknown {_OPTION_NAMES.get(kind, kind.__name__)} {value!r}; choose one of {choices}") from None
+        raise StoreError(f"unknown {_OPTION_NAMES.get(kind, kind.__name__)} {value!r}; choose one of {choices(kind)}") from None
+
+
+def choices(kind: type[StrEnum]) -> str:
+    """The values of an option type, comma-separated (for help texts and messages)."""
+    return ", ".join(m.value for m in kind)
+
+
+def option_parser(kind: type[E]) -> Callable[..., E]:
+    """A CLI option callback (typer/click: ctx, param, value) that returns `parse_option(kind, value)`.
+
+    The CLI declares these options as plain strings and converts them here, so a bad
+    value is this module's one-line StoreError, not the parser's usage box.
+    """
+
+    def parse(ctx, param, value):
+        return None if value is None else parse_option(kind, value)
+
+    return parse
 
 
 DEFAULT_DTYPE = TableDtype.FLOAT32
