@@ -403,7 +403,8 @@ class TableStore:
             lo, hi = max(c0, start), min(c1, stop)
             if block is None:
                 return np.empty((c1 - c0, vals.shape[1]), vals.dtype) if lo == c0 and hi == c1 else None
-            block[lo - c0 : hi - c0] = vals[lo - start : hi - start]
+            if lo < hi:  # chunks of an affected shard outside the block are copied as they are
+                block[lo - c0 : hi - c0] = vals[lo - start : hi - start]
             return block
 
         shards = range(start // self.shard_rows, (stop - 1) // self.shard_rows + 1)
