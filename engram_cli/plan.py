@@ -324,6 +324,10 @@ def make_plan(
         raise PlanError(f"--seed must be >= 0 (it seeds numpy's generator with seed + 10007 * layer), got {seed}")
     if dtype not in DTYPE_BYTES:
         raise PlanError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    if dtype == "float8_e4m3":
+        from .fp8 import check_fp8_head_dim
+
+        check_fp8_head_dim(int(dim) // int(heads))  # one scale byte per 32 values of a row
     if compressed_vocab_size < 1:
         raise PlanError(f"compressed vocabulary size must be positive, got {compressed_vocab_size}")
     return TablePlan(

@@ -144,9 +144,16 @@ def test_fp8_init_is_the_quantized_float32_recipe(tmp_path):
 
 
 def test_fp8_needs_a_head_width_multiple_of_32(tmp_path):
-    plan = make_plan(compressed_vocab_size=C, compressed_pad_id=PAD, rows_per_head=250, heads=4, dim=64, layer_ids=(2,), dtype="float8_e4m3")
     with pytest.raises(PlanError, match="multiple of 32"):
-        create_store(tmp_path / "t.zarr", plan, VOCAB, **GEOMETRY)
+        make_plan(compressed_vocab_size=C, compressed_pad_id=PAD, rows_per_head=250, heads=4, dim=64, layer_ids=(2,), dtype="float8_e4m3")
+    # a plan made elsewhere (e.g. restored from a dict) is checked again before anything is written
+    plan = plan32("float16")
+    object.__setattr__(plan, "dtype", "float8_e4m3")  # bypass make_plan's own check
+    object.__setattr__(plan, "dim", 64)
+    partial = prepare_partial(tmp_path / "t.zarr", False)
+    with pytest.raises(PlanError, match="multiple of 32"):
+        create_layout(partial, plan, VOCAB, stats=None, **GEOMETRY)
+    assert not (partial / "zarr.json").exists()
 
 
 # -- writes ------------------------------------------------------------------------------
