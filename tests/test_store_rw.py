@@ -363,3 +363,23 @@ def test_thread_executor_matches_default(tmp_path):
     with ThreadPoolExecutor(3) as ex:
         got = create_store(tmp_path / "b.zarr", plan, VOCAB, executor=ex, **GEOMETRY)
     assert table_files(got.path, 2) == table_files(ref.path, 2)
+
+
+def test_vocab_array_form_is_shared_by_npz_and_store(tmp_path):
+    """One function (vocab_arrays) writes the keys for both containers; a lone surrogate
+    (a byte-level key that is not valid UTF-8 text) survives both."""
+    from engram_cli.vocab import CompressedVocab, vocab_arrays
+
+    keys = tuple(VOCAB.keys[:-1]) + ("\ud800 lone",)
+    vocab = CompressedVocab(lookup=VOCAB.lookup, keys=keys, raw_key=VOCAB.raw_key, tokenizer_sha256=VOCAB.tokenizer_sha256)
+    plan = make_plan(compressed_vocab_size=C, compressed_pad_id=PAD, rows_per_head=250, heads=4, dim=128, layer_ids=(2,), tokenizer_sha256=vocab.tokenizer_sha256, vocab_fingerprint=vocab.fingerprint)
+    store = create_store(tmp_path / "t.zarr", plan, vocab, init="zeros", **GEOMETRY)
+    from_npz = CompressedVocab.load(vocab.save(tmp_path / "v.npz"))
+    from_store = store.vocab
+    assert from_npz.keys == from_store.keys == keys and from_store.fingerprint == vocab.fingerprint
+    g = zarr.open_group(str(store.path / "vocab"), mode="r")
+    with np.load(tmp_path / "v.npz") as z:
+        for name, npz_name in (("lookup", "lookup"), ("raw_key", "raw_key"), ("key_bytes", "keys_utf8"), ("key_offsets", "keys_offsets")):
+            np.testing.assert_array_equal(g[name][:], z[npz_name])
+            np.testing.assert_array_equal(g[name][:], vocab_arrays(vocab)[name])
+    assert "\ud800 lone".encode("utf-8", "surrogatepass") in g["key_bytes"][:].tobytes()
