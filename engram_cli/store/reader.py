@@ -5,7 +5,7 @@ optionally into a caller's buffer), `iter_row_blocks` (bounded-memory streaming)
 `read_rows` (gather). Writes (mode "r+"): `write_rows` / `write_row_block` rewrite each
 affected shard whole into a temporary file beside it, fsync it and rename it over the
 old one, so a crash leaves every shard old or new, never torn; the root attributes
-record every modification. Arrays come back in the STORAGE representation unless a
+record every modification. One writer per store at a time (no lock is taken). Arrays come back in the STORAGE representation unless a
 method says otherwise: float32, float16, bfloat16 as uint16 words, float8_e4m3 as
 packed uint8 rows (docs/store.md).
 """
