@@ -11,6 +11,15 @@ Two comparisons, both in this process, best of --repeat after a warm-up:
 
 Neither side calls fsync: both measure what reaches the page cache.
 
+Then reads and in-place writes of the built store (`--read`, on by default):
+
+- load_layer: `TableStore.load_layer` (shard by shard into one array) against plain
+  zarr-python `arr[:]` of the same array.
+- write_row_block / write_rows: a whole-layer `write_row_block` and `write_rows` of 1%
+  of the rows scattered, against zarr-python writing the same values into the same
+  store (`arr[:] = values`; for scattered rows read-modify-write of the array). engram fsyncs each
+  rewritten shard (crash safety); zarr-python does not.
+
     python benchmarks/bench_store.py --mib 256 --compressors none,lz4,zstd --workers 1,2
 """
 
@@ -98,6 +107,51 @@ def raw_materialize(path: Path, plan, chunk_rows: int, shard_rows: int, workers:
         os.close(fd)
 
 
+def bench_read_write(scratch: Path, plan, vocab, chunk_bytes: int, shard_bytes: int, compressors, repeat: int) -> list[dict]:
+    """load_layer vs zarr-python arr[:], and in-place writes vs zarr-python's own writes."""
+    from engram_cli.store import TableStore, create_store
+
+    rows_out = []
+    nbytes = plan.total_bytes
+    for comp in compressors:
+        out = scratch / f"rw-{comp}.zarr"
+        create_store(out, plan, vocab, compressor=comp, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, force=True)
+        store = TableStore.open(out, mode="r+")
+        arr = zarr.open_array(str(out / "layer_1" / "table"), mode="r+")
+        zr = timed(lambda: arr[:], lambda: None, repeat)
+        buf = np.empty(arr.shape, arr.dtype)
+        ours = timed(lambda: store.load_layer(1, out=buf), lambda: None, repeat)
+        fresh = timed(lambda: store.load_layer(1), lambda: None, repeat)
+        base = dict(kind="read", workers=1, parallel="-", compressor=comp, disk_ratio=float("nan"))
+        rows_out.append(dict(base, provider="zarr-python arr[:]", rate_MBps=nbytes / zr["best_s"] / 1e6, ratio=1.0))
+        rows_out.append(dict(base, provider="engram load_layer(out=)", rate_MBps=nbytes / ours["best_s"] / 1e6, ratio=zr["best_s"] / ours["best_s"]))
+        rows_out.append(dict(base, provider="engram load_layer", rate_MBps=nbytes / fresh["best_s"] / 1e6, ratio=zr["best_s"] / fresh["best_s"]))
+
+        values = np.asarray(arr[:])
+        zw = timed(lambda: arr.__setitem__(slice(None), values), lambda: None, repeat)
+        ew = timed(lambda: store.write_row_block(1, 0, values, by="bench"), lambda: None, repeat)
+        base = dict(kind="rewrite", workers=1, parallel="-", compressor=comp, disk_ratio=float("nan"))
+        rows_out.append(dict(base, provider="zarr-python arr[:]=", rate_MBps=nbytes / zw["best_s"] / 1e6, ratio=1.0))
+        rows_out.append(dict(base, provider="engram write_row_block", rate_MBps=nbytes / ew["best_s"] / 1e6, ratio=zw["best_s"] / ew["best_s"]))
+
+        rng = np.random.default_rng(0)
+        ids = np.sort(rng.choice(values.shape[0], values.shape[0] // 100, replace=False))
+        vals = values[ids]
+        def zarr_rows():  # plain zarr-python's way to scatter rows into a sharded array: read, modify, write
+            whole = arr[:]
+            whole[ids] = vals
+            arr[:] = whole
+
+        zs = timed(zarr_rows, lambda: None, repeat)
+        es = timed(lambda: store.write_rows(1, ids, vals, by="bench"), lambda: None, repeat)
+        rb = vals.nbytes
+        base = dict(kind="write_rows 1%", workers=1, parallel="-", compressor=comp, disk_ratio=float("nan"))
+        rows_out.append(dict(base, provider="zarr-python arr[:] then arr[:]=", rate_MBps=rb / zs["best_s"] / 1e6, ratio=1.0))
+        rows_out.append(dict(base, provider="engram write_rows", rate_MBps=rb / es["best_s"] / 1e6, ratio=zs["best_s"] / es["best_s"]))
+        del values, buf
+    return rows_out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=256, help="table size in MiB")
@@ -110,6 +164,7 @@ def main(argv=None) -> None:
     ap.add_argument("--parallel", default="threads,processes")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
+    ap.add_argument("--no-read", action="store_true", help="skip the read / in-place write rows")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
 
@@ -205,6 +260,8 @@ def main(argv=None) -> None:
                     m = timed(fn, make_array, args.repeat)
                     rate = nbytes / m["best_s"]
                     rows_out.append(dict(kind="write-only", provider=provider, workers=workers, parallel="threads", compressor=comp, rate_MBps=rate / 1e6, ratio=rate / raw_rate, disk_ratio=float("nan")))
+        if not args.no_read:
+            rows_out += bench_read_write(scratch, plan, vocab, chunk_bytes, shard_bytes, compressors, args.repeat)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print_rows("store write rate (ratio = against raw-file with the same workers and kind)", rows_out)

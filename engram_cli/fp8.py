@@ -38,7 +38,7 @@ def check_fp8_head_dim(head_dim: int) -> None:
 
         raise PlanError(
             f"float8_e4m3 rows need a head width that is a multiple of {FP8_BLOCK}, got {head_dim}; "
-            f"change --n-embed or --heads, or pick another --dtype"
+            f"change --dim or --heads, or pick another --dtype"
         )
 
 

@@ -21,7 +21,7 @@ from .units import parse_bytes
 HASH_FAMILY_REFERENCE = "multiply-xor"
 # The layer seed stride of the reference (`PRIME_1` in engram_demo_v1.py).
 LAYER_SEED_STRIDE = 10007
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3": 1}  # fp8 rows also carry head_dim // 32 scale bytes (engram_cli.fp8)
 
 # Reference defaults (docs/spec.md, "Table plan").
 DEFAULT_LAYER_IDS = (1, 15)
@@ -325,6 +325,10 @@ def make_plan(
         raise PlanError(f"--seed must be >= 0 (it seeds numpy's generator with seed + 10007 * layer), got {seed}")
     if dtype not in DTYPE_BYTES:
         raise PlanError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    if dtype == "float8_e4m3":
+        from .fp8 import check_fp8_head_dim
+
+        check_fp8_head_dim(int(dim) // int(heads))  # one scale byte per 32 values of a row
     if compressed_vocab_size < 1:
         raise PlanError(f"compressed vocabulary size must be positive, got {compressed_vocab_size}")
     return TablePlan(

@@ -207,17 +207,15 @@ class CompressedVocab:
         The file appears only when complete: it is written beside `path` and renamed.
         """
         path = check_output_path(path)
-        encoded = [k.encode("utf-8", "surrogatepass") for k in self.keys]
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        arrays = vocab_arrays(self)
         tmp = path.parent / f".{path.name}.partial.npz"
         try:
             np.savez(
                 tmp,
-                lookup=self.lookup.astype("<i8"),
-                raw_key=self.raw_key.astype(bool),
-                keys_utf8=np.frombuffer(b"".join(encoded), dtype=np.uint8),
-                keys_offsets=offsets,
+                lookup=arrays["lookup"],
+                raw_key=arrays["raw_key"],
+                keys_utf8=arrays["key_bytes"],
+                keys_offsets=arrays["key_offsets"],
                 metadata=np.array(json.dumps(self.metadata())),
             )
             os.replace(tmp, path)
@@ -253,6 +251,24 @@ class CompressedVocab:
         if meta.get("fingerprint") != vocab.fingerprint or vocab.lookup.shape != vocab.raw_key.shape or len(keys) != meta.get("compressed_size"):
             raise VocabMismatch(f"{str(path)!r} is corrupt: its arrays do not match its stored fingerprint and sizes; rebuild it with `engram compress-vocab -o {path}`")
         return vocab
+
+
+def vocab_arrays(vocab: "CompressedVocab") -> dict[str, np.ndarray]:
+    """The vocabulary's array form, shared by `CompressedVocab.save` (.npz) and the table store's `vocab/` group.
+
+    `lookup` (V,) int64 little-endian, `raw_key` (V,) bool, `key_bytes` (the keys'
+    UTF-8 bytes back to back, lone surrogates kept by "surrogatepass") and `key_offsets`
+    (C+1,) int64: key c is key_bytes[key_offsets[c]:key_offsets[c+1]].
+    """
+    encoded = [k.encode("utf-8", "surrogatepass") for k in vocab.keys]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return {
+        "lookup": np.asarray(vocab.lookup).astype("<i8"),
+        "raw_key": np.asarray(vocab.raw_key).astype(bool),
+        "key_bytes": np.frombuffer(b"".join(encoded), dtype=np.uint8),
+        "key_offsets": offsets,
+    }
 
 
 def check_output_path(path: str | os.PathLike) -> Path:

@@ -189,7 +189,7 @@ def test_interrupted_build_leaves_no_store(tmp_path, small_corpus, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(store_module, "write_shard", interrupted)
+    monkeypatch.setattr(store_module.writer, "write_shard", interrupted)
     result = invoke(small_corpus, "-o", out, *SMALL_PLAN, "--workers", "1")
     assert result.exit_code == 130, result.output
     assert len(calls) == 2

@@ -1,0 +1,103 @@
+"""Hit counting: how many corpus windows hash to each row of a layer's table.
+
+Beside the hashing it applies (`engram_cli.hashing.ngram_row_ids`): for every order n
+and head j, every distinct n-gram with count c adds c to row `offset_j + hash_j(ngram)`.
+Streams the n-gram statistics; holds one row range plus one batch, so a layer of any
+size is counted in passes of bounded memory (`count_passes`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from .defaults import DEFAULT_MEMORY_LIMIT
+from .hashing import ngram_row_ids
+
+if TYPE_CHECKING:
+    from .ngrams import NgramStats
+    from .plan import TablePlan
+
+
+def _stats_batch_rows(order: int, heads: int, memory_limit: int) -> int:
+    per_ngram = order * 12 + 16 + heads * 8 * 3  # polars columns, ids, counts, row ids, masks
+    return int(min(1 << 21, max(1 << 12, (memory_limit // 4) // per_ngram)))
+
+
+def _accumulate(acc: np.ndarray, index: np.ndarray, weights: np.ndarray) -> None:
+    """acc[index] += weights (uint64, repeated indices summed), exactly.
+
+    np.add.at costs O(len(index)) and no extra memory; np.bincount would cost
+    O(len(acc)) per batch plus two accumulator-sized temporaries.
+    """
+    np.add.at(acc, index, weights.astype(np.uint64, copy=False))
+
+
+def hit_counts(
+    plan: "TablePlan",
+    layer_id: int,
+    stats: "NgramStats",
+    start: int = 0,
+    stop: int | None = None,
+    *,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Hits of rows [start, stop) of a layer: (stop - start,) uint64.
+
+    `on_batch(m)` is called after each batch of m n-grams.
+    """
+    rows = plan.layer_rows(layer_id)
+    stop = rows if stop is None else stop
+    acc = np.zeros(stop - start, dtype=np.uint64)
+    for order in orders_touching(plan, layer_id, start, stop):
+        offsets = plan.row_offsets(layer_id)
+        sizes = plan.head_primes(layer_id)
+        first = (order - 2) * plan.heads
+        heads = [j for j in range(plan.heads) if offsets[first + j] < stop and offsets[first + j] + sizes[first + j] > start]
+        whole = all(offsets[first + j] >= start and offsets[first + j] + sizes[first + j] <= stop for j in heads)
+        for ids, counts in stats.iter_batches(order, batch_rows=_stats_batch_rows(order, plan.heads, memory_limit)):
+            row_ids = ngram_row_ids(plan, layer_id, ids)[:, heads]  # (m, h)
+            weights = np.broadcast_to(counts[:, None], row_ids.shape)
+            if whole:
+                _accumulate(acc, (row_ids - start).ravel(), weights.ravel())
+            else:
+                keep = (row_ids >= start) & (row_ids < stop)
+                _accumulate(acc, row_ids[keep] - start, weights[keep])
+            if on_batch is not None:
+                on_batch(int(ids.shape[0]))
+    return acc
+
+
+def orders_touching(plan: "TablePlan", layer_id: int, start: int, stop: int) -> list[int]:
+    """The n-gram orders with at least one head whose rows overlap [start, stop)."""
+    offsets, sizes = plan.row_offsets(layer_id), plan.head_primes(layer_id)
+    out = []
+    for order in plan.orders:
+        i = (order - 2) * plan.heads
+        if any(offsets[i + j] < stop and offsets[i + j] + sizes[i + j] > start for j in range(plan.heads)):
+            out.append(order)
+    return out
+
+
+def per_order_sums(plan: "TablePlan", layer_id: int, start: int, acc: np.ndarray) -> dict[int, int]:
+    """Sum of the hits `acc` (rows [start, start + len(acc))) falling in each order's rows."""
+    stop = start + len(acc)
+    offsets = plan.row_offsets(layer_id)
+    ends = offsets + plan.head_primes(layer_id)
+    out = {}
+    for order in plan.orders:
+        i = (order - 2) * plan.heads
+        lo, hi = max(start, int(offsets[i])), min(stop, int(ends[i + plan.heads - 1]))
+        out[order] = int(acc[lo - start : hi - start].sum()) if lo < hi else 0
+    return out
+
+
+def count_passes(plan: "TablePlan", pass_rows: int) -> list[tuple[int, int, int]]:
+    """(layer_id, start, stop) row ranges of at most `pass_rows` rows covering every layer."""
+    return [
+        (layer_id, start, min(plan.layer_rows(layer_id), start + pass_rows))
+        for layer_id in plan.layer_ids
+        for start in range(0, plan.layer_rows(layer_id), pass_rows)
+    ]

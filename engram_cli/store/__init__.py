@@ -1,0 +1,63 @@
+"""The Zarr v3 store of a plan's tables (`tables.zarr`): format, reader (`TableStore`) and writer (the build).
+
+One Zarr v3 group that plain zarr-python (or tensorstore) opens without this package:
+
+    tables.zarr/
+      zarr.json            root group; attributes["engram"] describe everything (`complete` last)
+      vocab/               the compressed vocabulary, enough to hash tokens from the store alone
+        lookup (V,) int64, raw_key (V,) bool, key_bytes (B,) uint8, key_offsets (C+1,) int64
+      layer_{id}/
+        table (rows, width)  float32 | float16 | uint16 (= bfloat16 words) | uint8 (= fp8 rows,
+                             width head_dim + head_dim // 32); sharded, crc32c per chunk
+        hits  (rows,) uint64 windows of the corpus that hash to each row (with statistics)
+      stats/               NgramStats parquet files (not Zarr; zarr-python skips it)
+
+Modules: `format` (typed options, dtypes, geometry, codecs, the init recipe), `reader`
+(`TableStore`: open, load, stream, gather, rewrite rows in place), `writer` (the build's
+public steps and the shard writer); hit counting lives in `engram_cli.hits`. docs/store.md
+is the API with examples; docs/build-table.md lists every attribute. The design target
+is DeepSeek's scale (~768M rows, ~200 GB): nothing holds a whole table in memory.
+
+Names are loaded on first use, so `from engram_cli.store.format import TableDtype` (the
+CLI's option types) does not import zarr.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_FORMAT = (
+    "COMPRESSORS", "DEFAULT_CHUNK_BYTES", "DEFAULT_COMPRESSOR", "DEFAULT_DTYPE", "DEFAULT_INIT", "DEFAULT_INIT_STD",
+    "DEFAULT_MEMORY_LIMIT", "DEFAULT_PARALLEL", "DEFAULT_SHARD_BYTES", "DEFAULT_STORE", "FORMAT", "INIT_KINDS", "INIT_RNG",
+    "PARALLEL_KINDS", "PARTIAL_SUFFIX", "ROOT_ATTR", "STATS_DIR", "STORAGE_DTYPES", "Compressor", "InitKind",
+    "ParallelKind", "TableDtype", "_shard_blocks", "bfloat16_bits_to_float32", "ceil_div", "check_dtype_geometry",
+    "chunk_encoder", "chunk_row_range", "chunk_rows_for", "float32_to_bfloat16_bits", "from_storage", "hits_geometry",
+    "init_chunk", "parse_option", "partial_path", "row_bytes", "row_width", "shard_blocks", "shard_rows_for",
+    "storage_dtype", "table_codecs", "to_storage",
+)
+_READER = ("TableStore",)
+_WRITER = (
+    "ShardTask", "StoreLayout", "_resolve_workers", "check_hit_totals", "check_output", "check_write_options",
+    "count_hits_range", "create_layout", "create_store", "finalize", "hit_passes", "mark_complete", "prepare_partial",
+    "run_shard_task", "run_shard_tasks", "shard_tasks", "write_shard", "write_tables",
+)
+_HITS = ("hit_counts",)
+_WHERE = {**dict.fromkeys(_FORMAT, ".format"), **dict.fromkeys(_READER, ".reader"), **dict.fromkeys(_WRITER, ".writer"), **dict.fromkeys(_HITS, "..hits")}
+
+
+def __getattr__(name: str):
+    if name in ("format", "reader", "writer"):
+        return importlib.import_module(f".{name}", __name__)
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))
+
+
+__all__ = [n for n in _WHERE if not n.startswith("_")]
