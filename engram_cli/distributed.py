@@ -81,6 +81,22 @@ def parse_cluster(text: str) -> ClusterSpec:
     raise ClusterError(f"--cluster {text!r} is not a cluster: use local, local:N, auto (a running cluster, RAY_ADDRESS honoured) or ray://HOST:PORT")
 
 
+def check_cluster_options(cluster: str | None, *, work_dir=None, resume: bool = False) -> ClusterSpec | None:
+    """The CLI's --cluster/--work-dir/--resume, checked before any work: the spec, or None (one process).
+
+    Raises `ClusterError` for a bad --cluster, for --work-dir/--resume without it, and
+    when Ray is not installed (naming the extra).
+    """
+    if cluster is None:
+        if work_dir is not None or resume:
+            flag = "--work-dir" if work_dir is not None else "--resume"
+            raise ClusterError(f"{flag} applies to distributed builds only; add --cluster local:N (or auto, ray://HOST:PORT), or drop {flag}")
+        return None
+    spec = parse_cluster(cluster)
+    import_ray()
+    return spec
+
+
 def import_ray():
     """The `ray` module, or `ClusterError` naming the extra to install."""
     try:
@@ -285,7 +301,7 @@ def _tokenizer_in_process(spec: str, sha256: str):
 
 
 def count_map_shard(
-    shard,
+    pieces,
     out_dir: str,
     *,
     tokenizer: str,
@@ -298,10 +314,10 @@ def count_map_shard(
     add_special_tokens: bool = False,
     resume: bool = False,
 ) -> str:
-    """Map task: count `shard` (a `shards.Shard`) into partial statistics at `out_dir`; returns `out_dir`.
+    """Map task: count `pieces` (`shards.Shard`s, read in order) into partial statistics at `out_dir`; returns `out_dir`.
 
-    The statistics are what `count_corpus` writes for the shard's documents (with the
-    shard's `CorpusSummary` under "corpus"), but an empty shard is not an error here:
+    The statistics are what `count_corpus` writes for the pieces' documents (with
+    their `CorpusSummary` under "corpus"), but an empty task is not an error here:
     the driver checks the merged corpus. With `resume`, a finished partial of the same
     fingerprint `fp` is kept as it is.
     """
@@ -314,10 +330,10 @@ def count_map_shard(
     if resume and is_done(out, fp):
         return str(out)
     with atomic_dir(out, fp) as tmp:
-        (tmp / "started.json").write_text(json.dumps({"pid": os.getpid(), "shard": shard.index}))  # what a kill test looks for
+        (tmp / "started.json").write_text(json.dumps({"pid": os.getpid(), "shards": [p.index for p in pieces]}))  # what a kill test looks for
         tok = _tokenizer_in_process(tokenizer, tokenizer_sha256)
         summary = CorpusSummary()
-        docs = iter_shard_documents(shard, summary=summary, tmp_dir=tmp)
+        docs = (doc for piece in pieces for doc in iter_shard_documents(piece, summary=summary, tmp_dir=tmp))
         ids = encode_documents(docs, tokenizer=tok, vocab=vocab, add_special_tokens=add_special_tokens)
         stats = count_ngrams(ids, max_ngram_size=max_ngram_size, pad_id=pad_id, vocab_size=vocab.compressed_size, out_dir=tmp, memory_limit=memory_limit)
         summary.tokens = int(stats.summary["tokens"])
@@ -334,16 +350,36 @@ def _write_summary(root: Path, summary: dict) -> None:
 
 
 # -- reduce: merge one radix partition ---------------------------------------------------------
-def merge_partition(parts: list[str], out_dir: str, *, tok0_range: tuple[int, int], fp: str, memory_limit: int, resume: bool = False) -> str:
-    """Reduce task: the n-grams with `tok_0` in `tok0_range` of every partial, merged (`merge_stats`)."""
+def merge_partition(parts: list[str], out_dir: str, *, tok0_range: tuple[int, int] | None, fp: str, memory_limit: int, resume: bool = False) -> str:
+    """Reduce task: the n-grams with `tok_0` in `tok0_range` of every partial, merged (`merge_stats`); None: all of them."""
     from .ngrams import merge_stats
 
     out = Path(out_dir)
     if resume and is_done(out, fp):
         return str(out)
     with atomic_dir(out, fp) as tmp:
-        merge_stats(parts, tmp, memory_limit=memory_limit, tok0_range=tuple(tok0_range))
+        merge_stats(parts, tmp, memory_limit=memory_limit, tok0_range=None if tok0_range is None else tuple(tok0_range))
     return str(out)
+
+
+def auto_partitions(parts, memory_limit: int, cpus: int) -> int:
+    """Radix partitions for the reduce: 1 when every order's merge fits one key range, else `cpus`.
+
+    One partition is one `merge_stats` call over all partials, which writes each
+    order's parquet file exactly as the single-process count does when the statistics
+    fit its memory (one range): the files are then byte-identical. Several partitions
+    (statistics beyond one task's memory) give the same rows and summary in a
+    different row-group layout, as the single-process count's own multi-range merge
+    does. The estimate is the sum of the partials' distinct rows (an upper bound).
+    """
+    from . import ngrams
+
+    overhead = getattr(ngrams, "_BYTES_PER_ROW_OVERHEAD", 4)
+    for n in parts[0].orders:
+        range_rows = max(1 << 6, memory_limit // (8 * (n + 1) * 2 * overhead))
+        if sum(p.distinct(n) for p in parts) > range_rows:
+            return max(1, cpus)
+    return 1
 
 
 def radix_ranges(vocab_size: int, partitions: int) -> list[tuple[int, int]]:
@@ -356,7 +392,7 @@ def radix_ranges(vocab_size: int, partitions: int) -> list[tuple[int, int]]:
 # -- the driver --------------------------------------------------------------------------------
 @dataclass
 class WorkDir:
-    """The shared directory of a distributed build's partials (`<out>.work` by default)."""
+    """The shared directory of a distributed build's partials (`.OUT.work` beside the output by default)."""
 
     root: Path
     build_fp: str
@@ -401,8 +437,9 @@ class WorkDir:
 
 
 def default_work_dir(out: str | os.PathLike) -> Path:
+    """`.OUT.work` beside the output: hidden, so a corpus directory that holds the output never reads it as corpus."""
     out = Path(out)
-    return out.parent / f"{out.name}.work"
+    return out.parent / f".{out.name}.work"
 
 
 @dataclass
@@ -448,10 +485,10 @@ def run_all(executor: cf.Executor, calls: list[tuple[Callable, tuple, dict]], on
 class DistributedOptions:
     """The scheduling knobs of a distributed build (the table options go to the store)."""
 
-    work_dir: Path | None = None  # default: <out>.work beside the output
+    work_dir: Path | None = None  # default: .OUT.work beside the output (hidden: never read as corpus)
     resume: bool = False
     map_bytes: int | None = None  # corpus bytes per map shard (default shards.DEFAULT_SHARD_BYTES)
-    partitions: int | None = None  # radix partitions (reduce tasks); default: the cluster's CPUs
+    partitions: int | None = None  # radix partitions (reduce tasks); default: `auto_partitions`
     max_retries: int = DEFAULT_MAX_RETRIES
     keep_work: bool = False  # keep the partials after a successful build
     extra: dict = field(default_factory=dict)
@@ -471,7 +508,8 @@ def count_distributed(
     text_field: str = "text",
     add_special_tokens: bool = False,
     map_bytes: int | None = None,
-    partitions: int = 1,
+    partitions: int | None = None,
+    cpus: int = 1,
     resume: bool = False,
     progress: Progress | None = None,
 ):
@@ -481,39 +519,50 @@ def count_distributed(
     a corpus without documents or tokens (checked on the merged figures).
     """
     from .corpus import CorpusSummary, corpus_files, empty_corpus_message
-    from .ngrams import NgramStats, concat_stats
-    from .shards import DEFAULT_SHARD_BYTES, merge_summaries, plan_shards
+    from .ngrams import NgramStats, concat_stats, order_file
+    from .shards import DEFAULT_SHARD_BYTES, group_shards, merge_summaries, plan_shards
 
     first = CorpusSummary()
     files = corpus_files(paths, first)
-    shards = plan_shards(files, expanded=True, shard_bytes=map_bytes or DEFAULT_SHARD_BYTES, text_field=text_field)
+    map_bytes = map_bytes or DEFAULT_SHARD_BYTES
+    groups = group_shards(plan_shards(files, expanded=True, shard_bytes=map_bytes, text_field=text_field), map_bytes)
     share = getattr(executor, "share", lambda x: x)
     vocab_arg = share(vocab)
     base = (tokenizer.sha256, vocab.fingerprint, max_ngram_size, pad_id, add_special_tokens)
-    map_fps = [fingerprint("map", s.fingerprint, *base) for s in shards]
-    map_dirs = [str(work.map_dir / f"{s.index:06d}-{fp[:16]}") for s, fp in zip(shards, map_fps)]
+    map_fps = [fingerprint("map", [s.fingerprint for s in g], *base) for g in groups]
+    map_dirs = [str(work.map_dir / f"{i:06d}-{fp[:16]}") for i, fp in enumerate(map_fps)]
+    weights = [sum(max(1, s.weight) for s in g) for g in groups]
     reused = sum(1 for d, fp in zip(map_dirs, map_fps) if resume and is_done(Path(d), fp))
-    counter = StageCounter(progress, "map shards", float(sum(max(1, s.weight) for s in shards)))
+    counter = StageCounter(progress, "map shards", float(sum(weights)))
     if reused:
-        counter.report(f"{reused} of {len(shards)} shards reused (--resume)")
+        counter.report(f"{reused} of {len(groups)} shards reused (--resume)")
     calls = [
-        (count_map_shard, (s, d), dict(tokenizer=tokenizer.name, tokenizer_sha256=tokenizer.sha256, vocab=vocab_arg, max_ngram_size=max_ngram_size,
+        (count_map_shard, (g, d), dict(tokenizer=tokenizer.name, tokenizer_sha256=tokenizer.sha256, vocab=vocab_arg, max_ngram_size=max_ngram_size,
                                         pad_id=pad_id, fp=fp, memory_limit=memory_limit, add_special_tokens=add_special_tokens, resume=resume))
-        for s, d, fp in zip(shards, map_dirs, map_fps)
+        for g, d, fp in zip(groups, map_dirs, map_fps)
     ]
-    run_all(executor, calls, lambda i, _: counter.add(max(1, shards[i].weight), shards[i].describe()))
+    run_all(executor, calls, lambda i, _: counter.add(weights[i], groups[i][0].describe() + (f" (+{len(groups[i]) - 1} more)" if len(groups[i]) > 1 else "")))
     parts = [NgramStats.open(d) for d in map_dirs]
     corpus = merge_summaries(first, [CorpusSummary.from_dict(p.summary["corpus"]) for p in parts])
     if corpus.documents == 0 or corpus.tokens == 0:
         raise CorpusError(empty_corpus_message(files, corpus, text_field))
 
-    ranges = radix_ranges(vocab.compressed_size, partitions)
-    red_fps = [fingerprint("reduce", map_fps, r) for r in ranges]
+    partitions = partitions or auto_partitions(parts, memory_limit, cpus)
+    ranges: list = radix_ranges(vocab.compressed_size, partitions) if partitions > 1 else [None]
+    red_fps = [fingerprint("reduce", map_fps, r, memory_limit) for r in ranges]
     red_dirs = [str(work.reduce_dir / f"{i:04d}-{fp[:16]}") for i, fp in enumerate(red_fps)]
     rcounter = StageCounter(progress, "merge partitions", float(len(ranges)))
     calls = [(merge_partition, (map_dirs, d), dict(tok0_range=r, fp=fp, memory_limit=memory_limit, resume=resume)) for r, d, fp in zip(ranges, red_dirs, red_fps)]
-    run_all(executor, calls, lambda i, _: rcounter.add(1, f"tok_0 in [{ranges[i][0]}, {ranges[i][1]})"))
-    stats = concat_stats(red_dirs, stats_out)
+    run_all(executor, calls, lambda i, _: rcounter.add(1, "all n-grams" if ranges[i] is None else f"tok_0 in [{ranges[i][0]}, {ranges[i][1]})"))
+    if ranges == [None]:
+        stats_out = Path(stats_out)
+        stats_out.mkdir(parents=True, exist_ok=True)
+        merged = NgramStats.open(red_dirs[0])
+        for n in merged.orders:
+            shutil.copyfile(order_file(merged.root, n), order_file(stats_out, n))
+        stats = NgramStats(root=stats_out, summary=merged.summary)
+    else:
+        stats = concat_stats(red_dirs, stats_out)
     full = {**{k: v for k, v in stats.summary.items() if k != "corpus"}, "corpus": corpus.to_dict()}
     _write_summary(stats_out, full)
     return corpus, NgramStats(root=Path(stats_out), summary=full)
@@ -596,7 +645,7 @@ def build_tables_distributed(
                 list(paths), partial / "stats", executor=ex, work=work, tokenizer=tokenizer, vocab=vocab,
                 max_ngram_size=plan.max_ngram_size, pad_id=plan.compressed_pad_id, memory_limit=memory_limit,
                 text_field=text_field, add_special_tokens=add_special_tokens, map_bytes=options.map_bytes,
-                partitions=options.partitions or n_cpus, resume=options.resume, progress=progress,
+                partitions=options.partitions, cpus=n_cpus, resume=options.resume, progress=progress,
             )
             attrs = {"corpus": corpus.to_dict(), "stats": {k: v for k, v in stats.summary.items() if k != "per_order"}, "cluster": description}
             materialize(partial, plan, vocab, stats=stats, executor=ex, memory_limit=memory_limit, extra_attrs=attrs, progress=progress, workers=2 * n_cpus, **store_options)
@@ -609,11 +658,99 @@ def build_tables_distributed(
     return BuildResult(store=store, corpus=corpus.to_dict())
 
 
+# -- the collision audit, one layer per task -------------------------------------------------------
+def audit_layer(store_path: str, plan, layer_id: int, *, families, target=None, sweep=None, top: int = 10) -> dict:
+    """Task: `collisions.audit_collisions` of one layer, reading the statistics from the store in the worker."""
+    from .collisions import audit_collisions
+    from .errors import StoreError
+    from .store import TableStore
+
+    store = TableStore.open(store_path)
+    try:
+        keys = store.vocab.keys
+    except StoreError:  # decoding is a nicety, as in the single-process audit
+        keys = None
+    return audit_collisions(plan, store.stats, families=families, layers=[layer_id], target=target, sweep=sweep, vocab_keys=keys, top=top)
+
+
+def merge_audits(plan, reports: list[dict], *, families, layers, target=None, sweep=None) -> dict:
+    """The report `audit_collisions` gives for all `layers` at once, from one report per layer (in `layers` order).
+
+    Exact: the per-(family, layer, order) audits are independent; the cross-layer
+    summaries (family distance, sizing, sweep grid) are recomputed by the audit's own
+    functions from the per-layer rows, which each layer's report carries whole.
+    """
+    from . import collisions as col
+
+    fam_index = {f: i for i, f in enumerate(families)}
+    # audit_collisions runs family-major, then layer, then order; sorted() is stable, orders stay in place
+    audits = sorted((a for r in reports for a in r["audit"]), key=lambda a: (fam_index[a["family"]], list(layers).index(a["layer"])))
+    sizing = None
+    if target is not None:
+        rows = [row for r in reports for entry in r["sizing"]["orders"] for row in entry["per_layer"]]
+        sizing = col._sizing_summary(plan, target, families[0], rows)
+    swept = None
+    if sweep is not None:
+        cells = col.sweep_plans(sweep, plan)
+        rows = []
+        for li, r in enumerate(reports):
+            for g in r["sweep"]["grid"]:
+                for n, v in g["per_order"].items():
+                    rows.append({"family": g["family"], "heads": g["heads"], "rows": g["rows"], "layer": layers[li], "order": int(n), **v})
+        rows.sort(key=lambda x: (fam_index[x["family"]], list(layers).index(x["layer"]), x["order"]))
+        swept = col._sweep_summary(cells, rows, families)
+    first = reports[0]
+    return {
+        "plan": first["plan"],
+        "families": list(families),
+        "layers": list(layers),
+        "orders": first["orders"],
+        "audit": audits,
+        "family_distance": col._family_distance(audits),
+        "sizing": sizing,
+        "sweep": swept,
+    }
+
+
+def audit_collisions_distributed(
+    store_path,
+    plan,
+    *,
+    cluster: ClusterSpec | str,
+    families=("reference",),
+    layers=None,
+    target=None,
+    sweep=None,
+    top: int = 10,
+    progress: Progress | None = None,
+    executor: cf.Executor | None = None,
+) -> dict:
+    """`collisions.audit_collisions` with one Ray task per layer, merged exactly (`merge_audits`).
+
+    Each task reads the statistics from the store (on storage every worker sees) and
+    holds one (family, layer, order) at a time, as the single-process audit does; the
+    layers run in parallel.
+    """
+    from .collisions import parse_families
+
+    families = parse_families(families)
+    layers = tuple(plan.layer_ids) if layers is None else tuple(int(x) for x in layers)
+    counter = StageCounter(progress, "audit layers", float(len(layers)))
+    with _executor(cluster, executor, DEFAULT_MAX_RETRIES) as (ex, _):
+        calls = [(audit_layer, (str(store_path), plan, layer), dict(families=families, target=target, sweep=sweep, top=top)) for layer in layers]
+        reports = run_all(ex, calls, lambda i, _: counter.add(1, f"layer {layers[i]}"))
+    return merge_audits(plan, reports, families=families, layers=layers, target=target, sweep=sweep)
+
+
 @contextmanager
 def _executor(cluster, executor: cf.Executor | None, max_retries: int):
     """(executor, cluster description): the given executor, or a RayExecutor on the joined cluster."""
     if executor is not None:
-        yield executor, {"cluster": f"executor:{type(executor).__name__}", "cpus": getattr(executor, "_max_workers", None) or 1}
+        if isinstance(executor, RayExecutor):  # a cluster the caller joined
+            res = executor._ray.cluster_resources()
+            yield executor, {"cluster": "ray (joined by the caller)", "cpus": int(res.get("CPU", 1)), "ray": _ray_version()}
+        else:
+            yield executor, {"cluster": f"executor:{type(executor).__name__}", "cpus": getattr(executor, "_max_workers", None) or 1}
         return
     with connect(cluster) as c:
         ex = RayExecutor(max_retries=max_retries)
@@ -624,7 +761,7 @@ def _executor(cluster, executor: cf.Executor | None, max_retries: int):
 
 
 __all__ = [
-    "Cluster", "ClusterSpec", "DistributedOptions", "RayExecutor", "WorkDir", "atomic_dir", "build_tables_distributed",
+    "Cluster", "ClusterSpec", "audit_collisions_distributed", "audit_layer", "check_cluster_options", "merge_audits", "DistributedOptions", "RayExecutor", "WorkDir", "atomic_dir", "build_tables_distributed",
     "connect", "count_distributed", "count_map_shard", "default_work_dir", "fingerprint", "import_ray", "materialize",
     "merge_partition", "parse_cluster", "radix_ranges", "run_all",
 ]

@@ -194,6 +194,26 @@ def plan_shards(
     return [Shard(**{**_fields(s), "index": i}) for i, s in enumerate(shards)]
 
 
+def group_shards(shards: list[Shard], shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[tuple[Shard, ...]]:
+    """Pack consecutive shards into map tasks of about `shard_bytes` each, in corpus order.
+
+    Small files travel together (a task per 2 KB file would cost more in scheduling
+    and per-task output than in counting); a piece already about `shard_bytes` big is
+    a task on its own. Reading a group's pieces one after the other is reading them
+    in corpus order, so the merge of the groups is still the whole.
+    """
+    groups: list[list[Shard]] = []
+    size = 0
+    for s in shards:
+        w = max(1, s.weight)
+        if not groups or size + w > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(s)
+        size += w
+    return [tuple(g) for g in groups]
+
+
 def _fields(s: Shard) -> dict:
     return {k: getattr(s, k) for k in Shard.__dataclass_fields__}
 
@@ -371,4 +391,4 @@ def merge_summaries(first: CorpusSummary, parts: Iterable[CorpusSummary]) -> Cor
     return out
 
 
-__all__ = ["DEFAULT_SHARD_BYTES", "merge_summaries", "SHARD_KINDS", "Shard", "ShardKind", "check_unchanged", "iter_shard_documents", "plan_shards"]
+__all__ = ["DEFAULT_SHARD_BYTES", "group_shards", "merge_summaries", "SHARD_KINDS", "Shard", "ShardKind", "check_unchanged", "iter_shard_documents", "plan_shards"]

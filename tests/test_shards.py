@@ -148,3 +148,13 @@ def test_missing_path_fails_before_planning(tmp_path):
     with pytest.raises(CorpusError, match="does not exist"):
         plan_shards([tmp_path / "nope"])
     assert isinstance(pickle.loads(pickle.dumps(Shard(0, "x", "file"))), Shard)
+
+
+def test_groups_pack_small_files_in_corpus_order():
+    from engram_cli.shards import group_shards
+
+    shards = plan_shards([FIXTURE], shard_bytes=200_000)
+    groups = group_shards(shards, 200_000)
+    assert [s for g in groups for s in g] == shards  # nothing lost, order kept
+    assert len(groups) < len(shards)
+    assert all(sum(s.weight for s in g) <= 200_000 or len(g) == 1 for g in groups)
