@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
@@ -10,6 +11,7 @@ from rich.table import Table
 
 from engram_cli import plan as plan_defaults
 from engram_cli.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_STORE
+from engram_cli.distributed import check_cluster_options
 from engram_cli.errors import PlanError
 from engram_cli.plan import parse_budget
 from engram_cli.store import format as store_format
@@ -92,6 +94,9 @@ def build_table_command(
     workers: Optional[int] = typer.Option(None, "--workers", help="Parallel shard writers (default: CPU count)."),
     plan_only: bool = typer.Option(False, "--plan-only", help="Print the plan and stop; write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output store."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="Run on Ray: local[:N] (a local cluster of N workers), auto (a running cluster; RAY_ADDRESS) or ray://HOST:PORT. Needs engram-cli[ray]."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="With --cluster: partial results, on storage every worker sees (default: .OUT.work beside the output)."),
+    resume: bool = typer.Option(False, "--resume", help="With --cluster: reuse the finished partials in --work-dir (same corpus shard, tokenizer and plan)."),
     as_json: bool = json_option(),
 ) -> None:
     """Count a corpus's n-grams, plan prime-sized multi-head tables and write them as Zarr v3.
@@ -101,6 +106,7 @@ def build_table_command(
         engram build-table corpus/                        # reference plan -> tables.zarr
         engram build-table corpus/ --budget 256MiB -o small.zarr
         engram build-table data.jsonl --heads 4 --max-ngram 4 --plan-only
+        engram build-table corpus/ --cluster local:8      # 8 Ray workers (docs/scale-out.md)
     """
     from engram_cli.build_table import build_tables, plan_report, plan_tables, resolve_corpus, stats_report
     from engram_cli.store import check_output, check_write_options
@@ -113,6 +119,7 @@ def build_table_command(
     chunk_bytes = parse_bytes(chunk_size, what="--chunk-size")
     shard_bytes = parse_bytes(shard_size, what="--shard-size")
     check_write_options(init=init, init_std=init_std, compressor=compressor, workers=workers, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes)
+    cluster_spec = check_cluster_options(cluster, work_dir=work_dir, resume=resume)  # Ray missing fails here, before any work
 
     loaded = load_tokenizer(tokenizer)
     vocab = load_or_compress_vocab(loaded, vocab_path)
@@ -141,7 +148,13 @@ def build_table_command(
     if not as_json:
         render_plan(planned, out)
     with progress_reporter(quiet=as_json) as progress:
-        result = build_tables(
+        if cluster_spec is not None:
+            from engram_cli.distributed import DistributedOptions, build_tables_distributed
+
+            build = partial(build_tables_distributed, cluster=cluster_spec, options=DistributedOptions(work_dir=work_dir, resume=resume))
+        else:
+            build = build_tables
+        result = build(
             list(corpus),
             out,
             tokenizer=loaded,

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from engram_cli.collisions import FAMILIES, audit_collisions, check_plot_support, parse_families, parse_sweep, plot_sweep, validate_audit, what_if_plan
+from engram_cli.distributed import check_cluster_options
 from engram_cli.errors import PlanError, StoreError
 from engram_cli.plan import parse_budget
 from engram_cli.store import TableStore
@@ -118,6 +119,7 @@ def collisions_command(
     sweep: Optional[List[str]] = typer.Option(None, "--sweep", help="Grid of what-if plans: heads=1,2,4,8 rows=0.25x,0.5x,1x,2x (rows: multiples of the plan's or absolute)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the --sweep grid to FILE.png (needs matplotlib: pip install 'engram-cli[plot]').", dir_okay=False),
     top: int = typer.Option(10, "--top", help="Worst buckets listed per layer and order."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="Audit on Ray, one task per layer: local[:N], auto or ray://HOST:PORT (the store on storage every worker sees). Needs engram-cli[ray]."),
     as_json: bool = json_option(),
 ) -> None:
     """Audit hash collisions per layer, order and head, against an ideal hash.
@@ -131,6 +133,7 @@ def collisions_command(
         engram collisions                                    # ./tables.zarr
         engram collisions tables.zarr --heads 8 --hash reference,xxh3
         engram collisions --target 0.05 --sweep heads=1,2,4,8 rows=0.5x,1x,2x --plot sweep.png
+        engram collisions /shared/tables.zarr --cluster auto  # one Ray task per layer
     """
     store_path, sweep_specs = _split_arguments(list(args or []), list(sweep or []))
     if rows_per_head is not None and budget is not None:
@@ -145,6 +148,7 @@ def collisions_command(
         raise PlanError(f"--target must be a rate between 0 and 1 (e.g. 0.05), got {target}")
     if plot is not None:
         check_plot_support(plot)
+    cluster_spec = check_cluster_options(cluster)
 
     store = TableStore.open(store_path)
     stored = store.plan
@@ -157,7 +161,12 @@ def collisions_command(
     except StoreError:  # decoding is a nicety: ids are shown when the vocabulary is unreadable
         keys = None
     with progress_reporter(quiet=as_json) as progress:
-        report = audit_collisions(plan, stats, families=families, layers=layer_ids, target=target, sweep=spec, vocab_keys=keys, top=top, progress=progress)
+        if cluster_spec is not None:
+            from engram_cli.distributed import audit_collisions_distributed
+
+            report = audit_collisions_distributed(store_path, plan, cluster=cluster_spec, families=families, layers=layer_ids, target=target, sweep=spec, top=top, progress=progress)
+        else:
+            report = audit_collisions(plan, stats, families=families, layers=layer_ids, target=target, sweep=spec, vocab_keys=keys, top=top, progress=progress)
     report = {"store": str(store_path), "what_if": plan is not stored, "stored_plan": None if plan is stored else {"heads": stored.heads, "rows_per_head": list(stored.rows_per_head), "dim": stored.dim, "total_bytes": stored.total_bytes}, "notes": notes, **report}
     if plot is not None:
         plot_sweep(report["sweep"], plot)
