@@ -343,10 +343,9 @@ def count_map_shard(
 
 
 def _write_summary(root: Path, summary: dict) -> None:
-    from . import ngrams
+    from .ngrams import write_summary
 
-    write = getattr(ngrams, "write_summary", None) or getattr(ngrams, "_write_summary")
-    write(Path(root), summary)
+    write_summary(Path(root), summary)
 
 
 # -- reduce: merge one radix partition ---------------------------------------------------------

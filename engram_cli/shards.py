@@ -377,18 +377,8 @@ def iter_shard_documents(
 
 
 def merge_summaries(first: CorpusSummary, parts: Iterable[CorpusSummary]) -> CorpusSummary:
-    """`first` (what expanding the corpus skipped) followed by the shards' summaries, in order."""
-    if hasattr(CorpusSummary, "merge"):
-        return first.merge(list(parts))
-    out = CorpusSummary(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in first.to_dict().items()})
-    for o in parts:
-        for name in ("files", "documents", "bytes", "skipped_binary", "invalid_utf8", "tokens"):
-            setattr(out, name, getattr(out, name) + getattr(o, name))
-        for reason, count in o.skipped_other.items():
-            out.skipped_other[reason] = out.skipped_other.get(reason, 0) + count
-        for reason, where in o.skipped_examples.items():
-            out.skipped_examples.setdefault(reason, where)
-    return out
+    """`first` (what expanding the corpus skipped) followed by the shards' summaries, in order (`CorpusSummary.merge`)."""
+    return first.merge(list(parts))
 
 
 __all__ = ["DEFAULT_SHARD_BYTES", "group_shards", "merge_summaries", "SHARD_KINDS", "Shard", "ShardKind", "check_unchanged", "iter_shard_documents", "plan_shards"]
