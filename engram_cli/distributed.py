@@ -35,7 +35,7 @@ import socket
 import threading
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -449,7 +449,6 @@ class StageCounter:
     stage: str
     total: float
     done: float = 0.0
-    reused: int = 0
 
     def __post_init__(self) -> None:
         self.report("")
@@ -490,7 +489,6 @@ class DistributedOptions:
     partitions: int | None = None  # radix partitions (reduce tasks); default: `auto_partitions`
     max_retries: int = DEFAULT_MAX_RETRIES
     keep_work: bool = False  # keep the partials after a successful build
-    extra: dict = field(default_factory=dict)
 
 
 def count_distributed(
