@@ -32,3 +32,7 @@ class PlanError(EngramError):
 
 class StoreError(EngramError):
     """A table store that is missing, incomplete, corrupt or of another version."""
+
+
+class BackendError(EngramError):
+    """A lookup backend that was asked for by name but cannot run here."""
