@@ -120,16 +120,41 @@ class EngramLookup:
                 t = t.to(self.device)
             self.table = t
         self.stats = {"lookups": 0}
+        self.hot = None
+
+    def use_hot_cache(self, hits, capacity: int) -> "EngramLookup":
+        """Keep the `capacity` most-hit rows resident on the device; misses read from the table."""
+        from .cache import HotRowCache
+
+        self.hot = HotRowCache(self.table, hits, capacity, device=self.device)
+        return self
+
+    def hit_rates(self) -> dict:
+        """Hot-cache hit rates so far, overall and per order (empty without a cache)."""
+        return self.hot.hit_rates(self.orders, self.K) if self.hot is not None else {}
 
     @classmethod
-    def from_store(cls, store_or_path, layer_id: int, *, backend: str = "auto", device=None, cache_rows=None):
-        """Open a store (or take an open one) and load the layer's rows in storage form."""
+    def from_store(cls, store_or_path, layer_id: int, *, backend: str = "auto", device=None, cache_rows=None, max_resident_bytes=None):
+        """Open a store (or take an open one) and load the layer's rows in storage form.
+
+        cache_rows: keep that many most-hit rows (store.hits) resident (hot-row cache).
+        max_resident_bytes: do not load the layer; read rows through a bounded LRU chunk
+        cache instead (tables larger than RAM; backends torch/cpu/offload).
+        """
         from ..store import TableStore
+        from .cache import ChunkCache
 
         store = store_or_path if hasattr(store_or_path, "table") else TableStore.open(store_or_path)
-        lk = cls(store.plan, store.vocab, layer_id, _load_layer(store, layer_id), backend=backend, device=device)
+        if max_resident_bytes is not None:
+            if backend == "triton":
+                raise BackendError("the triton backend needs the table on the device; drop max_resident_bytes or use backend offload")
+            lk = cls(store.plan, store.vocab, layer_id, None, backend=backend, device=device)
+            lk.table = ChunkCache(store.table(layer_id), store.chunk_rows, max_resident_bytes)
+        else:
+            lk = cls(store.plan, store.vocab, layer_id, _load_layer(store, layer_id), backend=backend, device=device)
         lk.store = store
-        lk.cache_rows = cache_rows
+        if cache_rows:
+            lk.use_hot_cache(store.hits(layer_id), int(cache_rows))
         return lk
 
     # ---------------------------------------------------------------- row ids
@@ -195,7 +220,13 @@ class EngramLookup:
         if self.table is None:
             raise BackendError("this EngramLookup has no table; pass table= or use EngramLookup.from_store")
         B, T, H = rows.shape
-        g = self.table.index_select(0, rows.reshape(-1).to(self.table.device))
+        flat = rows.reshape(-1)
+        if self.hot is not None:
+            g = self.hot.gather(flat, H)
+        else:
+            from .cache import _gather
+
+            g = _gather(self.table, flat)
         if self.dtype_name == "float8_e4m3":
             g = fp8_dequant_torch(g, self.head_dim)
             if dtype is not None:
