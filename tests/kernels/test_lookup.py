@@ -3,7 +3,12 @@ row ids, and against numpy indexing / engram_cli.fp8 for gathered, dequantized r
 
 from __future__ import annotations
 
-import dataclasses
+import os
+
+# Triton kernels run on CPU tensors: TRITON_INTERPRET must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dataclasses  # noqa: E402
 
 import numpy as np
 import pytest
