@@ -156,3 +156,10 @@ def test_bad_backend_and_layer(deepseek_vocab):
     with pytest.raises(EngramError, match="not in the plan"):
         EngramLookup(plan, deepseek_vocab, 5, backend="cpu")
     assert EngramLookup(plan, deepseek_vocab, 1).backend == "cpu"  # auto without CUDA
+
+
+def test_triton_without_cuda_or_interpreter_is_a_backend_error(monkeypatch, deepseek_vocab):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendError, match="needs a CUDA device") as e:
+        EngramLookup(plan_for(deepseek_vocab), deepseek_vocab, 1, backend="triton", device="cpu")
+    assert "\n" not in str(e.value)
