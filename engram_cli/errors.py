@@ -41,3 +41,7 @@ class ClusterError(EngramError):
 
 class ResumeError(EngramError):
     """A --work-dir whose partial results belong to another build (or cannot be reused)."""
+
+
+class BackendError(EngramError):
+    """A lookup backend that was asked for by name but cannot run here."""
