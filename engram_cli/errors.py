@@ -32,3 +32,7 @@ class PlanError(EngramError):
 
 class StoreError(EngramError):
     """A table store that is missing, incomplete, corrupt or of another version."""
+
+
+class CheckpointError(EngramError):
+    """A model checkpoint that is missing, corrupt, unsafe to load or for other tables."""
