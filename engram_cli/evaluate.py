@@ -31,7 +31,7 @@ def load_model(ckpt: dict, tables: str | None):
         if tables is None:
             tables = ckpt["extra"].get("initial_tables")
         if tables is None or not Path(tables).exists():
-            raise StoreError(f"the checkpoint's table store {tables!r} is missing; pass --tables or re-run `engram train`")
+            raise StoreError(f"table store {str(tables)!r} is missing; pass --tables T.zarr or re-run `engram train`")
         store, plan, vocab, tok = open_tables(tables)
         if cfg.engram_layers and ckpt.get("plan_fingerprint") and plan.fingerprint != ckpt["plan_fingerprint"]:
             raise CheckpointError(f"plan fingerprint of {tables!r} ({plan.fingerprint[:12]}) does not match the checkpoint's ({ckpt['plan_fingerprint'][:12]}); pass the tables it was trained with")
