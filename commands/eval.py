@@ -49,7 +49,13 @@ def eval_command(
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="Held-out text to score (default: the checkpoint's held-out split of its corpus)."),
     as_json: bool = json_option(),
 ) -> None:
-    """Evaluate checkpoints on held-out text (report fields in docs/eval.md)."""
+    """Evaluate checkpoints on held-out text (report fields in docs/eval.md).
+
+    Example:
+
+        engram eval                               # ./model.ckpt on its held-out split
+        engram eval model.ckpt base.ckpt --json   # side by side
+    """
     paths = checkpoints or [Path(DEFAULT_CHECKPOINT)]
     with progress_reporter(quiet=as_json) as progress:
         reports = [evaluate_checkpoint(p, tables=tables, corpus=corpus, progress=progress) for p in paths]

@@ -21,7 +21,13 @@ def train_command(
     no_engram: bool = typer.Option(False, "--no-engram", help="Train the same backbone without Engram memory (the baseline)."),
     as_json: bool = json_option(),
 ) -> None:
-    """Train the reference model; held-out documents are kept for `engram eval`."""
+    """Train the reference model; held-out documents are kept for `engram eval`.
+
+    Example:
+
+        engram train corpus/                      # ./tables.zarr -> model.ckpt + model.tables.zarr
+        engram train corpus/ --no-engram -o base.ckpt
+    """
     with progress_reporter(quiet=as_json) as progress:
         result = run_training(corpus, tables, out, steps=steps, no_engram=no_engram, progress=progress)
     if as_json:
