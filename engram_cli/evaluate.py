@@ -48,7 +48,7 @@ def load_model(ckpt: dict, tables: str | None):
             t = load_layer_table(store, l)
             if t.shape != tuple(w.shape):
                 raise CheckpointError(f"table of layer {l} has shape {t.shape}, the model expects {tuple(w.shape)}")
-            w.copy_(torch.from_numpy(t))
+            w.data = torch.from_numpy(t)  # no second copy of the table
     model.eval()
     return model, store, plan, vocab, tok
 

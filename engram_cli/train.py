@@ -229,7 +229,7 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
     model = EngramGPT(cfg)
     with torch.no_grad():
         for l, w in zip(cfg.engram_layers, model.table_parameters()):
-            w.copy_(torch.from_numpy(load_layer_table(store, l)))
+            w.data = torch.from_numpy(load_layer_table(store, l))  # no second copy of the table
     touched = {l: [] for l in cfg.engram_layers}
 
     def on_step(step, loss, tps):
