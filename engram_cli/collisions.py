@@ -38,11 +38,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from . import xxh3
 from .errors import EngramError, OutputError, PlanError, StoreError
 from .hashing import FAMILIES, TWO64, ngram_mix, parse_families, xxh3_digests, xxh3_digests_loop, xxh3_seed  # noqa: F401 - the families live in hashing
 from .ngrams import NgramStats
-from .plan import HASH_FAMILY_REFERENCE, Budget, TablePlan, fit_plan_to_budget
+from .plan import Budget, TablePlan, fit_plan_to_budget
 
 Progress = Callable[..., None]
 

@@ -21,7 +21,6 @@ import itertools
 
 import queue
 import threading
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np

@@ -45,3 +45,7 @@ class ResumeError(EngramError):
 
 class BackendError(EngramError):
     """A lookup backend that was asked for by name but cannot run here."""
+
+
+class CheckpointError(EngramError):
+    """A model checkpoint that is missing, corrupt, unsafe to load or for other tables."""

@@ -238,7 +238,6 @@ def test_sweep_cells_match_brute_force(fixture):
         for cell in grid:
             cp = make_plan(compressed_vocab_size=VOCAB, compressed_pad_id=2, layer_ids=(1, 15), heads=cell["heads"], dim=64, rows_per_head=tuple(cell["rows_per_head"]), seed=3)
             assert cell["bytes"] == cp.total_bytes
-            tw, ah = [], []
             for n in (2, 3):
                 ids, counts = per_order[n]
                 per = [(bf_token_weighted_mean(family, plan, layer, n, ids, counts, cp.primes[layer][n - 2]), bf_all_heads(family, plan, layer, n, ids, counts, cp.primes[layer][n - 2])) for layer in (1, 15)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from engram_cli.errors import OutputError, StoreError
 from engram_cli.hashing import position_row_ids
 from engram_cli.ngrams import write_stats_from_arrays
-from engram_cli.plan import TablePlan, make_plan
+from engram_cli.plan import TablePlan
 from engram_cli.store import (
     FORMAT,
     TableStore,
@@ -33,7 +32,6 @@ from engram_cli.store import (
     prepare_partial,
     write_tables,
 )
-from engram_cli.vocab import CompressedVocab
 
 from oracles import STORE_C as C, STORE_CHUNK_BYTES as CHUNK_BYTES, STORE_PAD as PAD, STORE_SHARD_BYTES as SHARD_BYTES, STORE_SMALL as SMALL, STORE_V as V, STORE_VOCAB as VOCAB  # noqa: F401
 from oracles import count_windows, make_docs, make_vocab, small_plan  # noqa: F401

@@ -16,9 +16,7 @@ the GPT-2 byte table, and normalizes with Python's `unicodedata` and `re`, never
 from __future__ import annotations
 
 import json
-import re
 import unicodedata
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -215,7 +215,7 @@ def shard_rows_for(plan, chunk_rows: int, shard_bytes: int = DEFAULT_SHARD_BYTES
     return chunk_rows * max(1, int(shard_bytes) // (chunk_rows * row_bytes(plan)))
 
 
-def partial_path(out) -> "Path":
+def partial_path(out) -> "Path":  # noqa: F821 (imported inside)
     """Where a build of `out` writes until it is complete: `<out>.partial`."""
     from pathlib import Path
 

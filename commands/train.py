@@ -1,0 +1,43 @@
+"""`engram train`: train the reference model on a corpus with a table store's Engram memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from engram_cli.defaults import DEFAULT_CHECKPOINT, DEFAULT_STORE
+from engram_cli.train import DEFAULT_CORPUS, DEFAULT_STEPS, run_training
+
+from ._output import console, json_option, print_json, progress_reporter
+
+
+def train_command(
+    corpus: Path = typer.Argument(Path(DEFAULT_CORPUS), help=f"Corpus folder or files (default {DEFAULT_CORPUS}/, the folder `engram build-table corpus/` read)."),
+    tables: Path = typer.Option(Path(DEFAULT_STORE), "--tables", help="Table store from `engram build-table` (its tokenizer and plan are used)."),
+    out: Path = typer.Option(Path(DEFAULT_CHECKPOINT), "-o", "--out", help="Checkpoint to write; trained rows go to NAME.tables.zarr beside it."),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, help="Optimizer steps."),
+    no_engram: bool = typer.Option(False, "--no-engram", help="Train the same backbone without Engram memory (the baseline)."),
+    as_json: bool = json_option(),
+) -> None:
+    """Train the reference model; held-out documents are kept for `engram eval`.
+
+    Example:
+
+        engram train corpus/                      # ./tables.zarr -> model.ckpt + model.tables.zarr
+        engram train corpus/ --no-engram -o base.ckpt
+    """
+    with progress_reporter(quiet=as_json) as progress:
+        result = run_training(corpus, tables, out, steps=steps, no_engram=no_engram, progress=progress)
+    if as_json:
+        print_json(result)
+        return
+    console.print(f"[bold]{result['checkpoint']}[/]: {result['steps']} steps, loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, "
+                  f"{result['tokens_per_s']:,.0f} tokens/s, {result['seconds']:.1f} s")
+    if result["tables"]:
+        console.print(f"trained rows: {result['tables']}  (the initial {tables} is unchanged)")
+    console.print("next: engram eval " + result["checkpoint"])
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)

@@ -1,0 +1,193 @@
+"""The reference Engram model: a small decoder-only transformer with Engram memory at the plan's layers.
+
+Follows DeepSeek's engram_demo_v1.py (docs/spec.md, "Rows"): per position the
+(max_ngram-1)*K looked-up rows are concatenated into e (B, T, D_mem);
+value = value_proj(e); key = key_projs.0(e); g = (RMSNorm(key) . RMSNorm(h)) / sqrt(d);
+gate = sigmoid(sign(g) * sqrt(|g|)); out = gate*value + short_conv(gate*value), added to
+the residual stream before the layer's attention. State-dict names follow the demo
+(`multi_head_embedding.embedding.weight`, `value_proj`, `key_projs.*`, `norm1`, `norm2`,
+`short_conv.*`) so exported tables and audits line up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engram_cli.plan import TablePlan
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the reference model; defaults are the CPU demo size."""
+
+    vocab_size: int = 4096  # output ids: the tokens the corpus uses (a 129k head would dominate a tiny model)
+    n_layer: int = 4  # at least max(plan.layer_ids)+1 so every Engram layer exists
+    n_head: int = 4
+    d_model: int = 128
+    block_size: int = 128
+    engram_layers: tuple[int, ...] = ()  # the plan's layer ids; empty = --no-engram
+    mem_dim: int = 0  # (max_ngram-1) * K * head_dim: one position's concatenated rows
+    head_dim: int = 0  # width of one table row
+    table_rows: dict = field(default_factory=dict)  # layer id (str) -> rows in that layer's table
+    max_ngram_size: int = 3  # dilation of the short conv (the reference uses max_ngram_size)
+    conv_kernel: int = 4  # the reference short conv kernel
+    eps: float = 1e-6
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["engram_layers"] = list(self.engram_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["engram_layers"] = tuple(int(x) for x in d.get("engram_layers", ()))
+        d["table_rows"] = {str(k): int(v) for k, v in d.get("table_rows", {}).items()}
+        return cls(**d)
+
+    @classmethod
+    def for_plan(cls, plan: TablePlan | None, **kw) -> "ModelConfig":
+        if plan is None:
+            return cls(**kw)
+        n_layer = max(kw.pop("n_layer", 4), max(plan.layer_ids) + 1)
+        orders = len(plan.orders) * plan.heads
+        return cls(
+            n_layer=n_layer,
+            engram_layers=tuple(plan.layer_ids),
+            mem_dim=orders * plan.head_dim,
+            head_dim=plan.head_dim,
+            table_rows={str(l): plan.layer_rows(l) for l in plan.layer_ids},
+            max_ngram_size=plan.max_ngram_size,
+            **kw,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class MultiHeadEmbedding(nn.Module):
+    """One layer's table: all heads stacked, rows gathered by global row id (sparse grads)."""
+
+    def __init__(self, rows: int, head_dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(rows, head_dim, sparse=True)
+
+    def forward(self, row_ids):  # (B, T, H) int64 -> (B, T, H, head_dim)
+        return self.embedding(row_ids)
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal conv1d (kernel 4, dilation max_ngram) after RMSNorm, SiLU; zero-initialised."""
+
+    def __init__(self, dim: int, kernel: int, dilation: int, eps: float):
+        super().__init__()
+        self.norm = RMSNorm(dim, eps)
+        self.kernel, self.dilation = kernel, dilation
+        self.conv = nn.Conv1d(dim, dim, kernel, groups=dim, dilation=dilation, padding=(kernel - 1) * dilation, bias=False)
+        nn.init.zeros_(self.conv.weight)
+
+    def forward(self, x):  # (B, T, D) -> (B, T, D)
+        T = x.shape[1]
+        y = self.conv(self.norm(x).transpose(1, 2))[..., :T]  # causal: drop the right padding
+        return F.silu(y).transpose(1, 2)
+
+
+class Engram(nn.Module):
+    """The reference Engram branch for one layer (single residual stream: one key projection)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.d = cfg.d_model
+        self.multi_head_embedding = MultiHeadEmbedding(cfg.table_rows[str(layer_id)], cfg.head_dim)
+        self.value_proj = nn.Linear(cfg.mem_dim, cfg.d_model)
+        self.key_projs = nn.ModuleList([nn.Linear(cfg.mem_dim, cfg.d_model)])
+        self.norm1 = nn.ModuleList([RMSNorm(cfg.d_model, cfg.eps)])  # key
+        self.norm2 = nn.ModuleList([RMSNorm(cfg.d_model, cfg.eps)])  # hidden state
+        self.short_conv = ShortConv(cfg.d_model, cfg.conv_kernel, cfg.max_ngram_size, cfg.eps)
+
+    def forward(self, h, row_ids, return_gate: bool = False):
+        B, T, _ = h.shape
+        e = self.multi_head_embedding(row_ids).reshape(B, T, -1)  # (B, T, D_mem)
+        assert e.shape[-1] == self.value_proj.in_features, f"rows width {e.shape[-1]} != mem_dim {self.value_proj.in_features}"
+        key = self.norm1[0](self.key_projs[0](e))  # (B, T, d)
+        query = self.norm2[0](h)  # (B, T, d)
+        g = (key * query).sum(-1, keepdim=True) / math.sqrt(self.d)  # (B, T, 1)
+        gate = torch.sigmoid(g.sign() * g.abs().clamp_min(1e-6).sqrt())
+        v = gate * self.value_proj(e)  # (B, T, d)
+        out = v + self.short_conv(v)
+        return (out, gate.squeeze(-1)) if return_gate else out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.engram = Engram(cfg, layer_id) if layer_id in cfg.engram_layers else None
+        self.ln1 = RMSNorm(cfg.d_model, cfg.eps)
+        self.attn = nn.MultiheadAttention(cfg.d_model, cfg.n_head, batch_first=True, bias=False)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(), nn.Linear(4 * cfg.d_model, cfg.d_model))
+
+    def forward(self, x, row_ids=None, ablate: bool = False):
+        if self.engram is not None and not ablate:
+            x = x + self.engram(x, row_ids)  # before attention, as in the reference
+        T = x.shape[1]
+        mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), 1)
+        a = self.ln1(x)
+        x = x + self.attn(a, a, a, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class EngramGPT(nn.Module):
+    """Decoder-only transformer; `row_ids[layer]` (B, T, H) int64 feed the Engram layers."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.ln_f = RMSNorm(cfg.d_model, cfg.eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def table_parameters(self):
+        return [b.engram.multi_head_embedding.embedding.weight for b in self.blocks if b.engram is not None]
+
+    def dense_parameters(self):
+        tables = {id(p) for p in self.table_parameters()}
+        return [p for p in self.parameters() if id(p) not in tables]
+
+    def forward(self, idx, row_ids: dict | None = None, targets=None, ablate: bool = False):
+        B, T = idx.shape
+        assert T <= self.cfg.block_size, f"sequence {T} > block_size {self.cfg.block_size}"
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, d)
+        for i, b in enumerate(self.blocks):
+            x = b(x, None if row_ids is None else row_ids.get(i), ablate=ablate)
+        logits = self.head(self.ln_f(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+
+
+def row_ids_for(plan: TablePlan, vocab, layer_id: int, token_ids: np.ndarray) -> np.ndarray:
+    """The one adapter from raw tokenizer ids (B, T) to layer row ids (B, T, orders*K).
+
+    The cpu backend of `engram_cli.kernels.EngramLookup` (bit-exact with its torch reference,
+    the triton kernel and the numpy hashing the build uses).
+    """
+    from engram_cli.kernels import EngramLookup
+
+    return np.asarray(EngramLookup(plan, vocab, layer_id, backend="cpu").row_ids(torch.as_tensor(token_ids)))
