@@ -336,10 +336,20 @@ def head_figures(b: np.ndarray, counts: np.ndarray, p: int, *, head: int, top: i
 
     Returns (figures, collide mask (m,), [(shadowed, total, occupancy, head, bucket), ...]).
     """
+    sums, collide, worst = head_sums(b, counts, p, head=head, top=top)
+    return head_figures_from_sums(sums, p, head=head), collide, worst
+
+
+def head_sums(b: np.ndarray, counts: np.ndarray, nbuckets: int, *, head: int, top: int, offset: int = 0) -> tuple[dict, np.ndarray, list]:
+    """The integer sums behind one head's figures over the buckets `offset + b`, b in [0, nbuckets).
+
+    Every sum is over buckets, so the sums of disjoint bucket ranges add up (`add_head_sums`)
+    to the whole head's: what a bucket-range partition of the audit computes. Also returns
+    the collide mask of these n-grams and the range's `top` worst-bucket candidates.
+    """
     m = b.size
-    W = float(counts.sum())
-    if p <= max(1 << 22, 4 * m):
-        idx, nb, uniq = b, p, None
+    if nbuckets <= max(1 << 22, 4 * m):
+        idx, nb, uniq = b, nbuckets, None
     else:  # huge table: compact the occupied buckets
         uniq, idx = np.unique(b, return_inverse=True)
         nb = uniq.size
@@ -350,19 +360,15 @@ def head_figures(b: np.ndarray, counts: np.ndarray, p: int, *, head: int, top: i
     shared_b = occ > 1
     collide = shared_b[idx]
     shadow = wsum - wmax
-    figures = {
-        "head": head,
-        "p": int(p),
-        "load": m / p,
+    sums = {
+        "n_grams": int(m),
+        "occurrences": int(counts.sum()),
         "buckets_used": int((occ > 0).sum()),
         "max_occupancy": int(occ.max()) if m else 0,
-        "shared_observed": _share(int(collide.sum()), m),
-        "shared_ideal": ideal_shared(m, p),
-        "token_weighted": _share(float(wsum[shared_b].sum()), W),
-        "shadowed": _share(float(shadow.sum()), W),
+        "shared": int(collide.sum()),
+        "shared_occurrences": int(counts[collide].sum()),
+        "shadowed": int(counts.sum()) - int(wmax.sum()),
     }
-    figures["shared_excess"] = figures["shared_observed"] - figures["shared_ideal"]
-    figures["token_weighted_excess"] = figures["token_weighted"] - figures["shared_ideal"]
     worst = []
     if top and m:
         sel = np.flatnonzero(shared_b)  # ascending bucket order (uniq is sorted too)
@@ -370,29 +376,81 @@ def head_figures(b: np.ndarray, counts: np.ndarray, p: int, *, head: int, top: i
             sel = _top_buckets(sel, shadow, wsum, top)
         for c in sel:
             bucket = int(c) if uniq is None else int(uniq[c])
-            worst.append((float(shadow[c]), float(wsum[c]), int(occ[c]), head, bucket))
-    return figures, collide, worst
+            worst.append((float(shadow[c]), float(wsum[c]), int(occ[c]), head, bucket + offset))
+    return sums, collide, worst
+
+
+def add_head_sums(parts: Sequence[dict]) -> dict:
+    """The `head_sums` of a whole head from those of its disjoint bucket ranges (exact: integers)."""
+    return {k: (max if k == "max_occupancy" else sum)(int(s[k]) for s in parts) for k in parts[0]}
+
+
+def head_figures_from_sums(sums: dict, p: int, *, head: int) -> dict:
+    """One head's figures (docs/collisions.md) from its `head_sums`."""
+    m, W = sums["n_grams"], float(sums["occurrences"])
+    figures = {
+        "head": head,
+        "p": int(p),
+        "load": m / p,
+        "buckets_used": sums["buckets_used"],
+        "max_occupancy": sums["max_occupancy"],
+        "shared_observed": _share(sums["shared"], m),
+        "shared_ideal": ideal_shared(m, p),
+        "token_weighted": _share(float(sums["shared_occurrences"]), W),
+        "shadowed": _share(float(sums["shadowed"]), W),
+    }
+    figures["shared_excess"] = figures["shared_observed"] - figures["shared_ideal"]
+    figures["token_weighted_excess"] = figures["token_weighted"] - figures["shared_ideal"]
+    return figures
 
 
 def across_figures(keys: OrderKeys, buckets: list[np.ndarray], primes: Sequence[int], collide: list[np.ndarray], *, small_set: int = SMALL_SET) -> dict:
     """Figures across the K heads of an order (see docs/collisions.md)."""
     K = len(buckets)
     m, counts = keys.m, keys.counts
-    W = float(counts.sum())
     mix_dup = keys.mix_duplicated()
     s = worst_partner_heads(buckets, primes, collide=collide, mix_duplicated=mix_dup, small_set=small_set)
-    clean = np.logical_or.reduce([~c for c in collide]) if m else np.zeros(0, bool)
-    indist = s == K
-    hist = np.bincount(s, minlength=K + 1)
-    hist_w = np.bincount(s, weights=counts, minlength=K + 1)
+    colliding_heads = np.add.reduce([c.astype(count_dtype(K)) for c in collide]) if m else np.zeros(0, count_dtype(K))
+    sums = across_sums(s, colliding_heads, counts, K)
+    return across_figures_from_sums(sums, primes, family=keys.family, mix_duplicates=None if mix_dup is None else int(mix_dup.sum()))
+
+
+def across_sums(s: np.ndarray, colliding_heads: np.ndarray, counts: np.ndarray, K: int) -> dict:
+    """The integer sums behind the across-head figures of a set of n-grams: their s(x) histogram
+    (plain and weighted by count), and how many (and what weight) collide in every head (no clean head).
+
+    Sums over disjoint sets of n-grams add up (`add_across_sums`): what a partition of the
+    n-grams computes, given each n-gram's s(x) and its number of colliding heads.
+    """
+    every = colliding_heads >= K
     return {
-        "indistinguishable": {"distinct": _share(int(indist.sum()), m), "weighted": _share(float(counts[indist].sum()), W), "count": int(indist.sum())},
+        "n_grams": int(s.size),
+        "occurrences": int(counts.sum()),
+        "s": [int(v) for v in np.bincount(s, minlength=K + 1)],
+        "s_weighted": [int(round(v)) for v in np.bincount(s, weights=counts, minlength=K + 1)],
+        "no_clean_head": int(every.sum()),
+        "no_clean_head_weighted": int(counts[every].sum()),
+    }
+
+
+def add_across_sums(parts: Sequence[dict]) -> dict:
+    """The `across_sums` of disjoint sets of n-grams, added (exact: integers)."""
+    return {k: [sum(v) for v in zip(*(p[k] for p in parts))] if isinstance(parts[0][k], list) else sum(p[k] for p in parts) for k in parts[0]}
+
+
+def across_figures_from_sums(sums: dict, primes: Sequence[int], *, family: str, mix_duplicates: int | None) -> dict:
+    """The across-head figures (docs/collisions.md) from `across_sums` of all the order's n-grams."""
+    K = len(primes)
+    m, W = sums["n_grams"], float(sums["occurrences"])
+    hist, hist_w = sums["s"], sums["s_weighted"]
+    return {
+        "indistinguishable": {"distinct": _share(hist[K], m), "weighted": _share(float(hist_w[K]), W), "count": int(hist[K])},
         "indistinguishable_ideal": ideal_all_heads(m, primes),
-        "clean_head": {"distinct": _share(int(clean.sum()), m), "weighted": _share(float(counts[clean].sum()), W)},
+        "clean_head": {"distinct": _share(m - sums["no_clean_head"], m), "weighted": _share(float(sums["occurrences"] - sums["no_clean_head_weighted"]), W)},
         "clean_head_ideal": ideal_clean_head(m, primes),
-        "mix_duplicates": None if mix_dup is None else int(mix_dup.sum()),
-        "identical_from_heads": identical_from(primes) if keys.family == "reference" else None,
-        "worst_partner_heads": {"distinct": [int(v) for v in hist], "weighted": [int(round(v)) for v in hist_w]},
+        "mix_duplicates": mix_duplicates,
+        "identical_from_heads": identical_from(primes) if family == "reference" else None,
+        "worst_partner_heads": {"distinct": list(hist), "weighted": list(hist_w)},
     }
 
 
@@ -433,32 +491,50 @@ def read_rows(stats: NgramStats, order: int, rows: np.ndarray, *, batch_rows: in
 
 def worst_buckets(stats: NgramStats, keys: OrderKeys, buckets: list[np.ndarray], candidates: list, *, top: int, vocab_keys: Sequence[str] | None) -> list[dict]:
     """The `top` buckets of an order with the most shadowed occurrences (ties: most occurrences, then head, bucket)."""
-    W = float(keys.total)
-    chosen = sorted(candidates, key=lambda t: (-t[0], -t[1], t[3], t[4]))[:top]
-    members_rows = [np.flatnonzero(buckets[head] == bucket) for _, _, _, head, bucket in chosen]
+    chosen = rank_worst(candidates, top)
+    members = bucket_members(stats, keys.order, [np.flatnonzero(buckets[head] == bucket) for _, _, _, head, bucket in chosen], vocab_keys=vocab_keys)
+    return [worst_bucket_entry(c, mine, keys.total) for c, mine in zip(chosen, members)]
+
+
+def rank_worst(candidates: Iterable[tuple], top: int) -> list[tuple]:
+    """The `top` worst of `head_sums` candidates: most shadowed, then most occurrences, then head, bucket.
+
+    A total order, so the worst of a union are among the worst of each part: a bucket-range
+    partition keeps its own `top` and the whole keeps the `top` of theirs.
+    """
+    return sorted(candidates, key=lambda t: (-t[0], -t[1], t[3], t[4]))[:top]
+
+
+def bucket_members(stats: NgramStats, order: int, members_rows: Sequence[np.ndarray], *, vocab_keys: Sequence[str] | None) -> list[list[dict]]:
+    """For each bucket's member rows (row indices of the order's stats): its `MAX_MEMBERS` most frequent
+    n-grams (ties: lower row first), with ids, decoded text and count; one streaming pass."""
     wanted = np.unique(np.concatenate(members_rows)) if members_rows else np.zeros(0, np.int64)
-    ids, counts = read_rows(stats, keys.order, wanted) if wanted.size else (np.zeros((0, keys.order), np.int64), np.zeros(0, np.int64))
+    ids, counts = read_rows(stats, order, wanted) if wanted.size else (np.zeros((0, order), np.int64), np.zeros(0, np.int64))
     where = {int(r): i for i, r in enumerate(wanted)}
     out = []
-    for (shadow, total, occ, head, bucket), rows in zip(chosen, members_rows):
+    for rows in members_rows:
         local = np.array([where[int(r)] for r in rows], dtype=np.int64)
         order_ = np.lexsort((rows, -counts[local]))
         members = []
         for i in order_[:MAX_MEMBERS]:
             g = ids[local[i]].tolist()
             members.append({"ids": g, "text": _decode(g, vocab_keys), "count": int(counts[local[i]])})
-        out.append(
-            {
-                "head": head,
-                "bucket": bucket,
-                "n_grams": occ,
-                "occurrences": int(round(total)),
-                "shadowed": int(round(shadow)),
-                "shadowed_share": _share(shadow, W),
-                "members": members,
-            }
-        )
+        out.append(members)
     return out
+
+
+def worst_bucket_entry(candidate: tuple, members: list[dict], occurrences: int) -> dict:
+    """The report's entry for one worst bucket (a `head_sums` candidate and its `bucket_members`)."""
+    shadow, total, occ, head, bucket = candidate
+    return {
+        "head": head,
+        "bucket": bucket,
+        "n_grams": occ,
+        "occurrences": int(round(total)),
+        "shadowed": int(round(shadow)),
+        "shadowed_share": _share(shadow, float(occurrences)),
+        "members": members,
+    }
 
 
 def audit_order(plan: TablePlan, stats: NgramStats, keys: OrderKeys, *, top: int = TOP_BUCKETS, vocab_keys=None, small_set: int = SMALL_SET) -> dict:
@@ -473,12 +549,18 @@ def audit_order(plan: TablePlan, stats: NgramStats, keys: OrderKeys, *, top: int
         heads.append(fig)
         cands += worst
     across = across_figures(keys, buckets, primes, collide, small_set=small_set)
+    return order_audit_entry(keys.family, keys.layer_id, keys.order, distinct=keys.m, occurrences=keys.total, heads=heads, across=across,
+                             worst=worst_buckets(stats, keys, buckets, cands, top=top, vocab_keys=vocab_keys))
+
+
+def order_audit_entry(family: str, layer: int, order: int, *, distinct: int, occurrences: int, heads: list[dict], across: dict, worst: list[dict]) -> dict:
+    """The report's audit entry of one (family, layer, order) from its figures."""
     return {
-        "family": keys.family,
-        "layer": keys.layer_id,
-        "order": keys.order,
-        "distinct": keys.m,
-        "occurrences": keys.total,
+        "family": family,
+        "layer": layer,
+        "order": order,
+        "distinct": distinct,
+        "occurrences": occurrences,
         "heads": heads,
         "mean": {
             "shared_observed": float(np.mean([h["shared_observed"] for h in heads])),
@@ -487,22 +569,50 @@ def audit_order(plan: TablePlan, stats: NgramStats, keys: OrderKeys, *, top: int
             "shadowed": float(np.mean([h["shadowed"] for h in heads])),
         },
         "across": across,
-        "worst_buckets": worst_buckets(stats, keys, buckets, cands, top=top, vocab_keys=vocab_keys),
+        "worst_buckets": worst,
     }
 
 
 def token_weighted_rate(keys: OrderKeys, primes: Sequence[int]) -> float:
     """Mean over heads of the token-weighted collision rate for these head sizes."""
-    W = float(keys.total)
-    rates = [_share(float(keys.counts[collide_mask(keys.buckets(j, int(p)), int(p))].sum()), W) for j, p in enumerate(primes)]
+    return token_weighted_from_sums(collided_occurrences(keys, primes), keys.total)
+
+
+def collided_occurrences(keys: OrderKeys, primes: Sequence[int], *, head_mask: Callable[[int, np.ndarray], np.ndarray] | None = None) -> list[int]:
+    """Per head: the occurrences of the n-grams that share their bucket (for these head sizes).
+
+    `head_mask(j, buckets)`: count only the n-grams it selects (a bucket range of head j,
+    whose buckets it then holds whole); the sums of disjoint ranges add up to the head's.
+    """
+    out = []
+    for j, p in enumerate(primes):
+        b = keys.buckets(j, int(p))
+        counts = keys.counts
+        if head_mask is not None:
+            sel = head_mask(j, b)
+            b, counts = b[sel], counts[sel]
+        out.append(int(counts[collide_mask(b, int(p))].sum()))
+    return out
+
+
+def token_weighted_from_sums(collided: Sequence[int], occurrences: int) -> float:
+    """`token_weighted_rate` from each head's `collided_occurrences` (summed over bucket ranges)."""
+    rates = [_share(float(w), float(occurrences)) for w in collided]
     return float(np.mean(rates)) if rates else 0.0
 
 
 def all_heads_share(keys: OrderKeys, primes: Sequence[int]) -> tuple[float, float]:
     """(distinct, weighted) share of n-grams sharing every head with one same other n-gram."""
+    indist = all_heads_mask(keys, primes)
+    return all_heads_from_sums(int(indist.sum()), int(keys.counts[indist].sum()), keys.m, keys.total)
+
+
+def all_heads_mask(keys: OrderKeys, primes: Sequence[int]) -> np.ndarray:
+    """Which n-grams share every head with one same other n-gram (pairs with equal buckets in
+    every head: a partition by head 0's bucket range holds each such pair whole)."""
     m = keys.m
     if m < 2:
-        return 0.0, 0.0
+        return np.zeros(m, dtype=bool)
     primes = [int(p) for p in primes]
     t = identical_from(primes) if keys.family == "reference" else None
     if t is not None and t <= len(primes):
@@ -514,7 +624,14 @@ def all_heads_share(keys: OrderKeys, primes: Sequence[int]) -> tuple[float, floa
         indist = np.zeros(m, dtype=bool)
         if cand.size:
             indist[cand[duplicated_rows([b[cand] for b in buckets], primes)]] = True
-    return _share(int(indist.sum()), m), _share(float(keys.counts[indist].sum()), keys.total)
+    return indist
+
+
+def all_heads_from_sums(n_grams: int, occurrences: int, m: int, total: int) -> tuple[float, float]:
+    """`all_heads_share` from the count and occurrences of the n-grams sharing every head."""
+    if m < 2:
+        return 0.0, 0.0
+    return _share(n_grams, m), _share(float(occurrences), total)
 
 
 # -- what-if plans, sizing, sweeps --------------------------------------------------
@@ -612,24 +729,33 @@ def size_for_target(keys: OrderKeys, base: TablePlan, target: float, *, max_eval
     Starts from the ideal-hash solution, then refines with secant steps on the model
     rate = 1 - exp(-L/p) fitted to each measured point, keeping a verified bracket.
     """
-    layer, order = keys.layer_id, keys.order
     floor = None
     if keys.family == "reference":
         dup = keys.mix_duplicated()
         floor = _share(float(keys.counts[dup].sum()), keys.total)
-        if floor >= target:
-            return {"rows_per_head": None, "rate": floor, "reachable": False, "evaluations": 0, "floor": floor, "ideal_rows": rows_for_rate(keys.m, target)}
+    return search_rows_for_target(lambda primes: token_weighted_rate(keys, primes), base, target, layer=keys.layer_id, order=keys.order, distinct=keys.m,
+                                  floor=floor, max_evals=max_evals, tolerance=tolerance, max_rows=max_rows)
+
+
+def search_rows_for_target(rate_at: Callable[[list[int]], float], base: TablePlan, target: float, *, layer: int, order: int, distinct: int, floor: float | None,
+                           max_evals: int = 10, tolerance: float = 0.01, max_rows: int = 1 << 33) -> dict:
+    """`size_for_target`'s search, measuring each candidate's primes with `rate_at(primes)`
+    (`token_weighted_rate`, or its sum over bucket ranges); `floor`: the reference family's
+    share of occurrences with a duplicated mix (no table size goes below it), else None."""
+    m = distinct
+    if floor is not None and floor >= target:
+        return {"rows_per_head": None, "rate": floor, "reachable": False, "evaluations": 0, "floor": floor, "ideal_rows": rows_for_rate(m, target)}
 
     def primes_at(rows: int) -> list[int]:
         rph = list(base.rows_per_head)
         rph[order - 2] = rows
         return list(base.remade(rows_per_head=tuple(rph)).primes[layer][order - 2])
 
-    rows = rows_for_rate(keys.m, target)
+    rows = rows_for_rate(m, target)
     lo, hi, hi_rate, evals, rate = 0, None, None, 0, None
     while evals < max_evals:
         rows = int(min(max(rows, 2), max_rows))
-        rate = token_weighted_rate(keys, primes_at(rows))
+        rate = rate_at(primes_at(rows))
         evals += 1
         if rate <= target:
             if hi is None or rows < hi:
@@ -650,8 +776,8 @@ def size_for_target(keys: OrderKeys, base: TablePlan, target: float, *, max_eval
             guess = min(max(guess, lo + 1), hi - 1)
         rows = int(math.ceil(guess))
     if hi is None:
-        return {"rows_per_head": None, "rate": rate, "reachable": False, "evaluations": evals, "floor": floor, "ideal_rows": rows_for_rate(keys.m, target)}
-    return {"rows_per_head": int(hi), "rate": hi_rate, "reachable": True, "evaluations": evals, "floor": floor, "ideal_rows": rows_for_rate(keys.m, target), "bracket_low": int(lo)}
+        return {"rows_per_head": None, "rate": rate, "reachable": False, "evaluations": evals, "floor": floor, "ideal_rows": rows_for_rate(m, target)}
+    return {"rows_per_head": int(hi), "rate": hi_rate, "reachable": True, "evaluations": evals, "floor": floor, "ideal_rows": rows_for_rate(m, target), "bracket_low": int(lo)}
 
 
 # -- the whole audit ----------------------------------------------------------------
@@ -677,7 +803,8 @@ def order_bytes(plan: TablePlan, order: int) -> int:
     return sum(sum(plan.primes[layer][order - 2]) for layer in plan.layer_ids) * plan.head_dim * plan.dtype_bytes
 
 
-def _family_distance(audits: list[dict]) -> dict:
+def family_distance(audits: list[dict]) -> dict:
+    """Per hash family: how far its heads are from the ideal hash, over every audited (layer, order)."""
     out = {}
     for fam in dict.fromkeys(a["family"] for a in audits):
         heads = [h for a in audits if a["family"] == fam for h in a["heads"]]
@@ -754,20 +881,26 @@ def audit_collisions(
             cell_rows.append({"family": fam, "heads": K, "rows": rows, "layer": layer, "order": n, "token_weighted": token_weighted_rate(keys, primes), "all_heads": d, "all_heads_weighted": w})
         del keys
     progress("audit", len(units), len(units), "done")
-    report = {
+    return audit_report(plan, stats, families=families, layers=layers, audits=audits, target=target, sizing_rows=sizing_rows, sweep=sweep, cells=cells, cell_rows=cell_rows)
+
+
+def audit_report(plan: TablePlan, stats: NgramStats, *, families, layers, audits: list[dict], target: float | None, sizing_rows: list[dict], sweep: SweepSpec | None, cells: list, cell_rows: list[dict]) -> dict:
+    """The whole report from the per-(family, layer, order) audits, sizing rows and sweep cell rows
+    (each list in (family, layer, order) order): the cross-layer summaries are computed here."""
+    return {
         "plan": plan_summary(plan),
         "families": list(families),
         "layers": list(layers),
         "orders": {str(n): {"distinct": stats.distinct(n), "occurrences": stats.total(n)} for n in plan.orders},
         "audit": audits,
-        "family_distance": _family_distance(audits),
-        "sizing": _sizing_summary(plan, target, families[0], sizing_rows) if target is not None else None,
-        "sweep": _sweep_summary(cells, cell_rows, families) if sweep is not None else None,
+        "family_distance": family_distance(audits),
+        "sizing": sizing_summary(plan, target, families[0], sizing_rows) if target is not None else None,
+        "sweep": sweep_summary(cells, cell_rows, families) if sweep is not None else None,
     }
-    return report
 
 
-def _sizing_summary(plan: TablePlan, target: float, family: str, rows: list[dict]) -> dict:
+def sizing_summary(plan: TablePlan, target: float, family: str, rows: list[dict]) -> dict:
+    """The --target answer per order (the largest rows any audited layer needs) from `size_for_target` rows."""
     per_order = []
     answer = list(plan.rows_per_head)
     reachable = True
@@ -792,7 +925,8 @@ def _sizing_summary(plan: TablePlan, target: float, family: str, rows: list[dict
     }
 
 
-def _sweep_summary(cells, rows: list[dict], families) -> dict:
+def sweep_summary(cells, rows: list[dict], families) -> dict:
+    """The --sweep grid (per cell: rates averaged over orders, bytes) from per-(layer, order) cell rows."""
     grid = []
     for fam in families:
         for K, r, cell_plan in cells:

@@ -373,7 +373,7 @@ def auto_partitions(parts, memory_limit: int, cpus: int) -> int:
     """
     from . import ngrams
 
-    overhead = getattr(ngrams, "_BYTES_PER_ROW_OVERHEAD", 4)
+    overhead = ngrams.BYTES_PER_ROW_OVERHEAD
     for n in parts[0].orders:
         range_rows = max(1 << 6, memory_limit // (8 * (n + 1) * 2 * overhead))
         if sum(p.distinct(n) for p in parts) > range_rows:
@@ -685,7 +685,7 @@ def merge_audits(plan, reports: list[dict], *, families, layers, target=None, sw
     sizing = None
     if target is not None:
         rows = [row for r in reports for entry in r["sizing"]["orders"] for row in entry["per_layer"]]
-        sizing = col._sizing_summary(plan, target, families[0], rows)
+        sizing = col.sizing_summary(plan, target, families[0], rows)
     swept = None
     if sweep is not None:
         cells = col.sweep_plans(sweep, plan)
@@ -695,7 +695,7 @@ def merge_audits(plan, reports: list[dict], *, families, layers, target=None, sw
                 for n, v in g["per_order"].items():
                     rows.append({"family": g["family"], "heads": g["heads"], "rows": g["rows"], "layer": layers[li], "order": int(n), **v})
         rows.sort(key=lambda x: (fam_index[x["family"]], list(layers).index(x["layer"]), x["order"]))
-        swept = col._sweep_summary(cells, rows, families)
+        swept = col.sweep_summary(cells, rows, families)
     first = reports[0]
     return {
         "plan": first["plan"],
@@ -703,7 +703,7 @@ def merge_audits(plan, reports: list[dict], *, families, layers, target=None, sw
         "layers": list(layers),
         "orders": first["orders"],
         "audit": audits,
-        "family_distance": col._family_distance(audits),
+        "family_distance": col.family_distance(audits),
         "sizing": sizing,
         "sweep": swept,
     }

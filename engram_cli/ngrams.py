@@ -265,7 +265,7 @@ def write_stats_from_arrays(root: str | Path, per_order: dict[int, tuple[np.ndar
 
 
 # -- exact counting ---------------------------------------------------------------------
-_BYTES_PER_ROW_OVERHEAD = 6  # merge = concat copy + hash table + output: ~6x the raw row bytes
+BYTES_PER_ROW_OVERHEAD = 6  # merge = concat copy + hash table + output: ~6x the raw row bytes
 _RUN_ROW_GROUP = 1 << 16  # small row groups in spilled runs: min/max statistics prune key ranges
 _SAMPLES_PER_RUN = 1024
 MAX_BATCH_TOKENS = 1 << 22  # tokens counted per batch at most; longer documents are sliced
@@ -474,7 +474,7 @@ def count_ngrams(
     batch_tokens = int(max(1, min(MAX_BATCH_TOKENS, max(1 << 8, memory_limit // (48 * (max_ngram_size + 4))))))
     row_bytes = {n: 8 * (len(layouts[n].words) + 1) for n in orders}
     share = max(memory_limit - 8 * batch_tokens * (max_ngram_size + 4), memory_limit // 4) // len(orders)
-    budget_rows = {n: max(1 << 6, share // (row_bytes[n] * _BYTES_PER_ROW_OVERHEAD)) for n in orders}
+    budget_rows = {n: max(1 << 6, share // (row_bytes[n] * BYTES_PER_ROW_OVERHEAD)) for n in orders}
 
     tmp_root: list[Path] = []
 
@@ -487,7 +487,7 @@ def count_ngrams(
 
     # The final merge holds one range of one order at a time, but as keys, ids (m, n)
     # and an output frame: about twice the per-row cost of the counting phase.
-    range_rows = {n: max(1 << 6, memory_limit // (row_bytes[n] * 2 * _BYTES_PER_ROW_OVERHEAD)) for n in orders}
+    range_rows = {n: max(1 << 6, memory_limit // (row_bytes[n] * 2 * BYTES_PER_ROW_OVERHEAD)) for n in orders}
     counters = {n: _OrderCounter(layouts[n], budget_rows[n], batch_tokens, spill_root, range_rows[n]) for n in orders}
     pad = np.uint64(pad_id)
     tokens = 0
@@ -640,7 +640,7 @@ def merge_stats(
         cols = token_columns(n)
         rows = sum(s.distinct(n) for s in stats)
         row_bytes = 8 * (n + 1)
-        range_rows = max(1 << 6, memory_limit // (row_bytes * 2 * _BYTES_PER_ROW_OVERHEAD))
+        range_rows = max(1 << 6, memory_limit // (row_bytes * 2 * BYTES_PER_ROW_OVERHEAD))
         bounds = _merge_bounds(files, cols[0], rows, range_rows)
         if tok0_range is not None:
             lo0, hi0 = int(tok0_range[0]), int(tok0_range[1])
