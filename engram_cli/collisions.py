@@ -578,21 +578,10 @@ def token_weighted_rate(keys: OrderKeys, primes: Sequence[int]) -> float:
     return token_weighted_from_sums(collided_occurrences(keys, primes), keys.total)
 
 
-def collided_occurrences(keys: OrderKeys, primes: Sequence[int], *, head_mask: Callable[[int, np.ndarray], np.ndarray] | None = None) -> list[int]:
+def collided_occurrences(keys: OrderKeys, primes: Sequence[int]) -> list[int]:
     """Per head: the occurrences of the n-grams that share their bucket (for these head sizes).
-
-    `head_mask(j, buckets)`: count only the n-grams it selects (a bucket range of head j,
-    whose buckets it then holds whole); the sums of disjoint ranges add up to the head's.
-    """
-    out = []
-    for j, p in enumerate(primes):
-        b = keys.buckets(j, int(p))
-        counts = keys.counts
-        if head_mask is not None:
-            sel = head_mask(j, b)
-            b, counts = b[sel], counts[sel]
-        out.append(int(counts[collide_mask(b, int(p))].sum()))
-    return out
+    Bucket-local, so the sums over disjoint bucket ranges of a head add up to the head's."""
+    return [int(keys.counts[collide_mask(keys.buckets(j, int(p)), int(p))].sum()) for j, p in enumerate(primes)]
 
 
 def token_weighted_from_sums(collided: Sequence[int], occurrences: int) -> float:

@@ -655,58 +655,242 @@ def build_tables_distributed(
     return BuildResult(store=store, corpus=corpus.to_dict())
 
 
-# -- the collision audit, one layer per task -------------------------------------------------------
-def audit_layer(store_path: str, plan, layer_id: int, *, families, target=None, sweep=None, top: int = 10) -> dict:
-    """Task: `collisions.audit_collisions` of one layer, reading the statistics from the store in the worker."""
-    from .collisions import audit_collisions
-    from .errors import StoreError
-    from .store import TableStore
-
-    store = TableStore.open(store_path)
-    try:
-        keys = store.vocab.keys
-    except StoreError:  # decoding is a nicety, as in the single-process audit
-        keys = None
-    return audit_collisions(plan, store.stats, families=families, layers=[layer_id], target=target, sweep=sweep, vocab_keys=keys, top=top)
+# -- the collision audit, partitioned by bucket range ------------------------------------------------
+AUDIT_ROW_BYTES = 64  # bytes a bucket-range task holds per n-gram and head, temporaries included (measured order)
 
 
-def merge_audits(plan, reports: list[dict], *, families, layers, target=None, sweep=None) -> dict:
-    """The report `audit_collisions` gives for all `layers` at once, from one report per layer (in `layers` order).
+def bucket_range(p: int, part: int, parts: int) -> tuple[int, int]:
+    """Buckets [lo, hi) of range `part` of `parts` equal ranges of a head with `p` buckets."""
+    return int(p) * part // parts, int(p) * (part + 1) // parts
 
-    Exact: the per-(family, layer, order) audits are independent; the cross-layer
-    summaries (family distance, sizing, sweep grid) are recomputed by the audit's own
-    functions from the per-layer rows, which each layer's report carries whole.
+
+def stream_bucket_ranges(plan, stats, family: str, layer: int, order: int, primes, part: int, parts: int, *, batch_rows: int):
+    """One streaming pass over an order's n-grams: for each head j (prime `primes[j]`), the
+    (row indices, `collisions.OrderKeys`) of the n-grams whose head-j bucket lies in range
+    `part` of `parts` (`bucket_range`). The keys hold the hash state of every head, so all
+    their buckets follow; a head's bucket range holds every n-gram of its buckets."""
+    import numpy as np
+
+    from .collisions import OrderKeys
+    from .hashing import ngram_mix, xxh3_digests, xxh3_seed
+
+    K = len(primes)
+    seeds = [xxh3_seed(plan.seed, layer, order, j) for j in range(K)]
+    mult = plan.multipliers[layer][:order]
+    ranges = [bucket_range(p, part, parts) for p in primes]
+    rows, counts, keys = ([[] for _ in range(K)] for _ in range(3))
+    offset = 0
+    for ids, cnt in stats.iter_batches(order, batch_rows):
+        if family == "reference":
+            batch = OrderKeys(family, layer, order, cnt, mix=ngram_mix(ids, mult))
+        else:
+            batch = OrderKeys(family, layer, order, cnt, digests=xxh3_digests(ids, seeds))
+        for j, (p, (lo, hi)) in enumerate(zip(primes, ranges)):
+            b = batch.buckets(j, p)
+            sel = np.flatnonzero((b >= lo) & (b < hi))
+            rows[j].append(sel + offset)
+            counts[j].append(cnt[sel])
+            keys[j].append(batch.mix[sel] if family == "reference" else batch.digests[sel])
+        offset += cnt.size
+    out = []
+    for j in range(K):
+        cat = lambda xs, empty: np.concatenate(xs) if xs else empty  # noqa: E731
+        c = cat(counts[j], np.zeros(0, np.int64))
+        if family == "reference":
+            sub = OrderKeys(family, layer, order, c, mix=cat(keys[j], np.zeros(0, np.int64)))
+        else:
+            sub = OrderKeys(family, layer, order, c, digests=cat(keys[j], np.zeros((0, K), np.uint64)))
+        out.append((cat(rows[j], np.zeros(0, np.int64)), sub))
+    return out
+
+
+def audit_bucket_range(stats, plan, family: str, layer: int, order: int, part: int, parts: int, out_dir: str, *, top: int, vocab_keys=None, batch_rows: int = 1 << 20) -> dict:
+    """Task: the audit of one (family, layer, order) over bucket range `part` of `parts` of every head.
+
+    Returns each head's `head_sums` over its range, the range's `top` worst-bucket
+    candidates with their members, and (head 0's range) the n-grams with a duplicated
+    mix. Writes, per head j, the n-grams colliding in head j with the most heads they
+    share with a partner of their bucket, into `out_dir/h{j}` (rows, s, counts: .npy, row
+    order): `audit_row_range` joins the heads by row into s(x).
     """
-    from . import collisions as col
+    import numpy as np
 
-    fam_index = {f: i for i, f in enumerate(families)}
-    # audit_collisions runs family-major, then layer, then order; sorted() is stable, orders stay in place
-    audits = sorted((a for r in reports for a in r["audit"]), key=lambda a: (fam_index[a["family"]], list(layers).index(a["layer"])))
-    sizing = None
+    from .collisions import bucket_members, head_sums, rank_worst, worst_partner_heads
+
+    primes = [int(p) for p in plan.primes[layer][order - 2]]
+    result = {"heads": [], "worst": [], "mix_duplicates": None, "mix_dup_occurrences": None}
+    cands = []
+    for j, (rows, sub) in enumerate(stream_bucket_ranges(plan, stats, family, layer, order, primes, part, parts, batch_rows=batch_rows)):
+        lo, hi = bucket_range(primes[j], part, parts)
+        buckets = [sub.buckets(i, p) for i, p in enumerate(primes)]
+        sums, collide, worst = head_sums(buckets[j] - buckets[j].dtype.type(lo), sub.counts, hi - lo, head=j, top=top, offset=lo)
+        result["heads"].append(sums)
+        cands += [(c, rows[buckets[j] == c[4]]) for c in worst]
+        dup = sub.mix_duplicated()
+        if j == 0 and dup is not None:
+            result["mix_duplicates"], result["mix_dup_occurrences"] = int(dup.sum()), int(sub.counts[dup].sum())
+        s = worst_partner_heads(buckets, primes, mix_duplicated=dup)
+        with atomic_dir(Path(out_dir) / f"h{j}", fingerprint(out_dir, j)) as tmp:
+            for name, values in (("rows", rows[collide]), ("s", s[collide]), ("counts", sub.counts[collide])):
+                np.save(tmp / f"{name}.npy", values)
+    chosen = rank_worst([c for c, _ in cands], top)
+    member_rows = {c: r for c, r in cands}
+    members = bucket_members(stats, order, [member_rows[c] for c in chosen], vocab_keys=vocab_keys)
+    result["worst"] = list(zip(chosen, members))
+    return result
+
+
+def audit_row_range(head_dirs: list[str], heads: int, start: int, stop: int) -> dict:
+    """Task: `collisions.across_sums` of the rows [start, stop) that collide in some head, joined
+    from every head's bucket-range files (s(x) is the most over its heads, exact: x's worst
+    partner shares one of x's buckets, so that head's range holds both)."""
+    import numpy as np
+
+    from .collisions import across_sums, count_dtype
+
+    n = stop - start
+    s = np.zeros(n, dtype=count_dtype(heads))
+    colliding = np.zeros(n, dtype=count_dtype(heads))
+    counts = np.zeros(n, dtype=np.int64)
+    for d in head_dirs:
+        rows = np.load(Path(d) / "rows.npy", mmap_mode="r")
+        i, k = np.searchsorted(rows, [start, stop])
+        local = np.asarray(rows[i:k]) - start
+        s[local] = np.maximum(s[local], np.load(Path(d) / "s.npy", mmap_mode="r")[i:k])
+        colliding[local] += 1
+        counts[local] = np.load(Path(d) / "counts.npy", mmap_mode="r")[i:k]
+    seen = colliding > 0
+    return across_sums(s[seen], colliding[seen], counts[seen], heads)
+
+
+def rates_bucket_range(stats, plan, family: str, layer: int, order: int, primes, part: int, parts: int, *, batch_rows: int = 1 << 20) -> dict:
+    """Task: over bucket range `part` of `parts`, each head's `collided_occurrences` and (head 0's
+    range) the n-grams sharing every head with one other (`all_heads_mask`), for head sizes `primes`."""
+    from .collisions import all_heads_mask, collide_mask
+
+    primes = [int(p) for p in primes]
+    collided, every = [], (0, 0)
+    for j, (_, sub) in enumerate(stream_bucket_ranges(plan, stats, family, layer, order, primes, part, parts, batch_rows=batch_rows)):
+        collided.append(int(sub.counts[collide_mask(sub.buckets(j, primes[j]), primes[j])].sum()))
+        if j == 0:
+            mask = all_heads_mask(sub, primes)
+            every = (int(mask.sum()), int(sub.counts[mask].sum()))
+    return {"collided": collided, "all_heads": every}
+
+
+def audit_parts(plan, stats, *, heads: int, memory_limit: int, cpus: int) -> int:
+    """Bucket ranges per head: enough that one task's share of the largest order fits `memory_limit`, at least `cpus`."""
+    largest = max(stats.distinct(n) for n in plan.orders)
+    return max(1, cpus, -(-largest * heads * AUDIT_ROW_BYTES * (heads + 2) // max(1, memory_limit)))
+
+
+def audit_collisions_partitioned(
+    plan,
+    stats,
+    *,
+    executor: cf.Executor,
+    work_dir: Path,
+    families=("reference",),
+    layers=None,
+    target=None,
+    sweep=None,
+    vocab_keys=None,
+    top: int = 10,
+    parts: int | None = None,
+    memory_limit: int | None = None,
+    cpus: int = 1,
+    progress: Progress | None = None,
+    batch_rows: int = 1 << 20,
+) -> dict:
+    """`collisions.audit_collisions`, bit for bit, as tasks on `executor` that each hold one bucket range of each head.
+
+    Per (family, layer, order): `parts` tasks over the heads' bucket ranges
+    (`audit_bucket_range`: per-head sums, worst buckets, each n-gram's best partner within
+    a head), then `parts` tasks over row ranges (`audit_row_range`: s(x) joined across
+    heads, through files under `work_dir`, which every worker must see); the --sweep
+    cells and each --target evaluation are `parts` more (`rates_bucket_range`). Every
+    partial result is an integer sum or a top-k, merged exactly; the figures are then
+    computed by the audit's own functions. No task or the driver holds a whole order: a
+    task holds ~1/`parts` of it per head (`audit_parts` picks `parts` from
+    `memory_limit`), at the price of each task streaming the order's statistics once.
+    """
+    import numpy as np
+
+    from . import collisions as col
+    from .defaults import DEFAULT_MEMORY_LIMIT
+
+    families = col.parse_families(families)
+    layers = col.validate_audit(plan, stats, layers=layers, target=target, top=top)
+    cells = col.sweep_plans(sweep, plan) if sweep is not None else []
+    heads = max([plan.heads, *(c[2].heads for c in cells)])
+    parts = parts or audit_parts(plan, stats, heads=heads, memory_limit=memory_limit or DEFAULT_MEMORY_LIMIT, cpus=cpus)
+    share = getattr(executor, "share", lambda x: x)
+    stats_ref, plan_ref, keys_ref = share(stats), share(plan), share(vocab_keys)
+    units = [(f, layer, n) for f in families for layer in layers for n in plan.orders]
+    unit_dir = {u: Path(work_dir) / f"{u[0]}-{u[1]}-{u[2]}" for u in units}
+
+    # bucket ranges of every unit (and the sweep cells), then row ranges
+    calls = [(audit_bucket_range, (stats_ref, plan_ref, f, layer, n, r, parts, str(unit_dir[(f, layer, n)] / f"p{r:05d}")), dict(top=top, vocab_keys=keys_ref, batch_rows=batch_rows))
+             for f, layer, n in units for r in range(parts)]
+    cell_calls = [(rates_bucket_range, (stats_ref, plan_ref, f, layer, n, cell_plan.primes[layer][n - 2], r, parts), dict(batch_rows=batch_rows))
+                  for f, layer, n in units for _, _, cell_plan in cells for r in range(parts)]
+    counter = StageCounter(progress, "audit bucket ranges", float(len(calls) + len(cell_calls)))
+    done = run_all(executor, calls + cell_calls, lambda i, _: counter.add(1))
+    ranges, cell_sums = done[: len(calls)], done[len(calls):]
+    row_calls = []
+    for f, layer, n in units:
+        K, m = len(plan.primes[layer][n - 2]), stats.distinct(n)
+        dirs = [str(unit_dir[(f, layer, n)] / f"p{r:05d}" / f"h{j}") for r in range(parts) for j in range(K)]
+        row_calls += [(audit_row_range, (dirs, K, m * r // parts, m * (r + 1) // parts), {}) for r in range(parts)]
+    counter = StageCounter(progress, "audit row ranges", float(len(row_calls)))
+    joined = run_all(executor, row_calls, lambda i, _: counter.add(1))
+
+    audits, cell_rows = [], []
+    for u, (f, layer, n) in enumerate(units):
+        primes = [int(p) for p in plan.primes[layer][n - 2]]
+        m, total = stats.distinct(n), stats.total(n)
+        mine = ranges[u * parts:(u + 1) * parts]
+        heads_fig = [col.head_figures_from_sums(col.add_head_sums([r["heads"][j] for r in mine]), p, head=j) for j, p in enumerate(primes)]
+        across = col.add_across_sums(joined[u * parts:(u + 1) * parts])
+        across["s"][0] += m - across["n_grams"]  # n-grams colliding in no head: s = 0, a clean head
+        across["s_weighted"][0] += total - across["occurrences"]
+        across["n_grams"], across["occurrences"] = m, total
+        mix_dup = None if f != "reference" else sum(r["mix_duplicates"] for r in mine)
+        across_fig = col.across_figures_from_sums(across, primes, family=f, mix_duplicates=mix_dup)
+        worst = col.rank_worst([c for r in mine for c, _ in r["worst"]], top)
+        members = {c: mem for r in mine for c, mem in r["worst"]}
+        audits.append(col.order_audit_entry(f, layer, n, distinct=m, occurrences=total, heads=heads_fig, across=across_fig,
+                                            worst=[col.worst_bucket_entry(c, members[c], total) for c in worst]))
+        for c, (K, rows, _) in enumerate(cells):
+            got = cell_sums[(u * len(cells) + c) * parts:(u * len(cells) + c + 1) * parts]
+            collided = [sum(g["collided"][j] for g in got) for j in range(K)]
+            d, w = col.all_heads_from_sums(sum(g["all_heads"][0] for g in got), sum(g["all_heads"][1] for g in got), m, total)
+            cell_rows.append({"family": f, "heads": K, "rows": rows, "layer": layer, "order": n, "token_weighted": col.token_weighted_from_sums(collided, total), "all_heads": d, "all_heads_weighted": w})
+
+    sizing_rows = []
     if target is not None:
-        rows = [row for r in reports for entry in r["sizing"]["orders"] for row in entry["per_layer"]]
-        sizing = col.sizing_summary(plan, target, families[0], rows)
-    swept = None
-    if sweep is not None:
-        cells = col.sweep_plans(sweep, plan)
-        rows = []
-        for li, r in enumerate(reports):
-            for g in r["sweep"]["grid"]:
-                for n, v in g["per_order"].items():
-                    rows.append({"family": g["family"], "heads": g["heads"], "rows": g["rows"], "layer": layers[li], "order": int(n), **v})
-        rows.sort(key=lambda x: (fam_index[x["family"]], list(layers).index(x["layer"]), x["order"]))
-        swept = col.sweep_summary(cells, rows, families)
-    first = reports[0]
-    return {
-        "plan": first["plan"],
-        "families": list(families),
-        "layers": list(layers),
-        "orders": first["orders"],
-        "audit": audits,
-        "family_distance": col.family_distance(audits),
-        "sizing": sizing,
-        "sweep": swept,
-    }
+        first = [(u, x) for u, x in enumerate(units) if x[0] == families[0]]
+
+        def size(item) -> dict:
+            u, (f, layer, n) = item
+            m, total = stats.distinct(n), stats.total(n)
+            floor = None
+            if f == "reference":
+                dup = sum(r["mix_dup_occurrences"] for r in ranges[u * parts:(u + 1) * parts])
+                floor = float(float(dup) / total) if total else 0.0  # as size_for_target's share
+
+            def rate_at(primes) -> float:
+                got = run_all(executor, [(rates_bucket_range, (stats_ref, plan_ref, f, layer, n, primes, r, parts), dict(batch_rows=batch_rows)) for r in range(parts)])
+                return col.token_weighted_from_sums([sum(g["collided"][j] for g in got) for j in range(len(primes))], total)
+
+            return {"layer": layer, "order": n, **col.search_rows_for_target(rate_at, plan, target, layer=layer, order=n, distinct=m, floor=floor)}
+
+        counter = StageCounter(progress, "audit sizing", float(len(first)))
+        with cf.ThreadPoolExecutor(max(1, len(first))) as searches:
+            for row in searches.map(size, first):
+                sizing_rows.append(row)
+                counter.add(1, f"layer {row['layer']} order {row['order']}")
+    return col.audit_report(plan, stats, families=families, layers=layers, audits=audits, target=target, sizing_rows=sizing_rows, sweep=sweep, cells=cells, cell_rows=cell_rows)
 
 
 def audit_collisions_distributed(
@@ -719,24 +903,39 @@ def audit_collisions_distributed(
     target=None,
     sweep=None,
     top: int = 10,
+    parts: int | None = None,
+    memory_limit: int | None = None,
+    work_dir=None,
     progress: Progress | None = None,
     executor: cf.Executor | None = None,
 ) -> dict:
-    """`collisions.audit_collisions` with one Ray task per layer, merged exactly (`merge_audits`).
+    """`collisions.audit_collisions` of a store's statistics on a Ray cluster (or `executor`),
+    partitioned by bucket range (`audit_collisions_partitioned`): the same report, bit for bit.
 
-    Each task reads the statistics from the store (on storage every worker sees) and
-    holds one (family, layer, order) at a time, as the single-process audit does; the
-    layers run in parallel.
+    The statistics are read by the tasks from the store (on storage every worker sees);
+    the join files go to `work_dir` (default: a hidden directory beside the store, removed
+    afterwards). `memory_limit` is per task.
     """
-    from .collisions import parse_families
+    import tempfile
 
-    families = parse_families(families)
-    layers = tuple(plan.layer_ids) if layers is None else tuple(int(x) for x in layers)
-    counter = StageCounter(progress, "audit layers", float(len(layers)))
-    with _executor(cluster, executor, DEFAULT_MAX_RETRIES) as (ex, _):
-        calls = [(audit_layer, (str(store_path), plan, layer), dict(families=families, target=target, sweep=sweep, top=top)) for layer in layers]
-        reports = run_all(ex, calls, lambda i, _: counter.add(1, f"layer {layers[i]}"))
-    return merge_audits(plan, reports, families=families, layers=layers, target=target, sweep=sweep)
+    from .errors import StoreError
+    from .store import TableStore
+
+    store = TableStore.open(store_path)
+    try:
+        keys = store.vocab.keys
+    except StoreError:  # decoding is a nicety, as in the single-process audit
+        keys = None
+    store_path = Path(store_path)
+    base = Path(work_dir) if work_dir is not None else store_path.resolve().parent
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{store_path.name}.audit-", dir=base))
+    try:
+        with _executor(cluster, executor, DEFAULT_MAX_RETRIES) as (ex, description):
+            return audit_collisions_partitioned(plan, store.stats, executor=ex, work_dir=work, families=families, layers=layers, target=target, sweep=sweep,
+                                                vocab_keys=keys, top=top, parts=parts, memory_limit=memory_limit, cpus=int(description.get("cpus") or 1), progress=progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @contextmanager
@@ -758,7 +957,7 @@ def _executor(cluster, executor: cf.Executor | None, max_retries: int):
 
 
 __all__ = [
-    "Cluster", "ClusterSpec", "audit_collisions_distributed", "audit_layer", "check_cluster_options", "merge_audits", "DistributedOptions", "RayExecutor", "WorkDir", "atomic_dir", "build_tables_distributed",
+    "Cluster", "ClusterSpec", "audit_bucket_range", "audit_collisions_distributed", "audit_collisions_partitioned", "audit_parts", "audit_row_range", "bucket_range", "check_cluster_options", "rates_bucket_range", "stream_bucket_ranges", "DistributedOptions", "RayExecutor", "WorkDir", "atomic_dir", "build_tables_distributed",
     "connect", "count_distributed", "count_map_shard", "default_work_dir", "fingerprint", "import_ray", "materialize",
     "merge_partition", "parse_cluster", "radix_ranges", "run_all",
 ]

@@ -372,7 +372,9 @@ def test_cli_cluster_option_errors(tmp_path, args, needle):
 
 # -- collisions --------------------------------------------------------------------------------------
 def test_distributed_audit_equals_the_single_process_audit(fixture_builds):
-    """One task per layer, merged: the same report as auditing every layer in one process (what-if, sizing, sweep, 2 families)."""
+    """The fixture store's statistics audited by 2 Ray workers in 5 bucket ranges per head (more
+    ranges than the plan's 2 layers), merged: the same report, JSON byte for byte, as auditing in
+    one process (what-if plan, sizing, sweep, 2 families)."""
     from engram_cli.collisions import audit_collisions, parse_sweep, what_if_plan
     from engram_cli.distributed import audit_collisions_distributed
     from engram_cli.store import TableStore
@@ -380,12 +382,42 @@ def test_distributed_audit_equals_the_single_process_audit(fixture_builds):
     tmp, _, _, _ = fixture_builds
     store = TableStore.open(tmp / "single.zarr")
     plan, _ = what_if_plan(store.plan, heads=2)
+    assert len(plan.layer_ids) < 5
     spec = parse_sweep(["heads=1,2", "rows=0.5x,1x"], plan)
     kw = dict(families=("reference", "xxh3"), target=0.2, sweep=spec, top=3)
     one = audit_collisions(plan, store.stats, vocab_keys=store.vocab.keys, **kw)
-    with ThreadPoolExecutor(2) as ex:
-        many = audit_collisions_distributed(tmp / "single.zarr", plan, cluster="local:1", executor=ex, **kw)
+    stages = set()
+    many = audit_collisions_distributed(tmp / "single.zarr", plan, cluster="local:2", parts=5, progress=lambda stage, *a: stages.add(stage), **kw)
     assert json.dumps(many, sort_keys=True) == json.dumps(one, sort_keys=True)
+    assert {"audit bucket ranges", "audit row ranges", "audit sizing"} <= stages
+    assert not [p for p in tmp.iterdir() if ".audit-" in p.name]  # the join files are gone
+
+
+@pytest.mark.parametrize("parts", [1, 3, 8])
+def test_bucket_range_audit_is_exact_on_crowded_heads(tmp_path, parts):
+    """Small heads (loads ~1-8: s(x) takes every value 0..K, worst buckets are crowded) over
+    random n-grams: the bucket-range audit on a thread pool equals the single-process audit."""
+    import numpy as np
+
+    from engram_cli.collisions import audit_collisions, parse_sweep
+    from engram_cli.distributed import audit_collisions_partitioned
+    from engram_cli.ngrams import write_stats_from_arrays
+    from engram_cli.plan import make_plan
+
+    rng = np.random.default_rng(7)
+    per_order = {}
+    for n, m in ((2, 400), (3, 500)):
+        ids = np.unique(rng.integers(0, 97, size=(m, n)), axis=0)
+        per_order[n] = (ids, rng.zipf(1.7, size=len(ids)).astype(np.int64))
+    stats = write_stats_from_arrays(tmp_path / "stats", per_order)
+    plan = make_plan(compressed_vocab_size=97, compressed_pad_id=2, layer_ids=(1, 15), heads=3, dim=48, rows_per_head=(60, 700), seed=3)
+    kw = dict(families=("reference", "xxh3"), target=0.3, sweep=parse_sweep(["heads=1,3", "rows=0.5x,2x"], plan), top=4, vocab_keys=[f"w{i} " for i in range(97)])
+    one = audit_collisions(plan, stats, **kw)
+    with ThreadPoolExecutor(2) as ex:
+        many = audit_collisions_partitioned(plan, stats, executor=ex, work_dir=tmp_path / "work", parts=parts, batch_rows=128, **kw)
+    assert json.dumps(many, sort_keys=True) == json.dumps(one, sort_keys=True)
+    hist = [a["across"]["worst_partner_heads"]["distinct"] for a in one["audit"]]
+    assert {k for h in hist for k, v in enumerate(h) if v} == {0, 1, 2, 3}, hist  # not a trivial audit
 
 
 def test_cli_collisions_on_a_local_cluster(fixture_builds):
