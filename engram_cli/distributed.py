@@ -364,12 +364,10 @@ def merge_partition(parts: list[str], out_dir: str, *, tok0_range: tuple[int, in
 def auto_partitions(parts, memory_limit: int, cpus: int) -> int:
     """Radix partitions for the reduce: 1 when every order's merge fits one key range, else `cpus`.
 
-    One partition is one `merge_stats` call over all partials, which writes each
-    order's parquet file exactly as the single-process count does when the statistics
-    fit its memory (one range): the files are then byte-identical. Several partitions
-    (statistics beyond one task's memory) give the same rows and summary in a
-    different row-group layout, as the single-process count's own multi-range merge
-    does. The estimate is the sum of the partials' distinct rows (an upper bound).
+    Either way the statistics files are byte-identical to the single-process count's
+    (`ngrams.STATS_ROW_GROUP`: a file's bytes depend on its rows only); one partition
+    saves `concat_stats`' extra pass when the merge fits one task. The estimate is the
+    sum of the partials' distinct rows (an upper bound).
     """
     from . import ngrams
 

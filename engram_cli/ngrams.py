@@ -257,7 +257,7 @@ def write_stats_from_arrays(root: str | Path, per_order: dict[int, tuple[np.ndar
     for order, (ids, counts) in sorted(per_order.items()):
         ids = np.asarray(ids, dtype=np.int64).reshape(-1, order)
         counts = np.asarray(counts, dtype=np.int64)
-        _order_frame(order, ids, counts).write_parquet(order_file(root, order))
+        _order_frame(order, ids, counts).write_parquet(order_file(root, order), row_group_size=STATS_ROW_GROUP)
         summaries[str(order)] = summarize_counts(ids, counts)
     summary = _stats_summary(sorted(per_order), summaries, extra)
     write_summary(root, summary)
@@ -266,6 +266,7 @@ def write_stats_from_arrays(root: str | Path, per_order: dict[int, tuple[np.ndar
 
 # -- exact counting ---------------------------------------------------------------------
 BYTES_PER_ROW_OVERHEAD = 6  # merge = concat copy + hash table + output: ~6x the raw row bytes
+STATS_ROW_GROUP = 1 << 16  # rows per row group of every order file: its bytes depend on its rows only, not on how a merge split them
 _RUN_ROW_GROUP = 1 << 16  # small row groups in spilled runs: min/max statistics prune key ranges
 _SAMPLES_PER_RUN = 1024
 MAX_BATCH_TOKENS = 1 << 22  # tokens counted per batch at most; longer documents are sliced
@@ -405,7 +406,7 @@ class _OrderCounter:
             if progress is not None:
                 progress("merging", i + 1, len(bounds), f"order {order}")
         if len(bounds) > 1:
-            pl.scan_parquet(parts).sink_parquet(out, maintain_order=True)
+            pl.scan_parquet(parts).sink_parquet(out, maintain_order=True, row_group_size=STATS_ROW_GROUP)
             for part in parts:
                 part.unlink()
         for run in self.runs:
@@ -429,7 +430,7 @@ class _OrderCounter:
         ids = self.layout.unpack([frame.get_column(k).to_numpy() for k in self.keys])
         counts = frame.get_column("count").to_numpy().astype(np.int64)
         builder.add(ids, counts, ids_sorted=True)
-        _order_frame(self.layout.order, ids, counts).write_parquet(path)
+        _order_frame(self.layout.order, ids, counts).write_parquet(path, row_group_size=STATS_ROW_GROUP)
 
 
 _shifted = shift_flat  # the reference shift_k, from hashing
@@ -610,8 +611,8 @@ def merge_stats(
     same parquet rows in the same order (sorted in text order, one row per distinct
     n-gram, counts summed) and the same summary figures (`documents`, `tokens`, the
     per-order figures, and `corpus` merged with `CorpusSummary.merge` when the parts
-    carry one). When the merged order fits one key range the parquet file is written by
-    the same call as a single in-memory run, so it is byte-identical to it.
+    carry one). Every order file has `STATS_ROW_GROUP`-row row groups, so its bytes
+    depend on its rows only: byte-identical to the count's, however either was split.
 
     Memory stays bounded: each order is merged one tok_0 key range at a time (ranges
     chosen from a sample of the parts so each holds ~`memory_limit` worth of rows;
@@ -662,12 +663,12 @@ def merge_stats(
                 del frame
                 builder.add(ids, counts, ids_sorted=True)
                 piece = order_file(out, n) if tmp is None else tmp / f"part_{i:05d}.parquet"
-                _order_frame(n, ids, counts).write_parquet(piece)
+                _order_frame(n, ids, counts).write_parquet(piece, row_group_size=STATS_ROW_GROUP)
                 pieces.append(piece)
                 if progress is not None:
                     progress("merging", i + 1, len(bounds), f"order {n}")
             if tmp is not None:
-                pl.scan_parquet(pieces).sink_parquet(order_file(out, n), maintain_order=True)
+                pl.scan_parquet(pieces).sink_parquet(order_file(out, n), maintain_order=True, row_group_size=STATS_ROW_GROUP)
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -690,7 +691,7 @@ def concat_stats(partitions: Iterable[str | Path | NgramStats], out: str | Path)
     """Join key-range partitions (`merge_stats(..., tok0_range=...)`, ascending and
     disjoint) into one stats directory: rows streamed into each order's file in order,
     summary figures recomputed by streaming the rows again (`SummaryBuilder`).
-    The rows and summary equal the unpartitioned merge; the parquet row groups differ.
+    The files equal the unpartitioned merge's, byte for byte (`STATS_ROW_GROUP`).
     """
     parts = [p if isinstance(p, NgramStats) else NgramStats.open(p) for p in partitions]
     if not parts:
@@ -703,7 +704,7 @@ def concat_stats(partitions: Iterable[str | Path | NgramStats], out: str | Path)
     out.mkdir(parents=True, exist_ok=True)
     summaries = {}
     for n in orders:
-        pl.scan_parquet([order_file(p.root, n) for p in parts]).sink_parquet(order_file(out, n), maintain_order=True)
+        pl.scan_parquet([order_file(p.root, n) for p in parts]).sink_parquet(order_file(out, n), maintain_order=True, row_group_size=STATS_ROW_GROUP)
         builder = SummaryBuilder(n)
         for part in parts:
             for ids, counts in part.iter_batches(n):
