@@ -44,9 +44,11 @@ from .errors import ClusterError, CorpusError, ResumeError, TokenizerError
 Progress = Callable[..., None]
 
 INSTALL_HINT = "pip install 'engram-cli[ray]'"
-WORK_FORMAT = "engram-work/1"
+WORK_FORMAT = "engram-work/2"  # 2: statistics files with fixed row groups, tok_0 samples
 WORK_FILE = "work.json"  # marks a directory as ours: only then do we delete inside it
 DONE_FILE = "done.json"  # written last in a partial's directory: its fingerprint
+TOK0_SAMPLE_FILE = "tok0_sample.json"  # a map partial's tok_0 quantiles: where the radix partitions cut
+TOK0_SAMPLES = 256  # per order and map partial
 DEFAULT_MAX_RETRIES = 3  # Ray re-runs a task whose worker process died this many times
 ClusterKind = Literal["local", "address"]
 
@@ -338,6 +340,7 @@ def count_map_shard(
         stats = count_ngrams(ids, max_ngram_size=max_ngram_size, pad_id=pad_id, vocab_size=vocab.compressed_size, out_dir=tmp, memory_limit=memory_limit)
         summary.tokens = int(stats.summary["tokens"])
         _write_summary(tmp, {**stats.summary, "corpus": summary.to_dict()})
+        (tmp / TOK0_SAMPLE_FILE).write_text(json.dumps(tok0_sample(stats)))
         (tmp / "started.json").unlink()
     return str(out)
 
@@ -379,11 +382,55 @@ def auto_partitions(parts, memory_limit: int, cpus: int) -> int:
     return 1
 
 
-def radix_ranges(vocab_size: int, partitions: int) -> list[tuple[int, int]]:
-    """`partitions` contiguous `tok_0` ranges covering [0, vocab_size), in ascending order."""
+def radix_ranges(vocab_size: int, partitions: int, weights=None) -> list[tuple[int, int]]:
+    """`partitions` contiguous `tok_0` ranges covering [0, vocab_size), in ascending order.
+
+    Equal ranges of ids; with `weights` (estimated rows per tok_0 value, `tok0_weights`)
+    ranges of about equal weight instead: tok_0 is Zipf-distributed, so equal id ranges
+    would leave one reduce task with most of the rows. A value heavier than a share is a
+    range of its own (a radix partition never splits one tok_0).
+    """
+    import numpy as np
+
     partitions = max(1, min(int(partitions), vocab_size))
-    bounds = [vocab_size * i // partitions for i in range(partitions + 1)]
+    if weights is None or float(np.sum(weights)) <= 0:
+        bounds = [vocab_size * i // partitions for i in range(partitions + 1)]
+    else:
+        cum = np.cumsum(np.asarray(weights, dtype=np.float64))
+        cuts = np.searchsorted(cum, cum[-1] * np.arange(1, partitions) / partitions, side="left") + 1
+        bounds = [0, *sorted({int(c) for c in cuts if 0 < c < vocab_size}), vocab_size]
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def tok0_sample(stats, samples: int = TOK0_SAMPLES) -> dict:
+    """Per order of a (map partial's) statistics: every `step`-th row's tok_0 (its rows are
+    sorted, so these are quantiles), each standing for `step` rows. Reads the tok_0 column once."""
+    import polars as pl
+
+    out = {}
+    for n in stats.orders:
+        rows = stats.distinct(n)
+        step = max(1, -(-rows // samples))
+        values = stats.scan(n).select(pl.col("tok_0").gather_every(step)).collect().get_column("tok_0").to_list() if rows else []
+        out[str(n)] = {"step": step, "values": values}
+    return out
+
+
+def tok0_weights(map_dirs: list[str], vocab_size: int):
+    """Estimated rows per tok_0 value over the map partials (from their `tok0_sample`), or None
+    when a partial has none. O(vocab) memory in the driver, whatever the corpus size."""
+    import numpy as np
+
+    weights = np.zeros(vocab_size, dtype=np.float64)
+    for d in map_dirs:
+        try:
+            sample = json.loads((Path(d) / TOK0_SAMPLE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        for entry in sample.values():
+            values = np.asarray(entry["values"], dtype=np.int64)
+            np.add.at(weights, values[(values >= 0) & (values < vocab_size)], float(entry["step"]))
+    return weights
 
 
 # -- the driver --------------------------------------------------------------------------------
@@ -523,7 +570,7 @@ def count_distributed(
     groups = group_shards(plan_shards(files, expanded=True, shard_bytes=map_bytes, text_field=text_field), map_bytes)
     share = getattr(executor, "share", lambda x: x)
     vocab_arg = share(vocab)
-    base = (tokenizer.sha256, vocab.fingerprint, max_ngram_size, pad_id, add_special_tokens)
+    base = (WORK_FORMAT, tokenizer.sha256, vocab.fingerprint, max_ngram_size, pad_id, add_special_tokens)
     map_fps = [fingerprint("map", [s.fingerprint for s in g], *base) for g in groups]
     map_dirs = [str(work.map_dir / f"{i:06d}-{fp[:16]}") for i, fp in enumerate(map_fps)]
     weights = [sum(max(1, s.weight) for s in g) for g in groups]
@@ -543,7 +590,7 @@ def count_distributed(
         raise CorpusError(empty_corpus_message(files, corpus, text_field))
 
     partitions = partitions or auto_partitions(parts, memory_limit, cpus)
-    ranges: list = radix_ranges(vocab.compressed_size, partitions) if partitions > 1 else [None]
+    ranges: list = radix_ranges(vocab.compressed_size, partitions, tok0_weights(map_dirs, vocab.compressed_size)) if partitions > 1 else [None]
     red_fps = [fingerprint("reduce", map_fps, r, memory_limit) for r in ranges]
     red_dirs = [str(work.reduce_dir / f"{i:04d}-{fp[:16]}") for i, fp in enumerate(red_fps)]
     rcounter = StageCounter(progress, "merge partitions", float(len(ranges)))
@@ -957,5 +1004,5 @@ def _executor(cluster, executor: cf.Executor | None, max_retries: int):
 __all__ = [
     "Cluster", "ClusterSpec", "audit_bucket_range", "audit_collisions_distributed", "audit_collisions_partitioned", "audit_parts", "audit_row_range", "bucket_range", "check_cluster_options", "rates_bucket_range", "stream_bucket_ranges", "DistributedOptions", "RayExecutor", "WorkDir", "atomic_dir", "build_tables_distributed",
     "connect", "count_distributed", "count_map_shard", "default_work_dir", "fingerprint", "import_ray", "materialize",
-    "merge_partition", "parse_cluster", "radix_ranges", "run_all",
+    "merge_partition", "parse_cluster", "radix_ranges", "run_all", "tok0_sample", "tok0_weights",
 ]

@@ -123,9 +123,15 @@ def test_parse_cluster():
 
 
 def test_radix_ranges_cover_the_vocabulary():
-    for c, p in [(10, 3), (129280, 7), (5, 9)]:
-        r = radix_ranges(c, p)
-        assert r[0][0] == 0 and r[-1][1] == c and all(a[1] == b[0] for a, b in zip(r, r[1:]))
+    import numpy as np
+
+    zipf = 1.0 / np.arange(1, 129281)
+    for c, p, w in [(10, 3, None), (129280, 7, None), (5, 9, None), (129280, 7, zipf), (10, 4, np.array([0, 0, 50, 1, 1, 1, 1, 1, 0, 0]))]:
+        r = radix_ranges(c, p, w)
+        assert r[0][0] == 0 and r[-1][1] == c and all(a[1] == b[0] and a[0] < a[1] for a, b in zip(r, r[1:])), r
+        if w is not None:  # balanced: no range beyond its share, unless one heavy tok_0 is the range
+            share = w.sum() / p
+            assert all(w[a:b].sum() <= share + w[a:b].max() for a, b in r), r
 
 
 def test_missing_ray_names_the_extra(tmp_path):
@@ -216,8 +222,18 @@ def test_thread_executor_and_radix_partitions_build_the_same_store(tmp_path, dee
     assert max(t or 0 for t in merging) > 1  # the single process merged by key ranges
     with ThreadPoolExecutor(2) as ex:
         build_tables_distributed([corpus], tmp_path / "b.zarr", cluster="local:1", tokenizer=deepseek[0], vocab=deepseek[1], plan=plan,
-                                 options=DistributedOptions(map_bytes=4096, partitions=3), memory_limit=256 << 10, executor=ex, **STORE)
+                                 options=DistributedOptions(map_bytes=4096, partitions=3, keep_work=True), memory_limit=256 << 10, executor=ex, **STORE)
     assert_same_store(tmp_path / "a.zarr", tmp_path / "b.zarr")
+    # the radix partitions cut at the partials' tok_0 quantiles: far more even than equal id ranges
+    from engram_cli.ngrams import NgramStats
+
+    reduced = [NgramStats.open(d) for d in sorted((tmp_path / ".b.zarr.work" / "reduce").iterdir())]
+    balanced = [sum(r.distinct(n) for n in r.orders) for r in reduced]
+    merged = NgramStats.open(tmp_path / "b.zarr" / "stats")
+    tok0 = pl.concat([merged.scan(n).select("tok_0").collect() for n in merged.orders]).get_column("tok_0").to_numpy()
+    equal = [int(((tok0 >= a) & (tok0 < b)).sum()) for a, b in radix_ranges(deepseek[1].compressed_size, 3)]
+    assert sum(balanced) == sum(equal) == tok0.size and len(balanced) == 3
+    assert max(balanced) < 0.4 * tok0.size and max(equal) > 0.8 * tok0.size, (balanced, equal)  # measured: ~1/3 each vs 95% in one
 
 
 def test_killed_worker_is_retried_and_the_build_is_identical(tmp_path, deepseek):
