@@ -364,20 +364,20 @@ def merge_partition(parts: list[str], out_dir: str, *, tok0_range: tuple[int, in
     return str(out)
 
 
-def auto_partitions(parts, memory_limit: int, cpus: int) -> int:
+def auto_partitions(partial_rows: dict[int, int], memory_limit: int, cpus: int) -> int:
     """Radix partitions for the reduce: 1 when every order's merge fits one key range, else `cpus`.
 
     Either way the statistics files are byte-identical to the single-process count's
     (`ngrams.STATS_ROW_GROUP`: a file's bytes depend on its rows only); one partition
     saves `concat_stats`' extra pass when the merge fits one task. The estimate is the
-    sum of the partials' distinct rows (an upper bound).
+    sum of the partials' distinct rows per order, `partial_rows` (an upper bound).
     """
     from . import ngrams
 
     overhead = ngrams.BYTES_PER_ROW_OVERHEAD
-    for n in parts[0].orders:
+    for n, rows in partial_rows.items():
         range_rows = max(1 << 6, memory_limit // (8 * (n + 1) * 2 * overhead))
-        if sum(p.distinct(n) for p in parts) > range_rows:
+        if rows > range_rows:
             return max(1, cpus)
     return 1
 
@@ -584,12 +584,16 @@ def count_distributed(
         for g, d, fp in zip(groups, map_dirs, map_fps)
     ]
     run_all(executor, calls, lambda i, _: counter.add(weights[i], groups[i][0].describe() + (f" (+{len(groups[i]) - 1} more)" if len(groups[i]) > 1 else "")))
-    parts = [NgramStats.open(d) for d in map_dirs]
-    corpus = merge_summaries(first, [CorpusSummary.from_dict(p.summary["corpus"]) for p in parts])
+    corpus, partial_rows = first, {}  # folded one partial at a time: the driver never holds every summary
+    for d in map_dirs:
+        part = NgramStats.open(d)
+        corpus = merge_summaries(corpus, [CorpusSummary.from_dict(part.summary["corpus"])])
+        for n in part.orders:
+            partial_rows[n] = partial_rows.get(n, 0) + part.distinct(n)
     if corpus.documents == 0 or corpus.tokens == 0:
         raise CorpusError(empty_corpus_message(files, corpus, text_field))
 
-    partitions = partitions or auto_partitions(parts, memory_limit, cpus)
+    partitions = partitions or auto_partitions(partial_rows, memory_limit, cpus)
     ranges: list = radix_ranges(vocab.compressed_size, partitions, tok0_weights(map_dirs, vocab.compressed_size)) if partitions > 1 else [None]
     red_fps = [fingerprint("reduce", map_fps, r, memory_limit) for r in ranges]
     red_dirs = [str(work.reduce_dir / f"{i:04d}-{fp[:16]}") for i, fp in enumerate(red_fps)]
