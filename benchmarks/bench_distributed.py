@@ -17,6 +17,11 @@ against single (time ray-1 / time single, with and without the cluster's start-u
 the map stage's rate per worker (corpus bytes and tokens per second per worker), and
 the peak RSS of each Ray worker process (its own `ru_maxrss`, read by a task run on
 it after the build) and of this driver process.
+
+The collision audit of the built store (both hash families), the same way:
+  - audit-single: `collisions.audit_collisions` (one process; the baseline)
+  - audit-ray-1 / audit-ray-2: `distributed.audit_collisions_distributed` on local:1 /
+    local:2, bucket ranges per head = `--audit-parts` (the reports are checked equal)
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--map-bytes", type=int, default=256 << 10)
+    ap.add_argument("--audit-parts", type=int, default=4)
     args = ap.parse_args()
 
     import ray
@@ -111,7 +117,10 @@ def main() -> None:
             times["single"].append(time.perf_counter() - t0)
             map_span["single"].append(st.span("tokenizing"))
             tokens = int(res.corpus["tokens"])
-            shutil.rmtree(out)
+            if r == 0:
+                audit_store = out.rename(tmp / "audit.zarr")
+            else:
+                shutil.rmtree(out)
             for n in (1, 2):
                 name = f"ray-{n}"
                 t0 = time.perf_counter()
@@ -153,7 +162,10 @@ def main() -> None:
             {"figure": "overhead ray-1 / single (whole build, start-up included)", "value": best["ray-1"] / best["single"]},
             {"figure": "overhead ray-1 / single (cluster start-up excluded)", "value": (best["ray-1"] - start["ray-1"]) / best["single"]},
         ]
-        context = dict(corpus_bytes=corpus_bytes, tokens=tokens, partial_rows=partial_rows, partial_bytes=partial_bytes, copies=args.copies, map_bytes=args.map_bytes, repeat=args.repeat,
+        audit_rows, audit_ratios, audit_context = bench_audit(audit_store, args.repeat, args.audit_parts)
+        rows += audit_rows
+        ratios += audit_ratios
+        context = dict(**audit_context, corpus_bytes=corpus_bytes, tokens=tokens, partial_rows=partial_rows, partial_bytes=partial_bytes, copies=args.copies, map_bytes=args.map_bytes, repeat=args.repeat,
                        driver_peak_rss_MiB=peak_rss_bytes() / 2**20, ray=ray.__version__)
         print_rows(f"Distributed build, {corpus_bytes / 1e6:.1f} MB, {tokens:,} tokens (best of {args.repeat})", rows)
         print_rows("Ratios", ratios)
@@ -162,6 +174,53 @@ def main() -> None:
         record("distributed", rows + ratios, **context)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_audit(store_path: Path, repeat: int, parts: int) -> tuple[list[dict], list[dict], dict]:
+    """The collision audit of `store_path` (both families): one process vs 1 and 2 Ray workers."""
+    import ray
+
+    from engram_cli.collisions import audit_collisions
+    from engram_cli.distributed import RayExecutor, audit_collisions_distributed
+    from engram_cli.store import TableStore
+
+    store = TableStore.open(store_path)
+    families = ("reference", "xxh3")
+    times: dict[str, list[float]] = {"audit-single": [], "audit-ray-1": [], "audit-ray-2": []}
+    startup: dict[str, list[float]] = {"audit-ray-1": [], "audit-ray-2": []}
+    worker_rss: dict[str, list[int]] = {"audit-ray-1": [], "audit-ray-2": []}
+    single_rss = 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        one = audit_collisions(store.plan, store.stats, families=families, vocab_keys=store.vocab.keys)
+        times["audit-single"].append(time.perf_counter() - t0)
+        for n in (1, 2):
+            name = f"audit-ray-{n}"
+            t0 = time.perf_counter()
+            ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            t1 = time.perf_counter()
+            ex = RayExecutor()
+            many = audit_collisions_distributed(store_path, store.plan, cluster=f"local:{n}", families=families, parts=parts, executor=ex)
+            t2 = time.perf_counter()
+            assert json.dumps(many, sort_keys=True) == json.dumps(one, sort_keys=True), "the distributed audit differs"
+            rss = [ex.submit(worker_peak_rss, 1.0) for _ in range(n)]
+            worker_rss[name] += [r_.result()[1] for r_ in rss]
+            ex.shutdown()
+            ray.shutdown()
+            times[name].append(t2 - t0)
+            startup[name].append(t1 - t0)
+    single_rss = peak_rss_bytes()
+    best = {k: min(v) for k, v in times.items()}
+    start = {k: min(v) for k, v in startup.items()}
+    rows = [{"provider": k, "best_s": best[k], "startup_s": start.get(k, 0.0), "peak_worker_rss_MiB": max(worker_rss.get(k, [0])) / 2**20} for k in times]
+    ratios = [
+        {"figure": "audit throughput ray-2 / ray-1 (time ratio)", "value": best["audit-ray-1"] / best["audit-ray-2"]},
+        {"figure": "audit throughput ray-2 / ray-1, start-up excluded", "value": (best["audit-ray-1"] - start["audit-ray-1"]) / (best["audit-ray-2"] - start["audit-ray-2"])},
+        {"figure": "audit overhead ray-1 / single (start-up included)", "value": best["audit-ray-1"] / best["audit-single"]},
+        {"figure": "audit overhead ray-1 / single (start-up excluded)", "value": (best["audit-ray-1"] - start["audit-ray-1"]) / best["audit-single"]},
+    ]
+    distinct = {str(n): store.stats.distinct(n) for n in store.plan.orders}
+    return rows, ratios, dict(audit_parts=parts, audit_distinct=distinct, audit_families=list(families), driver_peak_rss_after_audit_MiB=single_rss / 2**20)
 
 
 if __name__ == "__main__":

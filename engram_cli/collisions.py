@@ -246,6 +246,38 @@ def worst_partner_heads(
     return s
 
 
+def worst_partner_heads_through(buckets: Sequence[np.ndarray], primes: Sequence[int], head: int, *, mix_duplicated: np.ndarray | None = None) -> np.ndarray:
+    """For n-grams that all share their bucket of head `head` with another: the most heads each
+    shares with one partner *of that bucket* (at least 1).
+
+    The max over x's colliding heads of this is x's s(x) (`worst_partner_heads`): its worst
+    partner shares one of its buckets. So the audit partitioned by bucket range computes
+    s(x) head by head, each range holding whole buckets. Levels as in
+    `worst_partner_heads`, every tested subset of heads including `head`: C(K-1, t) per
+    level t, no pairwise step; `mix_duplicated` (reference family) as there.
+    """
+    K = len(buckets)
+    m = buckets[0].size
+    s = np.ones(m, dtype=count_dtype(K))
+    others = [i for i in range(K) if i != head]
+    shortcut = identical_from(primes) if mix_duplicated is not None else None
+    cand = np.arange(m)
+    level = 1
+    while cand.size and level < K:
+        if shortcut is not None and level + 1 >= shortcut:
+            s[cand[mix_duplicated[cand]]] = K
+            break
+        sub = {i: np.asarray(buckets[i])[cand] for i in range(K)}
+        nxt = np.zeros(cand.size, dtype=bool)
+        for S in combinations(others, level):
+            cols = [head, *S]
+            nxt |= duplicated_rows([sub[i] for i in cols], [primes[i] for i in cols])
+        cand = cand[nxt]
+        level += 1
+        s[cand] = level
+    return s
+
+
 # -- per (layer, order) hashing state ------------------------------------------------
 @dataclass
 class OrderKeys:

@@ -759,12 +759,12 @@ def audit_bucket_range(stats, plan, family: str, layer: int, order: int, part: i
     Returns each head's `head_sums` over its range, the range's `top` worst-bucket
     candidates with their members, and (head 0's range) the n-grams with a duplicated
     mix. Writes, per head j, the n-grams colliding in head j with the most heads they
-    share with a partner of their bucket, into `out_dir/h{j}` (rows, s, counts: .npy, row
+    share with a partner of their bucket (`collisions.worst_partner_heads_through`), into `out_dir/h{j}` (rows, s, counts: .npy, row
     order): `audit_row_range` joins the heads by row into s(x).
     """
     import numpy as np
 
-    from .collisions import bucket_members, head_sums, rank_worst, worst_partner_heads
+    from .collisions import bucket_members, head_sums, rank_worst, worst_partner_heads_through
 
     primes = [int(p) for p in plan.primes[layer][order - 2]]
     result = {"heads": [], "worst": [], "mix_duplicates": None, "mix_dup_occurrences": None}
@@ -778,9 +778,9 @@ def audit_bucket_range(stats, plan, family: str, layer: int, order: int, part: i
         dup = sub.mix_duplicated()
         if j == 0 and dup is not None:
             result["mix_duplicates"], result["mix_dup_occurrences"] = int(dup.sum()), int(sub.counts[dup].sum())
-        s = worst_partner_heads(buckets, primes, mix_duplicated=dup)
+        s = worst_partner_heads_through([b[collide] for b in buckets], primes, j, mix_duplicated=None if dup is None else dup[collide])
         with atomic_dir(Path(out_dir) / f"h{j}", fingerprint(out_dir, j)) as tmp:
-            for name, values in (("rows", rows[collide]), ("s", s[collide]), ("counts", sub.counts[collide])):
+            for name, values in (("rows", rows[collide]), ("s", s), ("counts", sub.counts[collide])):
                 np.save(tmp / f"{name}.npy", values)
     chosen = rank_worst([c for c, _ in cands], top)
     member_rows = {c: r for c, r in cands}

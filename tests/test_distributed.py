@@ -435,6 +435,28 @@ def test_bucket_range_audit_is_exact_on_crowded_heads(tmp_path, parts):
     assert {k for h in hist for k, v in enumerate(h) if v} == {0, 1, 2, 3}, hist  # not a trivial audit
 
 
+def test_bucket_range_audit_is_exact_on_huge_heads(tmp_path):
+    """Heads of ~2^33 buckets (bucket ids past uint32; occupied buckets compacted), where two
+    heads already pin the 64-bit mix (the reference family's shortcut): still the single-process report."""
+    import numpy as np
+
+    from engram_cli.collisions import audit_collisions, identical_from
+    from engram_cli.distributed import audit_collisions_partitioned
+    from engram_cli.ngrams import write_stats_from_arrays
+    from engram_cli.plan import make_plan
+
+    rng = np.random.default_rng(3)
+    ids = np.unique(rng.integers(0, 50000, size=(300_000, 2)), axis=0)
+    stats = write_stats_from_arrays(tmp_path / "stats", {2: (ids, rng.zipf(1.5, size=len(ids)).astype(np.int64))})
+    plan = make_plan(compressed_vocab_size=50000, compressed_pad_id=2, layer_ids=(1,), max_ngram_size=2, heads=2, dim=16, rows_per_head=(1 << 33,), seed=5)
+    assert identical_from(plan.primes[1][0]) == 2
+    one = audit_collisions(plan, stats, families=("reference", "xxh3"), top=3)
+    with ThreadPoolExecutor(2) as ex:
+        many = audit_collisions_partitioned(plan, stats, executor=ex, work_dir=tmp_path / "work", families=("reference", "xxh3"), top=3, parts=3)
+    assert json.dumps(many, sort_keys=True) == json.dumps(one, sort_keys=True)
+    assert all(a["heads"][0]["buckets_used"] < len(ids) for a in one["audit"])  # some buckets are shared
+
+
 def test_cli_collisions_on_a_local_cluster(fixture_builds):
     from typer.testing import CliRunner
 
