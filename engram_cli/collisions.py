@@ -486,7 +486,8 @@ def across_figures_from_sums(sums: dict, primes: Sequence[int], *, family: str, 
     }
 
 
-def _decode(ids: Sequence[int], vocab_keys: Sequence[str] | None) -> str | None:
+def decode_ngram(ids: Sequence[int], vocab_keys: Sequence[str] | None) -> str | None:
+    """An n-gram's text from the vocabulary's keys (`<id>` for an id outside it); None without keys."""
     if vocab_keys is None:
         return None
     return "".join(vocab_keys[i] if 0 <= i < len(vocab_keys) else f"<{i}>" for i in ids)
@@ -550,7 +551,7 @@ def bucket_members(stats: NgramStats, order: int, members_rows: Sequence[np.ndar
         members = []
         for i in order_[:MAX_MEMBERS]:
             g = ids[local[i]].tolist()
-            members.append({"ids": g, "text": _decode(g, vocab_keys), "count": int(counts[local[i]])})
+            members.append({"ids": g, "text": decode_ngram(g, vocab_keys), "count": int(counts[local[i]])})
         out.append(members)
     return out
 

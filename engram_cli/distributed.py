@@ -753,7 +753,7 @@ def stream_bucket_ranges(plan, stats, family: str, layer: int, order: int, prime
     return out
 
 
-def audit_bucket_range(stats, plan, family: str, layer: int, order: int, part: int, parts: int, out_dir: str, *, top: int, vocab_keys=None, batch_rows: int = 1 << 20) -> dict:
+def audit_bucket_range(stats, plan, family: str, layer: int, order: int, part: int, parts: int, out_dir: str, *, top: int, batch_rows: int = 1 << 20) -> dict:
     """Task: the audit of one (family, layer, order) over bucket range `part` of `parts` of every head.
 
     Returns each head's `head_sums` over its range, the range's `top` worst-bucket
@@ -784,7 +784,7 @@ def audit_bucket_range(stats, plan, family: str, layer: int, order: int, part: i
                 np.save(tmp / f"{name}.npy", values)
     chosen = rank_worst([c for c, _ in cands], top)
     member_rows = {c: r for c, r in cands}
-    members = bucket_members(stats, order, [member_rows[c] for c in chosen], vocab_keys=vocab_keys)
+    members = bucket_members(stats, order, [member_rows[c] for c in chosen], vocab_keys=None)  # the driver decodes
     result["worst"] = list(zip(chosen, members))
     return result
 
@@ -874,12 +874,12 @@ def audit_collisions_partitioned(
     heads = max([plan.heads, *(c[2].heads for c in cells)])
     parts = parts or audit_parts(plan, stats, heads=heads, memory_limit=memory_limit or DEFAULT_MEMORY_LIMIT, cpus=cpus)
     share = getattr(executor, "share", lambda x: x)
-    stats_ref, plan_ref, keys_ref = share(stats), share(plan), share(vocab_keys)
+    stats_ref, plan_ref = share(stats), share(plan)
     units = [(f, layer, n) for f in families for layer in layers for n in plan.orders]
     unit_dir = {u: Path(work_dir) / f"{u[0]}-{u[1]}-{u[2]}" for u in units}
 
     # bucket ranges of every unit (and the sweep cells), then row ranges
-    calls = [(audit_bucket_range, (stats_ref, plan_ref, f, layer, n, r, parts, str(unit_dir[(f, layer, n)] / f"p{r:05d}")), dict(top=top, vocab_keys=keys_ref, batch_rows=batch_rows))
+    calls = [(audit_bucket_range, (stats_ref, plan_ref, f, layer, n, r, parts, str(unit_dir[(f, layer, n)] / f"p{r:05d}")), dict(top=top, batch_rows=batch_rows))
              for f, layer, n in units for r in range(parts)]
     cell_calls = [(rates_bucket_range, (stats_ref, plan_ref, f, layer, n, cell_plan.primes[layer][n - 2], r, parts), dict(batch_rows=batch_rows))
                   for f, layer, n in units for _, _, cell_plan in cells for r in range(parts)]
@@ -908,6 +908,9 @@ def audit_collisions_partitioned(
         across_fig = col.across_figures_from_sums(across, primes, family=f, mix_duplicates=mix_dup)
         worst = col.rank_worst([c for r in mine for c, _ in r["worst"]], top)
         members = {c: mem for r in mine for c, mem in r["worst"]}
+        for c in worst:  # decoded here: the tasks need not load the vocabulary
+            for member in members[c]:
+                member["text"] = col.decode_ngram(member["ids"], vocab_keys)
         audits.append(col.order_audit_entry(f, layer, n, distinct=m, occurrences=total, heads=heads_fig, across=across_fig,
                                             worst=[col.worst_bucket_entry(c, members[c], total) for c in worst]))
         for c, (K, rows, _) in enumerate(cells):
