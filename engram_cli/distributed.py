@@ -705,7 +705,11 @@ def build_tables_distributed(
 
 
 # -- the collision audit, partitioned by bucket range ------------------------------------------------
-AUDIT_ROW_BYTES = 64  # bytes a bucket-range task holds per n-gram and head, temporaries included (measured order)
+# Bytes a bucket-range task holds per n-gram of its range and head: 40 + 16 * heads (row, count,
+# hash state, every head's bucket, masks, temporaries). Measured with tracemalloc on 1 M
+# trigrams (see docs/scale-out.md): 49-50 (reference) and 98-161 (xxh3)
+# for 4-8 heads, under the formula's 104-168.
+AUDIT_BYTES_PER_HEAD = (40, 16)
 
 
 def bucket_range(p: int, part: int, parts: int) -> tuple[int, int]:
@@ -713,54 +717,114 @@ def bucket_range(p: int, part: int, parts: int) -> tuple[int, int]:
     return int(p) * part // parts, int(p) * (part + 1) // parts
 
 
-def stream_bucket_ranges(plan, stats, family: str, layer: int, order: int, primes, part: int, parts: int, *, batch_rows: int):
-    """One streaming pass over an order's n-grams: for each head j (prime `primes[j]`), the
-    (row indices, `collisions.OrderKeys`) of the n-grams whose head-j bucket lies in range
-    `part` of `parts` (`bucket_range`). The keys hold the hash state of every head, so all
-    their buckets follow; a head's bucket range holds every n-gram of its buckets."""
+def hash_state(plan, family: str, layer: int, order: int, ids, counts, heads: int):
+    """`collisions.OrderKeys` of these n-grams (ids (m, n), counts (m,)): what every head's bucket comes from."""
     import numpy as np
 
     from .collisions import OrderKeys
     from .hashing import ngram_mix, xxh3_digests, xxh3_seed
 
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1, order)
+    if family == "reference":
+        return OrderKeys(family, layer, order, counts, mix=ngram_mix(ids, plan.multipliers[layer][:order]))
+    return OrderKeys(family, layer, order, counts, digests=xxh3_digests(ids, [xxh3_seed(plan.seed, layer, order, j) for j in range(heads)]))
+
+
+def range_of_bucket(b, p: int, parts: int):
+    """The `bucket_range` index of each bucket b (inverse of `bucket_range`: p * r // parts <= b < p * (r + 1) // parts)."""
+    import numpy as np
+
+    return ((np.asarray(b, dtype=np.int64) + 1) * parts + int(p) - 1) // int(p) - 1
+
+
+def stream_bucket_ranges(plan, stats, family: str, layer: int, order: int, primes, part: int, parts: int, *, batch_rows: int):
+    """One streaming pass over an order's n-grams: for each head j (prime `primes[j]`), the
+    (row indices, `collisions.OrderKeys`) of the n-grams whose head-j bucket lies in range
+    `part` of `parts` (`bucket_range`). The keys hold the hash state of every head, so all
+    their buckets follow; a head's bucket range holds every n-gram of its buckets.
+    (`scatter_row_range` + `gather_bucket_ranges` give the same without re-reading the order.)"""
+    import numpy as np
+
     K = len(primes)
-    seeds = [xxh3_seed(plan.seed, layer, order, j) for j in range(K)]
-    mult = plan.multipliers[layer][:order]
-    ranges = [bucket_range(p, part, parts) for p in primes]
-    rows, counts, keys = ([[] for _ in range(K)] for _ in range(3))
+    rows, counts, ids_ = ([[] for _ in range(K)] for _ in range(3))
     offset = 0
     for ids, cnt in stats.iter_batches(order, batch_rows):
-        if family == "reference":
-            batch = OrderKeys(family, layer, order, cnt, mix=ngram_mix(ids, mult))
-        else:
-            batch = OrderKeys(family, layer, order, cnt, digests=xxh3_digests(ids, seeds))
-        for j, (p, (lo, hi)) in enumerate(zip(primes, ranges)):
-            b = batch.buckets(j, p)
-            sel = np.flatnonzero((b >= lo) & (b < hi))
+        batch = hash_state(plan, family, layer, order, ids, cnt, K)
+        for j, p in enumerate(primes):
+            sel = np.flatnonzero(range_of_bucket(batch.buckets(j, p), p, parts) == part)
             rows[j].append(sel + offset)
             counts[j].append(cnt[sel])
-            keys[j].append(batch.mix[sel] if family == "reference" else batch.digests[sel])
+            ids_[j].append(ids[sel])
         offset += cnt.size
+    return [_range_keys(plan, family, layer, order, rows[j], ids_[j], counts[j], K) for j in range(K)]
+
+
+def _range_keys(plan, family, layer, order, rows, ids, counts, heads):
+    import numpy as np
+
+    cat = lambda xs, empty: np.concatenate(xs) if xs else empty  # noqa: E731
+    c = cat(counts, np.zeros(0, np.int64))
+    return cat(rows, np.zeros(0, np.int64)), hash_state(plan, family, layer, order, cat(ids, np.zeros((0, order), np.int64)), c, heads)
+
+
+def scatter_row_range(stats, plan, family: str, layer: int, order: int, start: int, stop: int, parts: int, out_dir: str) -> str:
+    """Shuffle task: rows [start, stop) of an order, split for every head j by the bucket range
+    (of `parts`) their head-j bucket falls in, into `out_dir/h{j}` (rows, ids as uint32, counts,
+    each grouped by range in row order, and the groups' `offsets`). Written atomically."""
+    import numpy as np
+    import polars as pl
+
+    from .ngrams import order_file, token_columns
+
+    primes = [int(p) for p in plan.primes[layer][order - 2]]
+    cols = token_columns(order)
+    frame = pl.scan_parquet(order_file(stats.root, order)).select([*cols, "count"]).slice(start, stop - start).collect()
+    ids = np.stack([frame.get_column(c).to_numpy().astype(np.int64) for c in cols], axis=1) if frame.height else np.zeros((0, order), np.int64)
+    counts = frame.get_column("count").to_numpy().astype(np.int64)
+    del frame
+    keys = hash_state(plan, family, layer, order, ids, counts, len(primes))
+    with atomic_dir(Path(out_dir), fingerprint(out_dir)) as tmp:
+        for j, p in enumerate(primes):
+            r = range_of_bucket(keys.buckets(j, p), p, parts)
+            by_range = np.argsort(r, kind="stable")
+            head = tmp / f"h{j}"
+            head.mkdir()
+            np.save(head / "offsets.npy", np.concatenate([[0], np.cumsum(np.bincount(r, minlength=parts))]))
+            np.save(head / "rows.npy", by_range + start)
+            np.save(head / "ids.npy", ids[by_range].astype(np.uint32))
+            np.save(head / "counts.npy", counts[by_range])
+    return out_dir
+
+
+def gather_bucket_ranges(plan, family: str, layer: int, order: int, part: int, scatter_dirs: list[str]):
+    """`stream_bucket_ranges` from the shuffle files of `scatter_row_range` (in row order):
+    reads only this range's slice of each file."""
+    import numpy as np
+
+    K = len(plan.primes[layer][order - 2])
     out = []
     for j in range(K):
-        cat = lambda xs, empty: np.concatenate(xs) if xs else empty  # noqa: E731
-        c = cat(counts[j], np.zeros(0, np.int64))
-        if family == "reference":
-            sub = OrderKeys(family, layer, order, c, mix=cat(keys[j], np.zeros(0, np.int64)))
-        else:
-            sub = OrderKeys(family, layer, order, c, digests=cat(keys[j], np.zeros((0, K), np.uint64)))
-        out.append((cat(rows[j], np.zeros(0, np.int64)), sub))
+        rows, ids, counts = [], [], []
+        for d in scatter_dirs:
+            head = Path(d) / f"h{j}"
+            lo, hi = np.load(head / "offsets.npy")[part:part + 2]
+            rows.append(np.asarray(np.load(head / "rows.npy", mmap_mode="r")[lo:hi]))
+            ids.append(np.asarray(np.load(head / "ids.npy", mmap_mode="r")[lo:hi], dtype=np.int64))
+            counts.append(np.asarray(np.load(head / "counts.npy", mmap_mode="r")[lo:hi]))
+        out.append(_range_keys(plan, family, layer, order, rows, ids, counts, K))
     return out
 
 
-def audit_bucket_range(stats, plan, family: str, layer: int, order: int, part: int, parts: int, out_dir: str, *, top: int, batch_rows: int = 1 << 20) -> dict:
+def audit_bucket_range(stats, plan, family: str, layer: int, order: int, part: int, parts: int, out_dir: str, *, top: int, scatter_dirs: list[str] | None = None, batch_rows: int = 1 << 20) -> dict:
     """Task: the audit of one (family, layer, order) over bucket range `part` of `parts` of every head.
 
     Returns each head's `head_sums` over its range, the range's `top` worst-bucket
     candidates with their members, and (head 0's range) the n-grams with a duplicated
     mix. Writes, per head j, the n-grams colliding in head j with the most heads they
-    share with a partner of their bucket (`collisions.worst_partner_heads_through`), into `out_dir/h{j}` (rows, s, counts: .npy, row
-    order): `audit_row_range` joins the heads by row into s(x).
+    share with a partner of their bucket (`collisions.worst_partner_heads_through`), into
+    `out_dir/h{j}` (rows, s, counts: .npy, row order): `audit_row_range` joins the heads
+    by row into s(x). The range's n-grams come from the shuffle files of
+    `scatter_row_range` (`scatter_dirs`, in row order), else from streaming the order.
     """
     import numpy as np
 
@@ -769,7 +833,9 @@ def audit_bucket_range(stats, plan, family: str, layer: int, order: int, part: i
     primes = [int(p) for p in plan.primes[layer][order - 2]]
     result = {"heads": [], "worst": [], "mix_duplicates": None, "mix_dup_occurrences": None}
     cands = []
-    for j, (rows, sub) in enumerate(stream_bucket_ranges(plan, stats, family, layer, order, primes, part, parts, batch_rows=batch_rows)):
+    subsets = (gather_bucket_ranges(plan, family, layer, order, part, scatter_dirs) if scatter_dirs is not None
+               else stream_bucket_ranges(plan, stats, family, layer, order, primes, part, parts, batch_rows=batch_rows))
+    for j, (rows, sub) in enumerate(subsets):
         lo, hi = bucket_range(primes[j], part, parts)
         buckets = [sub.buckets(i, p) for i, p in enumerate(primes)]
         sums, collide, worst = head_sums(buckets[j] - buckets[j].dtype.type(lo), sub.counts, hi - lo, head=j, top=top, offset=lo)
@@ -828,9 +894,12 @@ def rates_bucket_range(stats, plan, family: str, layer: int, order: int, primes,
 
 
 def audit_parts(plan, stats, *, heads: int, memory_limit: int, cpus: int) -> int:
-    """Bucket ranges per head: enough that one task's share of the largest order fits `memory_limit`, at least `cpus`."""
+    """Bucket ranges per head: enough that one task's share of the largest order fits half of
+    `memory_limit` (the other half: the streamed batches), at least `cpus`."""
     largest = max(stats.distinct(n) for n in plan.orders)
-    return max(1, cpus, -(-largest * heads * AUDIT_ROW_BYTES * (heads + 2) // max(1, memory_limit)))
+    fixed, per_head = AUDIT_BYTES_PER_HEAD
+    need = largest * heads * (fixed + per_head * heads)
+    return max(1, cpus, -(-need // max(1, memory_limit // 2)))
 
 
 def audit_collisions_partitioned(
@@ -878,8 +947,17 @@ def audit_collisions_partitioned(
     units = [(f, layer, n) for f in families for layer in layers for n in plan.orders]
     unit_dir = {u: Path(work_dir) / f"{u[0]}-{u[1]}-{u[2]}" for u in units}
 
-    # bucket ranges of every unit (and the sweep cells), then row ranges
-    calls = [(audit_bucket_range, (stats_ref, plan_ref, f, layer, n, r, parts, str(unit_dir[(f, layer, n)] / f"p{r:05d}")), dict(top=top, batch_rows=batch_rows))
+    # shuffle: row ranges of every unit split by bucket range; then the bucket ranges (and the
+    # sweep cells, which stream: their heads differ), then row ranges joining the heads
+    def row_range(n: int, q: int) -> tuple[int, int]:
+        m = stats.distinct(n)
+        return m * q // parts, m * (q + 1) // parts
+
+    scatter = {u: [str(unit_dir[u] / "scatter" / f"q{q:05d}") for q in range(parts)] for u in units}
+    calls = [(scatter_row_range, (stats_ref, plan_ref, f, layer, n, *row_range(n, q), parts, scatter[(f, layer, n)][q]), {}) for f, layer, n in units for q in range(parts)]
+    counter = StageCounter(progress, "audit shuffle", float(len(calls)))
+    run_all(executor, calls, lambda i, _: counter.add(1))
+    calls = [(audit_bucket_range, (stats_ref, plan_ref, f, layer, n, r, parts, str(unit_dir[(f, layer, n)] / f"p{r:05d}")), dict(top=top, scatter_dirs=scatter[(f, layer, n)]))
              for f, layer, n in units for r in range(parts)]
     cell_calls = [(rates_bucket_range, (stats_ref, plan_ref, f, layer, n, cell_plan.primes[layer][n - 2], r, parts), dict(batch_rows=batch_rows))
                   for f, layer, n in units for _, _, cell_plan in cells for r in range(parts)]
@@ -890,7 +968,7 @@ def audit_collisions_partitioned(
     for f, layer, n in units:
         K, m = len(plan.primes[layer][n - 2]), stats.distinct(n)
         dirs = [str(unit_dir[(f, layer, n)] / f"p{r:05d}" / f"h{j}") for r in range(parts) for j in range(K)]
-        row_calls += [(audit_row_range, (dirs, K, m * r // parts, m * (r + 1) // parts), {}) for r in range(parts)]
+        row_calls += [(audit_row_range, (dirs, K, *row_range(n, r)), {}) for r in range(parts)]
     counter = StageCounter(progress, "audit row ranges", float(len(row_calls)))
     joined = run_all(executor, row_calls, lambda i, _: counter.add(1))
 
@@ -1009,7 +1087,7 @@ def _executor(cluster, executor: cf.Executor | None, max_retries: int):
 
 
 __all__ = [
-    "Cluster", "ClusterSpec", "audit_bucket_range", "audit_collisions_distributed", "audit_collisions_partitioned", "audit_parts", "audit_row_range", "bucket_range", "check_cluster_options", "rates_bucket_range", "stream_bucket_ranges", "DistributedOptions", "RayExecutor", "WorkDir", "atomic_dir", "build_tables_distributed",
+    "Cluster", "ClusterSpec", "audit_bucket_range", "audit_collisions_distributed", "audit_collisions_partitioned", "audit_parts", "audit_row_range", "bucket_range", "check_cluster_options", "gather_bucket_ranges", "hash_state", "range_of_bucket", "rates_bucket_range", "scatter_row_range", "stream_bucket_ranges", "DistributedOptions", "RayExecutor", "WorkDir", "atomic_dir", "build_tables_distributed",
     "connect", "count_distributed", "count_map_shard", "default_work_dir", "fingerprint", "import_ray", "materialize",
     "merge_partition", "parse_cluster", "radix_ranges", "run_all", "tok0_sample", "tok0_weights",
 ]

@@ -134,6 +134,20 @@ def test_radix_ranges_cover_the_vocabulary():
             assert all(w[a:b].sum() <= share + w[a:b].max() for a, b in r), r
 
 
+def test_range_of_bucket_inverts_bucket_range():
+    import numpy as np
+
+    from engram_cli.distributed import bucket_range, range_of_bucket
+
+    for p in (2, 7, 10007, (1 << 33) + 17):
+        for parts in (1, 3, 8):
+            ranges = [bucket_range(p, r, parts) for r in range(parts)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == p and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            for r, (lo, hi) in enumerate(ranges):
+                edge = np.array([b for b in (lo, hi - 1) if lo <= b < hi], dtype=np.int64)
+                assert (range_of_bucket(edge, p, parts) == r).all(), (p, parts, r)
+
+
 def test_missing_ray_names_the_extra(tmp_path):
     """Ray made unimportable (a sys.modules shim): one line, exit 2, the pip command; no traceback."""
     corpus = small_corpus(tmp_path)
