@@ -705,10 +705,10 @@ def build_tables_distributed(
 
 
 # -- the collision audit, partitioned by bucket range ------------------------------------------------
-# Bytes a bucket-range task holds per n-gram of its range and head: 40 + 16 * heads (row, count,
-# hash state, every head's bucket, masks, temporaries). Measured with tracemalloc on 1 M
-# trigrams (see docs/scale-out.md): 49-50 (reference) and 98-161 (xxh3)
-# for 4-8 heads, under the formula's 104-168.
+# Bytes a bucket-range task holds per n-gram of its range and head: 40 + 16 * heads (row, ids,
+# count, hash state, every head's bucket, masks, temporaries). Measured with tracemalloc on
+# 1 M trigrams (docs/scale-out.md): 40-63 (reference) and 68-101 (xxh3) for 4-8 heads,
+# under the formula's 104-168; a shuffle task holds 92-148 bytes per row of its row range.
 AUDIT_BYTES_PER_HEAD = (40, 16)
 
 
