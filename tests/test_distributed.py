@@ -422,7 +422,7 @@ def test_distributed_audit_equals_the_single_process_audit(fixture_builds):
     assert not [p for p in tmp.iterdir() if ".audit-" in p.name]  # the join files are gone
 
 
-@pytest.mark.parametrize("parts", [1, 3, 8])
+@pytest.mark.parametrize("parts", [1, 5])
 def test_bucket_range_audit_is_exact_on_crowded_heads(tmp_path, parts):
     """Small heads (loads ~1-8: s(x) takes every value 0..K, worst buckets are crowded) over
     random n-grams: the bucket-range audit on a thread pool equals the single-process audit."""
