@@ -962,8 +962,24 @@ def audit_collisions_partitioned(
     cell_calls = [(rates_bucket_range, (stats_ref, plan_ref, f, layer, n, cell_plan.primes[layer][n - 2], r, parts), dict(batch_rows=batch_rows))
                   for f, layer, n in units for _, _, cell_plan in cells for r in range(parts)]
     counter = StageCounter(progress, "audit bucket ranges", float(len(calls) + len(cell_calls)))
-    done = run_all(executor, calls + cell_calls, lambda i, _: counter.add(1))
-    ranges, cell_sums = done[: len(calls)], done[len(calls):]
+    merged = [{"heads": None, "mix_duplicates": 0, "mix_dup_occurrences": 0, "worst": []} for _ in units]
+
+    def fold(i: int, result) -> None:
+        """Fold a bucket range's result into its unit's as it arrives (the driver keeps the
+        running sums and top-k, not every range's members)."""
+        counter.add(1)
+        if i >= len(calls):
+            return
+        acc = merged[i // parts]
+        acc["heads"] = result["heads"] if acc["heads"] is None else [col.add_head_sums(pair) for pair in zip(acc["heads"], result["heads"])]
+        if result["mix_duplicates"] is not None:
+            acc["mix_duplicates"] += result["mix_duplicates"]
+            acc["mix_dup_occurrences"] += result["mix_dup_occurrences"]
+        members = dict(acc["worst"]) | dict(result["worst"])
+        acc["worst"] = [(c, members[c]) for c in col.rank_worst(members, top)]
+        result.clear()
+
+    cell_sums = run_all(executor, calls + cell_calls, fold)[len(calls):]
     row_calls = []
     for f, layer, n in units:
         K, m = len(plan.primes[layer][n - 2]), stats.distinct(n)
@@ -976,21 +992,18 @@ def audit_collisions_partitioned(
     for u, (f, layer, n) in enumerate(units):
         primes = [int(p) for p in plan.primes[layer][n - 2]]
         m, total = stats.distinct(n), stats.total(n)
-        mine = ranges[u * parts:(u + 1) * parts]
-        heads_fig = [col.head_figures_from_sums(col.add_head_sums([r["heads"][j] for r in mine]), p, head=j) for j, p in enumerate(primes)]
+        heads_fig = [col.head_figures_from_sums(sums, p, head=j) for j, (sums, p) in enumerate(zip(merged[u]["heads"], primes))]
         across = col.add_across_sums(joined[u * parts:(u + 1) * parts])
         across["s"][0] += m - across["n_grams"]  # n-grams colliding in no head: s = 0, a clean head
         across["s_weighted"][0] += total - across["occurrences"]
         across["n_grams"], across["occurrences"] = m, total
-        mix_dup = None if f != "reference" else sum(r["mix_duplicates"] for r in mine)
+        mix_dup = None if f != "reference" else merged[u]["mix_duplicates"]
         across_fig = col.across_figures_from_sums(across, primes, family=f, mix_duplicates=mix_dup)
-        worst = col.rank_worst([c for r in mine for c, _ in r["worst"]], top)
-        members = {c: mem for r in mine for c, mem in r["worst"]}
-        for c in worst:  # decoded here: the tasks need not load the vocabulary
-            for member in members[c]:
+        for _, members in merged[u]["worst"]:  # decoded here: the tasks need not load the vocabulary
+            for member in members:
                 member["text"] = col.decode_ngram(member["ids"], vocab_keys)
         audits.append(col.order_audit_entry(f, layer, n, distinct=m, occurrences=total, heads=heads_fig, across=across_fig,
-                                            worst=[col.worst_bucket_entry(c, members[c], total) for c in worst]))
+                                            worst=[col.worst_bucket_entry(c, members, total) for c, members in merged[u]["worst"]]))
         for c, (K, rows, _) in enumerate(cells):
             got = cell_sums[(u * len(cells) + c) * parts:(u * len(cells) + c + 1) * parts]
             collided = [sum(g["collided"][j] for g in got) for j in range(K)]
@@ -1006,7 +1019,7 @@ def audit_collisions_partitioned(
             m, total = stats.distinct(n), stats.total(n)
             floor = None
             if f == "reference":
-                dup = sum(r["mix_dup_occurrences"] for r in ranges[u * parts:(u + 1) * parts])
+                dup = merged[u]["mix_dup_occurrences"]
                 floor = float(float(dup) / total) if total else 0.0  # as size_for_target's share
 
             def rate_at(primes) -> float:
