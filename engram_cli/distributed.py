@@ -1061,7 +1061,7 @@ def audit_collisions_distributed(
     """
     import tempfile
 
-    from .errors import StoreError
+    from .errors import OutputError, StoreError
     from .store import TableStore
 
     store = TableStore.open(store_path)
@@ -1071,8 +1071,12 @@ def audit_collisions_distributed(
         keys = None
     store_path = Path(store_path)
     base = Path(work_dir) if work_dir is not None else store_path.resolve().parent
-    base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{store_path.name}.audit-", dir=base))
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{store_path.name}.audit-", dir=base))
+    except OSError as e:
+        raise OutputError(f"cannot create the audit's work directory in {str(base)!r} ({e.strerror or e}); the distributed audit writes its shuffle files there: "
+                          "make it writable (or audit without --cluster)") from None
     try:
         with _executor(cluster, executor, DEFAULT_MAX_RETRIES) as (ex, description):
             return audit_collisions_partitioned(plan, store.stats, executor=ex, work_dir=work, families=families, layers=layers, target=target, sweep=sweep,

@@ -471,6 +471,19 @@ def test_bucket_range_audit_is_exact_on_huge_heads(tmp_path):
     assert all(a["heads"][0]["buckets_used"] < len(ids) for a in one["audit"])  # some buckets are shared
 
 
+def test_audit_work_dir_that_cannot_be_made_is_an_output_error(fixture_builds, tmp_path):
+    from engram_cli.distributed import audit_collisions_distributed
+    from engram_cli.errors import OutputError
+    from engram_cli.store import TableStore
+
+    tmp, _, _, _ = fixture_builds
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with ThreadPoolExecutor(1) as ex, pytest.raises(OutputError, match="work directory"):
+        audit_collisions_distributed(tmp / "single.zarr", TableStore.open(tmp / "single.zarr").plan, cluster="local:1", executor=ex, work_dir=blocker / "w")
+    assert blocker.read_text() == "not a directory"
+
+
 def test_cli_collisions_on_a_local_cluster(fixture_builds):
     from typer.testing import CliRunner
 
