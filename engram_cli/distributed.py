@@ -14,6 +14,11 @@ function the single-process path runs too:
                   range, `run_shard_task` per Zarr shard (each written by one task,
                   through `run_shard_tasks(..., executor=)`), `mark_complete`
 
+The collision audit (`engram collisions --cluster`) runs `collisions`' pieces on
+bucket ranges of each head (`audit_collisions_partitioned`: a shuffle by bucket range,
+per-range sums and top-k, a join by row for s(x)), merged exactly into the
+single-process report.
+
 Tasks run through `RayExecutor`, a `concurrent.futures.Executor` over Ray tasks (any
 other Executor works too: tests compare with a thread pool). Map and reduce outputs
 are written atomically (a temporary directory renamed into place, a `done.json`
