@@ -633,7 +633,15 @@ def materialize(
     **store_options,
 ) -> None:
     """The store's public steps on `executor`: layout, hit counts per row range, Zarr shards, complete."""
-    from .store import check_hit_totals, count_hits_range, create_layout, hit_passes, mark_complete, run_shard_tasks, shard_tasks
+    from .store import (
+        check_hit_totals,
+        count_hits_range,
+        create_layout,
+        hit_passes,
+        mark_complete,
+        run_shard_tasks,
+        shard_tasks,
+    )
 
     layout = create_layout(partial, plan, vocab, stats=stats, memory_limit=memory_limit, extra_attrs=extra_attrs, **store_options)
     if layout.has_hits:
@@ -833,7 +841,12 @@ def audit_bucket_range(stats, plan, family: str, layer: int, order: int, part: i
     """
     import numpy as np
 
-    from .collisions import bucket_members, head_sums, rank_worst, worst_partner_heads_through
+    from .collisions import (
+        bucket_members,
+        head_sums,
+        rank_worst,
+        worst_partner_heads_through,
+    )
 
     primes = [int(p) for p in plan.primes[layer][order - 2]]
     result = {"heads": [], "worst": [], "mix_duplicates": None, "mix_dup_occurrences": None}
@@ -927,18 +940,18 @@ def audit_collisions_partitioned(
 ) -> dict:
     """`collisions.audit_collisions`, bit for bit, as tasks on `executor` that each hold one bucket range of each head.
 
-    Per (family, layer, order): `parts` tasks over the heads' bucket ranges
-    (`audit_bucket_range`: per-head sums, worst buckets, each n-gram's best partner within
+    Per (family, layer, order): `parts` shuffle tasks over row ranges
+    (`scatter_row_range`: split by bucket range of each head), `parts` tasks over the
+    heads' bucket ranges (`audit_bucket_range`: per-head sums, worst buckets, each n-gram's best partner within
     a head), then `parts` tasks over row ranges (`audit_row_range`: s(x) joined across
     heads, through files under `work_dir`, which every worker must see); the --sweep
     cells and each --target evaluation are `parts` more (`rates_bucket_range`). Every
     partial result is an integer sum or a top-k, merged exactly; the figures are then
     computed by the audit's own functions. No task or the driver holds a whole order: a
     task holds ~1/`parts` of it per head (`audit_parts` picks `parts` from
-    `memory_limit`), at the price of each task streaming the order's statistics once.
+    `memory_limit`). The main audit reads each order once, through a shuffle
+    (`scatter_row_range`); the sweep and sizing tasks stream it once each.
     """
-    import numpy as np
-
     from . import collisions as col
     from .defaults import DEFAULT_MEMORY_LIMIT
 
