@@ -276,11 +276,13 @@ def _char_boundary(data: bytes, i: int) -> int:
     return j if 0 < j else i
 
 
-def iter_pieces(blocks: Iterable[bytes], piece_bytes: int = TEXT_PIECE_BYTES) -> Iterator[bytes]:
-    """Re-cut a stream of byte blocks into pieces of about `piece_bytes`, at `safe_cut` points.
+def iter_pieces(blocks: Iterable[bytes], piece_bytes: int | None = None) -> Iterator[bytes]:
+    """Re-cut a stream of byte blocks into pieces of at most `piece_bytes` (default
+    `TEXT_PIECE_BYTES`), at `safe_cut` points.
 
     Holds at most about two pieces; the pieces joined give the blocks joined.
     """
+    piece_bytes = piece_bytes or TEXT_PIECE_BYTES
     pending = b""
     for block in blocks:
         pending = pending + block if pending else block
@@ -294,8 +296,9 @@ def iter_pieces(blocks: Iterable[bytes], piece_bytes: int = TEXT_PIECE_BYTES) ->
         yield pending
 
 
-def split_text(text: str, piece_bytes: int = TEXT_PIECE_BYTES) -> Iterator[str]:
+def split_text(text: str, piece_bytes: int | None = None) -> Iterator[str]:
     """A long document as pieces: the first a plain `str`, the others `ContinuedText`."""
+    piece_bytes = piece_bytes or TEXT_PIECE_BYTES
     if len(text) <= piece_bytes // 4:  # at most 4 UTF-8 bytes a character: surely one piece
         yield text
         return
@@ -344,8 +347,9 @@ def _zstd_error() -> tuple[type[BaseException], ...]:
 
 
 # -- readers per format ------------------------------------------------------------------
-def _read_text(path: Path, summary: CorpusSummary, piece_bytes: int = TEXT_PIECE_BYTES) -> Iterator[str]:
+def _read_text(path: Path, summary: CorpusSummary, piece_bytes: int | None = None) -> Iterator[str]:
     """One document per file, yielded in pieces (`iter_pieces`): never the whole file in memory."""
+    piece_bytes = piece_bytes or TEXT_PIECE_BYTES
     with _open_binary(path) as f:
         head = f.read(BINARY_SNIFF_BYTES)
         if b"\x00" in head:
@@ -384,7 +388,7 @@ def _read_jsonl(path: Path, text_field: str, summary: CorpusSummary, tick: Calla
             if len(raw) > MAX_JSON_LINE_BYTES and not raw.endswith(b"\n"):
                 while raw and not raw.endswith(b"\n"):  # read past the rest of the line, block by block
                     raw = f.readline(1 << 20)
-                summary.skip(f"JSON line longer than {MAX_JSON_LINE_BYTES >> 20} MiB", f"{path}:{lineno}")
+                summary.skip(f"JSON line longer than {MAX_JSON_LINE_BYTES} bytes", f"{path}:{lineno}")
                 continue
             if not raw.strip():
                 continue
