@@ -23,7 +23,9 @@ tokenizing the document in one call; only a piece with no such point in it (e.g.
 `TEXT_PIECE_BYTES` of CJK text with no space or newline) is cut at a character
 boundary, where a token may split in two. A JSON line longer than
 `MAX_JSON_LINE_BYTES` is skipped (read past in bounded blocks) and counted; a parquet
-cell is held whole by polars, then split like any long text.
+cell is held whole by polars, then split like any long text. A compressed text file
+that turns out corrupt part-way keeps the pieces read before the error (and is counted
+under the skip reason too): its text is no longer held whole before it is yielded.
 
 Bad input is counted, not fatal: invalid UTF-8 is replaced (U+FFFD) and counted per
 document; binary files (a NUL byte in the first 8 KiB) are skipped and counted; JSON
@@ -241,17 +243,17 @@ def _char_before(data: bytes, i: int) -> str:
     return data[max(0, i - 4) : i].decode("utf-8", "ignore")[-1:]
 
 
-def safe_cut(data: bytes, lo: int = 0) -> int | None:
-    """The last byte offset in (lo, len(data)) where the text can be cut without changing its tokens.
+def safe_cut(data: bytes, lo: int = 0, hi: int | None = None) -> int | None:
+    """The last byte offset in (lo, hi) where data[lo:hi] can be cut without changing its tokens.
 
     With the DeepSeek pre-tokenizer (docs/spec.md; a split on digits, on CJK runs, then
     the GPT-style regex) a new pre-token always starts at byte i when either
     - data[i] is a space and the character before it is not whitespace, or
     - data[i-1] is a newline and the character at i is not whitespace,
-    so tokenizing data[:i] and data[i:] separately gives the tokens of data. Only the
-    last `_CUT_SEARCH_BYTES` bytes are searched; None when there is no such point.
+    so tokenizing data[lo:i] and data[i:hi] separately gives the tokens of data[lo:hi].
+    Only the last `_CUT_SEARCH_BYTES` bytes are searched; None when there is no such point.
     """
-    end = len(data)
+    end = len(data) if hi is None else min(hi, len(data))
     floor = max(lo, end - _CUT_SEARCH_BYTES)
     i = data.rfind(b"\n", floor, end - 1)
     while i >= floor:  # after a newline followed by a non-space
@@ -268,30 +270,33 @@ def safe_cut(data: bytes, lo: int = 0) -> int | None:
     return None
 
 
-def _char_boundary(data: bytes, i: int) -> int:
-    """i moved back (at most 3 bytes) to the start of a UTF-8 character."""
+def _char_boundary(data: bytes, i: int, lo: int) -> int:
+    """i moved back (at most 3 bytes, not to lo) to the start of a UTF-8 character."""
     j = i
-    while j > max(0, i - 3) and 0x80 <= data[j] < 0xC0:
+    while j > max(lo, i - 3) and 0x80 <= data[j] < 0xC0:
         j -= 1
-    return j if 0 < j else i
+    return j if lo < j else i
 
 
 def iter_pieces(blocks: Iterable[bytes], piece_bytes: int | None = None) -> Iterator[bytes]:
     """Re-cut a stream of byte blocks into pieces of at most `piece_bytes` (default
     `TEXT_PIECE_BYTES`), at `safe_cut` points.
 
-    Holds at most about two pieces; the pieces joined give the blocks joined.
+    Holds the current block and at most one piece left over from the one before; the
+    pieces joined give the blocks joined.
     """
     piece_bytes = piece_bytes or TEXT_PIECE_BYTES
     pending = b""
     for block in blocks:
         pending = pending + block if pending else block
-        while len(pending) > piece_bytes:
-            cut = safe_cut(pending[: piece_bytes + 1], 0)
+        pos = 0
+        while len(pending) - pos > piece_bytes:
+            cut = safe_cut(pending, pos, pos + piece_bytes + 1)
             if cut is None:
-                cut = _char_boundary(pending, piece_bytes)
-            yield pending[:cut]
-            pending = pending[cut:]
+                cut = _char_boundary(pending, pos + piece_bytes, pos)
+            yield pending[pos:cut]
+            pos = cut
+        pending = pending[pos:]
     if pending:
         yield pending
 
