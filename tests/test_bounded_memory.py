@@ -8,6 +8,7 @@ array by `count_ngrams`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engram_cli import corpus as corpus_mod
 from engram_cli.build_table import count_corpus
@@ -70,6 +73,34 @@ def test_pieces_tokenize_like_the_whole_text(deepseek, piece_bytes):
         whole = ids_of(tok, [text])[0]
         pieced = [i for ids in ids_of(tok, [p.decode() for p in pieces]) for i in ids]
         assert pieced == whole
+
+
+_TRICKY = [" ", "  ", "\n", "\r\n", "\n\n", "\t", "\u00a0", "\u3000", "a", "Word", "caf\u00e9", "e\u0301", "123", "4567", ".", "!!", "(x", "'s", "-", "\u4e2d\u6587", "\u3042", "\U0001f600", "\u0416\u0438", "_", "\\n"]
+
+
+def rule_cuts(text: str) -> list[int]:
+    """Character offsets where the cut rule of `corpus.safe_cut` holds, restated on characters."""
+    return [i for i in range(1, len(text)) if (text[i] == " " and not text[i - 1].isspace()) or (text[i - 1] == "\n" and not text[i].isspace())]
+
+
+@given(parts=st.lists(st.sampled_from(_TRICKY), min_size=1, max_size=200), piece_bytes=st.integers(8, 64))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_cuts_by_the_rule_never_change_the_tokens(deepseek, parts, piece_bytes):
+    tok, _ = deepseek
+    text = "".join(parts)
+    cuts = rule_cuts(text)
+    bounds = [0, *cuts, len(text)]
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]  # cut at every such point at once
+    assert [i for ids in ids_of(tok, pieces) for i in ids] == ids_of(tok, [text])[0]
+    data = text.encode()
+    got = list(iter_pieces([data], piece_bytes))
+    assert b"".join(got) == data and all(len(g) <= piece_bytes for g in got)
+    safe_at = {len(text[:c].encode()) for c in cuts}
+    offsets = list(itertools.accumulate(len(g) for g in got))[:-1]
+    starts = [0, *offsets]
+    for start, end in zip(starts, offsets):  # a fallback cut only where the piece's window had no rule cut
+        window = {c for c in safe_at if start < c <= start + piece_bytes}
+        assert end in safe_at or not window
 
 
 def test_text_without_a_safe_cut_is_cut_at_a_character_boundary():
