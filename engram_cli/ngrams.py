@@ -541,19 +541,19 @@ def count_ngrams(
                 counters[n].add_batch(keys)
             buf, buf_ctx, buf_start, buf_tokens = [], [], [], 0
 
-        carry = np.empty(0, dtype=np.int64)  # the last ctx_len tokens of the document so far
+        prev = np.empty(0, dtype=np.int64)  # the last piece counted (its tail is the next piece's context)
         doc_tokens = 0  # tokens of the current document before this piece
         for doc in documents:
-            continued = isinstance(doc, ContinuedIds)
+            continued = isinstance(doc, ContinuedIds) and n_docs > 0
             doc = np.asarray(doc).reshape(-1)
-            if not continued or not n_docs:
+            if not continued:
                 n_docs += 1
-                carry = carry[:0]
                 doc_tokens = 0
             if not doc.size:
                 continue
             # `ext` is the piece behind the context carried from the pieces before it;
             # `base` the position in its document of ext[0].
+            carry = prev[-ctx_len:] if continued and doc_tokens else prev[:0]
             ext = np.concatenate([carry.astype(doc.dtype, copy=False), doc]) if carry.size else doc
             base = doc_tokens - carry.size
             start = carry.size
@@ -571,7 +571,7 @@ def count_ngrams(
                     if progress is not None:
                         progress("counting", tokens, None, f"{n_docs} documents")
             doc_tokens += doc.size
-            carry = ext[-ctx_len:].copy() if ctx_len else ext[:0]
+            prev = ext
         flush()
         if progress is not None:
             progress("counting", tokens, None, f"{n_docs} documents")
