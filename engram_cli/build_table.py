@@ -17,7 +17,7 @@ from typing import Callable
 
 from .corpus import CorpusSummary, corpus_files, empty_corpus_message, iter_documents
 from .defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_STORE
-from .encode import DEFAULT_BATCH_SIZE, encode_documents, locked_progress
+from .encode import DEFAULT_BATCH_SIZE, batch_chars_for, encode_documents, locked_progress
 from .errors import CorpusError, PlanError
 from .ngrams import SUMMARY_FILE, NgramStats, count_ngrams, merge_stats, order_file, write_summary
 from .plan import Budget, TablePlan, fit_plan_to_budget, make_plan
@@ -174,6 +174,9 @@ def build_tables(
 
 
 # -- counting: corpus -> statistics (moved here from encode.py) ---------------------------
+TOKENIZE_SHARE = 0.125  # of --memory-limit, for the tokenizer batches in flight; the rest counts
+
+
 def count_corpus(
     paths: list[str | os.PathLike],
     *,
@@ -194,20 +197,29 @@ def count_corpus(
     `pad_id` is the *compressed* pad id. Writes `out_dir/order_{n}.parquet` and
     `summary.json` (with the corpus figures under "corpus"). Raises `CorpusError` for
     a missing path or a corpus without documents or tokens.
+
+    Memory: documents are read and tokenized in pieces (`corpus.TEXT_PIECE_BYTES`), so
+    nothing grows with the size of one document. `memory_limit` is shared:
+    `TOKENIZE_SHARE` of it sizes the tokenizer batches in flight (`batch_chars_for`),
+    the rest bounds the counting buffers (`count_ngrams`).
     """
     out_dir = Path(out_dir)
     summary = CorpusSummary()
     files = corpus_files(paths, summary)  # expanded once, here; a missing path fails before any work; skipped stores are counted
     progress = locked_progress(progress)
     docs = iter_documents(files, text_field=text_field, summary=summary, progress=progress, tmp_dir=spill_dir, expanded=True)
-    ids = encode_documents(docs, tokenizer=tokenizer, vocab=vocab, batch_size=batch_size, add_special_tokens=add_special_tokens, progress=progress)
+    tokenize_bytes = int(memory_limit * TOKENIZE_SHARE)
+    ids = encode_documents(
+        docs, tokenizer=tokenizer, vocab=vocab, batch_size=batch_size, batch_chars=batch_chars_for(tokenize_bytes),
+        add_special_tokens=add_special_tokens, progress=progress,
+    )
     stats = count_ngrams(
         ids,
         max_ngram_size=max_ngram_size,
         pad_id=pad_id,
         vocab_size=vocab.compressed_size,
         out_dir=out_dir,
-        memory_limit=memory_limit,
+        memory_limit=memory_limit - tokenize_bytes,
         spill_dir=spill_dir,
         progress=progress,
     )

@@ -12,19 +12,38 @@ What is read (one *document* is what the n-gram windows never cross):
     anything else        plain UTF-8 text; the whole file is one document
     *.gz / *.zst         any of the above, decompressed while streaming
 
+Bounded memory whatever the document size: a plain-text file is read in pieces of
+about `TEXT_PIECE_BYTES`, and a longer JSON/parquet text is split the same way. Each
+piece after a document's first is a `ContinuedText` (a `str`): it continues the same
+document, and the counting code carries the n-gram context across the cut, so the
+windows are those of the whole document. Pieces are cut where the DeepSeek
+pre-tokenizer starts a new pre-token (`safe_cut`: before a space that follows a
+non-space, or after a newline followed by a non-space), so the tokens are the same as
+tokenizing the document in one call; only a piece with no such point in it (e.g.
+`TEXT_PIECE_BYTES` of CJK text with no space or newline) is cut at a character
+boundary, where a token may split in two. A JSON line longer than
+`MAX_JSON_LINE_BYTES` is skipped (read past in bounded blocks) and counted; a parquet
+cell is held whole by polars, then split like any long text. A compressed text file
+that turns out corrupt part-way keeps the pieces read before the error (and is counted
+under the skip reason too): its text is no longer held whole before it is yielded.
+
 Bad input is counted, not fatal: invalid UTF-8 is replaced (U+FFFD) and counted per
 document; binary files (a NUL byte in the first 8 KiB) are skipped and counted; JSON
-lines that do not parse or lack the field are skipped and counted by reason. A path
-that does not exist, or a corpus with no document at all, raises `CorpusError`.
+lines that do not parse, nest too deeply, or lack the field are skipped and counted by
+reason. A path that does not exist, one that is not a regular file or directory (a
+FIFO or device would block or never end), or a corpus with no document at all, raises
+`CorpusError`.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import os
 import shutil
+import stat
 import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -41,6 +60,15 @@ PARQUET_SUFFIXES = (".parquet",)
 COMPRESSED_SUFFIXES = (".gz", ".zst")
 PARQUET_BATCH_ROWS = 4096  # rows per parquet batch: bounds memory on long documents
 PROGRESS_EVERY_RECORDS = 2048
+TEXT_PIECE_BYTES = 1 << 18  # a plain-text document is read and tokenized in pieces of about this size
+MAX_JSON_LINE_BYTES = 64 << 20  # a longer JSON line is skipped, never held whole
+_CUT_SEARCH_BYTES = 1 << 16  # how far back from a piece's end a safe cut is looked for
+
+
+class ContinuedText(str):
+    """A piece of text that continues the previous document (no document boundary before it)."""
+
+    __slots__ = ()
 
 
 @dataclass
@@ -174,6 +202,8 @@ def corpus_files(paths: Iterable[str | os.PathLike], summary: CorpusSummary | No
             store, reason = inside
             where = "is a table store" if store == path.resolve() else f"lies inside the table store {str(store)!r}"
             raise CorpusError(f"corpus path {str(path)!r} {where} ({reason}), not a corpus; pass the text files or directories the tables are built from")
+        if not path.is_dir() and not _is_regular_file(path):
+            raise CorpusError(f"corpus path {str(path)!r} is not a regular file or directory (a FIFO, socket or device would block or never end); pass text files or directories")
         if path.is_dir():
             found = []
             for root, dirs, names in os.walk(path):
@@ -193,6 +223,96 @@ def corpus_files(paths: Iterable[str | os.PathLike], summary: CorpusSummary | No
         else:
             files.append(path)
     return files
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+# -- cutting long text into pieces ----------------------------------------------------------
+def _char_at(data: bytes, i: int) -> str:
+    """The character starting at byte i ("" at the end or inside a broken sequence)."""
+    return data[i : i + 4].decode("utf-8", "ignore")[:1]
+
+
+def _char_before(data: bytes, i: int) -> str:
+    """The character ending at byte i."""
+    return data[max(0, i - 4) : i].decode("utf-8", "ignore")[-1:]
+
+
+def safe_cut(data: bytes, lo: int = 0, hi: int | None = None) -> int | None:
+    """The last byte offset in (lo, hi) where data[lo:hi] can be cut without changing its tokens.
+
+    With the DeepSeek pre-tokenizer (docs/spec.md; a split on digits, on CJK runs, then
+    the GPT-style regex) a new pre-token always starts at byte i when either
+    - data[i] is a space and the character before it is not whitespace, or
+    - data[i-1] is a newline and the character at i is not whitespace,
+    so tokenizing data[lo:i] and data[i:hi] separately gives the tokens of data[lo:hi].
+    Only the last `_CUT_SEARCH_BYTES` bytes are searched; None when there is no such point.
+    """
+    end = len(data) if hi is None else min(hi, len(data))
+    floor = max(lo, end - _CUT_SEARCH_BYTES)
+    i = data.rfind(b"\n", floor, end - 1)
+    while i >= floor:  # after a newline followed by a non-space
+        c = _char_at(data, i + 1)
+        if c and not c.isspace():
+            return i + 1
+        i = data.rfind(b"\n", floor, i)
+    i = data.rfind(b" ", floor + 1, end)
+    while i > floor:  # before a space that follows a non-space
+        c = _char_before(data, i)
+        if c and not c.isspace():
+            return i
+        i = data.rfind(b" ", floor + 1, i)
+    return None
+
+
+def _char_boundary(data: bytes, i: int, lo: int) -> int:
+    """i moved back (at most 3 bytes, not to lo) to the start of a UTF-8 character."""
+    j = i
+    while j > max(lo, i - 3) and 0x80 <= data[j] < 0xC0:
+        j -= 1
+    return j if lo < j else i
+
+
+def iter_pieces(blocks: Iterable[bytes], piece_bytes: int | None = None) -> Iterator[bytes]:
+    """Re-cut a stream of byte blocks into pieces of at most `piece_bytes` (default
+    `TEXT_PIECE_BYTES`), at `safe_cut` points.
+
+    Holds the current block and at most one piece left over from the one before; the
+    pieces joined give the blocks joined.
+    """
+    piece_bytes = piece_bytes or TEXT_PIECE_BYTES
+    pending = b""
+    for block in blocks:
+        pending = pending + block if pending else block
+        pos = 0
+        while len(pending) - pos > piece_bytes:
+            cut = safe_cut(pending, pos, pos + piece_bytes + 1)
+            if cut is None:
+                cut = _char_boundary(pending, pos + piece_bytes, pos)
+            yield pending[pos:cut]
+            pos = cut
+        pending = pending[pos:]
+    if pending:
+        yield pending
+
+
+def split_text(text: str, piece_bytes: int | None = None) -> Iterator[str]:
+    """A long document as pieces: the first a plain `str`, the others `ContinuedText`."""
+    piece_bytes = piece_bytes or TEXT_PIECE_BYTES
+    if len(text) <= piece_bytes // 4:  # at most 4 UTF-8 bytes a character: surely one piece
+        yield text
+        return
+    first = True
+    data = text.encode("utf-8", "surrogatepass")
+    for piece in iter_pieces([data], piece_bytes):
+        s = piece.decode("utf-8", "surrogatepass")
+        yield s if first else ContinuedText(s)
+        first = False
 
 
 # -- opening ---------------------------------------------------------------------------
@@ -232,19 +352,34 @@ def _zstd_error() -> tuple[type[BaseException], ...]:
 
 
 # -- readers per format ------------------------------------------------------------------
-def _read_text(path: Path, summary: CorpusSummary) -> Iterator[str]:
+def _read_text(path: Path, summary: CorpusSummary, piece_bytes: int | None = None) -> Iterator[str]:
+    """One document per file, yielded in pieces (`iter_pieces`): never the whole file in memory."""
+    piece_bytes = piece_bytes or TEXT_PIECE_BYTES
     with _open_binary(path) as f:
         head = f.read(BINARY_SNIFF_BYTES)
         if b"\x00" in head:
             summary.skipped_binary += 1
             return
-        data = head + f.read()
-    summary.files += 1
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    summary.documents += 1
-    summary.bytes += len(data)
-    yield _decode(data, summary)
+        summary.files += 1
+        summary.documents += 1
+        if head.startswith(b"\xef\xbb\xbf"):
+            head = head[3:]
+        blocks = itertools.chain([head], iter(lambda: f.read(piece_bytes), b""))
+        invalid = False
+        first = True
+        for piece in iter_pieces(blocks, piece_bytes):
+            summary.bytes += len(piece)
+            try:
+                text = piece.decode("utf-8")
+            except UnicodeDecodeError:
+                text = piece.decode("utf-8", errors="replace")
+                if not invalid:  # counted once per document
+                    summary.invalid_utf8 += 1
+                    invalid = True
+            yield text if first else ContinuedText(text)
+            first = False
+        if first:  # an empty file: one empty document
+            yield ""
 
 
 def _read_jsonl(path: Path, text_field: str, summary: CorpusSummary, tick: Callable[[], None]) -> Iterator[str]:
@@ -254,7 +389,12 @@ def _read_jsonl(path: Path, text_field: str, summary: CorpusSummary, tick: Calla
             summary.skipped_binary += 1
             return
         summary.files += 1
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_JSON_LINE_BYTES + 1), b""), 1):
+            if len(raw) > MAX_JSON_LINE_BYTES and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # read past the rest of the line, block by block
+                    raw = f.readline(1 << 20)
+                summary.skip(f"JSON line longer than {MAX_JSON_LINE_BYTES} bytes", f"{path}:{lineno}")
+                continue
             if not raw.strip():
                 continue
             line = _decode(raw, summary) if lineno > 1 else _decode(raw.removeprefix(b"\xef\xbb\xbf"), summary)
@@ -262,6 +402,9 @@ def _read_jsonl(path: Path, text_field: str, summary: CorpusSummary, tick: Calla
                 record = json.loads(line)
             except json.JSONDecodeError:
                 summary.skip("JSON line that does not parse", f"{path}:{lineno}")
+                continue
+            except RecursionError:  # e.g. [[[[...]]]] nested deeper than the interpreter's stack
+                summary.skip("JSON line nested too deeply", f"{path}:{lineno}")
                 continue
             if not isinstance(record, dict) or text_field not in record:
                 summary.skip(f"JSON line without field {text_field!r}", f"{path}:{lineno}")
@@ -280,7 +423,7 @@ def _read_jsonl(path: Path, text_field: str, summary: CorpusSummary, tick: Calla
             summary.bytes += size
             if summary.documents % PROGRESS_EVERY_RECORDS == 0:
                 tick()
-            yield text
+            yield from split_text(text)
 
 
 def _read_parquet(path: Path, text_field: str, summary: CorpusSummary, tick: Callable[[], None], tmp_dir: Path | None) -> Iterator[str]:
@@ -324,7 +467,8 @@ def _read_parquet(path: Path, text_field: str, summary: CorpusSummary, tick: Cal
             texts = col.to_list()
             summary.documents += len(texts)
             tick()
-            yield from texts
+            for text in texts:
+                yield from split_text(text)
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)

@@ -26,10 +26,19 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tokenizers import Tokenizer
 
+from .corpus import ContinuedText
+from .ngrams import ContinuedIds
 from .vocab import CompressedVocab, LoadedTokenizer
 
 DEFAULT_BATCH_SIZE = 256  # documents per encode_batch call: enough work for every rayon thread
 DEFAULT_BATCH_CHARS = 1 << 22  # ... and a cap on the characters of one batch (memory)
+TOKENIZER_BYTES_PER_CHAR = 48  # measured peak of encode_batch_fast + id lists, per input character (~30), with margin
+MIN_BATCH_CHARS = 1 << 16
+
+
+def batch_chars_for(memory_bytes: int, workers: int = 2) -> int:
+    """Characters per tokenizer batch so that `workers` batches in flight fit `memory_bytes`."""
+    return int(min(DEFAULT_BATCH_CHARS, max(MIN_BATCH_CHARS, memory_bytes // (max(1, workers) * TOKENIZER_BYTES_PER_CHAR))))
 _DONE = object()
 
 
@@ -57,7 +66,10 @@ def encode_batch(
     *,
     add_special_tokens: bool = False,
 ) -> list[np.ndarray]:
-    """Tokenize `texts` in one parallel call; return per text its (compressed) ids, int64."""
+    """Tokenize `texts` in one parallel call; return per text its (compressed) ids, int64.
+
+    The ids of a `ContinuedText` piece come back as `ContinuedIds` (same document).
+    """
     tok = _raw_tokenizer(tokenizer)
     encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch
     encodings = encode(texts, add_special_tokens=add_special_tokens)
@@ -66,7 +78,11 @@ def encode_batch(
     flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))  # (L,)
     if vocab is not None:
         flat = vocab.lookup[flat]  # tokenizer ids are >= 0: the plain gather is `compress`
-    return np.split(flat, np.cumsum(lengths)[:-1])
+    out = np.split(flat, np.cumsum(lengths)[:-1])
+    for i, text in enumerate(texts):
+        if isinstance(text, ContinuedText):  # a piece of the document before: say so to the counter
+            out[i] = out[i].view(ContinuedIds)
+    return out
 
 
 def _encode_in_threads(batches: Iterator[list[str]], encode: Callable[[list[str]], list[np.ndarray]], workers: int, prefetch: int) -> Iterator[list[np.ndarray]]:
@@ -175,7 +191,7 @@ def encode_documents(
 
     encoded = _encode_in_threads(batches, encode, workers, prefetch) if background else map(encode, batches)
     for ids in encoded:
-        docs += len(ids)
+        docs += sum(not isinstance(a, ContinuedIds) for a in ids)
         tokens += sum(a.size for a in ids)
         if progress is not None:
             progress("tokenizing", tokens, None, f"{docs} documents")

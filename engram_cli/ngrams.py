@@ -272,6 +272,16 @@ _SAMPLES_PER_RUN = 1024
 MAX_BATCH_TOKENS = 1 << 22  # tokens counted per batch at most; longer documents are sliced
 
 
+class ContinuedIds(np.ndarray):
+    """Ids that continue the previous document (a piece of it read and tokenized apart).
+
+    `count_ngrams` counts them as the same document: their windows reach back into
+    the pieces before (the same carried context as a sliced long document), and no
+    left padding or document boundary comes before them. Make one with
+    `ids.view(ContinuedIds)`.
+    """
+
+
 def id_bits(vocab_size: int) -> int:
     """Bits per packed compressed id: ceil(log2(C)), at least 1 (17 for DeepSeek's C = 99092)."""
     return max(1, (int(vocab_size) - 1).bit_length())
@@ -532,16 +542,28 @@ def count_ngrams(
                 counters[n].add_batch(keys)
             buf, buf_ctx, buf_start, buf_tokens = [], [], [], 0
 
+        prev = np.empty(0, dtype=np.int64)  # the last piece counted (its tail is the next piece's context)
+        doc_tokens = 0  # tokens of the current document before this piece
         for doc in documents:
+            continued = isinstance(doc, ContinuedIds) and n_docs > 0
             doc = np.asarray(doc).reshape(-1)
-            n_docs += 1
-            start = 0
-            while start < doc.size:
-                stop = min(doc.size, start + batch_tokens - buf_tokens)
+            if not continued:
+                n_docs += 1
+                doc_tokens = 0
+            if not doc.size:
+                continue
+            # `ext` is the piece behind the context carried from the pieces before it;
+            # `base` the position in its document of ext[0].
+            carry = prev[-ctx_len:] if continued and doc_tokens else prev[:0]
+            ext = np.concatenate([carry.astype(doc.dtype, copy=False), doc]) if carry.size else doc
+            base = doc_tokens - carry.size
+            start = carry.size
+            while start < ext.size:
+                stop = min(ext.size, start + batch_tokens - buf_tokens)
                 head = max(0, start - ctx_len)
-                buf.append(doc[head:stop])
+                buf.append(ext[head:stop])
                 buf_ctx.append(start - head)
-                buf_start.append(start)
+                buf_start.append(base + start)
                 buf_tokens += stop - start
                 tokens += stop - start
                 start = stop
@@ -549,6 +571,8 @@ def count_ngrams(
                     flush()
                     if progress is not None:
                         progress("counting", tokens, None, f"{n_docs} documents")
+            doc_tokens += doc.size
+            prev = ext
         flush()
         if progress is not None:
             progress("counting", tokens, None, f"{n_docs} documents")

@@ -315,10 +315,38 @@ def compress_vocab(tokenizer: LoadedTokenizer) -> CompressedVocab:
     return CompressedVocab(lookup=lookup, keys=tuple(keys), raw_key=raw_key, tokenizer_sha256=tokenizer.sha256)
 
 
+def check_vocab_file_size(path: str | os.PathLike, vocab_size: int) -> None:
+    """Refuse a vocabulary .npz whose arrays do not fit a `vocab_size` tokenizer, from the .npy headers alone.
+
+    Reads only each member's header (the first bytes of its decompressed stream), so a
+    small file that would decompress to a huge array is refused before it is inflated
+    (`VocabMismatch`). Files that are not a readable .npz pass through: `CompressedVocab.load`
+    names what is wrong with them.
+    """
+    limits = {"lookup": vocab_size, "raw_key": vocab_size, "keys_offsets": vocab_size + 1, "keys_utf8": vocab_size * 1024}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for name, limit in limits.items():
+                with z.open(f"{name}.npy") as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read_header(f)
+                size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                exact = name in ("lookup", "raw_key")
+                if len(shape) != 1 or (shape[0] != limit if exact else size > limit * 8):
+                    raise VocabMismatch(
+                        f"{str(path)!r} holds a {name} array of shape {tuple(shape)}, but the tokenizer has {vocab_size} ids; "
+                        f"pass the vocabulary made for this tokenizer (`engram compress-vocab -o {path}`)"
+                    )
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return
+
+
 def load_or_compress_vocab(tokenizer: LoadedTokenizer, vocab_path: str | os.PathLike | None = None) -> CompressedVocab:
-    """Load a saved vocabulary (checked against `tokenizer`) or compute it."""
+    """Load a saved vocabulary (checked against `tokenizer`, its size first from the headers) or compute it."""
     if vocab_path is None:
         return compress_vocab(tokenizer)
+    check_vocab_file_size(vocab_path, tokenizer.vocab_size)
     vocab = CompressedVocab.load(vocab_path)
     vocab.check_tokenizer(tokenizer)
     return vocab

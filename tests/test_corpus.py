@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 import zstandard
 
-from engram_cli.corpus import CorpusSummary, corpus_files, iter_documents
+from engram_cli.corpus import ContinuedText, CorpusSummary, corpus_files, iter_documents
 from engram_cli.build_table import count_corpus
 from engram_cli.encode import encode_batch, encode_documents
 from engram_cli.errors import CorpusError
@@ -30,8 +30,15 @@ def deepseek():
 
 
 def read_all(paths, **kw) -> tuple[list[str], CorpusSummary]:
+    """The documents, each piece (`ContinuedText`) joined back onto its document."""
     summary = CorpusSummary()
-    return list(iter_documents(paths, summary=summary, **kw)), summary
+    docs: list[str] = []
+    for piece in iter_documents(paths, summary=summary, **kw):
+        if isinstance(piece, ContinuedText):
+            docs[-1] += piece
+        else:
+            docs.append(piece)
+    return docs, summary
 
 
 # -- reading ---------------------------------------------------------------------------------
