@@ -16,7 +16,7 @@ from engram_cli.errors import PlanError
 from engram_cli.plan import parse_budget
 from engram_cli.store import format as store_format
 from engram_cli.store.format import Compressor, InitKind, TableDtype
-from engram_cli.sizing import AUTO, DEFAULT_TARGET, plan_footprint, resolve_rows_option, size_plan_to_target
+from engram_cli.sizing import AUTO, plan_footprint, resolve_rows_option, size_plan_to_target
 from engram_cli.units import format_bytes, parse_bytes, parse_int_list
 from engram_cli.vocab import DEFAULT_TOKENIZER, load_or_compress_vocab, load_tokenizer
 
@@ -80,7 +80,7 @@ def build_table_command(
     max_ngram: int = typer.Option(plan_defaults.DEFAULT_MAX_NGRAM, "--max-ngram", help="Largest n-gram order (orders 2..N)."),
     heads: int = typer.Option(plan_defaults.DEFAULT_HEADS, "--heads", help="Hash heads per order (K)."),
     rows_per_head: Optional[str] = typer.Option(None, "--rows-per-head", help="Requested rows per head (engram_vocab_size): one value, one per order, or `auto` (sized to the counted n-grams for --target; docs/build-table.md, Sizing). Default 646400."),
-    target: Optional[float] = typer.Option(None, "--target", help=f"With --rows-per-head auto: the token-weighted collision rate to reach, as `engram collisions --target` reports it. Default {DEFAULT_TARGET}."),
+    target: Optional[float] = typer.Option(None, "--target", help="With --rows-per-head auto (required there): the token-weighted collision rate to reach, as `engram collisions --target` reports it."),
     dim: int = typer.Option(plan_defaults.DEFAULT_DIM, "--dim", help="n_embed_per_ngram; each head's row is dim // heads wide."),
     seed: int = typer.Option(plan_defaults.DEFAULT_SEED, "--seed", help="Seed of the hash multipliers and of the table initialization."),
     pad_id: int = typer.Option(plan_defaults.DEFAULT_PAD_ID, "--pad-id", help="Tokenizer id used as left padding (compressed before use)."),

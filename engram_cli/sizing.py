@@ -22,7 +22,6 @@ from .plan import TablePlan
 GiB = 1 << 30
 # Plans above this many bytes get a notice naming `--rows-per-head auto`.
 LARGE_PLAN_BYTES = 1 * GiB
-DEFAULT_TARGET = 0.05
 AUTO = "auto"
 
 
@@ -63,7 +62,7 @@ def large_plan_notice(footprint: dict) -> str | None:
     gib = footprint["bytes"] / GiB
     return (
         f"Notice: this plan is {gib:.2f} GiB (over {LARGE_PLAN_BYTES // GiB} GiB); "
-        f"`--rows-per-head auto` sizes the heads to the corpus (docs/build-table.md, \"Sizing\")."
+        "`--rows-per-head auto --target RATE` sizes the heads to the corpus for a collision rate (docs/build-table.md, \"Sizing\")."
     )
 
 
@@ -118,8 +117,10 @@ def size_plan_to_target(plan: TablePlan, stats, target: float, *, progress: Call
 def resolve_rows_option(rows_per_head: str | None, target: float | None, *, plan_only: bool = False, cluster: str | None = None):
     """build-table's `--rows-per-head`/`--target`: (rows per head or AUTO, target or None).
 
-    `auto` must count before it can plan, so `--plan-only` with it is refused (say
-    what to do instead); `--target` without `auto` is refused rather than ignored.
+    `auto` needs a `--target` (no default: the rate that suits a corpus is the user's
+    call; docs/build-table.md shows what each picks on the fixture corpus) and must count
+    before it can plan, so `--plan-only` with it is refused (saying what to do
+    instead); `--target` without `auto` is refused rather than ignored.
     """
     from .plan import DEFAULT_ROWS_PER_HEAD
 
@@ -128,9 +129,33 @@ def resolve_rows_option(rows_per_head: str | None, target: float | None, *, plan
         if target is not None:
             raise PlanError("--target sizes the heads only with --rows-per-head auto; add --rows-per-head auto or drop --target")
         return (DEFAULT_ROWS_PER_HEAD if rows is None else rows), None
-    target = check_target(DEFAULT_TARGET if target is None else target)
+    if target is None:
+        raise PlanError("--rows-per-head auto needs --target RATE: the per-head token-weighted collision rate to reach, as `engram collisions --target` reports it (e.g. 0.3 shrinks the reference plan on a few MB of text, 0.05 grows it)")
+    target = check_target(target)
     if plan_only:
         raise PlanError("--rows-per-head auto sizes the heads from the counted n-grams, so there is no plan before counting; drop --plan-only (the plan is printed after counting, before any table is written) or give --rows-per-head numbers")
     if cluster is not None:
         raise PlanError("--rows-per-head auto is not available with --cluster yet; size the heads with `engram collisions --target` on a local build, then pass --rows-per-head numbers")
     return AUTO, target
+
+
+def reference_rates(plan: TablePlan, stats) -> dict[int, float]:
+    """Per order, the `collisions --target` metric of `plan` (worst layer): what a target is compared with."""
+    from .collisions import load_order_keys, token_weighted_rate
+
+    out: dict[int, float] = {}
+    for layer in plan.layer_ids:
+        for n in plan.orders:
+            keys = load_order_keys(plan, stats, layer, n, "reference", heads=plan.heads)
+            out[n] = max(out.get(n, 0.0), token_weighted_rate(keys, plan.primes[layer][n - 2]))
+            del keys
+    return out
+
+
+def compare_targets(stats, base: TablePlan, targets) -> list[dict]:
+    """What `--rows-per-head auto` picks for each target, against `base` (docs/build-table.md, Sizing)."""
+    rows = []
+    for t in targets:
+        sized, _ = size_plan_to_target(base, stats, t)
+        rows.append({"target": t, "rows_per_head": list(sized.rows_per_head), "total_bytes": sized.total_bytes, "ratio_to_base": sized.total_bytes / base.total_bytes})
+    return rows
