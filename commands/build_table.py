@@ -16,7 +16,7 @@ from engram_cli.errors import PlanError
 from engram_cli.plan import parse_budget
 from engram_cli.store import format as store_format
 from engram_cli.store.format import Compressor, InitKind, TableDtype
-from engram_cli.sizing import AUTO, plan_footprint, resolve_rows_option, size_plan_to_target
+from engram_cli.sizing import AUTO, check_fits_disk, plan_footprint, resolve_rows_option, size_plan_to_target
 from engram_cli.units import format_bytes, parse_bytes, parse_int_list
 from engram_cli.vocab import DEFAULT_TOKENIZER, load_or_compress_vocab, load_tokenizer
 
@@ -160,6 +160,7 @@ def build_table_command(
             nonlocal planned, footprint, sizing
             sized, sizing = size_plan_to_target(plan, stats, target, progress=progress)
             planned, footprint = plan_report(sized), plan_footprint(sized, out)
+            check_fits_disk(footprint)
             if not as_json:
                 render_plan(planned, out)
                 render_plan_size(footprint)

@@ -66,6 +66,15 @@ def large_plan_notice(footprint: dict) -> str | None:
     )
 
 
+def check_fits_disk(footprint: dict) -> None:
+    """Refuse a plan larger than the free disk at its output (before anything is written)."""
+    from .errors import OutputError
+
+    free = footprint["free_disk_bytes"]
+    if free is not None and footprint["bytes"] > free:
+        raise OutputError(f"the plan needs {footprint['bytes'] / GiB:.2f} GiB but only {free / GiB:.2f} GiB is free at the output; raise --target, lower --heads or write elsewhere with -o")
+
+
 def parse_rows_per_head(text: str | None):
     """`--rows-per-head`: None (the default), `auto`, or integers (one, or one per order)."""
     from .units import parse_int_list
