@@ -134,3 +134,29 @@ def test_auto_sizes_each_order_to_the_target(tmp_path, small_corpus):
     assert col.exit_code == 0, col.output
     theirs = [o["rows_per_head"] for o in json.loads(col.stdout)["sizing"]["orders"]]
     assert np.allclose(theirs, plan.rows_per_head, rtol=0.03), (theirs, plan.rows_per_head)
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "build-table.md"
+
+
+def test_docs_sizing_figures(tmp_path, deepseek_tokenizer, deepseek_vocab):
+    """The fixture-corpus table of docs/build-table.md ("Sizing"), recomputed."""
+    import re
+
+    from engram_cli.build_table import count_corpus, plan_tables
+    from engram_cli.sizing import compare_targets, reference_rates
+
+    text = DOC.read_text()
+    rows = re.findall(r"^\| ([0-9.]+) \| ([0-9,]+) \| ([0-9,]+) \| ([0-9,]+) \([^)]*\) \| ([0-9.]+)x \|$", text, flags=re.M)
+    assert len(rows) >= 3
+    base = plan_tables(deepseek_vocab, layer_ids=(1, 15), max_ngram_size=3, heads=8, rows_per_head=DEFAULT_ROWS_PER_HEAD, dim=512, seed=0, pad_id=2)
+    corpus, stats = count_corpus([FIXTURES], tokenizer=deepseek_tokenizer, vocab=deepseek_vocab, max_ngram_size=3, pad_id=base.compressed_pad_id, out_dir=tmp_path / "stats")
+    assert f"{corpus.files} files, {corpus.tokens:,} tokens; {stats.distinct(2):,}" in " ".join(text.split())
+    assert f"is {base.total_bytes:,} bytes" in text
+    rates = reference_rates(base, stats)
+    assert f"its rates are {rates[2]:.1%} (order 2) and {rates[3]:.1%} (order 3)" in " ".join(text.split())
+    got = compare_targets(stats, base, [float(r[0]) for r in rows])
+    for r, g in zip(rows, got):
+        assert [int(r[1].replace(",", "")), int(r[2].replace(",", ""))] == g["rows_per_head"]
+        assert int(r[3].replace(",", "")) == g["total_bytes"]
+        assert float(r[4]) == pytest.approx(g["ratio_to_base"], abs=0.005)
