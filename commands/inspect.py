@@ -92,10 +92,11 @@ def inspect_command(
         check_plot_support(plot)
     store = TableStore.open(store_path)
     with progress_reporter(quiet=as_json) as progress:
-        profiles = hit_profiles(store, progress=progress)
+        checked = verify_store(store, progress=progress) if verify else None
+        # a store that failed verification may not stream its hits: report without them
+        profiles = hit_profiles(store, progress=progress) if checked is None or checked["ok"] else []
         report = inspect_store(store, profiles)
-        if verify:
-            report["verify"] = verify_store(store, progress=progress)
+        report["verify"] = checked
     if plot is not None:
         plot_hit_ranks(profiles, plot)
     if as_json:

@@ -112,3 +112,15 @@ def test_plot_without_matplotlib_is_one_line(built, tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     assert "engram-cli[plot]" in one_error_line(invoke(built, "--plot", tmp_path / "x.png"))
+
+
+def test_bad_hits_chunk_without_verify_is_one_line(built, tmp_path):
+    copy = tmp_path / "badhits.zarr"
+    shutil.copytree(built, copy)
+    flip_byte(copy / f"layer_{TableStore.open(copy).layer_ids[0]}" / "hits" / "c" / "0", 10)
+    for args, words in (((), "--verify"), (("--verify",), "hits chunk 0")):
+        result = invoke(copy, *args)
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        # the progress display's last frame (engram_cli's progress, not this command) may precede it
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and words in errors[0] and result.stderr.rstrip().endswith(errors[0]), result.stderr

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from engram_cli.cli import app
 from engram_cli.inspect import HitProfile, hit_profiles, inspect_store, verify_store
+from engram_cli.errors import StoreError
 from engram_cli.store import TableStore
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "corpus"
@@ -126,3 +127,17 @@ def test_modification_shows(copy):
     assert report["modified"]["since_build"] is True
     rec = report["modified"]["records"][-1]
     assert rec["by"] == "train" and rec["rows"] == 2 and rec["layers"] == [layer] and rec["complete"] is True
+
+
+def test_verify_finds_a_bad_hits_chunk(copy):
+    store = TableStore.open(copy)
+    layer = store.layer_ids[0]
+    hits_file = copy / f"layer_{layer}" / "hits" / "c" / "0"
+    flip_byte(hits_file, 10)
+    v = verify_store(TableStore.open(copy))
+    assert not v["ok"]
+    bad = v["first_bad"]
+    assert (bad["layer_id"], bad["array"], bad["chunk"]) == (layer, "hits", 0)
+    assert copy / bad["shard_file"] == hits_file
+    with pytest.raises(StoreError, match="corrupt hits chunk"):
+        hit_profiles(TableStore.open(copy))
