@@ -124,3 +124,20 @@ def test_bad_hits_chunk_without_verify_is_one_line(built, tmp_path):
         # the progress display's last frame (engram_cli's progress, not this command) may precede it
         errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
         assert len(errors) == 1 and words in errors[0] and result.stderr.rstrip().endswith(errors[0]), result.stderr
+
+
+def test_store_without_hits(tmp_path, tiny_tokenizer):
+    from engram_cli.plan import make_plan
+    from engram_cli.store import create_store
+    from engram_cli.vocab import compress_vocab
+
+    vocab = compress_vocab(tiny_tokenizer)
+    plan = make_plan(compressed_vocab_size=vocab.compressed_size, compressed_pad_id=int(vocab.lookup[2]), heads=2, dim=32, rows_per_head=101)
+    bare = create_store(tmp_path / "bare.zarr", plan, vocab, stats_root=None)
+    result = invoke(bare.path, "--json", "--verify")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["has_hits"] is False and report["hits"] == [] and report["built"]["corpus"] is None
+    assert report["verify"]["ok"] and report["verify"]["chunks"] == len(plan.layer_ids)  # one table chunk per layer, no hits
+    human = invoke(bare.path)
+    assert "none stored" in human.stdout + human.stderr
