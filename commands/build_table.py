@@ -16,10 +16,12 @@ from engram_cli.errors import PlanError
 from engram_cli.plan import parse_budget
 from engram_cli.store import format as store_format
 from engram_cli.store.format import Compressor, InitKind, TableDtype
+from engram_cli.sizing import AUTO, check_fits_disk, plan_footprint, resolve_rows_option, size_plan_to_target
 from engram_cli.units import format_bytes, parse_bytes, parse_int_list
 from engram_cli.vocab import DEFAULT_TOKENIZER, load_or_compress_vocab, load_tokenizer
 
 from ._output import console, json_option, print_json, progress_reporter, visible
+from ._sizes import render_plan_size
 
 TOP_SHOWN = 10
 
@@ -77,7 +79,8 @@ def build_table_command(
     layers: str = typer.Option("1,15", "--layers", help="Layer ids that get a table, comma-separated."),
     max_ngram: int = typer.Option(plan_defaults.DEFAULT_MAX_NGRAM, "--max-ngram", help="Largest n-gram order (orders 2..N)."),
     heads: int = typer.Option(plan_defaults.DEFAULT_HEADS, "--heads", help="Hash heads per order (K)."),
-    rows_per_head: Optional[str] = typer.Option(None, "--rows-per-head", help="Requested rows per head (engram_vocab_size): one value, or one per order. Default 646400."),
+    rows_per_head: Optional[str] = typer.Option(None, "--rows-per-head", help="Requested rows per head (engram_vocab_size): one value, one per order, or `auto` (sized to the counted n-grams for --target; docs/build-table.md, Sizing). Default 646400."),
+    target: Optional[float] = typer.Option(None, "--target", help="With --rows-per-head auto (required there): the token-weighted collision rate to reach, as `engram collisions --target` reports it."),
     dim: int = typer.Option(plan_defaults.DEFAULT_DIM, "--dim", help="n_embed_per_ngram; each head's row is dim // heads wide."),
     seed: int = typer.Option(plan_defaults.DEFAULT_SEED, "--seed", help="Seed of the hash multipliers and of the table initialization."),
     pad_id: int = typer.Option(plan_defaults.DEFAULT_PAD_ID, "--pad-id", help="Tokenizer id used as left padding (compressed before use)."),
@@ -114,7 +117,7 @@ def build_table_command(
     if budget is not None and rows_per_head is not None:
         raise PlanError("--budget and --rows-per-head both size the tables; give one of them")
     budget_value = parse_budget(budget) if budget is not None else None
-    rows = parse_int_list(rows_per_head, what="--rows-per-head") if rows_per_head is not None else plan_defaults.DEFAULT_ROWS_PER_HEAD
+    rows, target = resolve_rows_option(rows_per_head, target, plan_only=plan_only, cluster=cluster)
     memory = parse_bytes(memory_limit, what="--memory-limit")
     chunk_bytes = parse_bytes(chunk_size, what="--chunk-size")
     shard_bytes = parse_bytes(shard_size, what="--shard-size")
@@ -128,7 +131,7 @@ def build_table_command(
         layer_ids=parse_int_list(layers, what="--layers"),
         max_ngram_size=max_ngram,
         heads=heads,
-        rows_per_head=rows,
+        rows_per_head=plan_defaults.DEFAULT_ROWS_PER_HEAD if rows == AUTO else rows,  # auto: re-planned after counting
         dim=dim,
         seed=seed,
         pad_id=pad_id,
@@ -136,17 +139,35 @@ def build_table_command(
         budget=budget_value,
     )
     planned = plan_report(plan)
+    footprint = plan_footprint(plan, out)
     if not plan_only:
         check_output(out, force)
         resolve_corpus(corpus)  # missing paths and empty directories fail before the plan is shown
     if plan_only:
         if as_json:
-            print_json({"plan": planned})
+            print_json({"plan": planned, "plan_size": footprint})
         else:
             render_plan(planned, out)
+            render_plan_size(footprint)
         return
-    if not as_json:
+    sizing = None
+    replan = None
+    if rows == AUTO:
+        if not as_json:
+            console.print(f"--rows-per-head auto: the plan is made after counting, for a token-weighted collision rate <= {target:.2%}.")
+
+        def replan(stats):
+            nonlocal planned, footprint, sizing
+            sized, sizing = size_plan_to_target(plan, stats, target, progress=progress)
+            planned, footprint = plan_report(sized), plan_footprint(sized, out)
+            check_fits_disk(footprint)
+            if not as_json:
+                render_plan(planned, out)
+                render_plan_size(footprint)
+            return sized
+    elif not as_json:
         render_plan(planned, out)
+        render_plan_size(footprint)
     with progress_reporter(quiet=as_json) as progress:
         if cluster_spec is not None:
             from engram_cli.distributed import DistributedOptions, build_tables_distributed
@@ -171,9 +192,12 @@ def build_table_command(
             shard_bytes=shard_bytes,
             compressor=compressor,
             workers=workers,
+            **({"replan": replan} if replan is not None else {}),
         )
     report = {
         "plan": planned,
+        "plan_size": footprint,
+        "sizing": sizing,
         "corpus": result.corpus,
         "stats": stats_report(result.store.stats, vocab),
         "store": result.store.summary(),

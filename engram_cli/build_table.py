@@ -134,11 +134,15 @@ def build_tables(
     text_field: str = "text",
     add_special_tokens: bool = False,
     progress=None,
+    replan: Callable[[NgramStats], TablePlan] | None = None,
     **store_options,
 ) -> BuildResult:
     """Count `paths`, write the plan's tables and statistics to `out` (atomically).
 
-    `store_options` go to `store.write_tables` (init, init_std, chunk_bytes,
+    `replan` (for `--rows-per-head auto`) is called with the counted statistics and
+    returns the plan to write (same layers, orders and hash; e.g.
+    `sizing.size_plan_to_target`); it runs after counting and before any table is
+    written, so the caller can print the plan it made. `store_options` go to `store.write_tables` (init, init_std, chunk_bytes,
     shard_bytes, compressor, workers).
     """
     out = Path(out)
@@ -156,6 +160,8 @@ def build_tables(
             add_special_tokens=add_special_tokens,
             progress=progress,
         )
+        if replan is not None:
+            plan = replan(stats)
         write_tables(
             partial,
             plan,

@@ -17,7 +17,7 @@ from . import __version__
 from .errors import EngramError
 
 # Subcommand modules, in the order a user runs them.
-COMMAND_MODULES = ("compress_vocab", "build_table", "collisions", "train", "eval")
+COMMAND_MODULES = ("compress_vocab", "build_table", "collisions", "inspect", "train", "eval")
 
 
 class EngramGroup(TyperGroup):

@@ -1,0 +1,115 @@
+"""`engram inspect [TABLES.zarr]`: a store's plan, size, provenance, row usage and checksums."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from engram_cli.defaults import DEFAULT_STORE
+from engram_cli.units import format_bytes
+
+from ._output import console, json_option, print_json, progress_reporter
+
+
+def render_inspect(report: dict) -> None:
+    plan, size, built = report["plan"], report["size"], report["built"]
+    console.print(f"[bold]{report['path']}[/] ({report['store_format']}, plan {plan['fingerprint'][:12]})")
+    table = Table(title="Plan", title_justify="left")
+    for col in ("layer", "order", "heads", "rows", "bytes"):
+        table.add_column(col, justify="right")
+    for layer in plan["layers"]:
+        for o in layer["orders"]:
+            table.add_row(str(layer["layer_id"]), str(o["order"]), str(len(o["primes"])), f"{o['rows']:,}", format_bytes(o["bytes"]))
+    console.print(table)
+    console.print(
+        f"Layers {', '.join(str(x['layer_id']) for x in report['layers'])}; rows of {plan['head_dim']} x {report['dtype']} "
+        f"(stored {report['storage_dtype']}, {report['row_bytes']} bytes); {report['compressor']} + crc32c, "
+        f"{report['chunk_rows']:,} rows per chunk, {report['shard_rows']:,} per shard."
+    )
+    console.print(
+        f"Size: {format_bytes(size['in_memory'])} of tables in memory ({size['in_memory']:,} bytes)"
+        + (f" + {format_bytes(size['hits_in_memory'])} of hits" if size["hits_in_memory"] else "")
+        + f"; {format_bytes(size['on_disk'])} on disk ({size['on_disk']:,} bytes)."
+    )
+    c = built.get("corpus") or {}
+    corpus = f"{c.get('files', 0):,} files, {c.get('documents', 0):,} documents, {format_bytes(c.get('bytes', 0))}, {c.get('tokens', 0):,} tokens" if c else "no corpus"
+    console.print(f"Built: {built.get('created')} by engram {built.get('engram_version')}, from {corpus}; init {built.get('init', {}).get('kind')}.")
+    mod = report["modified"]
+    if mod["since_build"]:
+        last = mod["records"][-1]
+        console.print(
+            f"Modified since build: [bold]yes[/], {len(mod['records'])} time(s); last by {last.get('by')} at {last.get('at')} "
+            f"({last.get('rows', 0):,} rows, layers {last.get('layers')}){'' if last.get('complete') else ' [red]INCOMPLETE[/]'}."
+        )
+    else:
+        console.print("Modified since build: no.")
+    if report["hits"]:
+        hits = Table(title="Row hits per layer and order (top 1%/10%: share of all hits on the most-hit 1%/10% of rows)", title_justify="left")
+        for col in ("layer", "order", "rows", "hit", "never", "hits", "top 1%", "top 10%"):
+            hits.add_column(col, justify="right")
+        for h in report["hits"]:
+            hits.add_row(
+                str(h["layer_id"]), str(h["order"]), f"{h['rows']:,}", f"{h['rows_hit']:,} ({h['hit_share_of_rows']:.1%})",
+                f"{h['rows_never_hit']:,}", f"{h['hits']:,}", f"{h['top1pct_share']:.1%}", f"{h['top10pct_share']:.1%}",
+            )
+        console.print(hits)
+    else:
+        console.print("Row hits: none stored (built without a corpus).")
+    v = report["verify"]
+    if v is not None:
+        if v["ok"]:
+            console.print(f"Verify: all {v['chunks']:,} chunks read, crc32c intact ({format_bytes(v['bytes_read'])} decoded).")
+        else:
+            b = v["first_bad"]
+            console.print(
+                f"Verify: [red]FAILED[/] at layer {b['layer_id']} {b['array']} chunk {b['chunk']} (rows {b['rows'][0]:,}..{b['rows'][1]:,}, "
+                f"shard file {b['shard_file']}) after {v['checked']:,} good chunks of {v['chunks']:,}."
+            )
+
+
+def inspect_command(
+    store_path: Path = typer.Argument(Path(DEFAULT_STORE), help="The table store (a Zarr v3 directory from `engram build-table`)."),
+    verify: bool = typer.Option(False, "--verify", help="Read every chunk and check its crc32c; exit 2 at the first bad one."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the rank/frequency curve of row hits (log-log) per layer and order to FILE.png (needs matplotlib: pip install 'engram-cli\\[plot]').", dir_okay=False),
+    as_json: bool = json_option(),
+) -> None:
+    """Show a store: plan, layers, dtype, size, how it was built, modifications, row hits.
+
+    Example:
+
+        engram inspect                      # tables.zarr
+        engram inspect big.zarr --verify    # also check every chunk's crc32c
+        engram inspect --json --plot hits.png
+    """
+    from engram_cli.collisions import check_plot_support
+    from engram_cli.inspect import hit_profiles, inspect_store, plot_hit_ranks, verify_store
+    from engram_cli.store import TableStore
+
+    if plot is not None:
+        check_plot_support(plot)
+    store = TableStore.open(store_path)
+    with progress_reporter(quiet=as_json) as progress:
+        checked = verify_store(store, progress=progress) if verify else None
+        # a store that failed verification may not stream its hits: report without them
+        profiles = hit_profiles(store, progress=progress) if checked is None or checked["ok"] else []
+        report = inspect_store(store, profiles)
+        report["verify"] = checked
+    if plot is not None:
+        plot_hit_ranks(profiles, plot)
+    if as_json:
+        print_json(report)
+    else:
+        render_inspect(report)
+        if plot is not None:
+            console.print(f"Wrote {plot}.")
+    if verify and not report["verify"]["ok"]:
+        b = report["verify"]["first_bad"]
+        typer.echo(f"Error: corrupt chunk: layer {b['layer_id']} {b['array']} chunk {b['chunk']} (rows {b['rows'][0]}..{b['rows'][1]}) in {b['shard_file']}; rebuild the store or restore it from a copy", err=True)
+        raise typer.Exit(2)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect_command)

@@ -1,0 +1,301 @@
+"""`engram inspect`: what a table store holds, how it was built, how its rows are used,
+and whether every chunk still verifies. Built on the public `TableStore` reader.
+
+Nothing here holds a whole table or hits array in memory: hits are streamed one
+chunk at a time into a count-of-counts histogram (how many rows were hit exactly c
+times), from which the hit shares and the rank/frequency curve follow exactly; the
+verification reads one chunk at a time. The `--json` schema is docs/inspect.md.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .errors import EngramError, StoreError
+from .store import TableStore
+from .store.format import ceil_div, chunk_row_range, row_bytes
+
+REPORT_FORMAT = "engram-inspect/1"
+TOP_SHARES = (0.01, 0.10)
+Progress = Callable[..., None]
+
+
+def _noop(*_args, **_kwargs) -> None:
+    return None
+
+
+# -- hits ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HitProfile:
+    """How the rows of one (layer, order) were hit: `values[i]` hits on `rows[i]` rows.
+
+    `values` is ascending and includes 0 (rows never hit) when there are such rows.
+    """
+
+    layer_id: int
+    order: int
+    start: int  # first row of the order's heads in the layer's table
+    stop: int
+    values: np.ndarray  # (d,) uint64, distinct hit counts, ascending
+    rows: np.ndarray  # (d,) int64, how many rows have that count
+
+    @property
+    def n_rows(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def total_hits(self) -> int:
+        return int((self.values.astype(object) * self.rows.astype(object)).sum()) if self.values.size else 0
+
+    @property
+    def rows_hit(self) -> int:
+        return int(self.rows[self.values > 0].sum())
+
+    def top_share(self, fraction: float) -> float:
+        """Share of all hits that land on the most-hit `fraction` of the rows (at least one row)."""
+        total = self.total_hits
+        if total == 0:
+            return 0.0
+        k = max(1, int(np.ceil(fraction * self.n_rows)))
+        got = 0
+        for v, r in zip(self.values[::-1].tolist(), self.rows[::-1].tolist()):
+            take = min(k, r)
+            got += int(v) * take
+            k -= take
+            if k == 0:
+                break
+        return got / total
+
+    def rank_frequency(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rank, hits) corner points of the rank/frequency curve over the rows hit (rank 1 = most hit)."""
+        nz = self.values > 0
+        v, r = self.values[nz][::-1], self.rows[nz][::-1]
+        last = np.cumsum(r)
+        first = last - r + 1
+        ranks = np.stack([first, last], axis=1).ravel()
+        return ranks, np.repeat(v, 2)
+
+    def to_dict(self) -> dict:
+        hit = self.rows_hit
+        return {
+            "layer_id": self.layer_id,
+            "order": self.order,
+            "rows": self.n_rows,
+            "rows_hit": hit,
+            "rows_never_hit": self.n_rows - hit,
+            "hit_share_of_rows": hit / self.n_rows if self.n_rows else 0.0,
+            "hits": self.total_hits,
+            "max_hits": int(self.values[-1]) if self.values.size else 0,
+            "top1pct_share": self.top_share(TOP_SHARES[0]),
+            "top10pct_share": self.top_share(TOP_SHARES[1]),
+        }
+
+
+def order_row_ranges(store: TableStore, layer_id: int) -> list[tuple[int, int, int]]:
+    """(order, start, stop): the rows of each order's heads in a layer (order-major)."""
+    plan = store.plan
+    out, pos = [], 0
+    for n in plan.orders:
+        rows = int(sum(plan.primes[layer_id][n - 2]))
+        out.append((n, pos, pos + rows))
+        pos += rows
+    return out
+
+
+def _hits_block_rows(arr) -> int:
+    return int(arr.chunks[0])  # the inner (sharded) chunk: <= 4 MiB of uint64
+
+
+def _merge(acc: dict, block: np.ndarray) -> None:
+    v, c = np.unique(block, return_counts=True)
+    for value, count in zip(v.tolist(), c.tolist()):
+        acc[value] = acc.get(value, 0) + count
+
+
+def hit_profiles(store: TableStore, *, progress: Progress = _noop) -> list[HitProfile]:
+    """Per layer and order, the count-of-counts of the store's hits, streamed chunk by chunk."""
+    if not store.has_hits:
+        return []
+    profiles = []
+    total = store.plan.total_rows
+    done = 0
+    progress("read hits", 0, total, "")
+    for layer_id in store.layer_ids:
+        arr = store.hits(layer_id)
+        step = _hits_block_rows(arr)
+        for order, start, stop in order_row_ranges(store, layer_id):
+            acc: dict[int, int] = {}
+            for a in range(start, stop, step):
+                b = min(stop, a + step)
+                _merge(acc, _read_hits(store, arr, layer_id, a, b))
+                done += b - a
+                progress("read hits", done, total, f"layer {layer_id} order {order}")
+            keys = sorted(acc)
+            profiles.append(HitProfile(layer_id, order, start, stop, np.array(keys, dtype=np.uint64), np.array([acc[k] for k in keys], dtype=np.int64)))
+    return profiles
+
+
+def _read_hits(store: TableStore, arr, layer_id: int, a: int, b: int) -> np.ndarray:
+    try:
+        return np.asarray(arr[a:b])
+    except ValueError as e:  # zarr's crc32c codec raises ValueError on a mismatch
+        if "checksum" not in str(e):
+            raise
+        raise StoreError(f"layer {layer_id} of {str(store.path)!r} has a corrupt hits chunk (crc32c mismatch); run `engram inspect --verify` and rebuild the store") from None
+
+
+# -- the report ----------------------------------------------------------------------
+def inspect_store(store: TableStore, profiles: list[HitProfile] | None = None) -> dict:
+    """The JSON-safe report of docs/inspect.md (`profiles` from `hit_profiles`)."""
+    from .build_table import plan_report
+
+    summary = store.summary()
+    attrs = store.attrs
+    extra = attrs.get("extra") or {}
+    modified = store.modified
+    plan = store.plan
+    hits_bytes = plan.total_rows * 8 if store.has_hits else 0
+    return {
+        "format": REPORT_FORMAT,
+        "path": str(store.path),
+        "store_format": summary["format"],
+        "plan": plan_report(plan),
+        "layers": [{k: layer[k] for k in ("layer_id", "rows", "bytes", "bytes_on_disk", "chunks", "shards")} for layer in summary["layers"]],
+        "dtype": store.dtype,
+        "storage_dtype": summary["storage_dtype"],
+        "row_bytes": row_bytes(plan),
+        "compressor": summary["compressor"],
+        "checksum": "crc32c",
+        "chunk_rows": store.chunk_rows,
+        "shard_rows": store.shard_rows,
+        "size": {
+            "in_memory": summary["total_bytes"],
+            "hits_in_memory": hits_bytes,
+            "on_disk": summary["bytes_on_disk"],
+        },
+        "built": {
+            "engram_version": attrs.get("toolkit_version"),
+            "created": attrs.get("created"),
+            "zarr_version": attrs.get("zarr_version"),
+            "init": {k: v for k, v in dict(attrs.get("init") or {}).items() if k != "rng"},
+            "corpus": extra.get("corpus"),
+            "tokens": (extra.get("stats") or {}).get("tokens"),
+            "documents": (extra.get("stats") or {}).get("documents"),
+        },
+        "modified": {"since_build": bool(modified), "records": modified},
+        "has_hits": store.has_hits,
+        "hits": [p.to_dict() for p in profiles or []],
+        "verify": None,
+    }
+
+
+# -- verification --------------------------------------------------------------------
+@dataclass(frozen=True)
+class ChunkRef:
+    """One chunk of one array: `array` is "table" or "hits"."""
+
+    layer_id: int
+    array: str
+    index: int
+    start: int
+    stop: int
+
+    def shard_file(self, store: TableStore, shard_rows: int) -> Path:
+        arr = store.table(self.layer_id) if self.array == "table" else store.hits(self.layer_id)
+        key = arr.metadata.encode_chunk_key((self.start // shard_rows,) + (0,) * (arr.ndim - 1))
+        return store.path / f"layer_{self.layer_id}" / self.array / key
+
+
+def iter_chunks(store: TableStore) -> Iterator[ChunkRef]:
+    """Every chunk of every table (and hits array), in layer and row order."""
+    plan = store.plan
+    for layer_id in store.layer_ids:
+        rows = plan.layer_rows(layer_id)
+        for c in range(ceil_div(rows, store.chunk_rows)):
+            start, stop = chunk_row_range(plan, layer_id, c, store.chunk_rows)
+            yield ChunkRef(layer_id, "table", c, start, stop)
+        if store.has_hits:
+            step = _hits_block_rows(store.hits(layer_id))
+            for c in range(ceil_div(rows, step)):
+                yield ChunkRef(layer_id, "hits", c, c * step, min(rows, (c + 1) * step))
+
+
+def count_chunks(store: TableStore) -> int:
+    plan = store.plan
+    n = 0
+    for layer_id in store.layer_ids:
+        rows = plan.layer_rows(layer_id)
+        n += ceil_div(rows, store.chunk_rows)
+        if store.has_hits:
+            n += ceil_div(rows, _hits_block_rows(store.hits(layer_id)))
+    return n
+
+
+def verify_store(store: TableStore, *, progress: Progress = _noop) -> dict:
+    """Read and decode every chunk; each one's crc32c is checked by the reader's codec.
+
+    Stops at the first chunk that fails and returns {"ok", "chunks", "checked",
+    "bytes_read", "first_bad"}; `first_bad` names the layer, array, chunk index, rows and
+    shard file. One chunk is in memory at a time.
+    """
+    total = count_chunks(store)
+    checked = read = 0
+    progress("verify chunks", 0, total, "")
+    for ref in iter_chunks(store):
+        try:
+            if ref.array == "table":
+                block = store.load_layer(ref.layer_id, rows=(ref.start, ref.stop))
+            else:
+                block = _read_hits(store, store.hits(ref.layer_id), ref.layer_id, ref.start, ref.stop)
+        except (StoreError, ValueError) as e:
+            shard_rows = store.shard_rows if ref.array == "table" else int(store.hits(ref.layer_id).shards[0])
+            bad = {
+                "layer_id": ref.layer_id,
+                "array": ref.array,
+                "chunk": ref.index,
+                "rows": [ref.start, ref.stop],
+                "shard_file": os.path.relpath(ref.shard_file(store, shard_rows), store.path),
+                "error": str(e) if isinstance(e, EngramError) else f"{type(e).__name__}: {e}",
+            }
+            progress("verify chunks", checked, total, "corrupt chunk found")
+            return {"ok": False, "chunks": total, "checked": checked, "bytes_read": read, "first_bad": bad}
+        checked += 1
+        read += block.nbytes
+        progress("verify chunks", checked, total, f"layer {ref.layer_id} {ref.array}")
+    return {"ok": True, "chunks": total, "checked": checked, "bytes_read": read, "first_bad": None}
+
+
+# -- plot ----------------------------------------------------------------------------
+def plot_hit_ranks(profiles: list[HitProfile], path) -> None:
+    """Log-log rank/frequency of row hits, one curve per layer and order (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .errors import OutputError
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p in profiles:
+        ranks, hits = p.rank_frequency()
+        if ranks.size:
+            ax.plot(ranks, hits, label=f"layer {p.layer_id} order {p.order} ({p.rows_hit:,} of {p.n_rows:,} rows hit)", linewidth=1.2)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("row rank (1 = most hit)")
+    ax.set_ylabel("hits (corpus windows)")
+    ax.set_title("Row hits: rank / frequency")
+    ax.grid(True, which="both", alpha=0.3)
+    if profiles:
+        ax.legend(fontsize=8)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise OutputError(f"cannot write the --plot image {str(path)!r}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
