@@ -37,6 +37,23 @@ def top_rows(hits, capacity: int, block_rows: int = 1 << 22) -> np.ndarray:
     return np.sort(best_ids)
 
 
+class OrderMaskedHits:
+    """A hits array read as zero outside the row ranges `keep` [(start, stop), ...]; sliced block by block."""
+
+    def __init__(self, hits, keep):
+        self.hits, self.keep = hits, list(keep)
+        self.shape = tuple(hits.shape)
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        start, stop, _ = sl.indices(self.shape[0])
+        out = np.zeros(max(0, stop - start), dtype=np.uint64)
+        for a, b in self.keep:
+            lo, hi = max(a, start), min(b, stop)
+            if lo < hi:
+                out[lo - start : hi - start] = np.asarray(self.hits[lo:hi], dtype=np.uint64)
+        return out
+
+
 class HotRowCache:
     """Resident copies of the most-hit rows; everything else is read from `source`."""
 

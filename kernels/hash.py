@@ -39,6 +39,7 @@ class ModConstants:
         self.inv = 1.0 / self.p
         self.neg_p = -self.p
         self.c32 = torch.remainder(torch.full_like(primes, 1 << 32), primes).double()
+        self.half_c32 = 0.5 - 0.5 * self.c32  # (r + 0.5) * c32 + lo + half_c32 = r * c32 + lo + 0.5
 
 
 def floor_mod_exact(mix: torch.Tensor, k: ModConstants, add: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -51,14 +52,14 @@ def floor_mod_exact(mix: torch.Tensor, k: ModConstants, add: torch.Tensor, out: 
         torch.remainder(mix[..., None], k.primes, out=out)
         return out.add_(add)
     hi = (mix >> 32).double().add_(0.5)[..., None]  # (..., 1): hi + 0.5
-    lo = (mix & 0xFFFFFFFF).double().add_(0.5)[..., None]  # lo + 0.5
-    q = torch.mul(hi, k.inv)  # (..., K)
+    lo = (mix & 0xFFFFFFFF).double()[..., None]
+    q = torch.mul(hi, k.inv)  # (..., K), then in place: no broadcasting fused ops (addcmul is slow here)
     q.floor_()
-    r = torch.addcmul(hi, q, k.neg_p)  # r1 + 0.5
-    r.sub_(0.5)
-    y = torch.addcmul(lo, r, k.c32)  # y + 0.5
-    torch.mul(y, k.inv, out=q).floor_()
-    y.addcmul_(q, k.neg_p)  # (y mod p) + 0.5
+    y = q.mul_(k.neg_p).add_(hi)  # hi mod p, + 0.5
+    y.mul_(k.c32).add_(lo).add_(k.half_c32)  # (hi mod p) * c32 + lo, + 0.5
+    q = torch.mul(y, k.inv)
+    q.floor_()
+    y.add_(q.mul_(k.neg_p))  # y mod p, + 0.5
     y.add_(add.double().sub_(0.5))
     out.copy_(y)
     return out
