@@ -7,7 +7,10 @@ other 2 books are the held-out text, looked up in batches of 16 x 256 tokens thr
 `EngramLookup.from_store(..., backend="offload")` with a hot cache of 1%, 5% and 10% of
 the layer's rows, chosen by the store's hit counts:
 - policy `layer`: the most-hit rows of the whole layer (every order competes);
-- policy `bigram`: the capacity spent on bigram rows only (`use_hot_cache(orders=(2,))`).
+- policy `bigram`: the capacity spent on bigram rows only (`use_hot_cache(orders=(2,))`);
+- policy `bigram_online`: as `bigram`, plus counts gathered online from the rows looked up,
+  the cache refilled every 4 lookups (`refresh_every=4`); hit rates count every lookup,
+  the first ones (before any refill) included.
 Plan: orders 2..4, `--heads` heads per order, `--rows-per-head` rows per head.
 """
 
@@ -48,10 +51,10 @@ def main() -> None:
         hid = tok.tokenizer.encode(text, add_special_tokens=False).ids
         hid = torch.tensor(hid[: len(hid) // 256 * 256]).view(-1, 256)
         n_rows = plan.layer_rows(1)
-        for policy, orders in (("layer", None), ("bigram", (2,))):
+        for policy, orders, refresh in (("layer", None, 0), ("bigram", (2,), 0), ("bigram_online", (2,), 4)):
             for frac in (0.01, 0.05, 0.10):
                 lk = EngramLookup.from_store(Path(tmp) / "t", 1, backend="offload")
-                lk.use_hot_cache(lk.store.hits(1), int(n_rows * frac), orders=orders)
+                lk.use_hot_cache(lk.store.hits(1), int(n_rows * frac), orders=orders, refresh_every=refresh)
                 for i in range(0, hid.shape[0], 16):
                     lk(hid[i : i + 16])
                 hr = lk.hit_rates()

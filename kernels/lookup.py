@@ -109,20 +109,22 @@ class EngramLookup:
     def fp8(self) -> bool:
         return self.dtype_name == "float8_e4m3"
 
-    def use_hot_cache(self, hits, capacity: int, *, orders=None) -> "EngramLookup":
+    def use_hot_cache(self, hits, capacity: int, *, orders=None, refresh_every: int = 0) -> "EngramLookup":
         """Keep the `capacity` most-hit rows resident on the device; misses read from the table.
 
         orders: spend the capacity on rows of these n-gram orders only (e.g. (2,): bigram
         rows, the most reused); default: the most-hit rows of the whole layer.
+        refresh_every: count the rows looked up online and refill the cache every that many
+        lookups from store hits + online counts (0: static, store hits only).
         """
-        from .cache import HotRowCache, OrderMaskedHits
+        from .cache import HotRowCache
 
+        keep = None
         if orders is not None:
             n_rows = self.plan.layer_rows(self.layer_id)
             starts = [int(self.plan.order_offsets(self.layer_id, n)[0]) for n in self.orders] + [n_rows]
             keep = [(starts[i], starts[i + 1]) for i, n in enumerate(self.orders) if n in set(orders)]
-            hits = OrderMaskedHits(hits, keep)
-        self.hot = HotRowCache(self.table, hits, capacity, device=self.device)
+        self.hot = HotRowCache(self.table, hits, capacity, device=self.device, refresh_every=refresh_every, keep=keep)
         return self
 
     def hit_rates(self) -> dict:
