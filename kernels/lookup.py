@@ -175,8 +175,12 @@ class EngramLookup:
         return rows.to(self.device)
 
     # ---------------------------------------------------------------- rows
-    def gather(self, rows: torch.Tensor, *, dtype=None) -> torch.Tensor:
-        """Row ids (B, T, H) -> rows (B, T, H*head_dim), on this lookup's device."""
+    def gather(self, rows: torch.Tensor, *, dtype=None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Row ids (B, T, H) -> rows (B, T, H*head_dim), on this lookup's device.
+
+        out: a (B, T, H*head_dim) tensor of the output dtype to write into (reused across
+        calls it saves the page faults of a fresh output: see docs/kernels.md).
+        """
         if self.table is None:
             raise BackendError("this EngramLookup has no table; pass table= or use EngramLookup.from_store")
         B, T, H = rows.shape
@@ -191,7 +195,11 @@ class EngramLookup:
         on_host = self.host or self.hot is not None or not isinstance(self.table, torch.Tensor)
         where = torch.device("cpu") if on_host and self.hot is None else self.device
         pin = where.type == "cpu" and self.device.type == "cuda"
-        out = torch.empty((B, T, H * self.head_dim), dtype=odt, device=where, pin_memory=pin)
+        shape = (B, T, H * self.head_dim)
+        if out is not None and out.device == where and out.shape == shape and out.dtype == odt and out.is_contiguous():
+            final, out = None, out
+        else:
+            final, out = out, torch.empty(shape, dtype=odt, device=where, pin_memory=pin)
         flat_out = out.view(B * T * H, self.head_dim)
         if self.hot is not None:
             from .gather import dequant_into
@@ -204,17 +212,21 @@ class EngramLookup:
             from .gather import dequant_into
 
             dequant_into(_gather(self.table, flat), self.head_dim, self.fp8, flat_out)
+        if final is not None:  # an `out` on the device: the host rows copied into it
+            return final.copy_(out, non_blocking=True)
         return out.to(self.device, non_blocking=True)
 
-    def __call__(self, token_ids, *, dtype=None) -> torch.Tensor:
-        """Raw ids (B, T) -> rows (B, T, orders*K*head_dim): table dtype, FP8 -> float32 (or `dtype`)."""
+    def __call__(self, token_ids, *, dtype=None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw ids (B, T) -> rows (B, T, orders*K*head_dim): table dtype, FP8 -> float32 (or `dtype`).
+
+        out: write the rows into this tensor (backends torch/cpu/offload; see `gather`)."""
         self.stats["lookups"] += 1
         if self.backend == "triton":
             from .triton_lookup import triton_lookup
 
             return triton_lookup(self, self._ids(token_ids, self.device), dtype=dtype)
         rows = self._row_ids(self._ids(token_ids, self.hasher.device))
-        return self.gather(rows, dtype=dtype)
+        return self.gather(rows, dtype=dtype, out=out)
 
     def prefetcher(self, batches, *, depth: int = 2, dtype=None):
         """Iterate rows of `batches` with the next `depth` hashed and gathered on a background thread."""

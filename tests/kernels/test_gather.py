@@ -59,3 +59,18 @@ def test_fp8_dequant_paths_agree(head_dim):
     np.testing.assert_array_equal(fp8_dequant_reference(t, head_dim).numpy(), want)
     out = torch.empty((300, head_dim))
     assert fp8_dequant_torch(t, head_dim, out=out) is out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float8_e4m3"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "offload"])
+def test_lookup_into_out(backend, dtype, deepseek_vocab):
+    """`out=`: the rows are written into the caller's tensor (reused across calls)."""
+    plan = plan_for(deepseek_vocab, heads=2, dim=128)
+    stored, _ = table_for(plan, dtype)
+    lk = EngramLookup(plan, deepseek_vocab, 1, stored, backend=backend, device=DEVICE)
+    out = torch.empty((2, 7, 2 * 2 * 64), dtype=torch.float32, device=DEVICE)
+    for seed in (1, 2):
+        ids = torch.from_numpy(edge_ids(deepseek_vocab, 2, 7, seed=seed)).to(DEVICE)
+        got = lk(ids, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        assert torch.equal(out, EngramLookup(plan, deepseek_vocab, 1, stored, backend="torch", device=DEVICE)(ids))
