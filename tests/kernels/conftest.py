@@ -84,3 +84,12 @@ if not HAVE_TOKENIZER:
     @pytest.fixture(scope="session")
     def deepseek_vocab():
         return SyntheticVocab(DEEPSEEK_VOCAB_SIZE, DEEPSEEK_COMPRESSED_SIZE)
+
+# With two conftest.py files the module name `conftest` ends up naming this one, and
+# tests/test_vocab.py imports plain helpers `from conftest import ...`: re-export them
+# from tests/conftest.py (loaded under another name; its fixtures are not copied).
+if HAVE_TOKENIZER:
+    _spec = importlib.util.spec_from_file_location("_engram_tests_root_conftest", ROOT / "tests" / "conftest.py")
+    _root = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_root)
+    loaded, train_tiny_tokenizer, wordlevel_tokenizer = _root.loaded, _root.train_tiny_tokenizer, _root.wordlevel_tokenizer
