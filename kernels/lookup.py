@@ -196,9 +196,8 @@ class EngramLookup:
         where = torch.device("cpu") if on_host and self.hot is None else self.device
         pin = where.type == "cpu" and self.device.type == "cuda"
         shape = (B, T, H * self.head_dim)
-        if out is not None and out.device == where and out.shape == shape and out.dtype == odt and out.is_contiguous():
-            final, out = None, out
-        else:
+        final = None  # a caller's `out` that the rows are copied into at the end
+        if out is None or out.device != where or out.shape != shape or out.dtype != odt or not out.is_contiguous():
             final, out = out, torch.empty(shape, dtype=odt, device=where, pin_memory=pin)
         flat_out = out.view(B * T * H, self.head_dim)
         if self.hot is not None:

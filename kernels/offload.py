@@ -32,7 +32,7 @@ class OffloadPrefetcher:
         try:
             for b in it:
                 self.q.put(self.lookup(b, dtype=self.dtype))
-        except BaseException as e:  # handed to the consumer
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
             self.error = e
         self.q.put(self._END)
 
