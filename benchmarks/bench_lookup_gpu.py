@@ -1,7 +1,7 @@
 """Lookup kernels on a CUDA GPU: Triton parity, gather bandwidth against the device's copy bandwidth,
 offload gather against pinned host-to-device copy bandwidth.
 
-    python benchmarks/bench_lookup_gpu.py [OUT.jsonl] [--tokens 32768] [--rows-per-head 1048573]
+    python benchmarks/bench_lookup_gpu.py [OUT.jsonl] [--tokens 32768] [--rows-per-head 524287]
 
 Runs only where CUDA is present (exits 0 with a message otherwise). Needs torch, triton and
 numpy only: no tokenizer, zarr or polars (the plan comes from engram_cli.plan.make_plan, the
@@ -91,13 +91,22 @@ def wall_best(fn, repeat=5, warmup=1) -> float:
     return best
 
 
-def make_table(rows, head_dim, dtype, seed=0):
-    from engram_cli.fp8 import quantize_fp8_rows
+def make_table(rows, head_dim, dtype, seed=0, device="cpu"):
+    """A random table in storage form. float32/bfloat16: normal values. float8_e4m3: the
+    small parity tables are quantized by engram_cli.fp8; big ones (> 1 M rows) are random
+    packed bytes made on `device` (value bytes never NaN, scale bytes 2^-7..2^6)."""
+    from engram_cli.fp8 import FP8_BLOCK, quantize_fp8_rows
 
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((rows, head_dim), generator=g) * 3
+    g = torch.Generator(device=device).manual_seed(seed)
     if dtype == "float8_e4m3":
-        return torch.from_numpy(quantize_fp8_rows(x.numpy()))
+        if rows <= 1_000_000:
+            x = torch.randn((rows, head_dim), generator=torch.Generator().manual_seed(seed)) * 3
+            return torch.from_numpy(quantize_fp8_rows(x.numpy())).to(device)
+        vals = torch.randint(0, 0x7E, (rows, head_dim), generator=g, device=device, dtype=torch.int32)
+        vals |= torch.randint(0, 2, (rows, head_dim), generator=g, device=device, dtype=torch.int32) << 7
+        scales = torch.randint(120, 134, (rows, head_dim // FP8_BLOCK), generator=g, device=device, dtype=torch.int32)
+        return torch.cat([vals, scales], dim=1).to(torch.uint8)
+    x = torch.randn((rows, head_dim), generator=g, device=device) * 3
     return x.to({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
 
 
@@ -107,7 +116,7 @@ def main(argv=None):
     argv = [a for a in argv if a != "--dry-run"]
     if dry:
         os.environ["TRITON_INTERPRET"] = "1"
-    opts = {"--tokens": 32768, "--rows-per-head": 1_048_573, "--heads": 8, "--head-dim": 64}
+    opts = {"--tokens": 32768, "--rows-per-head": 524_287, "--heads": 8, "--head-dim": 64}
     out_path = None
     i = 0
     while i < len(argv):
@@ -166,7 +175,7 @@ def main(argv=None):
     B, T = 8, n_tok // 8
     for dtype in ("float32", "bfloat16", "float8_e4m3"):
         plan = plan_for(dtype)
-        table = make_table(plan.layer_rows(1), hd, dtype).to(dev)
+        table = make_table(plan.layer_rows(1), hd, dtype, device=dev)
         H = len(plan.orders) * K
         ids = torch.from_numpy(rng.integers(0, vocab.vocab_size, size=(B, T))).to(dev)
         tri = EngramLookup(plan, vocab, 1, table, backend="triton", device=dev)

@@ -85,8 +85,8 @@ def _launch(lk, ids: torch.Tensor, gather: bool, dtype=None):
         out_dtype = (dtype or torch.float32) if fp8 else (dtype or table.dtype)
         out = torch.empty((B, T, H * hd), dtype=out_dtype, device=ids.device)
         row_w = table.shape[1]
-        if table.dtype == torch.bfloat16 and out_dtype != torch.bfloat16:
-            table = table.float()  # the interpreter cannot widen bf16 in-kernel on every version
+        if table.dtype == torch.bfloat16 and out_dtype != torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+            table = table.float()  # the interpreter cannot widen bf16 in-kernel on every version (CUDA widens in-kernel)
         lut = torch.from_numpy(e4m3_to_float32_table()).to(ids.device)
     else:
         table, out, lut, row_w = rows, rows, rows, 1
