@@ -37,17 +37,62 @@ def top_rows(hits, capacity: int, block_rows: int = 1 << 22) -> np.ndarray:
     return np.sort(best_ids)
 
 
+class OrderMaskedHits:
+    """A hits array read as zero outside the row ranges `keep` [(start, stop), ...]; sliced block by block."""
+
+    def __init__(self, hits, keep):
+        self.hits, self.keep = hits, list(keep)
+        self.shape = tuple(hits.shape)
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        start, stop, _ = sl.indices(self.shape[0])
+        out = np.zeros(max(0, stop - start), dtype=np.uint64)
+        for a, b in self.keep:
+            lo, hi = max(a, start), min(b, stop)
+            if lo < hi:
+                out[lo - start : hi - start] = np.asarray(self.hits[lo:hi], dtype=np.uint64)
+        return out
+
+
+class _SummedHits:
+    """store hits + online counts, sliced block by block (what top_rows reads)."""
+
+    def __init__(self, prior, online: torch.Tensor):
+        self.prior, self.online = prior, online
+        self.shape = tuple(prior.shape)
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        return np.asarray(self.prior[sl], dtype=np.uint64) + self.online[sl].numpy().astype(np.uint64)
+
+
 class HotRowCache:
     """Resident copies of the most-hit rows; everything else is read from `source`."""
 
-    def __init__(self, source, hits, capacity: int, *, device=None, heads: int | None = None):
+    def __init__(self, source, hits, capacity: int, *, device=None, heads: int | None = None, refresh_every: int = 0, keep=None):
+        self.keep = keep  # row ranges [(start, stop)] the cache may hold (None: all)
         self.source = source  # a torch table (host) or a ChunkCache
-        self.ids = torch.from_numpy(top_rows(hits, capacity))
-        rows = _gather(source, self.ids)
-        self.rows = rows.to(device) if device is not None else rows
+        self.prior, self.capacity, self.device = hits, int(capacity), device
         self.heads = heads
         self.hits = None
         self.total = None
+        # online counts (refresh_every > 0): the rows looked up are counted (one uint32 per
+        # table row, on the host) and every `refresh_every` gathers the cache is refilled
+        # with the top rows of store hits + online counts, so it follows the text served.
+        self.refresh_every = int(refresh_every)
+        self.online = torch.zeros(int(hits.shape[0]), dtype=torch.int32) if self.refresh_every else None
+        self.gathers = 0
+        self._fill(hits)
+
+    def _fill(self, hits) -> None:
+        if self.keep is not None:
+            hits = OrderMaskedHits(hits, self.keep)
+        self.ids = torch.from_numpy(top_rows(hits, self.capacity))
+        rows = _gather(self.source, self.ids)
+        self.rows = rows.to(self.device) if self.device is not None else rows
+
+    def refresh(self) -> None:
+        """Refill with the top rows of the store's hits plus the counts gathered online."""
+        self._fill(_SummedHits(self.prior, self.online))
 
     def gather(self, flat_rows: torch.Tensor, columns: int) -> torch.Tensor:
         """Rows for `flat_rows` (N,) = (B*T*columns,), counting hits per column (head)."""
@@ -59,6 +104,8 @@ class HotRowCache:
         else:
             slot = torch.zeros_like(flat)
             hit = torch.zeros(flat.shape, dtype=torch.bool)
+        if self.online is not None:
+            self.online.index_add_(0, flat, torch.ones(flat.shape, dtype=torch.int32))
         per_col = hit.view(-1, columns).sum(0)
         self.hits = per_col if self.hits is None else self.hits + per_col
         self.total = (0 if self.total is None else self.total) + flat.shape[0] // columns
@@ -67,6 +114,9 @@ class HotRowCache:
         out[hit.to(out.device)] = self.rows[slot[hit].to(out.device)]
         if miss.any():
             out[miss.to(out.device)] = _gather(self.source, flat[miss]).to(out.device, non_blocking=True)
+        self.gathers += 1
+        if self.refresh_every and self.gathers % self.refresh_every == 0:
+            self.refresh()
         return out
 
     def hit_rates(self, orders, heads: int) -> dict:

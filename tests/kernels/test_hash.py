@@ -1,0 +1,119 @@
+"""Row ids (kernels/hash.py and the Triton kernel): every backend against the numpy oracle
+engram_cli.hashing.position_row_ids, and the division-free floor modulo against torch.remainder."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from _common import BACKENDS, DEVICE, edge_ids, plan_for
+from engram_cli.hashing import position_row_ids
+from engram_cli.kernels import EngramLookup
+from engram_cli.kernels.hash import EXACT_FLOAT_PRIME_LIMIT, ModConstants, floor_mod_exact
+from engram_cli.plan import make_plan
+
+SPEC_POS0 = [417694, 153810, 631746, 619567, 19819, 4616, 64500, 103595, 142458, 557886, 379397, 606178, 191641, 26676, 195389, 29662]
+SPEC_POS2 = [11664, 151525, 496189, 480017, 619978, 64166, 315710, 315608, 38504, 114869, 163716, 394173, 83204, 529655, 423994, 53290]
+
+
+def row_ids(plan, vocab, backend, ids):
+    got = EngramLookup(plan, vocab, 1, backend=backend, device=DEVICE).row_ids(torch.from_numpy(ids).to(DEVICE))
+    assert got.dtype == torch.int64
+    return got.cpu().numpy()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spec_vectors(backend, deepseek_vocab):
+    pad = int(deepseek_vocab.compress([2])[0])
+    plan = make_plan(compressed_vocab_size=deepseek_vocab.compressed_size, compressed_pad_id=pad)
+    raw = np.array([[int(np.nonzero(deepseek_vocab.lookup == c)[0][0]) for c in (5, 17, 99)]])
+    r = row_ids(plan, deepseek_vocab, backend, raw) - plan.row_offsets(1)
+    assert r[0, 0].tolist() == SPEC_POS0
+    assert r[0, 2].tolist() == SPEC_POS2
+
+
+@pytest.mark.parametrize("max_n,heads", [(2, 1), (3, 2), (4, 3), (4, 8), (3, 16)])
+@pytest.mark.parametrize("B,T", [(1, 1), (2, 2), (3, 5), (1, 9)])  # T = 1, T < order, odd sizes
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_ids(backend, B, T, max_n, heads, deepseek_vocab):
+    plan = plan_for(deepseek_vocab, max_n=max_n, heads=heads, dim=heads * 32)
+    ids = edge_ids(deepseek_vocab, B, T, seed=B * 31 + T)
+    want = position_row_ids(plan, 1, deepseek_vocab.compress(ids))
+    np.testing.assert_array_equal(row_ids(plan, deepseek_vocab, backend, ids), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_mix_floor_modulo(backend, deepseek_vocab):
+    """Reference multipliers never overflow; hand-set huge odd ones do, so mixes go negative
+    and the hash must still be the floor modulo (Triton's `%` truncates)."""
+    plan = plan_for(deepseek_vocab, max_n=4, heads=2, dim=64)
+    big = (0x7FFF_FFFF_FFFF_FFC5, 0x5DEE_CE66_DD15_B3A1, 0x6A09_E667_F3BC_C909, 0x3C6E_F372_FE94_F82B)
+    plan = dataclasses.replace(plan, multipliers={1: big})
+    ids = edge_ids(deepseek_vocab, 2, 8, seed=7)
+    c = deepseek_vocab.compress(ids)
+    mixes = c[:, 1:] * np.int64(big[0]) ^ c[:, :-1] * np.int64(big[1])
+    assert (mixes < 0).any() and (mixes > 0).any()
+    np.testing.assert_array_equal(row_ids(plan, deepseek_vocab, backend, ids), position_row_ids(plan, 1, c))
+
+
+def v41_plan(vocab):
+    """DeepSeek-V4.1's sizes: 16 M rows per head, orders 2..4 (row ids only: no table)."""
+    pad = int(vocab.compress([2])[0])
+    return make_plan(compressed_vocab_size=vocab.compressed_size, compressed_pad_id=pad, layer_ids=(1,),
+                     max_ngram_size=4, heads=8, rows_per_head=(16_000_000,) * 3, dim=1024)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_ids_v41_sizes(backend, deepseek_vocab):
+    plan = v41_plan(deepseek_vocab)
+    ids = edge_ids(deepseek_vocab, 2, 7, seed=9)
+    got = row_ids(plan, deepseek_vocab, backend, ids)
+    np.testing.assert_array_equal(got, position_row_ids(plan, 1, deepseek_vocab.compress(ids)))
+    assert int(got.max()) < plan.layer_rows(1)
+
+
+PRIMES = st.integers(2, EXACT_FLOAT_PRIME_LIMIT - 1)  # any modulus works; the plan's are primes
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=64), st.lists(PRIMES, min_size=1, max_size=8))
+def test_floor_mod_exact_matches_remainder(mixes, moduli):
+    """The float64 floor modulo equals torch.remainder for every int64 and modulus < 2^24,
+    extremes included."""
+    mix = torch.tensor(mixes + [-(2**63), 2**63 - 1, -1, 0, 1], dtype=torch.int64)
+    p = torch.tensor(moduli, dtype=torch.int64)
+    off = torch.arange(p.numel(), dtype=torch.int64) * 1000
+    out = torch.empty((mix.numel(), p.numel()), dtype=torch.int64)
+    floor_mod_exact(mix, ModConstants(p), off, out)
+    assert torch.equal(out, torch.remainder(mix[:, None], p) + off)
+
+
+def test_floor_mod_multiples_and_large_primes():
+    """Exact multiples (the quotient's rounding edge) and primes past the float limit (remainder fallback)."""
+    p = torch.tensor([16_777_213, 9_999_991, 3], dtype=torch.int64)
+    k = torch.tensor([-(2**39), -7, -1, 0, 1, 5, 2**39], dtype=torch.int64)
+    mix = torch.cat([k * p[0], k * p[1], k * p[0] + 1, k * p[1] - 1])
+    out = torch.empty((mix.numel(), 3), dtype=torch.int64)
+    floor_mod_exact(mix, ModConstants(p), torch.zeros(3, dtype=torch.int64), out)
+    assert torch.equal(out, torch.remainder(mix[:, None], p))
+    big = torch.tensor([2**31 - 1], dtype=torch.int64)
+    assert not ModConstants(big).exact
+    out1 = torch.empty((mix.numel(), 1), dtype=torch.int64)
+    floor_mod_exact(mix, ModConstants(big), torch.zeros(1, dtype=torch.int64), out1)
+    assert torch.equal(out1, torch.remainder(mix[:, None], big))
+
+
+def test_fast_path_chunks(monkeypatch, deepseek_vocab):
+    """Chunking of the fast path over positions does not change the ids."""
+    import engram_cli.kernels.hash as kh
+
+    plan = plan_for(deepseek_vocab, max_n=4, heads=3, dim=96)
+    ids = edge_ids(deepseek_vocab, 3, 50, seed=2)
+    want = position_row_ids(plan, 1, deepseek_vocab.compress(ids))
+    monkeypatch.setattr(kh, "CHUNK_POSITIONS", 7)
+    np.testing.assert_array_equal(row_ids(plan, deepseek_vocab, "cpu", ids), want)
