@@ -396,10 +396,11 @@ def across_figures(keys: OrderKeys, buckets: list[np.ndarray], primes: Sequence[
     }
 
 
-def _decode(ids: Sequence[int], vocab_keys: Sequence[str] | None) -> str | None:
+def _decode(ids: Sequence[int], vocab_keys: Sequence[str] | None) -> list[str] | None:
+    """An n-gram's tokens as text, one string per token (as `build-table` reports them)."""
     if vocab_keys is None:
         return None
-    return "".join(vocab_keys[i] if 0 <= i < len(vocab_keys) else f"<{i}>" for i in ids)
+    return [vocab_keys[i] if 0 <= i < len(vocab_keys) else f"<{i}>" for i in ids]
 
 
 def read_rows(stats: NgramStats, order: int, rows: np.ndarray, *, batch_rows: int = BATCH_ROWS) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """`engram build-table` end to end through the real typer app (CliRunner).
 
 Expected figures come from independent routes: the raw `tokenizers` encoder per file
-and the reference position hash (`hash_positions`, shared/SPEC.md section 3) over
+and the reference position hash (`hash_positions`, docs/spec.md, "Hash") over
 every document, bincounted per row; published SPEC section 5 vectors for the plan.
 """
 
@@ -51,12 +51,19 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
+def test_plan_only_checks_the_corpus_path(tmp_path):
+    result = invoke(tmp_path / "missing", "--plan-only")
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: corpus path") and len(result.output.strip().splitlines()) == 1
+
+
 def test_plan_only_is_the_reference_plan(tmp_path):
-    result = invoke(tmp_path / "unused", "--plan-only", "--json")  # the corpus is not read
+    (tmp_path / "a.txt").write_text("unused text\n")
+    result = invoke(tmp_path, "--plan-only", "--json")  # the corpus is checked, not read
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)["plan"]
     layers = {layer["layer_id"]: layer for layer in plan["layers"]}
-    # shared/SPEC.md section 5 (published vectors)
+    # docs/spec.md, "Test vectors" (published vectors)
     assert layers[1]["orders"][0]["primes"] == [646403, 646411, 646421, 646423, 646433, 646453, 646519, 646523]
     assert layers[1]["orders"][1]["primes"] == [646537, 646543, 646549, 646571, 646573, 646577, 646609, 646619]
     assert layers[15]["orders"][0]["primes"] == [646631, 646637, 646643, 646669, 646687, 646721, 646757, 646771]
