@@ -36,7 +36,7 @@ BYTE_STAGES = frozenset({"reading", "writing"})
 
 def notice(message: str) -> None:
     """One line on stderr: what a command did besides its report."""
-    notices.print(message, markup=False)
+    notices.print(message, markup=False, soft_wrap=True)
 
 
 JSON_OPTION_HELP = "Print one JSON object on stdout instead of the rich report (schema in docs/)."
@@ -137,6 +137,7 @@ class ProgressReporter:
         self.quiet = quiet
         self.stages: dict[str, _Stage] = {}
         self._lock = threading.Lock()
+        self._idle_since = time.monotonic()  # when the last stage ended (or the command began)
 
     def __call__(self, stage: str, done: float, total: float | None = None, detail: str = "") -> None:
         with self._lock:
@@ -154,7 +155,10 @@ class ProgressReporter:
                 self._finish(stage, s)
 
     def _open(self, stage: str, previous: _Stage | None) -> _Stage:
-        s = _Stage(started=time.monotonic())
+        # A stage reports only after some work; it began with the stages still running
+        # beside it (a streaming pipeline), else when the last stage ended.
+        running = [o.started for o in self.stages.values() if not o.finished]
+        s = _Stage(started=min(running) if running else self._idle_since)
         if self.progress is not None:
             s.task = previous.task if previous is not None and previous.task is not None else self.progress.add_task(stage, total=None, detail="")
             if previous is not None:
@@ -164,13 +168,14 @@ class ProgressReporter:
 
     def _finish(self, stage: str, s: _Stage) -> None:
         s.finished = True
-        seconds = time.monotonic() - s.started
+        self._idle_since = time.monotonic()
+        seconds = self._idle_since - s.started
         if s.task is not None:
             self.progress.update(s.task, total=s.done, completed=s.done, detail="done")
             self.progress.stop_task(s.task)
         elif not self.quiet:
             detail = f" ({s.detail})" if s.detail and s.detail != "done" else ""
-            notices.print(f"{stage}: done, {format_count(stage, s.done)}{detail} in {seconds:.1f} s", markup=False, highlight=False)
+            notices.print(f"{stage}: done, {format_count(stage, s.done)}{detail} in {seconds:.1f} s", markup=False, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         with self._lock:

@@ -71,13 +71,14 @@ def summary_rows(report: dict) -> list[dict]:
 
 def render_summary(report: dict) -> None:
     """The short summary: one line per layer and order (mean over heads)."""
-    t = Table(title="summary (mean over heads): shared = share of n-grams in a bucket with another n-gram", title_justify="left")
+    t = Table(title="summary (mean over heads)", title_justify="left")
     for col in ("hash", "layer", "order", "n-grams", "shared", "ideal", "clean head", "tok rate"):
         t.add_column(col, justify="right")
     for r in summary_rows(report):
         t.add_row(r["family"], str(r["layer"]), str(r["order"]), f"{r['distinct']:,}", _pct(r["shared_observed"]), _pct(r["shared_ideal"]), _pct(r["clean_head"]), _pct(r["token_weighted"]))
     console.print(t)
-    console.print("  clean head: share of n-grams alone in their bucket in at least one head; tok rate: share of occurrences whose bucket holds another n-gram.")
+    console.print("  shared: share of n-grams whose bucket holds another n-gram (ideal: a uniform hash); clean head: share of n-grams")
+    console.print("  alone in their bucket in at least one head; tok rate: share of occurrences whose bucket holds another n-gram.")
 
 
 def render(report: dict, details: bool = False) -> None:
