@@ -2,7 +2,7 @@
 
 Expected figures come from independent routes: the raw `tokenizers` encoder per file
 and the reference position hash (`hash_positions`, docs/spec.md, "Hash") over
-every document, bincounted per row; published SPEC section 5 vectors for the plan.
+every document, bincounted per row; the published vectors of docs/spec.md "Test vectors" for the plan.
 """
 
 from __future__ import annotations
@@ -202,3 +202,21 @@ def test_interrupted_build_leaves_no_store(tmp_path, small_corpus, monkeypatch):
     assert len(calls) == 2
     assert not out.exists()
     assert not store_module.partial_path(out).exists()
+
+
+def test_vocab_default_is_used_when_it_matches_and_rebuilt_when_not(tmp_path, monkeypatch, tiny_tokenizer_path):
+    from engram_cli.vocab import CompressedVocab, load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("some text\n")
+    made = runner.invoke(app, ["compress-vocab", str(tiny_tokenizer_path)])  # ./vocab.npz for another tokenizer
+    assert made.exit_code == 0 and "Wrote vocab.npz" in made.stderr
+    tiny_sha = CompressedVocab.load("vocab.npz").tokenizer_sha256
+    r = invoke(tmp_path / "a.txt", "--plan-only")
+    assert r.exit_code == 0, r.output
+    assert "does not match deepseek" in r.stderr and "rebuilt it" in r.stderr
+    rebuilt = CompressedVocab.load("vocab.npz")
+    assert rebuilt.tokenizer_sha256 == load_tokenizer("deepseek").sha256 != tiny_sha
+    r = invoke(tmp_path / "a.txt", "--plan-only")
+    assert r.exit_code == 0 and "Using ./vocab.npz (matches deepseek)." in r.stderr
+    assert "Table plan" in r.stdout and "Table plan" not in r.stderr

@@ -40,8 +40,12 @@ def session_lines() -> list[list[str]]:
     return [line.split() for line in block.strip().splitlines()]
 
 
+# Docs whose `<!-- figure -->` figures this session checks.
+FIGURE_DOCS = (ROOT / "README.md", ROOT / "docs" / "benchmarks.md")
+
+
 def figures() -> list[str]:
-    return re.findall(r"<!-- figure -->`([^`]+)`<!-- /figure -->", README)
+    return [f for doc in FIGURE_DOCS for f in re.findall(r"<!-- figure -->`([^`]+)`<!-- /figure -->", doc.read_text(encoding="utf-8"))]
 
 
 def run(cwd: Path, args: list[str], name: str) -> tuple[str, str]:
