@@ -148,6 +148,8 @@ class ProgressReporter:
                         if not other.finished and other.total is None:
                             self._finish(other_name, other)
                 s = self._open(stage, s)
+            if s.finished:  # a late report of an ended stage (the same final count) changes nothing
+                return
             s.done, s.total, s.detail = done, total, detail
             if s.task is not None:
                 self.progress.update(s.task, completed=done, total=total, detail=detail)
