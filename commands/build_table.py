@@ -96,7 +96,7 @@ def build_table_command(
     corpus: List[Path] = typer.Argument(..., help="Corpus files or directories (text, .jsonl, .parquet, and .gz/.zst of these)."),
     out: Path = typer.Option(Path(DEFAULT_STORE), "-o", "--out", help="The Zarr v3 store to write."),
     tokenizer: str = typer.Option(DEFAULT_TOKENIZER, "--tokenizer", help="A tokenizer.json, a directory holding one, or `deepseek`."),
-    vocab_path: Optional[Path] = typer.Option(None, "--vocab", help=f"A compressed vocabulary from `engram compress-vocab` (checked against the tokenizer). Default: ./{DEFAULT_VOCAB} when it matches the tokenizer, else computed.", show_default=False),
+    vocab_path: Optional[Path] = typer.Option(None, "--vocab", help=f"A compressed vocabulary from `engram compress-vocab` (checked against the tokenizer). ", show_default=f"./{DEFAULT_VOCAB} when it matches the tokenizer, else computed"),
     layers: str = typer.Option("1,15", "--layers", help="Layer ids that get a table, comma-separated."),
     max_ngram: int = typer.Option(plan_defaults.DEFAULT_MAX_NGRAM, "--max-ngram", help="Largest n-gram order (orders 2..N)."),
     heads: int = typer.Option(plan_defaults.DEFAULT_HEADS, "--heads", help="Hash heads per order (K)."),

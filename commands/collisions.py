@@ -155,17 +155,17 @@ def render(report: dict, details: bool = False) -> None:
 
 def collisions_command(
     args: Optional[List[str]] = typer.Argument(None, metavar="[STORE]", help=f"The table store written by `engram build-table` (default {DEFAULT_STORE})."),
-    heads: Optional[int] = typer.Option(None, "--heads", help="What-if: audit this many heads per order instead of the stored plan's."),
-    rows_per_head: Optional[str] = typer.Option(None, "--rows-per-head", help="What-if: rows per head, one value or one per order (comma list)."),
-    budget: Optional[str] = typer.Option(None, "--budget", help="What-if: fit rows per head to a budget: bytes (2GiB, 800MB) or parameters (500M)."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Audit only these layers of the plan (comma list, e.g. 1,15)."),
+    heads: Optional[int] = typer.Option(None, "--heads", help="What-if: audit this many heads per order instead of the stored plan's.", show_default="the stored plan's"),
+    rows_per_head: Optional[str] = typer.Option(None, "--rows-per-head", help="What-if: rows per head, one value or one per order (comma list).", show_default="the stored plan's"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="What-if: fit rows per head to a budget: bytes (2GiB, 800MB) or parameters (500M).", show_default="none"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Audit only these layers of the plan (comma list, e.g. 1,15).", show_default="all"),
     hash_family: str = typer.Option("reference", "--hash", help=f"Hash family to audit: {', '.join(FAMILIES)}, or reference,xxh3 for both."),
-    target: Optional[float] = typer.Option(None, "--target", help="Find the rows per head that bring the token-weighted collision rate to this rate (e.g. 0.05)."),
-    sweep: Optional[List[str]] = typer.Option(None, "--sweep", help="Grid of what-if plans: heads=1,2,4,8 rows=0.25x,0.5x,1x,2x (rows: multiples of the plan's or absolute)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the --sweep grid to FILE.png (needs matplotlib: pip install 'engram-cli[plot]').", dir_okay=False),
+    target: Optional[float] = typer.Option(None, "--target", help="Find the rows per head that bring the token-weighted collision rate to this rate (e.g. 0.05).", show_default="none"),
+    sweep: Optional[List[str]] = typer.Option(None, "--sweep", help="Grid of what-if plans: heads=1,2,4,8 rows=0.25x,0.5x,1x,2x (rows: multiples of the plan's or absolute).", show_default="none"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the --sweep grid to FILE.png (needs matplotlib: pip install 'engram-cli[plot]').", dir_okay=False, show_default="none"),
     top: int = typer.Option(10, "--top", help="Worst buckets listed per layer and order."),
     details: bool = typer.Option(False, "--details", help="Show the per-head tables, the worst-partner histogram and the distance from the ideal hash after the summary."),
-    cluster: Optional[str] = typer.Option(None, "--cluster", help="Audit on Ray, one task per layer: local[:N], auto or ray://HOST:PORT (the store on storage every worker sees). Needs engram-cli[ray]."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="Audit on Ray, one task per layer: local[:N], auto or ray://HOST:PORT (the store on storage every worker sees). Needs engram-cli[ray].", show_default="one process"),
     as_json: bool = json_option(),
 ) -> None:
     """Audit hash collisions per layer, order and head, against an ideal hash.
