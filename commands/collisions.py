@@ -49,24 +49,20 @@ WORST_PARTNER_SENTENCE = (
 
 
 def summary_rows(report: dict) -> list[dict]:
-    """One row per audited hash family, layer and order: the figures the summary prints."""
-    rows = []
-    for a in report["audit"]:
-        heads = a["heads"]
-        mean = lambda key: sum(h[key] for h in heads if h[key] is not None) / max(1, sum(h[key] is not None for h in heads))  # noqa: E731
-        rows.append(
-            {
-                "family": a["family"],
-                "layer": a["layer"],
-                "order": a["order"],
-                "distinct": a["distinct"],
-                "shared_observed": mean("shared_observed"),
-                "shared_ideal": mean("shared_ideal"),
-                "clean_head": a["across"]["clean_head"]["distinct"],
-                "token_weighted": mean("token_weighted"),
-            }
-        )
-    return rows
+    """One row per audited hash family, layer and order: the figures the summary prints (means over heads from the audit)."""
+    return [
+        {
+            "family": a["family"],
+            "layer": a["layer"],
+            "order": a["order"],
+            "distinct": a["distinct"],
+            "shared_observed": a["mean"]["shared_observed"],
+            "shared_ideal": a["mean"]["shared_ideal"],
+            "clean_head": a["across"]["clean_head"]["distinct"],
+            "token_weighted": a["mean"]["token_weighted"],
+        }
+        for a in report["audit"]
+    ]
 
 
 def render_summary(report: dict) -> None:

@@ -110,8 +110,13 @@ def test_summary_first_details_on_request(built):
     lines = [line for line in out.splitlines() if line.startswith("│ reference")]
     assert len(lines) == len(report["audit"])  # one summary line per layer and order
     first = report["audit"][0]
-    clean = first["across"]["clean_head"]["distinct"]
-    assert f"{clean:.2%}" in lines[0]
+    cells = [c.strip() for c in lines[0].strip("│ ").split("│")]
+    assert cells[:3] == ["reference", str(first["layer"]), str(first["order"])]
+    # the summary's figures, from the per-head figures by an independent mean
+    heads = first["heads"]
+    expected = [sum(h[k] for h in heads) / len(heads) for k in ("shared_observed", "shared_ideal")]
+    expected += [first["across"]["clean_head"]["distinct"], sum(h["token_weighted"] for h in heads) / len(heads)]
+    assert [float(c.rstrip("%")) / 100 for c in cells[4:]] == pytest.approx(expected, abs=5e-5)
 
 
 def test_rich_report(built):
