@@ -165,6 +165,8 @@ class ProgressReporter:
             s.task = previous.task if previous is not None and previous.task is not None else self.progress.add_task(stage, total=None, detail="")
             if previous is not None:
                 self.progress.reset(s.task, total=None, detail="")
+            task = next(t for t in self.progress.tasks if t.id == s.task)
+            task.start_time = s.started  # the bar's timer counts from when the stage began (same monotonic clock)
         self.stages[stage] = s
         return s
 
