@@ -1,4 +1,4 @@
-"""Benchmark `engram collisions`: the audit's hashing against the SPEC section 3 numpy
+"""Benchmark `engram collisions`: the audit's hashing against the docs/spec.md "Hash" numpy
 reference on the same n-grams, xxh3 hashing (numpy XXH3 against the xxhash loop), and
 the whole audit on the default plan.
 

@@ -1,17 +1,43 @@
-"""The one rendering path: rich to stderr for people, plain JSON to stdout for scripts."""
+"""The one rendering path: reports on stdout, progress and notices on stderr.
+
+- `console` (stdout): the human report; rich styling on a terminal, plain text when
+  stdout is a file or a pipe (`engram collisions > report.txt` keeps the report).
+- `notices` (stderr): what a command did besides its report ("wrote vocab.npz").
+- `progress_reporter`: live bars on a terminal; when stderr is not a terminal, no live
+  frames, one line per finished stage.
+- `--json`: one JSON object alone on stdout.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
-# Human output goes to stderr so that `--json` output on stdout is always clean.
-console = Console(stderr=True, highlight=False)
+from engram_cli.units import format_bytes
+
+# A report written to a file or a pipe is not cut at 80 columns.
+REPORT_WIDTH_WHEN_NOT_A_TERMINAL = 200
+
+console = Console(highlight=False, width=None if sys.stdout.isatty() else REPORT_WIDTH_WHEN_NOT_A_TERMINAL)
+notices = Console(stderr=True, highlight=False)
+
+# Stages whose counts are bytes (corpus reading, shard writing): shown as 1.2 GiB, not raw integers.
+BYTE_STAGES = frozenset({"reading", "writing"})
+
+
+def notice(message: str) -> None:
+    """One line on stderr: what a command did besides its report."""
+    notices.print(message, markup=False, soft_wrap=True)
+
 
 JSON_OPTION_HELP = "Print one JSON object on stdout instead of the rich report (schema in docs/)."
 
@@ -46,37 +72,135 @@ def visible(text: str) -> str:
     return "".join(out)
 
 
+NGRAM_SEPARATOR = " · "
+
+
+def ngram_text(tokens) -> str:
+    """An n-gram as `of · the`: each token made visible, one separator everywhere."""
+    return NGRAM_SEPARATOR.join(visible(t) for t in tokens)
+
+
+def format_count(stage: str, value: float | None) -> str:
+    """A stage's count in its unit: bytes in human units, other counts with separators."""
+    if value is None:
+        return "?"
+    return format_bytes(int(value)) if stage in BYTE_STAGES else f"{int(value):,}"
+
+
+class _CountColumn(ProgressColumn):
+    """`done/total` (or `done`), bytes in human units."""
+
+    def render(self, task) -> Text:
+        done = format_count(task.description, task.completed)
+        if task.total is None or task.finished:
+            return Text(done)
+        return Text(f"{done}/{format_count(task.description, task.total)}")
+
+
 def make_progress(quiet: bool = False) -> Progress:
-    """The standard progress display (stderr; disabled with --json/--quiet)."""
+    """The live progress display on stderr (disabled with --json)."""
     return Progress(
-        SpinnerColumn(),
+        SpinnerColumn(finished_text="[green]✓[/]"),
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        _CountColumn(),
         TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
+        console=notices,
         disable=quiet,
         transient=False,
     )
 
 
-class ProgressReporter:
-    """Adapts the library's `progress(stage, done, total, detail)` callback to rich bars."""
+@dataclass
+class _Stage:
+    started: float
+    done: float = 0
+    total: float | None = None
+    detail: str = ""
+    finished: bool = False
+    task: TaskID | None = None
 
-    def __init__(self, progress: Progress):
-        self.progress = progress
-        self.tasks: dict[str, int] = {}
+
+class ProgressReporter:
+    """Adapts the library's `progress(stage, done, total, detail)` callback to stderr.
+
+    A stage ends when its count reaches its total, when a later stage with a known
+    total starts (streaming stages such as tokenizing and counting have no total of
+    their own), or when the command ends. An ended stage shows done, its final count
+    and its time: its bar stops on a terminal; elsewhere it is one line on stderr.
+    A finished stage that reports again (the same stage for the next layer) reopens.
+    """
+
+    def __init__(self, progress: Progress | None, quiet: bool = False):
+        self.progress = progress  # None: stderr is not a terminal, print one line per finished stage
+        self.quiet = quiet
+        self.stages: dict[str, _Stage] = {}
+        self._lock = threading.Lock()
+        self._idle_since = time.monotonic()  # when the last stage ended (or the command began)
 
     def __call__(self, stage: str, done: float, total: float | None = None, detail: str = "") -> None:
-        task = self.tasks.get(stage)
-        if task is None:
-            task = self.tasks[stage] = self.progress.add_task(stage, total=total, detail=detail)
-        self.progress.update(task, completed=done, total=total, detail=detail)
+        with self._lock:
+            s = self.stages.get(stage)
+            if s is None or (s.finished and (total is None or done < (s.total or 0) or done < s.done)):
+                if s is None and total is not None:
+                    for other_name, other in self.stages.items():
+                        if not other.finished and other.total is None:
+                            self._finish(other_name, other)
+                s = self._open(stage, s)
+            if s.finished:  # a late report of an ended stage (the same final count) changes nothing
+                return
+            s.done, s.total, s.detail = done, total, detail
+            if s.task is not None:
+                self.progress.update(s.task, completed=done, total=total, detail=detail)
+            if total is not None and done >= total and not s.finished:
+                self._finish(stage, s)
+
+    def _open(self, stage: str, previous: _Stage | None) -> _Stage:
+        # A stage reports only after some work; it began with the stages still running
+        # beside it (a streaming pipeline), else when the last stage ended.
+        running = [o.started for o in self.stages.values() if not o.finished]
+        s = _Stage(started=min(running) if running else self._idle_since)
+        if self.progress is not None:
+            s.task = previous.task if previous is not None and previous.task is not None else self.progress.add_task(stage, total=None, detail="")
+            if previous is not None:
+                self.progress.reset(s.task, total=None, detail="")
+            task = next(t for t in self.progress.tasks if t.id == s.task)
+            task.start_time = s.started  # the bar's timer counts from when the stage began (same monotonic clock)
+        self.stages[stage] = s
+        return s
+
+    def _finish(self, stage: str, s: _Stage) -> None:
+        s.finished = True
+        self._idle_since = time.monotonic()
+        seconds = self._idle_since - s.started
+        if s.task is not None:
+            self.progress.update(s.task, total=s.done, completed=s.done, detail="done")
+            self.progress.stop_task(s.task)
+        elif not self.quiet:
+            detail = f" ({s.detail})" if s.detail and s.detail != "done" else ""
+            notices.print(f"{stage}: done, {format_count(stage, s.done)}{detail} in {seconds:.1f} s", markup=False, highlight=False, soft_wrap=True)
+
+    def close(self) -> None:
+        with self._lock:
+            for name, s in self.stages.items():
+                if not s.finished:
+                    self._finish(name, s)
 
 
 @contextmanager
 def progress_reporter(quiet: bool = False):
-    with make_progress(quiet) as progress:
-        yield ProgressReporter(progress)
+    """A `ProgressReporter` for a command's run; every stage is closed at the end."""
+    if quiet or not notices.is_terminal:
+        reporter = ProgressReporter(None, quiet=quiet)
+        try:
+            yield reporter
+        finally:
+            reporter.close()
+        return
+    with make_progress() as progress:
+        reporter = ProgressReporter(progress)
+        try:
+            yield reporter
+        finally:
+            reporter.close()

@@ -10,20 +10,43 @@ import typer
 from rich.table import Table
 
 from engram_cli import plan as plan_defaults
-from engram_cli.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_STORE
+from engram_cli.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_STORE, DEFAULT_VOCAB
 from engram_cli.distributed import check_cluster_options
-from engram_cli.errors import PlanError
+from engram_cli.errors import PlanError, VocabMismatch
 from engram_cli.plan import parse_budget
 from engram_cli.store import format as store_format
 from engram_cli.store.format import Compressor, InitKind, TableDtype
 from engram_cli.sizing import AUTO, check_fits_disk, plan_footprint, resolve_rows_option, size_plan_to_target
 from engram_cli.units import format_bytes, parse_bytes, parse_int_list
-from engram_cli.vocab import DEFAULT_TOKENIZER, load_or_compress_vocab, load_tokenizer
+from engram_cli.vocab import DEFAULT_TOKENIZER, CompressedVocab, LoadedTokenizer, compress_vocab, load_or_compress_vocab, load_tokenizer
 
-from ._output import console, json_option, print_json, progress_reporter, visible
+from ._output import console, json_option, ngram_text, notice, print_json, progress_reporter
 from ._sizes import render_plan_size
 
 TOP_SHOWN = 10
+
+
+def default_vocab(loaded: LoadedTokenizer, vocab_path: Optional[Path]) -> CompressedVocab:
+    """--vocab when given (it must match); else ./vocab.npz when it matches the tokenizer.
+
+    A ./vocab.npz made from another tokenizer (or unreadable) is rebuilt for this one;
+    with no ./vocab.npz the vocabulary is computed and nothing is written.
+    """
+    if vocab_path is not None:
+        return load_or_compress_vocab(loaded, vocab_path)
+    default = Path(DEFAULT_VOCAB)
+    if not default.is_file():
+        return compress_vocab(loaded)
+    try:
+        vocab = CompressedVocab.load(default)
+        vocab.check_tokenizer(loaded)
+    except VocabMismatch as e:
+        vocab = compress_vocab(loaded)
+        vocab.save(default)
+        notice(f"./{DEFAULT_VOCAB} does not match {loaded.name} ({e}); rebuilt it for {loaded.name}.")
+        return vocab
+    notice(f"Using ./{DEFAULT_VOCAB} (matches {loaded.name}).")
+    return vocab
 
 
 def render_plan(report: dict, out: Path) -> None:
@@ -65,17 +88,17 @@ def render_result(report: dict) -> None:
         top.add_column("count", justify="right")
         top.add_column("n-gram")
         for t in s["top"][:TOP_SHOWN]:
-            top.add_row(f"{t['count']:,}", " · ".join(visible(x) for x in t["text"]))
+            top.add_row(f"{t['count']:,}", ngram_text(t["text"]))
         console.print(top)
     store = report["store"]
-    console.print(f"Wrote [bold]{store.get('path')}[/] ({format_bytes(store.get('bytes_on_disk', 0))} on disk).")
+    notice(f"Wrote {store.get('path')} ({format_bytes(store.get('bytes_on_disk', 0))} on disk); next: engram collisions")
 
 
 def build_table_command(
     corpus: List[Path] = typer.Argument(..., help="Corpus files or directories (text, .jsonl, .parquet, and .gz/.zst of these)."),
     out: Path = typer.Option(Path(DEFAULT_STORE), "-o", "--out", help="The Zarr v3 store to write."),
     tokenizer: str = typer.Option(DEFAULT_TOKENIZER, "--tokenizer", help="A tokenizer.json, a directory holding one, or `deepseek`."),
-    vocab_path: Optional[Path] = typer.Option(None, "--vocab", help="A compressed vocabulary from `engram compress-vocab -o` (checked against the tokenizer)."),
+    vocab_path: Optional[Path] = typer.Option(None, "--vocab", help="A compressed vocabulary from `engram compress-vocab` (checked against the tokenizer). ", show_default=f"./{DEFAULT_VOCAB} when it matches the tokenizer, else computed"),
     layers: str = typer.Option("1,15", "--layers", help="Layer ids that get a table, comma-separated."),
     max_ngram: int = typer.Option(plan_defaults.DEFAULT_MAX_NGRAM, "--max-ngram", help="Largest n-gram order (orders 2..N)."),
     heads: int = typer.Option(plan_defaults.DEFAULT_HEADS, "--heads", help="Hash heads per order (K)."),
@@ -125,7 +148,7 @@ def build_table_command(
     cluster_spec = check_cluster_options(cluster, work_dir=work_dir, resume=resume)  # Ray missing fails here, before any work
 
     loaded = load_tokenizer(tokenizer)
-    vocab = load_or_compress_vocab(loaded, vocab_path)
+    vocab = default_vocab(loaded, vocab_path)
     plan = plan_tables(
         vocab,
         layer_ids=parse_int_list(layers, what="--layers"),
@@ -142,7 +165,7 @@ def build_table_command(
     footprint = plan_footprint(plan, out)
     if not plan_only:
         check_output(out, force)
-        resolve_corpus(corpus)  # missing paths and empty directories fail before the plan is shown
+    resolve_corpus(corpus)  # missing paths and empty directories fail before the plan is shown, --plan-only too
     if plan_only:
         if as_json:
             print_json({"plan": planned, "plan_size": footprint})
@@ -154,7 +177,7 @@ def build_table_command(
     replan = None
     if rows == AUTO:
         if not as_json:
-            console.print(f"--rows-per-head auto: the plan is made after counting, for a token-weighted collision rate <= {target:.2%}.")
+            notice(f"--rows-per-head auto: the plan is made after counting, for a token-weighted collision rate <= {target:.2%}.")
 
         def replan(stats):
             nonlocal planned, footprint, sizing

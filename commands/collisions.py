@@ -15,7 +15,7 @@ from engram_cli.plan import parse_budget
 from engram_cli.store import TableStore
 from engram_cli.units import format_bytes, parse_int_list
 
-from ._output import console, json_option, print_json, progress_reporter, visible
+from ._output import console, json_option, ngram_text, notice, print_json, progress_reporter
 
 DEFAULT_STORE = "tables.zarr"
 SWEEP_AXES = ("heads=", "rows=")
@@ -41,13 +41,52 @@ def _split_arguments(args: List[str], sweep: List[str]) -> tuple[str, List[str]]
     return (paths[0] if paths else DEFAULT_STORE), [*sweep, *extra]
 
 
-def render(report: dict) -> None:
+WORST_PARTNER_SENTENCE = (
+    "  worst partner: for each n-gram, the other n-gram that shares its bucket in the most heads; "
+    "'s:c' = c n-grams share s of the {heads} heads with it (0 = a head of their own in every head, "
+    "{heads} = indistinguishable from it)."
+)
+
+
+def summary_rows(report: dict) -> list[dict]:
+    """One row per audited hash family, layer and order: the figures the summary prints (means over heads from the audit)."""
+    return [
+        {
+            "family": a["family"],
+            "layer": a["layer"],
+            "order": a["order"],
+            "distinct": a["distinct"],
+            "shared_observed": a["mean"]["shared_observed"],
+            "shared_ideal": a["mean"]["shared_ideal"],
+            "clean_head": a["across"]["clean_head"]["distinct"],
+            "token_weighted": a["mean"]["token_weighted"],
+        }
+        for a in report["audit"]
+    ]
+
+
+def render_summary(report: dict) -> None:
+    """The short summary: one line per layer and order (mean over heads)."""
+    t = Table(title="summary (mean over heads)", title_justify="left")
+    for col in ("hash", "layer", "order", "n-grams", "shared", "ideal", "clean head", "tok rate"):
+        t.add_column(col, justify="right")
+    for r in summary_rows(report):
+        t.add_row(r["family"], str(r["layer"]), str(r["order"]), f"{r['distinct']:,}", _pct(r["shared_observed"]), _pct(r["shared_ideal"]), _pct(r["clean_head"]), _pct(r["token_weighted"]))
+    console.print(t)
+    console.print("  shared: share of n-grams whose bucket holds another n-gram (ideal: a uniform hash); clean head: share of n-grams")
+    console.print("  alone in their bucket in at least one head; tok rate: share of occurrences whose bucket holds another n-gram.")
+
+
+def render(report: dict, details: bool = False) -> None:
     plan = report["plan"]
     console.print(f"[bold]{report['store']}[/]  " + ("[yellow]what-if plan[/] " if report["what_if"] else "stored plan ") + f"K={plan['heads']} heads, rows/head {plan['rows_per_head']}, {format_bytes(plan['total_bytes'])} ({plan['dtype']})")
     for note in report["notes"]:
         console.print(f"[yellow]note:[/] {note}")
     console.print("n-grams: " + ", ".join(f"order {n}: {o['distinct']:,} distinct / {o['occurrences']:,} occurrences" for n, o in report["orders"].items()))
-    for a in report["audit"]:
+    render_summary(report)
+    if not details:
+        console.print("Per-head tables, the worst-partner histogram and the family distance: add --details.")
+    for a in report["audit"] if details else ():
         t = Table(title=f"{a['family']} hash, layer {a['layer']}, order {a['order']}: m = {a['distinct']:,} distinct n-grams; shared = share of them in a shared bucket (ideal: uniform hash); tok rate = share of occurrences", title_justify="left")
         for col in ("head", "p", "m/p", "shared", "ideal", "excess", "tok rate", "shadowed", "max"):
             t.add_column(col, justify="right")
@@ -63,12 +102,14 @@ def render(report: dict) -> None:
         )
         hist = x["worst_partner_heads"]["distinct"]
         console.print("  heads shared with the worst partner: " + "  ".join(f"{s}:{c:,}" for s, c in enumerate(hist)))
+        console.print(WORST_PARTNER_SENTENCE.format(heads=len(hist) - 1))
     fd = Table(title="distance from the ideal hash (mean over heads)", title_justify="left")
     for col in ("family", "heads", "shared obs - ideal", "max |obs - ideal|", "relative", "token-weighted - ideal"):
         fd.add_column(col, justify="right")
     for fam, d in report["family_distance"].items():
         fd.add_row(fam, str(d["heads"]), f"{d['shared_excess_mean']:+.4%}", f"{d['shared_excess_max_abs']:.4%}", f"{d['shared_excess_relative_mean']:+.3%}", f"{d['token_weighted_excess_mean']:+.4%}")
-    console.print(fd)
+    if details:
+        console.print(fd)
     for a in report["audit"]:
         if a["family"] != report["families"][0] or not a["worst_buckets"]:
             continue
@@ -77,7 +118,7 @@ def render(report: dict) -> None:
             wb.add_column(col, justify="right")
         wb.add_column("members (text × count)")
         for b in a["worst_buckets"]:
-            shown = "  ".join(f"{visible(m['text']) if m['text'] is not None else m['ids']}×{m['count']:,}" for m in b["members"][:MEMBERS_SHOWN])
+            shown = "  ".join(f"{ngram_text(m['text']) if m['text'] is not None else m['ids']}×{m['count']:,}" for m in b["members"][:MEMBERS_SHOWN])
             if b["n_grams"] > MEMBERS_SHOWN:
                 shown += f"  … +{b['n_grams'] - MEMBERS_SHOWN}"
             wb.add_row(str(b["head"]), f"{b['bucket']:,}", str(b["n_grams"]), f"{b['occurrences']:,}", f"{b['shadowed']:,}", shown)
@@ -105,21 +146,22 @@ def render(report: dict) -> None:
                 g.add_row(str(K), *(f"{_pct(cells[r]['token_weighted'])} / {_pct(cells[r]['all_heads_weighted'])} / {format_bytes(cells[r]['bytes'])}" for r in sw["rows"]))
             console.print(g)
     if report.get("plot"):
-        console.print(f"Wrote [bold]{report['plot']}[/].")
+        notice(f"Wrote {report['plot']}.")
 
 
 def collisions_command(
     args: Optional[List[str]] = typer.Argument(None, metavar="[STORE]", help=f"The table store written by `engram build-table` (default {DEFAULT_STORE})."),
-    heads: Optional[int] = typer.Option(None, "--heads", help="What-if: audit this many heads per order instead of the stored plan's."),
-    rows_per_head: Optional[str] = typer.Option(None, "--rows-per-head", help="What-if: rows per head, one value or one per order (comma list)."),
-    budget: Optional[str] = typer.Option(None, "--budget", help="What-if: fit rows per head to a budget: bytes (2GiB, 800MB) or parameters (500M)."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Audit only these layers of the plan (comma list, e.g. 1,15)."),
+    heads: Optional[int] = typer.Option(None, "--heads", help="What-if: audit this many heads per order instead of the stored plan's.", show_default="the stored plan's"),
+    rows_per_head: Optional[str] = typer.Option(None, "--rows-per-head", help="What-if: rows per head, one value or one per order (comma list).", show_default="the stored plan's"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="What-if: fit rows per head to a budget: bytes (2GiB, 800MB) or parameters (500M).", show_default="none"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Audit only these layers of the plan (comma list, e.g. 1,15).", show_default="all"),
     hash_family: str = typer.Option("reference", "--hash", help=f"Hash family to audit: {', '.join(FAMILIES)}, or reference,xxh3 for both."),
-    target: Optional[float] = typer.Option(None, "--target", help="Find the rows per head that bring the token-weighted collision rate to this rate (e.g. 0.05)."),
-    sweep: Optional[List[str]] = typer.Option(None, "--sweep", help="Grid of what-if plans: heads=1,2,4,8 rows=0.25x,0.5x,1x,2x (rows: multiples of the plan's or absolute)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the --sweep grid to FILE.png (needs matplotlib: pip install 'engram-cli[plot]').", dir_okay=False),
+    target: Optional[float] = typer.Option(None, "--target", help="Find the rows per head that bring the token-weighted collision rate to this rate (e.g. 0.05).", show_default="none"),
+    sweep: Optional[List[str]] = typer.Option(None, "--sweep", help="Grid of what-if plans: heads=1,2,4,8 rows=0.25x,0.5x,1x,2x (rows: multiples of the plan's or absolute).", show_default="none"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the --sweep grid to FILE.png (needs matplotlib: pip install 'engram-cli[plot]').", dir_okay=False, show_default="none"),
     top: int = typer.Option(10, "--top", help="Worst buckets listed per layer and order."),
-    cluster: Optional[str] = typer.Option(None, "--cluster", help="Audit on Ray, one task per layer: local[:N], auto or ray://HOST:PORT (the store on storage every worker sees). Needs engram-cli[ray]."),
+    details: bool = typer.Option(False, "--details", help="Show the per-head tables, the worst-partner histogram and the distance from the ideal hash after the summary."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="Audit on Ray, one task per layer: local[:N], auto or ray://HOST:PORT (the store on storage every worker sees). Needs engram-cli[ray].", show_default="one process"),
     as_json: bool = json_option(),
 ) -> None:
     """Audit hash collisions per layer, order and head, against an ideal hash.
@@ -174,7 +216,7 @@ def collisions_command(
     if as_json:
         print_json(report)
     else:
-        render(report)
+        render(report, details=details)
 
 
 def register(app: typer.Typer) -> None:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
-
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from engram_cli.vocab import DEFAULT_TOKENIZER, REPLACEMENT_CHAR, CompressedVocab, LoadedTokenizer, check_output_path, compress_vocab, load_tokenizer
 
-from ._output import console, json_option, print_json, visible
+from engram_cli.defaults import DEFAULT_VOCAB
+
+from ._output import console, json_option, notice, print_json, visible
 
 TOP_CLASSES = 10
 MAX_MEMBERS_SHOWN = 12
@@ -54,7 +54,7 @@ def member_label(member: dict) -> str:
     return f"{member['id']}:{visible(shown)}"
 
 
-def render(report: dict, out: Optional[Path]) -> None:
+def render(report: dict) -> None:
     console.print(
         f"[bold]{escape(report['tokenizer'])}[/]  {report['vocab_size']:,} ids -> {report['compressed_size']:,} "
         f"compressed ids ([bold green]{report['reduction']:.2%}[/] fewer)"
@@ -75,8 +75,6 @@ def render(report: dict, out: Optional[Path]) -> None:
             members += f"  … +{len(cls['members']) - len(shown)}"
         table.add_row(str(cls["compressed_id"]), escape(visible(cls["key"])), str(cls["size"]), escape(members))
     console.print(table)
-    if out is not None:
-        console.print(f"Wrote [bold]{escape(str(out))}[/] (lookup array + metadata).")
 
 
 def compress_vocab_command(
@@ -84,27 +82,33 @@ def compress_vocab_command(
         DEFAULT_TOKENIZER,
         help="A tokenizer.json, a directory holding one, or `deepseek` (the DeepSeek V3/V4 tokenizer).",
     ),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the mapping to FILE.npz (`lookup` + metadata)."),
+    out: Path = typer.Option(Path(DEFAULT_VOCAB), "-o", "--out", help="Write the mapping to FILE.npz (`lookup` + metadata); `engram build-table` reads ./vocab.npz."),
+    no_save: bool = typer.Option(False, "--no-save", help="Write no file; only show the report."),
     as_json: bool = json_option(),
 ) -> None:
     """Compress a tokenizer vocabulary (NFKC, accents stripped, lowercase) and show what merged.
 
     Example:
 
-        engram compress-vocab                       # the DeepSeek V3/V4 tokenizer
-        engram compress-vocab path/to/tokenizer.json -o vocab.npz --json
+        engram compress-vocab                       # the DeepSeek V3/V4 tokenizer -> vocab.npz
+        engram compress-vocab path/to/tokenizer.json -o other.npz --json
+        engram compress-vocab --no-save             # the report only
     """
+    if no_save:
+        out = None
     if out is not None:
         check_output_path(out)  # fail before the work, not after it
     loaded = load_tokenizer(tokenizer)
     vocab = compress_vocab(loaded)
     if out is not None:
         vocab.save(out)
+    if out is not None and not as_json:
+        notice(f"Wrote {out} (lookup array + metadata); engram build-table reads it from ./{DEFAULT_VOCAB}.")
     report = vocab_report(vocab, loaded)
     if as_json:
         print_json(report)
     else:
-        render(report, out)
+        render(report)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,11 +6,13 @@ nowhere else.
 
 from __future__ import annotations
 
+import difflib
 import sys
 from importlib import import_module
 
 import click
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from . import __version__
@@ -20,11 +22,45 @@ from .errors import EngramError
 COMMAND_MODULES = ("compress_vocab", "build_table", "collisions", "inspect", "train", "eval")
 
 
+def polish_help(command: click.Command, ctx: click.Context) -> click.Command:
+    """Boolean flags shown as flags (no `<bool>`), help text taken literally (no rich markup).
+
+    Help texts name extras such as `engram-cli[plot]`; rich would read `[plot]` as a style.
+    Applied once per command object (click caches the parameters, the help option too).
+    """
+    if getattr(command, "_engram_polished", False):
+        return command
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False):
+            param.display_type_rich = lambda ctx: None  # typer would show `<bool>`
+        if getattr(param, "help", None):
+            param.help = escape(param.help)
+    command._engram_polished = True
+    return command
+
+
 class EngramGroup(TyperGroup):
-    """Keeps commands in registration order and turns `EngramError` into exit code 2."""
+    """Keeps commands in registration order, polishes their help, turns `EngramError` into exit code 2."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)
+
+    def get_command(self, ctx: click.Context, cmd_name: str):
+        command = super().get_command(ctx, cmd_name)
+        return polish_help(command, ctx) if command is not None else None
+
+    def format_help(self, ctx: click.Context, formatter) -> None:
+        polish_help(self, ctx)
+        super().format_help(ctx, formatter)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and super().get_command(ctx, name) is None:
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=1, cutoff=0.5)
+            hint = f"did you mean `engram {close[0]}`?" if close else "see `engram --help`"
+            typer.echo(f"Error: no command {name!r}; {hint} (commands: {', '.join(self.list_commands(ctx))})", err=True)
+            raise typer.Exit(2)
+        return super().resolve_command(ctx, args)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -40,11 +76,11 @@ class EngramGroup(TyperGroup):
 app = typer.Typer(
     name="engram",
     cls=EngramGroup,
-    help="Build and audit the n-gram memory tables of DeepSeek's Engram architecture.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    context_settings={"show_default": True},
 )
 
 
@@ -58,13 +94,18 @@ def _version(value: bool) -> None:
 def main_callback(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
-    """Build and audit Engram n-gram memory tables.
+    """Build and audit the n-gram memory tables of DeepSeek's Engram architecture.
 
-    Typical run, in a fresh directory:
+    Typical run, in a fresh directory with your text in corpus/:
 
-        engram compress-vocab
-        engram build-table corpus/
-        engram collisions --heads 8
+        engram compress-vocab          # -> vocab.npz
+        engram build-table corpus/     # -> tables.zarr (uses ./vocab.npz)
+        engram collisions --heads 8    # audit tables.zarr
+        engram inspect                 # look at tables.zarr
+        engram train corpus/           # -> model.ckpt + model.tables.zarr
+        engram eval model.ckpt
+
+    Reports go to stdout (--json for scripts), progress and notices to stderr.
     """
 
 

@@ -486,11 +486,12 @@ def across_figures_from_sums(sums: dict, primes: Sequence[int], *, family: str, 
     }
 
 
-def decode_ngram(ids: Sequence[int], vocab_keys: Sequence[str] | None) -> str | None:
-    """An n-gram's text from the vocabulary's keys (`<id>` for an id outside it); None without keys."""
+def decode_ngram(ids: Sequence[int], vocab_keys: Sequence[str] | None) -> list[str] | None:
+    """An n-gram's tokens as text, one string per token (`<id>` for an id outside the keys; as
+    `build-table` reports them); None without keys."""
     if vocab_keys is None:
         return None
-    return "".join(vocab_keys[i] if 0 <= i < len(vocab_keys) else f"<{i}>" for i in ids)
+    return [vocab_keys[i] if 0 <= i < len(vocab_keys) else f"<{i}>" for i in ids]
 
 
 def read_rows(stats: NgramStats, order: int, rows: np.ndarray, *, batch_rows: int = BATCH_ROWS) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Tokenizer compression (shared/SPEC.md section 1).
+"""Tokenizer compression (docs/spec.md, "Tokenizer compression").
 
 Every tokenizer id is decoded alone, normalized (NFKC, NFD, accents stripped,
 lowercase, whitespace runs collapsed) and ids whose text normalizes to the same key

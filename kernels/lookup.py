@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendError, PlanError
-from .gather import fp8_dequant_torch, gather_into, output_dtype
+from .gather import gather_into, output_dtype
 from .hash import RowHasher
 from .offload import OffloadPrefetcher
 

@@ -119,7 +119,7 @@ def check_audit(a, bf, ids, counts, keys=None):
     if keys is not None:
         for w in a["worst_buckets"]:
             for mm in w["members"]:
-                assert mm["text"] == "".join(keys[i] for i in mm["ids"])
+                assert mm["text"] == [keys[i] for i in mm["ids"]]
 
 
 # -- tokenizer compression: the independent route ---------------------------------------

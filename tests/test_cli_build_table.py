@@ -1,8 +1,8 @@
 """`engram build-table` end to end through the real typer app (CliRunner).
 
 Expected figures come from independent routes: the raw `tokenizers` encoder per file
-and the reference position hash (`hash_positions`, shared/SPEC.md section 3) over
-every document, bincounted per row; published SPEC section 5 vectors for the plan.
+and the reference position hash (`hash_positions`, docs/spec.md, "Hash") over
+every document, bincounted per row; the published vectors of docs/spec.md "Test vectors" for the plan.
 """
 
 from __future__ import annotations
@@ -51,12 +51,19 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
+def test_plan_only_checks_the_corpus_path(tmp_path):
+    result = invoke(tmp_path / "missing", "--plan-only")
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: corpus path") and len(result.output.strip().splitlines()) == 1
+
+
 def test_plan_only_is_the_reference_plan(tmp_path):
-    result = invoke(tmp_path / "unused", "--plan-only", "--json")  # the corpus is not read
+    (tmp_path / "a.txt").write_text("unused text\n")
+    result = invoke(tmp_path, "--plan-only", "--json")  # the corpus is checked, not read
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)["plan"]
     layers = {layer["layer_id"]: layer for layer in plan["layers"]}
-    # shared/SPEC.md section 5 (published vectors)
+    # docs/spec.md, "Test vectors" (published vectors)
     assert layers[1]["orders"][0]["primes"] == [646403, 646411, 646421, 646423, 646433, 646453, 646519, 646523]
     assert layers[1]["orders"][1]["primes"] == [646537, 646543, 646549, 646571, 646573, 646577, 646609, 646619]
     assert layers[15]["orders"][0]["primes"] == [646631, 646637, 646643, 646669, 646687, 646721, 646757, 646771]
@@ -195,3 +202,21 @@ def test_interrupted_build_leaves_no_store(tmp_path, small_corpus, monkeypatch):
     assert len(calls) == 2
     assert not out.exists()
     assert not store_module.partial_path(out).exists()
+
+
+def test_vocab_default_is_used_when_it_matches_and_rebuilt_when_not(tmp_path, monkeypatch, tiny_tokenizer_path):
+    from engram_cli.vocab import CompressedVocab, load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("some text\n")
+    made = runner.invoke(app, ["compress-vocab", str(tiny_tokenizer_path)])  # ./vocab.npz for another tokenizer
+    assert made.exit_code == 0 and "Wrote vocab.npz" in made.stderr
+    tiny_sha = CompressedVocab.load("vocab.npz").tokenizer_sha256
+    r = invoke(tmp_path / "a.txt", "--plan-only")
+    assert r.exit_code == 0, r.output
+    assert "does not match deepseek" in r.stderr and "rebuilt it" in r.stderr
+    rebuilt = CompressedVocab.load("vocab.npz")
+    assert rebuilt.tokenizer_sha256 == load_tokenizer("deepseek").sha256 != tiny_sha
+    r = invoke(tmp_path / "a.txt", "--plan-only")
+    assert r.exit_code == 0 and "Using ./vocab.npz (matches deepseek)." in r.stderr
+    assert "Table plan" in r.stdout and "Table plan" not in r.stderr

@@ -100,11 +100,30 @@ def test_rows_per_head_and_sweep_axes_after_the_flag(built):
         close(h["token_weighted"], e["token_weighted"], "token-weighted")
 
 
+def test_summary_first_details_on_request(built):
+    r = invoke(built["store"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(invoke(built["store"], "--json").stdout)
+    out = r.stdout
+    assert out.index("summary (mean over heads)") < out.index("worst buckets")
+    assert "excess" not in out and "--details" in out  # per-head tables only on request
+    lines = [line for line in out.splitlines() if line.startswith("│ reference")]
+    assert len(lines) == len(report["audit"])  # one summary line per layer and order
+    first = report["audit"][0]
+    cells = [c.strip() for c in lines[0].strip("│ ").split("│")]
+    assert cells[:3] == ["reference", str(first["layer"]), str(first["order"])]
+    # the summary's figures, from the per-head figures by an independent mean
+    heads = first["heads"]
+    expected = [sum(h[k] for h in heads) / len(heads) for k in ("shared_observed", "shared_ideal")]
+    expected += [first["across"]["clean_head"]["distinct"], sum(h["token_weighted"] for h in heads) / len(heads)]
+    assert [float(c.rstrip("%")) / 100 for c in cells[4:]] == pytest.approx(expected, abs=5e-5)
+
+
 def test_rich_report(built):
-    r = invoke(built["store"], "--hash", "reference,xxh3", "--top", 3)
+    r = invoke(built["store"], "--hash", "reference,xxh3", "--top", 3, "--details")
     assert r.exit_code == 0, r.output
     out = r.output
-    for text in ("reference hash, layer 1, order 2", "xxh3 hash, layer 15, order 3", "excess", "tok rate", "distance from the ideal hash", "worst buckets", "indistinguishable"):
+    for text in ("summary (mean over heads)", "worst partner: for each n-gram", " · ", "reference hash, layer 1, order 2", "xxh3 hash, layer 15, order 3", "excess", "tok rate", "distance from the ideal hash", "worst buckets", "indistinguishable"):
         assert text in out, text
 
 

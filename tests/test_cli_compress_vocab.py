@@ -13,6 +13,8 @@ import json
 import os
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 from oracles import byte_decoder, byte_level_text, independent_lookup, merge_classes, tokens_from_json
 from typer.testing import CliRunner
@@ -27,6 +29,12 @@ def independent(path):
     table = byte_decoder()
     texts = [byte_level_text(t, table) for t in tokens]
     return tokens, texts, independent_lookup(tokens, texts)
+
+
+@pytest.fixture(autouse=True)
+def fresh_directory(tmp_path, monkeypatch):
+    """compress-vocab writes ./vocab.npz by default: run each test in its own directory."""
+    monkeypatch.chdir(tmp_path)
 
 
 def invoke(*args):
@@ -61,8 +69,9 @@ def test_human_report_shows_decoded_text(tiny_tokenizer_path):
     _, texts, lookup = independent(tiny_tokenizer_path)
     result = invoke(tiny_tokenizer_path)
     assert result.exit_code == 0, result.output
-    assert result.stdout == ""  # the rich report goes to stderr
-    err = " ".join(result.stderr.split())  # rich wraps lines at the terminal width
+    assert "ids ->" not in result.stderr  # the report goes to stdout; stderr has the notice only
+    assert "Wrote vocab.npz" in result.stderr and Path("vocab.npz").is_file()
+    err = " ".join(result.stdout.split())  # rich wraps lines at the terminal width
     assert f"{len(texts):,} ids -> {int(lookup.max()) + 1:,} compressed ids" in err
     assert f"{sum(chr(0xFFFD) in t for t in texts):,} byte-fallback tokens (U+FFFD) kept raw" in err
     # the whitespace class is shown with visible escapes, and decoded text, not byte-level tokens

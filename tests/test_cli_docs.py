@@ -41,3 +41,29 @@ def test_command_has_docs_page(name):
     for param in COMMANDS[name].params:
         if param.param_type_name == "option":
             assert any(opt in text for opt in param.opts), f"{page.name} does not document {param.opts}"
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_shows_flags_as_flags_and_extras_literally(name):
+    from typer.testing import CliRunner
+
+    from engram_cli.cli import app
+
+    result = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output  # boolean options read as flags
+    if name == "collisions":
+        assert "engram-cli[plot]" in result.output  # not swallowed as rich markup
+        for option in ("--heads", "--layers", "--top", "--hash"):
+            row = result.output.split(f"│ {option} ", 1)[1].split("│ --", 1)[0]  # the option's row, wrapped or not
+            assert "[default:" in row, option
+
+
+def test_top_level_help_shows_the_typical_run():
+    from typer.testing import CliRunner
+
+    from engram_cli.cli import app
+
+    out = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    for line in ("engram compress-vocab", "engram build-table corpus/", "engram collisions --heads 8", "engram inspect", "engram train corpus/", "engram eval model.ckpt"):
+        assert line in out, line

@@ -1,0 +1,59 @@
+"""Progress on stderr: stages end, bytes read humanly, one line per stage off a terminal."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from rich.console import Console
+
+from engram_cli.commands import _output
+from engram_cli.commands._output import ProgressReporter, format_count, make_progress, ngram_text
+from engram_cli.units import format_bytes
+
+
+@pytest.fixture
+def stderr_file(monkeypatch, tmp_path):
+    path = tmp_path / "stderr.txt"
+    handle = path.open("w")
+    monkeypatch.setattr(_output, "notices", Console(file=handle, highlight=False))
+    yield lambda: (handle.flush(), path.read_text())[1]
+    handle.close()
+
+
+def test_off_a_terminal_one_line_per_finished_stage(stderr_file):
+    report = ProgressReporter(None)
+    total = 5_297_255_936
+    report("reading", 0, total)
+    report("tokenizing", 10, None, "1 documents")
+    report("counting", 10, None, "1 documents")
+    report("reading", total, total, "last.txt")  # reading ends at its total
+    report("tokenizing", 20, None, "2 documents")
+    assert [l.split(":")[0] for l in stderr_file().splitlines()] == ["reading"]  # the others still run
+    report("merging", 0, 2, "order 2")  # a stage with a total: the streaming stages have ended
+    report("merging", 2, 2, "order 3")
+    report.close()
+    lines = stderr_file().splitlines()
+    assert [l.split(":")[0] for l in lines] == ["reading", "tokenizing", "counting", "merging"]
+    assert lines[0].startswith(f"reading: done, {format_bytes(total)} (last.txt) in ")
+    assert str(total) not in stderr_file()  # bytes in human units, never raw
+    assert lines[1].startswith("tokenizing: done, 20 (2 documents) in ")
+    assert all(re.search(r" in \d+\.\d s$", l) for l in lines)
+
+
+def test_on_a_terminal_a_finished_stage_stops():
+    progress = make_progress()
+    report = ProgressReporter(progress)
+    report("tokenizing", 100, None, "3 documents")
+    report("train", 0, 4)
+    task = {t.description: t for t in progress.tasks}
+    assert task["tokenizing"].finished and task["tokenizing"].completed == 100  # its timer is frozen
+    assert not task["train"].finished
+    report("train", 4, 4)
+    assert task["train"].finished and task["train"].fields["detail"] == "done"
+
+
+def test_counts_and_ngrams_render_one_way():
+    assert format_count("writing", 3 << 30) == "3 GiB"
+    assert format_count("counting", 1234567) == "1,234,567"
+    assert ngram_text(["of", " the"]) == "of · ␣the"
