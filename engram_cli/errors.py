@@ -49,3 +49,12 @@ class BackendError(EngramError):
 
 class CheckpointError(EngramError):
     """A model checkpoint that is missing, corrupt, unsafe to load or for other tables."""
+
+
+# -- hardening (issue 8) ------------------------------------------------------------------
+class OutputBusy(OutputError):
+    """An output that another build (named: pid, host, start time) is writing right now."""
+
+
+class NoSpaceError(OutputError):
+    """An output whose file system lacks the space a build needs (or ran out of it)."""

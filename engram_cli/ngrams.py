@@ -83,7 +83,33 @@ class NgramStats:
         for n in stats.orders:
             if not order_file(root, n).is_file():
                 raise StoreError(f"n-gram statistics for order {n} are missing ({order_file(root, n)}); rebuild with `engram build-table`")
+            stats._check_order_file(n)
         return stats
+
+    def _check_order_file(self, order: int) -> None:
+        """StoreError unless order_{n}.parquet has a readable footer, the columns and the rows the summary says.
+
+        Reads the parquet footer only (a truncated, empty or overwritten file has none).
+        """
+        path = order_file(self.root, order)
+        want = [*token_columns(order), "count"]
+        try:
+            schema = pl.read_parquet_schema(path)
+            rows = pl.scan_parquet(path).select(pl.len()).collect().item()
+        except Exception as e:  # polars raises several types for a file that is not parquet
+            raise StoreError(f"n-gram statistics file {str(path)!r} is truncated, empty or corrupt ({type(e).__name__}); rebuild with `engram build-table --force`") from None
+        distinct = (self.summary.get("per_order") or {}).get(str(order), {}).get("distinct")
+        if any(c not in schema for c in want) or (distinct is not None and rows != int(distinct)):
+            raise StoreError(f"n-gram statistics file {str(path)!r} does not match its summary (columns {list(schema)}, {rows} rows); rebuild with `engram build-table --force`")
+
+    def max_id(self, order: int) -> int | None:
+        """The largest compressed id in one order's n-grams (None when there are none): one streaming pass."""
+        cols = token_columns(order)
+        try:
+            top = self.scan(order).select(pl.max_horizontal([pl.col(c).max() for c in cols])).collect().item()
+        except Exception as e:  # a corrupt data page surfaces here, not at open
+            raise StoreError(f"n-gram statistics file {str(order_file(self.root, order))!r} is corrupt ({type(e).__name__}); rebuild with `engram build-table --force`") from None
+        return None if top is None else int(top)
 
     @property
     def orders(self) -> tuple[int, ...]:

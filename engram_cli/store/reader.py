@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 MODES = ("r", "r+")
 TMP_PREFIX = "."  # temporary shard files are hidden: ".{name}.{token}.tmp" beside the shard
 TMP_SUFFIX = ".tmp"
+VOCAB_ARRAYS = ("lookup", "raw_key", "key_bytes", "key_offsets")  # the arrays of the `vocab/` group
 
 
 def _open_error(path: Path, what: str) -> StoreError:

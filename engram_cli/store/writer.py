@@ -67,7 +67,21 @@ from .format import (
     storage_dtype,
     table_codecs,
 )
-from .reader import TableStore
+from .output import (
+    check_inputs_apart,
+    check_free_space,
+    check_output,
+    check_output_name,
+    lock_output,
+    notice,
+    old_path,
+    release_output,
+    remove_staging,
+    settle_leftovers,
+    shown,
+    storage_errors,
+)
+from .reader import VOCAB_ARRAYS, TableStore
 
 if TYPE_CHECKING:
     from ..ngrams import NgramStats
@@ -190,58 +204,111 @@ def _report(progress: Progress | None, stage: str, done, total=None, detail: str
 
 
 # -- lifecycle -------------------------------------------------------------------------
-def check_output(out: str | os.PathLike, force: bool) -> Path:
-    """Raise `OutputError` unless a store may be written at `out` (cheap: call it first)."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise OutputError(f"{str(out)!r} already exists; pass --force to replace it")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {str(out)!r}: directory {str(parent)!r} does not exist; create it first")
-    return out
+def prepare_partial(out: str | os.PathLike, force: bool, *, inputs=()) -> Path:
+    """Lock `out`, settle leftovers, check it may be written, replace a stale partial of ours; return the empty partial.
 
-
-def prepare_partial(out: str | os.PathLike, force: bool) -> Path:
-    """Check `out` may be written, remove a stale partial, create an empty one; return it."""
-    out = check_output(out, force)
-    partial = partial_path(out)
+    The build lock (`output.lock_output`) is held from here until `finalize` (or
+    `output.release_output(out)` after a failure). Refusals (`OutputError`): see
+    `output.check_output`; another build holding the lock (`OutputBusy`, naming it);
+    a `<out>.partial` that is not ours.
+    """
+    out = check_output_name(out)
+    check_inputs_apart(out, inputs)
+    lock = lock_output(out)
     try:
-        if partial.is_dir() and not partial.is_symlink():
-            shutil.rmtree(partial)
-        elif partial.exists() or partial.is_symlink():
-            partial.unlink()
-        partial.mkdir()
-    except OSError as e:
-        raise OutputError(f"cannot create {str(partial)!r}: {e.strerror}; choose a writable --out") from None
+        settle_leftovers(out)
+        out = check_output(out, force, inputs=inputs)
+        partial = partial_path(out)
+        remove_staging(partial)
+        try:
+            partial.mkdir()
+        except OSError as e:
+            raise OutputError(f"cannot create {shown(partial)}: {e.strerror}; choose a writable --out") from None
+    except BaseException:
+        lock.release()
+        raise
     return partial
 
 
-def finalize(partial: str | os.PathLike, out: str | os.PathLike, force: bool) -> TableStore:
-    """Move a complete partial store to `out` (replacing an existing one only with force).
+def verify_layout(path: str | os.PathLike) -> None:
+    """`StoreError` unless every array, group and written shard of the store at `path` exists (before `complete`).
 
-    The old store is renamed aside before the new one moves in and deleted after, so
-    at every moment one of them is on disk.
+    Checks the `zarr.json` of the root, `vocab/` and its arrays, every layer's group,
+    table and hits; every shard file of every table (unless the init is zeros, whose
+    shards are absent by design); the statistics' summary and order files.
+    """
+    path = Path(path)
+    missing: list[str] = []
+    root = path / "zarr.json"
+    if not root.is_file():
+        raise StoreError(f"{shown(path)} has no zarr.json; it is not a store")
+    attrs = zarr.open_group(str(path), mode="r", zarr_format=3).attrs.asdict().get(ROOT_ATTR) or {}
+    plan = TablePlan.from_dict(attrs["plan"])
+    need = ["vocab/zarr.json", *(f"vocab/{a}/zarr.json" for a in VOCAB_ARRAYS)]
+    shard_rows = int(attrs["shard_rows"])
+    zeros = (attrs.get("init") or {}).get("kind") == InitKind.ZEROS
+    for layer_id in plan.layer_ids:
+        need += [f"layer_{layer_id}/zarr.json", f"layer_{layer_id}/table/zarr.json"]
+        if attrs.get("has_hits"):
+            need.append(f"layer_{layer_id}/hits/zarr.json")
+        if not zeros:
+            need += [f"layer_{layer_id}/table/c/{s}/0" for s in range(ceil_div(plan.layer_rows(layer_id), shard_rows))]
+    if attrs.get("has_hits"):
+        from ..ngrams import SUMMARY_FILE, order_file
+
+        need += [f"{STATS_DIR}/{SUMMARY_FILE}", *(str(order_file(Path(STATS_DIR), n)) for n in plan.orders)]
+    missing = [n for n in need if not (path / n).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise StoreError(f"store {shown(path)} lacks {', '.join(missing[:3])}{more}; it is not complete: rebuild it with `engram build-table --force`")
+
+
+def finalize(partial: str | os.PathLike, out: str | os.PathLike, force: bool) -> TableStore:
+    """Move a complete partial store to `out` (replacing an existing engram store only with force).
+
+    The old store is renamed aside (`<out>.old-<pid>`) before the new one moves in,
+    the store is verified at its final path, and only then is the old one deleted: at
+    every moment one complete store is on disk, and a failure puts the old one back.
+    Releases the build lock taken by `prepare_partial`.
     """
     partial, out = Path(partial), Path(out)
-    TableStore.open(partial)  # refuses an incomplete build
-    old = None
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise OutputError(f"{str(out)!r} already exists; pass --force to replace it")
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
+    lock = lock_output(out)
     try:
-        os.replace(partial, out)
+        with storage_errors(out):
+            TableStore.open(partial)  # refuses an incomplete build
+            verify_layout(partial)
+            check_output(out, force)
+            old = None
+            if out.exists() or out.is_symlink():
+                old = old_path(out)
+                _move(out, old, "move the old store aside")
+            try:
+                _move(partial, out, "move the new store into place")
+                try:
+                    verify_layout(out)
+                    store = TableStore.open(out)
+                except BaseException:
+                    os.replace(out, partial)
+                    raise
+            except BaseException:
+                if old is not None:
+                    os.replace(old, out)
+                raise
+            if old is not None:
+                try:
+                    shutil.rmtree(old)
+                except OSError as e:
+                    notice(f"could not remove the old store {shown(old)} ({e.strerror}); remove it by hand (the new store is in place)")
+            return store
+    finally:
+        lock.release()
+
+
+def _move(src: Path, dst: Path, what: str) -> None:
+    try:
+        os.replace(src, dst)
     except OSError as e:
-        if old is not None:
-            os.replace(old, out)
-        raise OutputError(f"cannot move {str(partial)!r} to {str(out)!r}: {e.strerror}") from None
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    return TableStore.open(out)
+        raise OutputError(f"cannot {what} ({shown(src)} -> {shown(dst)}): {e.strerror}; nothing was replaced; fix the permissions and rebuild") from None
 
 
 def _vocab_group(root: zarr.Group, vocab: "CompressedVocab") -> None:
@@ -290,6 +357,22 @@ def _stats_in_store(stats: "NgramStats", partial: Path) -> "NgramStats":
         raise OutputError(f"{str(target)!r} already exists and is not the statistics passed in; call prepare_partial to start afresh")
     shutil.copytree(stats.root, target)
     return NgramStats.open(target)
+
+
+def planned_bytes(plan: TablePlan) -> int:
+    """Bytes of table rows a build of `plan` writes (before compression: initial rows hardly compress)."""
+    return sum(plan.layer_rows(layer_id) for layer_id in plan.layer_ids) * row_bytes(plan)
+
+
+def check_stats_ids(stats: "NgramStats", plan: TablePlan) -> None:
+    """`StoreError` when the statistics hold a compressed id the plan's vocabulary does not have (one streaming pass)."""
+    for order in plan.orders:
+        top = stats.max_id(order)
+        if top is not None and top >= plan.compressed_vocab_size:
+            raise StoreError(
+                f"the n-gram statistics hold compressed id {top} but the plan's vocabulary has {plan.compressed_vocab_size} ids; "
+                "the statistics were counted with another vocabulary: recount them with `engram build-table --force`"
+            )
 
 
 @dataclass(frozen=True)
@@ -348,11 +431,14 @@ def create_layout(
     codecs = table_codecs(compressor, sdtype.itemsize)
     hits_chunk, hits_shard, pass_rows = hits_geometry(memory_limit)
 
+    if init != InitKind.ZEROS:
+        check_free_space(partial, planned_bytes(plan))
     if stats is not None:
         stats = _stats_in_store(stats, partial)
         missing = [n for n in plan.orders if n not in stats.orders]
         if missing:
             raise StoreError(f"the n-gram statistics cover orders {list(stats.orders)} but the plan needs {list(plan.orders)}; recount with --max-ngram {plan.max_ngram_size}")
+        check_stats_ids(stats, plan)
 
     root = zarr.create_group(store=str(partial), zarr_format=3, overwrite=False)
     attrs = {
@@ -488,7 +574,8 @@ def check_hit_totals(plan: TablePlan, stats: "NgramStats", layer_id: int, per_or
 
 
 def mark_complete(partial: str | os.PathLike) -> None:
-    """Last step: set `complete: true` in the root attributes (only after every array is written)."""
+    """Last step: set `complete: true` in the root attributes, after `verify_layout` found every array and shard."""
+    verify_layout(partial)
     root = zarr.open_group(str(partial), mode="r+", zarr_format=3)
     attrs = root.attrs.asdict()[ROOT_ATTR]
     attrs["complete"] = True
@@ -590,6 +677,11 @@ def write_tables(
     (from the progress callback too) stops the build and leaves `partial` incomplete.
     """
     check_write_options(init=init, init_std=init_std, compressor=compressor, parallel=parallel, workers=workers, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes)
+    with storage_errors(partial):
+        _write_tables(partial, plan, vocab, stats, init, init_std, chunk_bytes, shard_bytes, compressor, workers, parallel, memory_limit, extra_attrs, progress, executor)
+
+
+def _write_tables(partial, plan, vocab, stats, init, init_std, chunk_bytes, shard_bytes, compressor, workers, parallel, memory_limit, extra_attrs, progress, executor) -> None:
     layout = create_layout(
         partial, plan, vocab, stats=stats, init=init, init_std=init_std, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
         compressor=compressor, memory_limit=memory_limit, extra_attrs=extra_attrs,
@@ -622,5 +714,8 @@ def create_store(
 
     stats = NgramStats.open(stats_root) if stats_root is not None else None
     partial = prepare_partial(out, force)
-    write_tables(partial, plan, vocab, stats=stats, **write_kwargs)
-    return finalize(partial, out, force)
+    try:
+        write_tables(partial, plan, vocab, stats=stats, **write_kwargs)
+        return finalize(partial, out, force)
+    finally:
+        release_output(out)

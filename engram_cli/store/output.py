@@ -1,0 +1,356 @@
+"""Output safety of a build: what may be written or replaced, the build lock, leftovers of a crash.
+
+The rules (docs/build-table.md, "Failure modes"):
+
+- `check_output(out, force=, inputs=)`: `--force` replaces only an engram table store
+  (recognised by its own metadata: `zarr.json` whose attributes carry the engram
+  format, `is_engram_store`); anything else at the output path is refused, and so is
+  an output that is, holds or lies inside one of the `inputs` (the corpus). Names
+  `.`/`..`, empty names and names that are not valid UTF-8 are refused.
+- `<out>.partial` (the staging directory) is removed only when it is ours
+  (`is_engram_staging`): empty, or holding nothing but what a build writes there.
+- `OutputLock`: an exclusive `fcntl.flock` on a hidden lock file beside the output,
+  held for the whole build; the OS drops it when the process dies (even `kill -9`),
+  so nothing is left to clean by hand. A second build fails at once naming the holder.
+- `<out>.old-<pid>`: where `finalize` moves the previous store while the new one moves
+  in. A crash between the two renames leaves it; `leftover_stores` finds it, readers
+  name it, and the next build restores it (no store at `out`) or removes it.
+- `check_free_space`: planned bytes against the free space of the output's file
+  system, refused with the figures; `storage_errors` turns a disk-full or permission
+  error met while writing into a one-line `OutputError`.
+
+Notices (what was restored or removed) go to stderr, one line each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import socket
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from ..errors import NoSpaceError, OutputBusy, OutputError
+from .format import FORMAT, PARTIAL_SUFFIX, ROOT_ATTR, STATS_DIR
+
+OLD_INFIX = ".old-"
+LOCK_SUFFIX = ".lock"
+# What a build writes into its staging directory (and nothing else).
+STAGING_ENTRIES = ("zarr.json", "vocab", STATS_DIR)
+ROOT_METADATA = "zarr.json"
+
+
+def notice(message: str) -> None:
+    """One line on stderr (progress and notices never go to stdout)."""
+    print(f"engram: {message}", file=sys.stderr, flush=True)
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path for a message: quoted, with bytes that are not UTF-8 escaped (never raises)."""
+    return repr(os.fsdecode(path))
+
+
+def _engram_attrs(path: Path) -> dict | None:
+    """The root `engram` attributes of a Zarr v3 group at `path`, or None (not one of ours)."""
+    try:
+        meta = json.loads((path / ROOT_METADATA).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
+        return None
+    attrs = (meta.get("attributes") or {}).get(ROOT_ATTR)
+    if isinstance(attrs, dict) and isinstance(attrs.get("format"), str) and attrs["format"].split("/")[0] == FORMAT.split("/")[0]:
+        return attrs
+    return None
+
+
+def is_engram_store(path: str | os.PathLike) -> bool:
+    """True when `path` is a directory (not a symlink) holding an engram table store's root metadata.
+
+    Recognised by the store's own metadata (`zarr.json` with the engram format
+    attribute), complete or not, of any version of the format.
+    """
+    path = Path(path)
+    return path.is_dir() and not path.is_symlink() and _engram_attrs(path) is not None
+
+
+def is_engram_staging(path: str | os.PathLike) -> bool:
+    """True when `path` is a build's staging directory: empty, or holding only what a build writes there.
+
+    A build writes `stats/` first (while counting), then `zarr.json`, `vocab/` and
+    `layer_<id>/`. Anything else (a file of the user's, a foreign `zarr.json`) makes it
+    not ours.
+    """
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    try:
+        names = [e.name for e in os.scandir(path)]
+    except OSError:
+        return False
+    for name in names:
+        if name not in STAGING_ENTRIES and not (name.startswith("layer_") and name[6:].isdigit()):
+            return False
+    if ROOT_METADATA in names:
+        return _engram_attrs(path) is not None
+    return all(n == STATS_DIR for n in names)
+
+
+def check_output_name(out: str | os.PathLike) -> Path:
+    """`OutputError` for an output name that cannot be a store: empty, `.`, `..`, not valid UTF-8."""
+    raw = os.fspath(out)
+    text = os.fsdecode(raw)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise OutputError(f"output path {shown(raw)} is not valid UTF-8; choose a name in UTF-8") from None
+    out = Path(text)
+    if text.strip() == "" or out.name in ("", ".", "..") or text.rstrip("/").endswith(("/.", "/..")) or text.rstrip("/") in (".", ".."):
+        raise OutputError(f"output path {shown(raw)} names a directory, not a store; give a new name, e.g. -o tables.zarr")
+    return out
+
+
+def check_inputs_apart(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
+    """`OutputError` when `out` is, holds or lies inside one of the `inputs` (corpus paths)."""
+    out = Path(out)
+    try:
+        target = out.resolve()
+    except OSError:
+        return
+    for item in inputs:
+        try:
+            source = Path(item).resolve()
+        except OSError:
+            continue
+        if target == source:
+            raise OutputError(f"output {shown(out)} is the corpus path {shown(item)}; choose another -o/--out")
+        if source in target.parents:
+            raise OutputError(f"output {shown(out)} lies inside the corpus path {shown(item)}; choose an -o/--out outside the corpus")
+        if target in source.parents:
+            raise OutputError(f"the corpus path {shown(item)} lies inside the output {shown(out)}; choose another -o/--out")
+
+
+def check_output(out: str | os.PathLike, force: bool = False, *, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Raise `OutputError` unless a store may be written at `out` (cheap: call it first).
+
+    Refused: a bad name (`check_output_name`); an existing path without `force`; with
+    `force`, anything that is not an engram table store (`is_engram_store`); an output
+    that is, holds or lies inside one of `inputs`; a missing parent directory.
+    """
+    out = check_output_name(out)
+    check_inputs_apart(out, inputs)
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise OutputError(f"{shown(out)} already exists; pass --force to replace it")
+        if not is_engram_store(out):
+            kind = "a symlink" if out.is_symlink() else "a file" if out.is_file() else "a directory" if out.is_dir() else "something"
+            raise OutputError(f"{shown(out)} is {kind} but not an engram table store; --force replaces only a store; move it away or choose another -o/--out")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {shown(out)}: directory {shown(parent)} does not exist; create it first")
+    return out
+
+
+def remove_staging(partial: str | os.PathLike) -> None:
+    """Remove a stale `<out>.partial` when it is ours (`is_engram_staging`); `OutputError` otherwise."""
+    partial = Path(partial)
+    if not (partial.exists() or partial.is_symlink()):
+        return
+    if not is_engram_staging(partial):
+        raise OutputError(f"{shown(partial)} exists and is not an engram staging directory; move it away or choose another -o/--out")
+    try:
+        shutil.rmtree(partial)
+    except OSError as e:
+        raise OutputError(f"cannot remove the stale staging directory {shown(partial)}: {e.strerror}; remove it by hand") from None
+
+
+# -- the build lock -------------------------------------------------------------------------------
+def lock_path(out: str | os.PathLike) -> Path:
+    """The lock file of a build of `out`: hidden, beside it (`.<name>.lock`)."""
+    out = Path(out)
+    return out.with_name(f".{out.name}{LOCK_SUFFIX}")
+
+
+class OutputLock:
+    """An exclusive OS lock (fcntl.flock) on a build's output, held until `release` or process exit.
+
+    The lock file holds the holder's pid, host and start time (JSON), for the message
+    a second build gets. Use as a context manager or call `release`.
+    """
+
+    def __init__(self, out: str | os.PathLike):
+        import fcntl
+
+        self.out = Path(out)
+        self.path = lock_path(self.out)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise OutputError(f"cannot create the lock file {shown(self.path)}: {e.strerror}; choose a writable -o/--out") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
+                os.close(fd)
+                raise OutputBusy(f"another build is writing {shown(self.out)} ({holder}); wait for it to finish or choose another -o/--out") from None
+            try:  # the file we locked must still be the one at the path (a releaser unlinks it)
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd = fd
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "out": os.fsdecode(self.out)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+
+    def release(self) -> None:
+        """Drop the lock and remove its file (idempotent)."""
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = None
+        _HELD.pop(_key(self.out), None)
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder not yet recorded"
+
+
+_HELD: dict[str, OutputLock] = {}
+
+
+def _key(out: Path) -> str:
+    return os.path.abspath(os.fspath(out))
+
+
+def lock_output(out: str | os.PathLike) -> OutputLock:
+    """The lock on `out` for this process: the one it holds already, or a new one (`OutputBusy` if another holds it)."""
+    held = _HELD.get(_key(Path(out)))
+    if held is not None and held.fd is not None:
+        return held
+    lock = OutputLock(out)
+    _HELD[_key(Path(out))] = lock
+    return lock
+
+
+def release_output(out: str | os.PathLike) -> None:
+    """Release this process's lock on `out`, if it holds one (call when a build ends, failed or not)."""
+    held = _HELD.get(_key(Path(out)))
+    if held is not None:
+        held.release()
+
+
+# -- leftovers of an interrupted replacement ----------------------------------------------------
+def old_path(out: str | os.PathLike, pid: int | None = None) -> Path:
+    """Where `finalize` moves the previous store while the new one moves in: `<out>.old-<pid>`."""
+    out = Path(out)
+    return out.with_name(f"{out.name}{OLD_INFIX}{os.getpid() if pid is None else pid}")
+
+
+def leftover_stores(out: str | os.PathLike) -> list[Path]:
+    """The `<out>.old-<pid>` engram stores beside `out` that an interrupted replacement left, oldest pid name first."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    prefix = out.name + OLD_INFIX
+    try:
+        names = sorted(n for n in os.listdir(parent) if n.startswith(prefix) and n[len(prefix):].isdigit())
+    except OSError:
+        return []
+    return [parent / n for n in names if is_engram_store(parent / n)]
+
+
+def leftover_hint(out: str | os.PathLike) -> str:
+    """A sentence naming the leftovers of `out` and how to restore one ("" when there are none)."""
+    olds = leftover_stores(out)
+    if not olds:
+        return ""
+    return (f"{shown(olds[-1])} holds the store an interrupted replacement moved aside; restore it with "
+            f"`mv {os.fsdecode(olds[-1])} {os.fsdecode(out)}` or rebuild")
+
+
+def settle_leftovers(out: str | os.PathLike) -> None:
+    """Under the build lock: restore a leftover `<out>.old-<pid>` when no store is at `out`, remove the others.
+
+    Never silent: each restore or removal is a notice on stderr.
+    """
+    out = Path(out)
+    for old in leftover_stores(out):
+        if not (out.exists() or out.is_symlink()):
+            try:
+                os.replace(old, out)
+            except OSError as e:
+                raise OutputError(f"cannot restore {shown(old)} to {shown(out)}: {e.strerror}; restore it by hand") from None
+            notice(f"restored {shown(out)} from {shown(old)}, left by an interrupted replacement")
+            continue
+        try:
+            shutil.rmtree(old)
+        except OSError as e:
+            raise OutputError(f"cannot remove {shown(old)}, left by an interrupted replacement: {e.strerror}; remove it by hand") from None
+        notice(f"removed {shown(old)}, left by an interrupted replacement ({shown(out)} is in place)")
+
+
+# -- space and write errors ---------------------------------------------------------------------
+def _figure(n: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def check_free_space(out: str | os.PathLike, need: int) -> None:
+    """`NoSpaceError` with the figures when the file system of `out` has less than `need` bytes free."""
+    out = Path(out)
+    where = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return
+    if need > free:
+        raise NoSpaceError(f"the tables need {_figure(need)} ({need} bytes) but {shown(where)} has {_figure(free)} free; "
+                           "free space, choose another -o/--out, or plan smaller tables")
+
+
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+ACCESS_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+@contextlib.contextmanager
+def storage_errors(out: str | os.PathLike) -> Iterator[None]:
+    """Turn a disk-full or permission `OSError` met while writing `out` into a one-line `OutputError`."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in SPACE_ERRNOS:
+            raise NoSpaceError(f"no space left while writing {shown(out)} ({e.strerror}); nothing was replaced; free space or choose another -o/--out") from None
+        if e.errno in ACCESS_ERRNOS:
+            where = f" ({shown(e.filename)})" if e.filename else ""
+            raise OutputError(f"cannot write {shown(out)}: {e.strerror}{where}; nothing was replaced; fix the permissions or choose another -o/--out") from None
+        raise
+
+
+__all__ = [
+    "ACCESS_ERRNOS", "LOCK_SUFFIX", "OLD_INFIX", "PARTIAL_SUFFIX", "SPACE_ERRNOS", "OutputLock", "check_free_space",
+    "check_inputs_apart", "check_output", "check_output_name", "is_engram_staging", "is_engram_store", "leftover_hint", "leftover_stores",
+    "lock_output", "lock_path", "notice", "old_path", "release_output", "remove_staging", "settle_leftovers", "shown",
+    "storage_errors",
+]
