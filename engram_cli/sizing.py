@@ -7,7 +7,7 @@ collision rate (the share of the order's corpus windows whose n-gram shares its 
 row with another distinct n-gram), measured with the plan's real hash on the real
 counted n-grams. Each order gets the smallest rows per head (within 1%) whose rate is
 <= target in every layer; `collisions.size_for_target` does the search and
-`collisions._sizing_summary` takes the per-layer maximum, so both commands agree.
+`collisions.sizing_summary` takes the per-layer maximum, so both commands agree.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def size_plan_to_target(plan: TablePlan, stats, target: float, *, progress: Call
     its count), as `engram collisions` does. Raises PlanError when the target cannot be
     reached (the reference hash's own 64-bit collisions put a floor under the rate).
     """
-    from .collisions import _sizing_summary, load_order_keys, size_for_target
+    from .collisions import sizing_summary, load_order_keys, size_for_target
 
     check_target(target)
     missing = [n for n in plan.orders if n not in stats.orders]
@@ -114,7 +114,7 @@ def size_plan_to_target(plan: TablePlan, stats, target: float, *, progress: Call
             keys = load_order_keys(plan, stats, layer, n, family, heads=plan.heads, progress=progress or (lambda *a, **k: None))
             rows.append({"layer": layer, "order": n, **size_for_target(keys, plan, target)})
             del keys
-    summary = _sizing_summary(plan, target, family, rows)
+    summary = sizing_summary(plan, target, family, rows)
     bad = [o for o in summary["orders"] if not o["reachable"]]
     if bad:
         floors = ", ".join(f"order {o['order']}" for o in bad)

@@ -63,7 +63,8 @@ def test_footprint_is_rows_times_row_bytes_against_the_free_disk(tmp_path):
 
 
 def test_reference_plan_is_large_and_the_notice_names_auto(tmp_path):
-    result = invoke(tmp_path / "unused", "--plan-only", "-o", tmp_path / "t.zarr")
+    (tmp_path / "corpus.txt").write_text("--plan-only checks that the corpus exists\n")
+    result = invoke(tmp_path / "corpus.txt", "--plan-only", "-o", tmp_path / "t.zarr")
     assert result.exit_code == 0, result.output
     plan = make_plan(compressed_vocab_size=10, compressed_pad_id=2)  # bytes do not depend on the vocabulary
     assert plan.total_bytes > LARGE_PLAN_BYTES
@@ -74,7 +75,8 @@ def test_reference_plan_is_large_and_the_notice_names_auto(tmp_path):
 
 
 def test_plan_only_json_carries_the_size(tmp_path):
-    result = invoke(tmp_path / "unused", "--plan-only", "--json", *SMALL, "--rows-per-head", "3001")
+    (tmp_path / "corpus.txt").write_text("--plan-only checks that the corpus exists\n")
+    result = invoke(tmp_path / "corpus.txt", "--plan-only", "--json", *SMALL, "--rows-per-head", "3001")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["plan_size"]["bytes"] == out["plan"]["total_rows"] * out["plan"]["head_dim"] * 4
