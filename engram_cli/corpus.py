@@ -330,6 +330,21 @@ def _open_binary(path: Path) -> BinaryIO:
     return open(path, "rb")
 
 
+def parquet_texts(batch, text_field: str, path, summary: CorpusSummary) -> list[str]:
+    """A parquet batch's text column as documents; null rows are skipped and counted, and the
+    bytes and documents added to `summary` (the single-process and the sharded reader share it)."""
+    col = batch.get_column(text_field)
+    nulls = col.null_count()
+    if nulls:
+        for _ in range(nulls):
+            summary.skip(f"parquet row whose {text_field!r} is null", path)
+        col = col.drop_nulls()
+    summary.bytes += int(col.str.len_bytes().sum() or 0)
+    texts = col.to_list()
+    summary.documents += len(texts)
+    return texts
+
+
 def _decode(data: bytes, summary: CorpusSummary) -> str:
     try:
         text = data.decode("utf-8")
@@ -457,15 +472,7 @@ def _read_parquet(path: Path, text_field: str, summary: CorpusSummary, tick: Cal
             except pl.exceptions.PolarsError:  # e.g. a corrupt page mid-file: keep what was read
                 summary.skip("unreadable parquet file (stopped mid-file)", path)
                 break
-            col = batch.get_column(text_field)
-            nulls = col.null_count()
-            if nulls:
-                for _ in range(nulls):
-                    summary.skip(f"parquet row whose {text_field!r} is null", path)
-                col = col.drop_nulls()
-            summary.bytes += int(col.str.len_bytes().sum() or 0)
-            texts = col.to_list()
-            summary.documents += len(texts)
+            texts = parquet_texts(batch, text_field, path, summary)
             tick()
             for text in texts:
                 yield from split_text(text)

@@ -303,15 +303,7 @@ def _read_rows(shard: Shard, summary: CorpusSummary, tick: Callable[[], None]) -
         summary.files += 1
     frame = pl.scan_parquet(path).select(pl.col(text_field)).slice(shard.start, shard.stop - shard.start)
     for batch in frame.collect_batches(chunk_size=_corpus.PARQUET_BATCH_ROWS):
-        col = batch.get_column(text_field)
-        nulls = col.null_count()
-        if nulls:
-            for _ in range(nulls):
-                summary.skip(f"parquet row whose {text_field!r} is null", path)
-            col = col.drop_nulls()
-        summary.bytes += int(col.str.len_bytes().sum() or 0)
-        texts = col.to_list()
-        summary.documents += len(texts)
+        texts = _corpus.parquet_texts(batch, text_field, path, summary)
         tick()
         yield from texts
 
