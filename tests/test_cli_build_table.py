@@ -8,8 +8,6 @@ every document, bincounted per row; the published vectors of docs/spec.md "Test 
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,10 +16,11 @@ from typer.testing import CliRunner
 
 from engram_cli import store as store_module
 from engram_cli.cli import app
+
+from cli_checks import copy_fixtures, one_error_line
 from engram_cli.hashing import position_row_ids
 from engram_cli.store import TableStore
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "corpus"
 SMALL_FILES = ["debian-policy/ap-license.rst", "debian-policy/index.rst", "debian-policy/ap-pkg-alternatives.rst", "developers-reference/scope.rst"]
 # A small plan: 2 layers x orders 2..3 x 4 heads, rows of 16 float32.
 SMALL_PLAN = ["--heads", "4", "--dim", "64", "--rows-per-head", "3001,5003", "--chunk-size", "64KiB", "--shard-size", "256KiB"]
@@ -35,20 +34,7 @@ def invoke(*args):
 
 @pytest.fixture()
 def small_corpus(tmp_path):
-    root = tmp_path / "corpus"
-    for rel in SMALL_FILES:
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(FIXTURES / rel, root / rel)
-    return root
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    return lines[0]
+    return copy_fixtures(tmp_path / "corpus", SMALL_FILES)
 
 
 def test_plan_only_checks_the_corpus_path(tmp_path):

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from engram_cli.cli import app
 from engram_cli.store import TableStore
 
-from test_inspect import build_store, flip_byte
+from cli_checks import build_small_store, flip_byte, one_error_line
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "inspect.md"
 runner = CliRunner()
@@ -26,16 +26,7 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    return build_store(tmp_path_factory.mktemp("cli_inspect"))
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    return lines[0]
+    return build_small_store(tmp_path_factory.mktemp("cli_inspect"))
 
 
 def test_json_schema_is_the_documented_one(built):

@@ -12,33 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from typer.testing import CliRunner
 
-from engram_cli.cli import app
 from engram_cli.inspect import HitProfile, hit_profiles, inspect_store, verify_store
 from engram_cli.errors import StoreError
 from engram_cli.store import TableStore
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "corpus"
-SMALL_FILES = ["debian-policy/ap-license.rst", "debian-policy/index.rst", "developers-reference/scope.rst"]
-# 2 layers x orders 2..3 x 4 heads, rows of 16 float32; 1024-row chunks, 4 chunks per shard
-SMALL = ["--heads", "4", "--dim", "64", "--rows-per-head", "3001,5003", "--chunk-size", "64KiB", "--shard-size", "256KiB"]
+import cli_checks
+from cli_checks import build_small_store, flip_byte
 
-
-def build_store(root: Path) -> Path:
-    corpus = root / "corpus"
-    for rel in SMALL_FILES:
-        (corpus / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(FIXTURES / rel, corpus / rel)
-    out = root / "tables.zarr"
-    result = CliRunner().invoke(app, ["build-table", str(corpus), "-o", str(out), *SMALL, "--json"])
-    assert result.exit_code == 0, result.output
-    return out
+SMALL_FILES = cli_checks.SMALL_FILES
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    return build_store(tmp_path_factory.mktemp("inspect"))
+    return build_small_store(tmp_path_factory.mktemp("inspect"))
 
 
 @pytest.fixture()
@@ -95,12 +82,6 @@ def test_report_carries_build_and_size(built):
 def test_verify_passes_an_intact_store(built):
     v = verify_store(TableStore.open(built))
     assert v["ok"] and v["checked"] == v["chunks"] and v["first_bad"] is None
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x40
-    path.write_bytes(bytes(data))
 
 
 def test_verify_finds_a_flipped_byte(copy):

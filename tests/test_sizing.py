@@ -15,14 +15,14 @@ import pytest
 from typer.testing import CliRunner
 
 from engram_cli.cli import app
+
+from cli_checks import FIXTURES, copy_fixtures, one_error_line
 from engram_cli.collisions import load_order_keys, token_weighted_rate
 from engram_cli.errors import PlanError
 from engram_cli.plan import DEFAULT_ROWS_PER_HEAD, make_plan
 from engram_cli.sizing import AUTO, LARGE_PLAN_BYTES, free_disk_bytes, large_plan_notice, plan_footprint, resolve_rows_option
 from engram_cli.store import TableStore
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "corpus"
-SMALL_FILES = ["debian-policy/ap-license.rst", "debian-policy/index.rst", "developers-reference/scope.rst"]
 SMALL = ["--heads", "4", "--dim", "64", "--chunk-size", "64KiB", "--shard-size", "256KiB"]
 TARGET = 0.2
 
@@ -35,19 +35,7 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sizing") / "corpus"
-    for rel in SMALL_FILES:
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(FIXTURES / rel, root / rel)
-    return root
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+    return copy_fixtures(tmp_path_factory.mktemp("sizing") / "corpus")
 
 
 def test_footprint_is_rows_times_row_bytes_against_the_free_disk(tmp_path):
