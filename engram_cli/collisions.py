@@ -974,6 +974,18 @@ def sweep_summary(cells, rows: list[dict], families) -> dict:
     return {"heads": sorted({c[0] for c in cells}), "rows": list(dict.fromkeys(c[1] for c in cells)), "grid": grid}
 
 
+def save_figure(fig, path) -> None:
+    """Write a matplotlib figure to `path` (120 dpi) and close it; a failed write is one OutputError line."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise OutputError(f"cannot write the --plot image {str(path)!r}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+
+
 def plot_sweep(sweep: dict, path) -> None:
     """Draw the sweep grid (rates vs bytes, one line per head count) to an image file."""
     check_plot_path(path)
@@ -996,12 +1008,7 @@ def plot_sweep(sweep: dict, path) -> None:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as e:
-        raise OutputError(f"cannot write the --plot image {str(path)!r}: {e.strerror or e}") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def check_plot_path(path) -> None:

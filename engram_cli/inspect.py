@@ -278,7 +278,7 @@ def plot_hit_ranks(profiles: list[HitProfile], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .errors import OutputError
+    from .collisions import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for p in profiles:
@@ -293,9 +293,4 @@ def plot_hit_ranks(profiles: list[HitProfile], path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     if profiles:
         ax.legend(fontsize=8)
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as e:
-        raise OutputError(f"cannot write the --plot image {str(path)!r}: {e.strerror or e}") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
