@@ -48,6 +48,7 @@ def eval_command(
     tables: Optional[Path] = typer.Option(None, "--tables", help="Table store to use instead of the checkpoint's trained one."),
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="Held-out text to score (default: the checkpoint's held-out split of its corpus)."),
     as_json: bool = json_option(),
+    state_dict: Optional[Path] = typer.Option(None, "--state-dict", help="Audit a plain state dict (reference layout) against --tables (default tables.zarr) without a model; docs/eval.md."),
 ) -> None:
     """Evaluate checkpoints on held-out text (report fields in docs/eval.md).
 
@@ -55,7 +56,12 @@ def eval_command(
 
         engram eval                               # ./model.ckpt on its held-out split
         engram eval model.ckpt base.ckpt --json   # side by side
+        engram eval --state-dict engram.pt --tables tables.zarr   # no model: tables only
     """
+    if state_dict is not None:
+        from ._state_dict import run
+
+        return run(state_dict, checkpoints, tables, corpus, as_json)
     paths = checkpoints or [Path(DEFAULT_CHECKPOINT)]
     with progress_reporter(quiet=as_json) as progress:
         reports = [evaluate_checkpoint(p, tables=tables, corpus=corpus, progress=progress) for p in paths]

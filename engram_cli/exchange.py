@@ -60,6 +60,14 @@ class ExchangeFormat(StrEnum):
     REFERENCE = "reference"
 
 
+def parse_format(value) -> ExchangeFormat:
+    """`--format` as an `ExchangeFormat`; a one-line `OutputError` naming the choices otherwise."""
+    try:
+        return ExchangeFormat(value.value if isinstance(value, StrEnum) else value)
+    except ValueError:
+        raise OutputError(f"unknown --format {value!r}; choose one of {', '.join(f.value for f in ExchangeFormat)}") from None
+
+
 SUFFIXES = {ExchangeFormat.SAFETENSORS: ".safetensors", ExchangeFormat.REFERENCE: ".pt"}
 
 # safetensors dtype names <-> torch dtypes (the ones tables use)
@@ -195,10 +203,10 @@ def export_tables(store_path, out=None, fmt: ExchangeFormat | str = ExchangeForm
     either the old file or the whole new one. Returns the summary `engram export --json`
     prints (docs/exchange.md).
     """
-    from engram_cli.store import TableStore, parse_option
+    from engram_cli.store import TableStore
     from engram_cli.store.output import check_free_space, storage_errors
 
-    fmt = parse_option(ExchangeFormat, fmt) if not isinstance(fmt, ExchangeFormat) else fmt
+    fmt = parse_format(fmt)
     store = TableStore.open(store_path)
     out = Path(out) if out is not None else Path(store.path).with_suffix(SUFFIXES[fmt])
     out = check_file_output(out, force, inputs=[store.path])
@@ -582,4 +590,4 @@ def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -
 
 
 __all__ = ["ExchangeFormat", "KEY", "OFFSETS", "SCALE", "WEIGHT", "TensorFile", "check_table", "export_tables", "find_tables",
-           "import_tables", "open_tensor_file", "table_key"]
+           "import_tables", "open_tensor_file", "parse_format", "table_key"]
