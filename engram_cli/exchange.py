@@ -191,6 +191,17 @@ def check_file_output(out, force: bool, *, inputs=()) -> Path:
     return out
 
 
+def check_apart(out, named: dict) -> None:
+    """`OutputError` when `out` is, holds or lies inside one of the inputs `named` (label -> path)."""
+    from engram_cli.store.output import shown
+
+    target = Path(out).resolve()
+    for label, path in named.items():
+        source = Path(path).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise OutputError(f"-o {shown(out)} overlaps the {label} {shown(path)}; choose another -o/--out")
+
+
 def _temp_path(out: Path, tag: str = "partial") -> Path:
     return out.with_name(f".{out.name}.{os.getpid()}.{tag}")
 
@@ -209,7 +220,8 @@ def export_tables(store_path, out=None, fmt: ExchangeFormat | str = ExchangeForm
     fmt = parse_format(fmt)
     store = TableStore.open(store_path)
     out = Path(out) if out is not None else Path(store.path).with_suffix(SUFFIXES[fmt])
-    out = check_file_output(out, force, inputs=[store.path])
+    check_apart(out, {"table store": store.path})
+    out = check_file_output(out, force)
     meta = export_metadata(store, fmt)
     specs = export_specs(store, fmt, meta)
     check_free_space(out, sum(s.nbytes for s in specs))
@@ -541,12 +553,13 @@ def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -
     read and written shard by shard (memory: one shard); `plan_from` is never modified.
     """
     from engram_cli.store import TableStore
-    from engram_cli.store.output import check_output, storage_errors
+    from engram_cli.store.output import check_output, old_path, storage_errors
     from engram_cli.train import save_trained_store
 
     store = TableStore.open(plan_from)
     plan = store.plan
-    out = check_output(out, force, inputs=[store.path, file])
+    check_apart(out, {"--plan-from store": store.path, "input file": file})
+    out = check_output(out, force)
     tf = open_tensor_file(file)
     source = str(file)
     check_fingerprint(tf, plan, source)
@@ -578,9 +591,13 @@ def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -
                     done += s1 - s0
                     if progress is not None:
                         progress("importing", done, total, f"layer {l}")
-            if out.exists():
-                shutil.rmtree(out)
+            old = None
+            if out.exists():  # an engram store (check_output): moved aside, where readers name it, until the new one is in
+                old = old_path(out)
+                os.replace(out, old)
             os.replace(staging, out)
+            if old is not None:
+                shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

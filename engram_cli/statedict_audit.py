@@ -134,11 +134,11 @@ def lookup_parity(plan, vocab, layer_id: int, table: torch.Tensor, token_ids: np
 
     ids = torch.as_tensor(token_ids)
     ref = EngramLookup(plan, vocab, layer_id, table, backend="torch")(ids)
+    runs = [(b, None) for b in available_backends(torch.device("cpu"))]
+    if torch.cuda.is_available():  # triton compiled for the device rather than interpreted
+        runs = [r for r in runs if r[0] != "triton"] + [("triton", "cuda")]
     out = {}
-    for b in available_backends(torch.device("cpu")) + (["triton"] if torch.cuda.is_available() else []):
-        dev = "cuda" if (b == "triton" and torch.cuda.is_available()) else None
-        if b == "triton" and dev is None and "triton" in out:
-            continue
+    for b, dev in runs:
         lk = EngramLookup(plan, vocab, layer_id, table, backend=b, device=dev)
         t0 = time.perf_counter()
         got = lk(ids)

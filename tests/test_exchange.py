@@ -254,8 +254,10 @@ def test_output_refusals(stores, tmp_path):
     with pytest.raises(OutputError, match="not an engram table store"):
         import_tables(f, stores["float32"], tmp_path / "mine.zarr", force=True)
     assert (tmp_path / "mine.zarr" / "notes.txt").read_text() == "not a store"
-    with pytest.raises(OutputError, match="corpus path"):  # the plan's store itself
+    with pytest.raises(OutputError, match="overlaps the --plan-from store"):  # the plan's store itself
         import_tables(f, stores["float32"], stores["float32"], force=True)
+    with pytest.raises(OutputError, match="overlaps the table store"):
+        export_tables(stores["float32"], stores["float32"] / "t.safetensors")
     with pytest.raises(StoreError, match="does not exist"):
         export_tables(tmp_path / "missing.zarr", tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
