@@ -28,7 +28,7 @@ def export_command(
         engram export model.tables.zarr --format reference -o engram.pt
     """
     with progress_reporter(quiet=as_json) as progress:
-        result = export_tables(tables, out, fmt, force=force, progress=progress)
+        result = export_tables(tables, out, fmt, force=force, progress=progress).as_dict()
     if as_json:
         print_json(result)
         return

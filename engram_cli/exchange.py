@@ -198,8 +198,12 @@ def check_apart(out, named: dict) -> None:
     target = Path(out).resolve()
     for label, path in named.items():
         source = Path(path).resolve()
-        if target == source or source in target.parents or target in source.parents:
-            raise OutputError(f"-o {shown(out)} overlaps the {label} {shown(path)}; choose another -o/--out")
+        if target == source:
+            raise OutputError(f"output {shown(out)} is the {label} {shown(path)}; choose another -o/--out")
+        if source in target.parents:
+            raise OutputError(f"output {shown(out)} lies inside the {label} {shown(path)}; choose another -o/--out")
+        if target in source.parents:
+            raise OutputError(f"the {label} {shown(path)} lies inside the output {shown(out)}; choose another -o/--out")
 
 
 def _temp_path(out: Path, tag: str = "partial") -> Path:
@@ -207,12 +211,35 @@ def _temp_path(out: Path, tag: str = "partial") -> Path:
 
 
 # -- export --------------------------------------------------------------------------------
-def export_tables(store_path, out=None, fmt: ExchangeFormat | str = ExchangeFormat.SAFETENSORS, *, force: bool = False, progress=None) -> dict:
+@dataclass(frozen=True)
+class ExportResult:
+    """What `export_tables` wrote; usable as the file's path (`os.PathLike`), `as_dict()` for --json."""
+
+    path: str
+    format: str
+    store: str
+    plan_fingerprint: str
+    dtype: str
+    layers: list
+    bytes: int
+    seconds: float
+    tensors: list
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def as_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def export_tables(store_path, out=None, fmt: ExchangeFormat | str = ExchangeFormat.SAFETENSORS, *, force: bool = False, progress=None) -> ExportResult:
     """Write every layer's table of the store at `store_path` to one file `out` in `fmt`.
 
     Streams chunk by chunk (memory: one store chunk); temp file + rename, so FILE is
-    either the old file or the whole new one. Returns the summary `engram export --json`
-    prints (docs/exchange.md).
+    either the old file or the whole new one. Returns the file's path with the summary
+    `engram export --json` prints (`ExportResult.as_dict()`, docs/exchange.md).
     """
     from engram_cli.store import TableStore
     from engram_cli.store.output import check_free_space, storage_errors
@@ -239,9 +266,9 @@ def export_tables(store_path, out=None, fmt: ExchangeFormat | str = ExchangeForm
         raise
     seconds = time.perf_counter() - t0
     size = out.stat().st_size
-    return {"path": str(out), "format": str(fmt), "store": str(store.path), "plan_fingerprint": store.plan.fingerprint,
-            "dtype": store.dtype, "layers": list(store.plan.layer_ids), "bytes": size, "seconds": seconds,
-            "tensors": [{"name": s.name, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape)} for s in specs]}
+    return ExportResult(path=str(out), format=str(fmt), store=str(store.path), plan_fingerprint=store.plan.fingerprint,
+                        dtype=store.dtype, layers=list(store.plan.layer_ids), bytes=size, seconds=seconds,
+                        tensors=[{"name": s.name, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape)} for s in specs])
 
 
 def _write_safetensors(tmp: Path, specs, store, fmt, meta, progress) -> None:
@@ -500,6 +527,14 @@ def check_fingerprint(tf: TensorFile, plan, source) -> None:
 
 
 # -- import ----------------------------------------------------------------------------------
+def _link_or_copy(src, dst) -> None:
+    """Hard-link a store file (zarr replaces the files it rewrites, so the source never changes); copy across devices."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 _PLAN_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float8_e4m3": torch.float8_e4m3fn}
 
 
@@ -551,15 +586,18 @@ def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -
     spec's quantizer, keeping the file's scale bytes where they reproduce the values);
     head offsets and the plan fingerprint are checked when the file has them. Rows are
     read and written shard by shard (memory: one shard); `plan_from` is never modified.
+    The output goes through the build's steps (`store.writer.prepare_partial` /
+    `finalize`: locked, staged in `<out>.partial`, an existing store replaced only
+    with `force`).
     """
     from engram_cli.store import TableStore
-    from engram_cli.store.output import check_output, old_path, storage_errors
-    from engram_cli.train import save_trained_store
+    from engram_cli.store.output import check_output, release_output, storage_errors
+    from engram_cli.store.writer import finalize, prepare_partial
 
     store = TableStore.open(plan_from)
     plan = store.plan
-    check_apart(out, {"--plan-from store": store.path, "input file": file})
-    out = check_output(out, force)
+    check_apart(out, {"table store": store.path, "input file": file})
+    check_output(out, force)  # cheap refusals before reading the file; prepare_partial checks again under the lock
     tf = open_tensor_file(file)
     source = str(file)
     check_fingerprint(tf, plan, source)
@@ -572,18 +610,18 @@ def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -
         if c["dtype"] not in (_PLAN_TORCH[store.dtype], torch.float32):
             raise CheckpointError(f"{source}: layer {l} rows are {str(c['dtype']).removeprefix('torch.')}, the plan of {plan_from} stores {store.dtype}; "
                                   f"export them as {store.dtype} or float32")
-    staging = _temp_path(out, "importing")
-    shutil.rmtree(staging, ignore_errors=True)
     total = sum(plan.layer_rows(l) for l in plan.layer_ids)
     done = 0
     converted = sorted(l for l, c in checked.items() if c["dtype"] != _PLAN_TORCH[store.dtype])
+    out = Path(out)
+    partial = prepare_partial(out, force)  # the build's steps: lock, leftovers settled, output checked, staging
     try:
         with storage_errors(out):
-            save_trained_store(store.path, staging, {})  # the plan's store, files hard-linked
-            new = TableStore.open(staging, mode="r+")
+            shutil.copytree(store.path, partial, copy_function=_link_or_copy, dirs_exist_ok=True)  # the plan's store, hard-linked
+            new = TableStore.open(partial, mode="r+")
             for l in plan.layer_ids:
                 c, n = checked[l], plan.layer_rows(l)
-                for s0 in range(0, n, new.shard_rows):
+                for s0 in range(0, n, new.shard_rows):  # each shard written once, whole
                     s1 = min(n, s0 + new.shard_rows)
                     vals = tf.rows(c["weight"], s0, s1)
                     scales = tf.rows(c["scale"], s0, s1) if c["scale"] else None
@@ -591,20 +629,16 @@ def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -
                     done += s1 - s0
                     if progress is not None:
                         progress("importing", done, total, f"layer {l}")
-            old = None
-            if out.exists():  # an engram store (check_output): moved aside, where readers name it, until the new one is in
-                old = old_path(out)
-                os.replace(out, old)
-            os.replace(staging, out)
-            if old is not None:
-                shutil.rmtree(old)
+            finalize(partial, out, force)  # the old store (with --force) is moved aside until the new one is in
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)  # ours: prepare_partial made it
         raise
+    finally:
+        release_output(out)
     return {"path": str(out), "source": source, "file_format": tf.kind, "plan_from": str(store.path), "plan_fingerprint": plan.fingerprint,
             "dtype": store.dtype, "layers": list(plan.layer_ids), "rows": total, "converted_layers": converted,
             "fingerprint_checked": bool(tf.metadata.get("plan_fingerprint"))}
 
 
-__all__ = ["ExchangeFormat", "KEY", "OFFSETS", "SCALE", "WEIGHT", "TensorFile", "check_table", "export_tables", "find_tables",
+__all__ = ["ExchangeFormat", "ExportResult", "KEY", "OFFSETS", "SCALE", "WEIGHT", "TensorFile", "check_table", "export_tables", "find_tables",
            "import_tables", "open_tensor_file", "parse_format", "table_key"]

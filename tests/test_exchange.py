@@ -102,7 +102,7 @@ def test_safetensors_file_has_the_documented_names(stores, tmp_path):
     for dtype, code in (("float32", "F32"), ("bfloat16", "BF16"), ("float8_e4m3", "F8_E4M3")):
         store = TableStore.open(stores[dtype])
         plan = store.plan
-        f = export_tables(stores[dtype], tmp_path / f"{dtype}.safetensors", "safetensors")["path"]
+        f = export_tables(stores[dtype], tmp_path / f"{dtype}.safetensors", "safetensors").path
         with safe_open(f, framework="pt") as h:
             names = {table_key(l, n) for l in plan.layer_ids for n in (WEIGHT, OFFSETS)}
             if dtype == "float8_e4m3":
@@ -158,7 +158,7 @@ class EngramTable(nn.Module):
 def test_reference_file_loads_into_the_reference_module(stores, tmp_path, dtype, deepseek_tokenizer):
     store = TableStore.open(stores[dtype])
     plan, vocab = store.plan, store.vocab
-    f = export_tables(stores[dtype], tmp_path / "t.pt", "reference")["path"]
+    f = export_tables(stores[dtype], tmp_path / "t.pt", "reference").path
     assert zipfile.ZipFile(f).testzip() is None  # every record's CRC-32 matches its bytes
     sd = torch.load(f, weights_only=True)
     assert json.loads(sd.pop("engram_metadata").numpy().tobytes())["plan_fingerprint"] == plan.fingerprint
@@ -200,8 +200,8 @@ class Unsafe:
 def bad_files(stores, tmp_path) -> dict[str, tuple[Path, str]]:
     """name -> (file, words the one-line refusal must hold), against the float32 store."""
     plan = TableStore.open(stores["float32"]).plan
-    good = export_tables(stores["float32"], tmp_path / "good.safetensors", "safetensors")["path"]
-    good_pt = export_tables(stores["float32"], tmp_path / "good.pt", "reference")["path"]
+    good = export_tables(stores["float32"], tmp_path / "good.safetensors", "safetensors").path
+    good_pt = export_tables(stores["float32"], tmp_path / "good.pt", "reference").path
     w = {l: torch.zeros(plan.layer_rows(l), plan.head_dim) for l in plan.layer_ids}
     out = {}
     torch.save({KEY.format(1): w[1], "step": Unsafe()}, tmp_path / "unsafe.pt")
@@ -231,7 +231,7 @@ def bad_files(stores, tmp_path) -> dict[str, tuple[Path, str]]:
     out["dtype"] = (tmp_path / "f16.safetensors", "rows are float16")
     save_file({**{KEY.format(l): t for l, t in w.items()}, KEY.format(7): w[1].clone()}, str(tmp_path / "extra.safetensors"))
     out["extra layer"] = (tmp_path / "extra.safetensors", "layer 7")
-    out["fingerprint"] = (export_tables(stores["bfloat16"], tmp_path / "bf16.safetensors", "safetensors")["path"], "fingerprint")
+    out["fingerprint"] = (export_tables(stores["bfloat16"], tmp_path / "bf16.safetensors", "safetensors").path, "fingerprint")
     out["missing file"] = (tmp_path / "nothing.safetensors", "does not exist")
     return out
 
@@ -241,11 +241,11 @@ def test_import_refusals(stores, tmp_path):
         with pytest.raises(CheckpointError, match=re.escape(words)):
             import_tables(f, stores["float32"], tmp_path / f"{name}.zarr")
         assert not (tmp_path / f"{name}.zarr").exists(), name
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.name.endswith(".partial")]  # no staging, no lock left
 
 
 def test_output_refusals(stores, tmp_path):
-    f = export_tables(stores["float32"], tmp_path / "t.safetensors")["path"]
+    f = export_tables(stores["float32"], tmp_path / "t.safetensors").path
     with pytest.raises(OutputError, match="already exists"):
         export_tables(stores["float32"], f)
     export_tables(stores["float32"], f, force=True)
@@ -254,9 +254,14 @@ def test_output_refusals(stores, tmp_path):
     with pytest.raises(OutputError, match="not an engram table store"):
         import_tables(f, stores["float32"], tmp_path / "mine.zarr", force=True)
     assert (tmp_path / "mine.zarr" / "notes.txt").read_text() == "not a store"
-    with pytest.raises(OutputError, match="overlaps the --plan-from store"):  # the plan's store itself
+    (tmp_path / "new.zarr.partial").mkdir()  # a staging directory that is not ours
+    (tmp_path / "new.zarr.partial" / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="is not an engram staging directory"):
+        import_tables(f, stores["float32"], tmp_path / "new.zarr")
+    assert (tmp_path / "new.zarr.partial" / "keep.txt").read_text() == "mine" and not (tmp_path / "new.zarr").exists()
+    with pytest.raises(OutputError, match="is the table store"):  # the plan's store itself
         import_tables(f, stores["float32"], stores["float32"], force=True)
-    with pytest.raises(OutputError, match="overlaps the table store"):
+    with pytest.raises(OutputError, match="lies inside the table store"):
         export_tables(stores["float32"], stores["float32"] / "t.safetensors")
     with pytest.raises(StoreError, match="does not exist"):
         export_tables(tmp_path / "missing.zarr", tmp_path / "x.safetensors")
@@ -352,7 +357,7 @@ def test_state_dict_audit_refusals(stores, tmp_path):
     torch.save({k: v for k, v in sd.items() if WEIGHT not in k}, tmp_path / "notable.pt")
     with pytest.raises(CheckpointError, match="holds no Engram table"):
         audit_state_dict(tmp_path / "notable.pt", stores["float32"])
-    f8 = export_tables(stores["float8_e4m3"], tmp_path / "f8.safetensors")["path"]
+    f8 = export_tables(stores["float8_e4m3"], tmp_path / "f8.safetensors").path
     with pytest.raises(CheckpointError, match="float8_e4m3"):
         audit_state_dict(f8, stores["float8_e4m3"])
     torch.save(sd, tmp_path / "sd.pt")
