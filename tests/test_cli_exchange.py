@@ -110,6 +110,14 @@ def test_eval_state_dict_json_schema(small, tmp_path):
         assert lay["usage"]["lookups_on_unchanged_rows"] == 1.0
         assert all(set(p) == {"bit_exact", "tokens_per_s"} and p["bit_exact"] for p in lay["parity"].values())
         assert set(lay["lookups"]) == {"backends", "cache_hit_rate"}
+    st = tmp_path / "t.safetensors"  # the same audit of a safetensors file (tensors memory-mapped from it)
+    assert run("export", small["store"], "-o", st).exit_code == 0
+    r = run("eval", "--state-dict", st, "--tables", small["store"], "--corpus", small["corpus"], "--json")
+    assert r.exit_code == 0, r.output
+    again = json.loads(r.stdout)
+    assert again["file_format"] == "safetensors"
+    for l, lay in again["layers"].items():
+        assert lay["row_norms"] == out["layers"][l]["row_norms"] and lay["usage"] == out["layers"][l]["usage"] and lay["rows_changed"] == 0
     r = run("eval", "--state-dict", f, "--tables", small["store"])
     text = " ".join(r.stdout.split())  # long temp paths wrap the report's lines
     assert r.exit_code == 0 and "usage from the store's hit counts" in text and "bit-exact vs torch reference True" in text
