@@ -59,6 +59,10 @@ def stored(path: Path, layer: int) -> np.ndarray:
     return zarr.open_array(str(path / f"layer_{layer}" / "table"), mode="r")[:]
 
 
+def snapshot(root: Path) -> dict:
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def reference_weight(packed_or_words: np.ndarray, dtype: str, hd: int) -> torch.Tensor:
     """The rows as the reference module holds them, by torch's own casts: bfloat16 words
     reinterpreted, FP8 bytes cast from float8_e4m3fn and scaled by 2**(byte - 127)."""
@@ -78,7 +82,9 @@ def test_export_import_round_trips_bit_exactly(stores, tmp_path, dtype, fmt):
     src = stores[dtype]
     f = tmp_path / ("t.safetensors" if fmt == "safetensors" else "t.pt")
     export_tables(src, f, fmt)
+    before = snapshot(src)
     result = import_tables(f, src, tmp_path / "new.zarr")
+    assert snapshot(src) == before  # the plan's store is hard-linked from, never written
     assert result["fingerprint_checked"] and result["layers"] == [1, 3]
     for layer in (1, 3):
         a, b = stored(src, layer), stored(tmp_path / "new.zarr", layer)
