@@ -20,9 +20,10 @@ Nothing holds a layer in memory. Export writes the header (safetensors) or a ske
 archive (`torch.save` under `torch.serialization.skip_data`, storages mapped from a
 sparse scratch file and never read), then fills each tensor's bytes chunk by chunk in
 place (and, for the zip, each record's CRC-32); output goes to a temp file renamed over
-FILE at the end. Import opens the file lazily (safetensors `get_slice`, torch
-`mmap=True`), checks it against the plan (every layer, shapes, dtypes, offsets,
-fingerprint), and writes a new store shard by shard through the store's update API.
+FILE at the end. Import opens the file lazily (safetensors: positioned reads at its
+header's offsets; torch: `mmap=True`), checks it against the plan (every layer,
+shapes, dtypes, offsets, fingerprint), and writes a new store shard by shard through
+the store's update API, with a build's output steps (lock, staging, finalize).
 """
 
 from __future__ import annotations
@@ -354,13 +355,21 @@ class TensorFile:
     """A safetensors file or a torch (zip) state dict, opened without loading its tensors.
 
     `open_tensor_file` refuses what cannot be read safely. `rows(name, a, b)` reads rows
-    [a, b) of a tensor (safetensors `get_slice`; torch: an mmap-backed slice); `tensor`
-    gives the whole tensor mmap-backed (pages are read as they are touched).
+    [a, b) of a tensor into a fresh buffer (safetensors: one positioned read at the
+    offsets its header gives, so nothing stays mapped; torch: a slice of the
+    memory-mapped file); `tensor` gives the whole tensor memory-mapped (pages are read
+    as they are touched: for gathers).
     """
 
     def __init__(self, path: Path, kind: str, handle, metadata: dict):
         self.path, self.kind, self._h, self.metadata = path, kind, handle, metadata
         self._mm: dict[str, torch.Tensor] = {}
+        self._header: dict | None = None
+        self._base = 0
+        if kind == "safetensors":
+            with path.open("rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                self._header, self._base = json.loads(fh.read(n)), 8 + n  # safe_open validated it
 
     def keys(self) -> list[str]:
         return list(self._h.keys())
@@ -371,12 +380,12 @@ class TensorFile:
     def shape(self, name: str) -> tuple[int, ...]:
         if self.kind == "torch":
             return tuple(self._h[name].shape)
-        return tuple(self._h.get_slice(name).get_shape())
+        return tuple(self._header[name]["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
         if self.kind == "torch":
             return self._h[name].dtype
-        code = self._h.get_slice(name).get_dtype()
+        code = self._header[name]["dtype"]
         if code not in ST_DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {code}, which engram tables do not use; export it as F32, BF16, F16 or F8_E4M3")
         return ST_DTYPES[code]
@@ -384,28 +393,28 @@ class TensorFile:
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         if self.kind == "torch":
             return self._h[name][start:stop]
-        return self._h.get_slice(name)[start:stop]
+        shape, dtype = self.shape(name), self.dtype(name)
+        row = int(np.prod(shape[1:], dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+        buf = np.empty((stop - start) * row, dtype=np.uint8)
+        with self.path.open("rb") as fh:
+            fh.seek(self._base + self._header[name]["data_offsets"][0] + start * row)
+            if fh.readinto(memoryview(buf)) != buf.size:
+                raise CheckpointError(f"{self.path} ends inside tensor {name!r} (truncated); export it again")
+        return torch.from_numpy(buf).view(dtype).view(stop - start, *shape[1:])
 
     def tensor(self, name: str) -> torch.Tensor:
         """The whole tensor, mapped from the file (nothing is read until it is indexed)."""
         if self.kind == "torch":
             return self._h[name]
         if name not in self._mm:
-            header_len = struct.unpack("<Q", self.path.open("rb").read(8))[0]
-            info = self._raw_header[name]
-            a, b = info["data_offsets"]
-            dtype = ST_DTYPES[info["dtype"]]
-            n = (b - a)
-            shape = tuple(info["shape"])
-            raw = np.memmap(self.path, dtype=np.uint8, mode="c", offset=8 + header_len + a, shape=(n,)) if n else np.zeros(0, np.uint8)
-            self._mm[name] = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(shape) if n else torch.zeros(shape, dtype=dtype)
+            a, b = self._header[name]["data_offsets"]
+            shape, dtype = self.shape(name), self.dtype(name)
+            if b > a:  # copy-on-write mapping: writable for torch, never written back
+                raw = np.memmap(self.path, dtype=np.uint8, mode="c", offset=self._base + a, shape=(b - a,))
+                self._mm[name] = torch.from_numpy(raw).view(dtype).view(shape)
+            else:
+                self._mm[name] = torch.zeros(shape, dtype=dtype)
         return self._mm[name]
-
-    @property
-    def _raw_header(self) -> dict:
-        with self.path.open("rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            return json.loads(fh.read(n))
 
 
 def _first_line(e: Exception) -> str:
