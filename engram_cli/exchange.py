@@ -361,15 +361,16 @@ class TensorFile:
     as they are touched: for gathers).
     """
 
-    def __init__(self, path: Path, kind: str, handle, metadata: dict):
+    def __init__(self, path: Path, kind: str, handle, metadata: dict, offsets: dict | None = None):
         self.path, self.kind, self._h, self.metadata = path, kind, handle, metadata
         self._mm: dict[str, torch.Tensor] = {}
         self._header: dict | None = None
-        self._base = 0
+        self._offsets = offsets or {}  # tensor name -> file offset of its first byte (contiguous tensors)
         if kind == "safetensors":
             with path.open("rb") as fh:
                 n = struct.unpack("<Q", fh.read(8))[0]
-                self._header, self._base = json.loads(fh.read(n)), 8 + n  # safe_open validated it
+                self._header = json.loads(fh.read(n))  # safe_open validated it
+            self._offsets = {k: 8 + n + v["data_offsets"][0] for k, v in self._header.items() if k != "__metadata__"}
 
     def keys(self) -> list[str]:
         return list(self._h.keys())
@@ -390,14 +391,18 @@ class TensorFile:
             raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {code}, which engram tables do not use; export it as F32, BF16, F16 or F8_E4M3")
         return ST_DTYPES[code]
 
+    def offset(self, name: str) -> int | None:
+        """Where tensor `name`'s bytes start in the file (None: read through torch's mapping)."""
+        return self._offsets.get(name)
+
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        if self.kind == "torch":
+        if name not in self._offsets:  # a torch tensor whose place in the file is not known: slice the mapping
             return self._h[name][start:stop]
         shape, dtype = self.shape(name), self.dtype(name)
         row = int(np.prod(shape[1:], dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
         buf = np.empty((stop - start) * row, dtype=np.uint8)
         with self.path.open("rb") as fh:
-            fh.seek(self._base + self._header[name]["data_offsets"][0] + start * row)
+            fh.seek(self._offsets[name] + start * row)
             if fh.readinto(memoryview(buf)) != buf.size:
                 raise CheckpointError(f"{self.path} ends inside tensor {name!r} (truncated); export it again")
         return torch.from_numpy(buf).view(dtype).view(stop - start, *shape[1:])
@@ -410,7 +415,7 @@ class TensorFile:
             a, b = self._header[name]["data_offsets"]
             shape, dtype = self.shape(name), self.dtype(name)
             if b > a:  # copy-on-write mapping: writable for torch, never written back
-                raw = np.memmap(self.path, dtype=np.uint8, mode="c", offset=self._base + a, shape=(b - a,))
+                raw = np.memmap(self.path, dtype=np.uint8, mode="c", offset=self._offsets[name], shape=(b - a,))
                 self._mm[name] = torch.from_numpy(raw).view(dtype).view(shape)
             else:
                 self._mm[name] = torch.zeros(shape, dtype=dtype)
@@ -466,13 +471,36 @@ def _open_torch(path: Path) -> TensorFile:
         raise CheckpointError(f"{str(path)!r} is a truncated or corrupt torch file ({_first_line(e)}); export it again") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{str(path)!r} is not a state dict (a dict of name -> tensor); save model.state_dict() or export with `engram export`")
+    offsets = _torch_offsets(path, obj)
     meta = {}
     if METADATA_TENSOR in obj:
         try:
             meta = json.loads(obj.pop(METADATA_TENSOR).numpy().tobytes())
         except ValueError:
             raise CheckpointError(f"{str(path)!r}: its {METADATA_TENSOR!r} tensor is not JSON (corrupt?); export it again") from None
-    return TensorFile(path, "torch", obj, meta)
+    return TensorFile(path, "torch", obj, meta, offsets)
+
+
+def _torch_offsets(path: Path, obj: dict) -> dict:
+    """File offset of each contiguous tensor of a state dict loaded with `mmap=True`.
+
+    torch maps the whole file once and cuts each storage out of that mapping at its
+    record's offset, so storage address - record data offset is one constant (the
+    mapping's base) over all records in file order; when it is not (another torch),
+    nothing is returned and rows are sliced from the mapping instead.
+    """
+    try:
+        with path.open("rb") as fh:
+            data = sorted(_record_data_offset(fh, r[1]) for r in _zip_records(path))
+    except (AssertionError, OSError, zipfile.BadZipFile):
+        return {}
+    ptrs = {k: v.untyped_storage().data_ptr() for k, v in obj.items()}
+    uniq = sorted(set(ptrs.values()))
+    bases = {p - d for p, d in zip(uniq, data)}
+    if len(uniq) != len(data) or len(bases) != 1:
+        return {}
+    base = bases.pop()
+    return {k: ptrs[k] - base + v.storage_offset() * v.element_size() for k, v in obj.items() if v.is_contiguous()}
 
 
 # -- finding the tables in a state dict ---------------------------------------------------------

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from cli_checks import copy_fixtures, flip_byte
 from engram_cli.cli import app
 from engram_cli.errors import CheckpointError, OutputError, StoreError
-from engram_cli.exchange import KEY, OFFSETS, SCALE, WEIGHT, export_tables, import_tables, table_key
+from engram_cli.exchange import KEY, OFFSETS, SCALE, WEIGHT, export_tables, import_tables, open_tensor_file, table_key
 from engram_cli.fp8 import quantize_fp8_rows
 from engram_cli.hashing import hash_positions
 from engram_cli.store import TableStore
@@ -168,6 +168,11 @@ def test_reference_file_loads_into_the_reference_module(stores, tmp_path, dtype,
     assert zipfile.ZipFile(f).testzip() is None  # every record's CRC-32 matches its bytes
     sd = torch.load(f, weights_only=True)
     assert json.loads(sd.pop("engram_metadata").numpy().tobytes())["plan_fingerprint"] == plan.fingerprint
+    tf = open_tensor_file(f)  # the import reads rows at their offsets in the zip, not through a mapping
+    blob = Path(f).read_bytes()
+    for name, t in sd.items():
+        raw = blob[tf.offset(name) : tf.offset(name) + t.numel() * t.element_size()]
+        assert raw == t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() and torch.equal(tf.rows(name, 0, t.shape[0]), t)
     text = (stores["corpus"] / "debian-policy" / "index.rst").read_text()[:2000]
     ids = np.asarray(deepseek_tokenizer.tokenizer.encode(text).ids, dtype=np.int64)[None]
     for l in plan.layer_ids:
