@@ -14,7 +14,7 @@ from ._output import console, json_option, print_json, progress_reporter
 
 
 def export_command(
-    tables: Path = typer.Argument(Path(DEFAULT_STORE), help=f"Table store from `engram build-table` or `engram train` (default {DEFAULT_STORE})."),
+    tables: Path = typer.Argument(Path(DEFAULT_STORE), metavar="[TABLES.zarr]", help=f"Table store from `engram build-table` or `engram train` (default {DEFAULT_STORE})."),
     fmt: str = typer.Option(ExchangeFormat.SAFETENSORS.value, "--format", callback=parse_format, help=f"File format: {', '.join(f.value for f in ExchangeFormat)} (reference: a torch.save state dict, .pt); names in docs/exchange.md."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="File to write (default: the store's name with .safetensors or .pt)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing file at -o."),

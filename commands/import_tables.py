@@ -13,7 +13,7 @@ from ._output import console, json_option, notice, print_json, progress_reporter
 
 
 def import_command(
-    file: Path = typer.Argument(..., help="A file from `engram export` (safetensors or .pt) or a state dict with the same names."),
+    file: Path = typer.Argument(..., metavar="FILE", help="A file from `engram export` (safetensors or .pt) or a state dict with the same names."),
     plan_from: Path = typer.Option(Path(DEFAULT_STORE), "--plan-from", help="Store whose plan, vocabulary and hit counts the new store takes (never modified)."),
     out: Path = typer.Option(..., "-o", "--out", help="New store to write."),
     force: bool = typer.Option(False, "--force", help="Replace an existing table store at -o (nothing else is ever replaced)."),
