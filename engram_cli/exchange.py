@@ -663,6 +663,7 @@ def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -
                     vals = tf.rows(c["weight"], s0, s1)
                     scales = tf.rows(c["scale"], s0, s1) if c["scale"] else None
                     new.write_row_block(l, s0, _storage_block(vals, scales, store.dtype), by="imported")
+                    del vals, scales  # freed before the next shard is read: one shard in memory
                     done += s1 - s0
                     if progress is not None:
                         progress("importing", done, total, f"layer {l}")
