@@ -31,7 +31,7 @@ MiB = 1 << 20
 CACHE_SHARES = (0.01, 0.05, 0.10)  # hot-row cache capacities, as shares of a layer's rows
 EVAL_BATCH = 16  # windows per forward
 ROW_READ_BYTES = 256 * MiB  # chunk cache while reading the held-out rows (each chunk is decoded once)
-NORM_SAMPLE_CHUNKS = 64  # row norms: every chunk of a smaller table, else this many evenly spaced
+NORM_SAMPLE_ROWS = 1 << 20  # row norms: every row of a smaller table, else whole chunks evenly spaced up to about this many rows
 LOOKUP_RESIDENT_BYTES = 1 << 30  # lookup benchmark: a layer up to this size is held resident
 LOOKUP_BENCH_WINDOWS = 8  # held-out windows per benchmarked lookup call
 LOOKUP_REPS = 3  # timed calls per backend (the fastest counts)
@@ -257,23 +257,27 @@ def _quantiles(x: np.ndarray) -> dict | None:
 
 
 def row_norms(store, layer_id: int, touched: np.ndarray) -> dict:
-    """L2-norm quantiles of trained vs untouched rows over every chunk, or NORM_SAMPLE_CHUNKS evenly spaced ones."""
+    """L2-norm quantiles of trained vs untouched rows: every row, or whole chunks evenly spaced (about NORM_SAMPLE_ROWS rows)."""
     from engram_cli.store import from_storage
 
     n = store.table(layer_id).shape[0]
     cr = store.chunk_rows
     n_chunks = -(-n // cr)
-    picks = range(n_chunks) if n_chunks <= NORM_SAMPLE_CHUNKS else np.linspace(0, n_chunks - 1, NORM_SAMPLE_CHUNKS).round().astype(int)
-    trained, untouched = [], []
-    for c in picks:
-        a, b = int(c) * cr, min(n, (int(c) + 1) * cr)
+    k = max(1, NORM_SAMPLE_ROWS // cr)
+    if n_chunks <= k:  # every row, in blocks of whole chunks
+        step = cr * max(1, k // 4)
+        ranges = [(a, min(n, a + step)) for a in range(0, n, step)]
+    else:
+        ranges = [(int(c) * cr, min(n, (int(c) + 1) * cr)) for c in np.unique(np.linspace(0, n_chunks - 1, k).round().astype(int))]
+    trained, untouched, chunks_read = [], [], 0
+    for a, b in ranges:
         block = np.asarray(from_storage(store.load_layer(layer_id, rows=(a, b)), store.dtype), dtype=np.float32)
         norms = np.linalg.norm(block, axis=1)
-        ids = np.arange(a, b)
-        mask = np.isin(ids, touched[(touched >= a) & (touched < b)], assume_unique=True)
+        mask = np.isin(np.arange(a, b), touched[(touched >= a) & (touched < b)], assume_unique=True)
         trained.append(norms[mask])
         untouched.append(norms[~mask])
-    return {"sampled": n_chunks > NORM_SAMPLE_CHUNKS, "chunks_read": len(picks), "chunks": n_chunks,
+        chunks_read += -(-(b - a) // cr)
+    return {"sampled": chunks_read < n_chunks, "chunks_read": chunks_read, "chunks": n_chunks,
             "trained": _quantiles(np.concatenate(trained)), "untouched": _quantiles(np.concatenate(untouched))}
 
 

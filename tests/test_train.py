@@ -114,3 +114,31 @@ def test_heldout_is_deterministic():
     a = [is_heldout(k) for k in keys]
     assert a == [is_heldout(k) for k in keys]
     assert 0.05 < np.mean(a) < 0.15
+
+
+def test_trained_store_rewrites_only_touched_shards(tmp_path):
+    """save_trained_store: shards holding trained rows are new files; every other file is a hard link of the initial store's."""
+    from cli_checks import build_small_store
+
+    from engram_cli.store import TableStore
+    from engram_cli.train import save_trained_store
+
+    src = build_small_store(tmp_path)
+    init = TableStore.open(src)
+    layer = init.layer_ids[0]
+    sr, n = init.shard_rows, init.table(layer).shape[0]
+    assert n > 3 * sr  # several shards, so some stay untouched
+    rows = np.array([1, sr + 5, sr + 7], dtype=np.int64)  # shards 0 and 1
+    values = np.full((rows.size, init.head_dim), 0.5, dtype=np.float32)
+    before = {p: (p.stat().st_ino, p.read_bytes()) for p in src.rglob("*") if p.is_file()}
+    dst = save_trained_store(src, tmp_path / "model.tables.zarr", {layer: (rows, values)})
+    new = TableStore.open(dst)
+    np.testing.assert_array_equal(new.read_rows(layer, rows), values)
+    rewritten = {init.shard_path(layer, 0).relative_to(src), init.shard_path(layer, 1).relative_to(src)}
+    for p, (ino, data) in before.items():
+        rel, q = p.relative_to(src), dst / p.relative_to(src)
+        assert p.stat().st_ino == ino and p.read_bytes() == data  # the initial store is untouched
+        if rel in rewritten:
+            assert q.stat().st_ino != ino and p.stat().st_nlink == 1
+        elif rel.name != "zarr.json":  # attributes are rewritten (the modification record)
+            assert q.stat().st_ino == ino and q.stat().st_nlink == 2, rel
