@@ -9,8 +9,9 @@ hashed first, their unique rows read once through the lookup kernels' chunk cach
 read only at those rows, n-gram counts joined from the store's statistics for the
 held-out n-grams only (polars streams the parquet), row norms from a fixed sample of
 chunks, the hot-row sets from hit counts streamed block by block. The lookup benchmark
-holds a layer resident only when it fits `LOOKUP_RESIDENT_BYTES`; a larger one is read
-through a chunk cache of that size.
+holds one layer resident at a time, and only when it fits `LOOKUP_RESIDENT_BYTES` and half
+the available RAM; a larger one is read through a chunk cache of ROW_READ_BYTES (random
+lookups then decode most chunks per call: the figure says what that path costs).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ CACHE_SHARES = (0.01, 0.05, 0.10)  # hot-row cache capacities, as shares of a la
 EVAL_BATCH = 16  # windows per forward
 ROW_READ_BYTES = 256 * MiB  # chunk cache while reading the held-out rows (each chunk is decoded once)
 NORM_SAMPLE_ROWS = 1 << 20  # row norms: every row of a smaller table, else whole chunks evenly spaced up to about this many rows
-LOOKUP_RESIDENT_BYTES = 1 << 30  # lookup benchmark: a layer up to this size is held resident
+LOOKUP_RESIDENT_BYTES = 4 << 30  # lookup benchmark: a layer up to this size (and half the available RAM) is held resident
 LOOKUP_BENCH_WINDOWS = 8  # held-out windows per benchmarked lookup call
 LOOKUP_REPS = 3  # timed calls per backend (the fastest counts)
 DECILES = 10
@@ -298,6 +299,20 @@ def cache_hit_rates(store, layer_id: int, rows: np.ndarray) -> dict:
 
 
 # -- lookups -------------------------------------------------------------------------------------
+def available_ram() -> int:
+    """Bytes of RAM available now (MemAvailable; free pages where /proc/meminfo is missing)."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def available_backends(device) -> list[str]:
     """The lookup backends that can run here (triton only on CUDA or under TRITON_INTERPRET=1)."""
     from engram_cli.kernels import resolve_backend
@@ -324,14 +339,17 @@ def lookup_report(store, plan, vocab, layer_id: int, x_raw: np.ndarray, device=N
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     arr = store.table(layer_id)
     row_bytes = int(arr.shape[1]) * np.dtype(arr.dtype).itemsize
-    resident = arr.shape[0] * row_bytes <= LOOKUP_RESIDENT_BYTES
+    layer_bytes = arr.shape[0] * row_bytes
+    resident = layer_bytes <= min(LOOKUP_RESIDENT_BYTES, available_ram() // 2)
     table = store.load_layer(layer_id) if resident else None
+    if not resident:
+        x_raw = x_raw[:1]  # each call reads most chunks of the table: one window
     ids = torch.as_tensor(x_raw)
 
     def make(backend):
         if resident:
             return EngramLookup(plan, vocab, layer_id, table, backend=backend, device=device)
-        return EngramLookup.from_store(store, layer_id, backend=backend, device=device, max_resident_bytes=LOOKUP_RESIDENT_BYTES)
+        return EngramLookup.from_store(store, layer_id, backend=backend, device=device, max_resident_bytes=ROW_READ_BYTES)
 
     ref = make("torch")
     want_rows, want_ids = ref(ids, dtype=torch.float32).cpu(), ref.row_ids(ids).cpu()
@@ -353,5 +371,5 @@ def lookup_report(store, plan, vocab, layer_id: int, x_raw: np.ndarray, device=N
             best = min(best, time.perf_counter() - t0)
         n_lookups = ids.numel() * want_ids.shape[-1]
         backends[name] = {"bit_exact": exact, "tokens_per_s": ids.numel() / best, "gb_per_s": n_lookups * row_bytes / best / 1e9}
-    return {"device": str(device), "table": "resident" if resident else f"chunk cache ({LOOKUP_RESIDENT_BYTES // MiB} MiB)",
+    return {"device": str(device), "table": "resident" if resident else f"chunk cache ({ROW_READ_BYTES // MiB} MiB)",
             "tokens": int(ids.numel()), "backends": backends}

@@ -66,15 +66,27 @@ def batch_inputs(model: EngramGPT, lookups: dict, tmap: TokenMap, window: np.nda
 
 
 class _RowState:
-    """Adam moments of the rows of one table that have had a gradient; rows found by binary search."""
+    """Adam moments of the rows of one table that have had a gradient; rows found by binary search.
+
+    Slots are handed out in order of a row's first gradient and live in fixed blocks of
+    BLOCK rows, so the state grows with the rows trained, without copies and with at
+    most one partly used block.
+    """
+
+    BLOCK = 1 << 16
 
     def __init__(self, width: int, device):
+        self.width, self.device = int(width), device
         self.ids = np.zeros(0, dtype=np.int64)  # sorted row ids with state
-        self.slots = np.zeros(0, dtype=np.int64)  # their slots in exp_avg / exp_avg_sq
-        self.exp_avg = torch.zeros((0, width), device=device)
-        self.exp_avg_sq = torch.zeros((0, width), device=device)
+        self.slots = np.zeros(0, dtype=np.int64)  # their slots (slot s: block s // BLOCK, row s % BLOCK)
+        self.exp_avg: list[torch.Tensor] = []
+        self.exp_avg_sq: list[torch.Tensor] = []
 
-    def slots_for(self, rows: np.ndarray) -> torch.Tensor:
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.exp_avg + self.exp_avg_sq) + self.ids.nbytes + self.slots.nbytes
+
+    def slots_for(self, rows: np.ndarray) -> np.ndarray:
         """Slots of the sorted unique `rows`, allocating zeroed state for rows seen the first time."""
         pos = np.searchsorted(self.ids, rows)
         found = np.zeros(rows.shape, dtype=bool)
@@ -83,14 +95,33 @@ class _RowState:
         new = rows[~found]
         if new.size:
             n = self.ids.size
-            if n + new.size > self.exp_avg.shape[0]:  # grow by doubling: amortized O(1) per row
-                cap = max(n + new.size, 2 * self.exp_avg.shape[0])
-                grow = lambda t: torch.cat([t, t.new_zeros((cap - t.shape[0], t.shape[1]))])  # noqa: E731
-                self.exp_avg, self.exp_avg_sq = grow(self.exp_avg), grow(self.exp_avg_sq)
+            while len(self.exp_avg) * self.BLOCK < n + new.size:
+                self.exp_avg.append(torch.zeros((self.BLOCK, self.width), device=self.device))
+                self.exp_avg_sq.append(torch.zeros((self.BLOCK, self.width), device=self.device))
             self.ids = np.insert(self.ids, pos[~found], new)
             self.slots = np.insert(self.slots, pos[~found], np.arange(n, n + new.size))
             pos = np.searchsorted(self.ids, rows)
-        return torch.as_tensor(self.slots[pos], device=self.exp_avg.device)
+        return self.slots[pos]
+
+    def _blocks(self, slots: np.ndarray):
+        """(block index, positions in `slots`, rows in that block) for each block the slots use."""
+        block = slots // self.BLOCK
+        for k in np.unique(block):
+            sel = np.flatnonzero(block == k)
+            yield int(k), torch.as_tensor(sel, device=self.device), torch.as_tensor(slots[sel] % self.BLOCK, device=self.device)
+
+    def get(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        m = torch.empty((slots.size, self.width), device=self.device)
+        v = torch.empty((slots.size, self.width), device=self.device)
+        for k, sel, off in self._blocks(slots):
+            m[sel] = self.exp_avg[k][off]
+            v[sel] = self.exp_avg_sq[k][off]
+        return m, v
+
+    def put(self, slots: np.ndarray, m: torch.Tensor, v: torch.Tensor) -> None:
+        for k, sel, off in self._blocks(slots):
+            self.exp_avg[k][off] = m[sel]
+            self.exp_avg_sq[k][off] = v[sel]
 
 
 class RowAdam:
@@ -123,11 +154,10 @@ class RowAdam:
             grad = leaf.grad  # (U, head_dim): one row per unique looked-up row
             st = self.state[l]
             slots = st.slots_for(uniq.cpu().numpy())
-            old_m, old_v = st.exp_avg[slots], st.exp_avg_sq[slots]
+            old_m, old_v = st.get(slots)
             numer = grad.sub(old_m).mul_(1 - b1)
             upd_v = grad.pow(2).sub_(old_v).mul_(1 - b2)
-            st.exp_avg[slots] = old_m + numer
-            st.exp_avg_sq[slots] = old_v + upd_v
+            st.put(slots, old_m + numer, old_v + upd_v)
             numer.add_(old_m)
             denom = upd_v.add_(old_v).sqrt_().add_(self.eps)
             table = m.lookup.table
@@ -139,7 +169,8 @@ class RowAdam:
         return self.state[layer_id].ids.copy()
 
     def state_bytes(self) -> int:
-        return sum(s.exp_avg.nbytes + s.exp_avg_sq.nbytes + s.ids.nbytes + s.slots.nbytes for s in self.state.values())
+        """Bytes of moment state and row index, all tables."""
+        return sum(s.nbytes for s in self.state.values())
 
 
 def make_optimizers(model: EngramGPT, lr: float = 3e-3, weight_decay: float = 0.01) -> list:
@@ -185,7 +216,7 @@ from engram_cli.errors import CheckpointError, StoreError
 from engram_cli.model import ModelConfig
 
 DEFAULT_CORPUS = "corpus"  # `engram build-table corpus/` reads the same folder
-DEFAULT_STEPS = 200  # the demo: ~1-2 minutes on 2 CPU cores with the reference plan
+DEFAULT_STEPS = 150  # the demo: under 5 minutes on 2 CPU cores with the reference plan (16 layers), measured in docs/train.md
 DEFAULT_BATCH = 8
 DEFAULT_BLOCK = 128
 HELDOUT_SHARE = 0.1
@@ -305,6 +336,8 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
     tmap = TokenMap.from_ids(np.concatenate([train_ids, held_ids]))
     torch.manual_seed(seed)
     device = train_device()
+    # --no-engram keeps the depth the plan needs: the baseline is the same backbone without memory
+    n_layer = max(n_layer, max(plan.layer_ids) + 1)
     cfg = ModelConfig.for_plan(None if no_engram else plan, vocab_size=tmap.size, n_layer=n_layer, n_head=4, d_model=d_model, block_size=block)
     model = EngramGPT(cfg).to(device)
     lookups = {}

@@ -40,8 +40,11 @@ def test_few_steps_lower_loss_and_touch_only_batch_rows(data):
     np.testing.assert_array_equal(changed, opts[-1].touched(1))  # exactly the rows with optimizer state
 
 
-def test_row_adam_matches_torch_sparse_adam():
+def test_row_adam_matches_torch_sparse_adam(monkeypatch):
     """RowAdam (lazy row state, rows outside the parameters) against torch.optim.SparseAdam on an nn.Embedding."""
+    from engram_cli.train import _RowState
+
+    monkeypatch.setattr(_RowState, "BLOCK", 64)  # state spread over several blocks
     torch.manual_seed(0)
     rows, width = 500, 8
     init = torch.randn(rows, width)
@@ -74,6 +77,7 @@ def test_row_adam_matches_torch_sparse_adam():
     touched = torch.unique(torch.cat([torch.as_tensor(np.flatnonzero((emb.weight.detach() != init).any(1).numpy()))]))
     np.testing.assert_array_equal(opt.touched(0), touched.numpy())
     assert opt.state[0].ids.size < rows  # state only for rows that had a gradient
+    assert len(opt.state[0].exp_avg) == -(-opt.state[0].ids.size // 64) > 1
 
 
 def test_checkpoint_round_trip_and_refusals(tmp_path, data):
