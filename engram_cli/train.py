@@ -11,6 +11,7 @@ the batches touch.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from dataclasses import dataclass
@@ -356,12 +357,18 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
     train_s = time.perf_counter() - t0
     row_opt = opts[-1] if cfg.engram_layers else None
     touched_rows = {l: row_opt.touched(l) for l in cfg.engram_layers}
+    state_bytes = row_opt.state_bytes() if row_opt is not None else 0
     trained_store = None
     if cfg.engram_layers:
         trained_store = out.with_name(out.name.removesuffix(".ckpt").removesuffix(".safetensors") + TRAINED_STORE_SUFFIX)
         if progress is not None:
             progress("save rows", 0, None, str(trained_store))
         trained = {l: (r, lookups[l].table[torch.as_tensor(r, device=device)].cpu().numpy()) for l, r in touched_rows.items()}
+        # the trained rows are out: let the resident tables and the optimizer state go before the store is written
+        for m in model.memories().values():
+            m.lookup = None
+        del lookups, opts, row_opt
+        gc.collect()
         save_trained_store(store.path, trained_store, trained)
     save_checkpoint(
         out, model.cpu(),
@@ -381,4 +388,4 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
             "first_loss": losses[0], "last_loss": losses[-1], "train_tokens": int(len(train_ids)),
             "heldout_tokens": int(len(held_ids)), "seconds": train_s, "tokens_per_s": steps * batch * block / train_s,
             "device": device, "rows_trained": {str(l): int(r.size) for l, r in touched_rows.items()},
-            "optimizer_state_bytes": row_opt.state_bytes() if row_opt is not None else 0}
+            "optimizer_state_bytes": state_bytes}
