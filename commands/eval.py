@@ -18,6 +18,43 @@ def _f(x, fmt=".4f"):
     return "-" if x is None else format(x, fmt)
 
 
+def _norms(q) -> str:
+    return "-" if q is None else f"p10 {q['p10']:.3f} / p50 {q['p50']:.3f} / p90 {q['p90']:.3f} ({q['rows']:,} rows)"
+
+
+def render_layer(name: str, l: str, lay: dict) -> None:
+    console.print(f"[bold]{name}, Engram layer {l}[/]: mean gate {lay['gate_mean']:.3f}")
+    deciles = lay.get("gate_by_frequency_decile") or {}
+    if deciles:
+        t = Table(title="mean gate by n-gram frequency decile (1 = rarest; count = corpus count of the n-gram)", title_justify="left")
+        t.add_column("decile", justify="right")
+        for n in deciles:
+            t.add_column(f"{n}-gram count", justify="right")
+            t.add_column(f"{n}-gram gate", justify="right")
+        for d in range(max(len(v) for v in deciles.values())):
+            cells = [str(d + 1)]
+            for v in deciles.values():
+                e = v[d] if d < len(v) else None
+                cells += ["-", "-"] if e is None else [f"{e['min_count']:,}-{e['max_count']:,}", _f(e["gate_mean"], ".3f")]
+            t.add_row(*cells)
+        console.print(t)
+        for n, c in lay["gate_by_collision"].items():
+            console.print(f"  {n}-grams: gate {_f(c['clean_head']['gate_mean'], '.3f')} with a clean head ({c['clean_head']['positions']:,} positions), "
+                          f"{_f(c['all_heads_collide']['gate_mean'], '.3f')} where all heads collide ({c['all_heads_collide']['positions']:,})")
+    u = lay["usage"]
+    console.print(f"  table usage: held-out text touches {u['rows_touched_heldout']:,} of {u['rows']:,} rows; training updated {u['rows_trained']:,}; "
+                  f"{u['lookups_on_untrained_rows']:.1%} of {u['lookups']:,} held-out lookups land on rows never updated in training")
+    n = lay["row_norms"]
+    where = f"{n['chunks_read']} of {n['chunks']} chunks" if n["sampled"] else "all rows"
+    console.print(f"  row norms ({where}): trained {_norms(n['trained'])}; untouched {_norms(n['untouched'])}")
+    lk = lay["lookups"]
+    for b, v in lk["backends"].items():
+        console.print(f"  lookups {b}: {v['tokens_per_s']:,.0f} tokens/s, {v['gb_per_s']:.3f} GB/s, bit-exact vs torch {'yes' if v['bit_exact'] else 'NO'}"
+                      f"  ({lk['device']}, table {lk['table']})")
+    if lk.get("cache_hit_rate"):
+        console.print("  hot-row cache hit rate: " + ", ".join(f"{v:.1%} at {k} capacity" for k, v in lk["cache_hit_rate"].items()))
+
+
 def render(reports: list[dict]) -> None:
     t = Table(title="held-out cross-entropy (nats/token)", title_justify="left")
     for col in ("checkpoint", "engram", "steps", "tokens", "loss", "ppl", "loss, memory ablated", "ppl ablated", "memory gain"):
@@ -28,19 +65,7 @@ def render(reports: list[dict]) -> None:
     console.print(t)
     for r in reports:
         for l, lay in r["layers"].items():
-            console.print(f"[bold]{r['checkpoint']} layer {l}[/]: mean gate {lay['gate_mean']:.3f}"
-                          + (f", clean head {_f(lay.get('gate_clean_head'), '.3f')} vs all heads collide {_f(lay.get('gate_all_heads_collide'), '.3f')}" if "gate_clean_head" in lay else ""))
-            if lay.get("gate_by_frequency_decile"):
-                console.print("  gate by n-gram frequency decile (1 = rarest): " + "  ".join(f"{d['decile']}:{_f(d['gate_mean'], '.3f')}" for d in lay["gate_by_frequency_decile"]))
-            u = lay["usage"]
-            console.print(f"  rows touched by held-out text {u['rows_touched_heldout']:,} of {u['rows']:,}; trained rows {u['rows_trained']:,}; "
-                          f"held-out lookups on never-trained rows {u['lookups_on_untrained_rows']:.1%}")
-            n = lay["row_norms"]
-            console.print("  row norms p10/p50/p90: " + "; ".join(f"{k} " + ("-" if v is None else "/".join(f"{x:.3f}" for x in v.values())) for k, v in n.items()))
-            for name, b in lay["lookups"]["backends"].items():
-                console.print(f"  lookups {name}: {b['lookups_per_s']:,.0f} rows/s, {b['gb_per_s']:.2f} GB/s, bit-exact {b['bit_exact']}")
-            if lay["lookups"]["cache_hit_rate"]:
-                console.print("  hot-row cache hit rate: " + ", ".join(f"{k} capacity {v:.1%}" for k, v in lay["lookups"]["cache_hit_rate"].items()))
+            render_layer(r["checkpoint"], l, lay)
 
 
 def eval_command(

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from engram_cli.defaults import DEFAULT_CHECKPOINT, DEFAULT_STORE
+from engram_cli.units import format_bytes
 from engram_cli.train import DEFAULT_CORPUS, DEFAULT_STEPS, run_training
 
 from ._output import console, json_option, print_json, progress_reporter
@@ -20,7 +21,7 @@ def train_command(
     no_engram: bool = typer.Option(False, "--no-engram", help="Train the same backbone without Engram memory (the baseline)."),
     as_json: bool = json_option(),
 ) -> None:
-    """Train the reference model; held-out documents are kept for `engram eval`.
+    """Train the reference model; held-out documents are kept for `engram eval` (docs/train.md).
 
     Example:
 
@@ -35,7 +36,9 @@ def train_command(
     console.print(f"[bold]{result['checkpoint']}[/]: {result['steps']} steps, loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, "
                   f"{result['tokens_per_s']:,.0f} tokens/s, {result['seconds']:.1f} s")
     if result["tables"]:
-        console.print(f"trained rows: {result['tables']}  (the initial {tables} is unchanged)")
+        rows = sum(result["rows_trained"].values())
+        console.print(f"trained rows: {rows:,} in {result['tables']}  (the initial {tables} is unchanged); "
+                      f"table optimizer state {format_bytes(result['optimizer_state_bytes'])}")
     console.print("next: engram eval " + result["checkpoint"])
 
 

@@ -2,6 +2,16 @@
 
 Every figure is computed on the checkpoint's held-out documents (or on --corpus, read
 whole as held-out text); the schema is documented in docs/eval.md.
+
+Memory is bounded by the held-out text, never by the table: the held-out row ids are
+hashed first, their unique rows read once through the lookup kernels' chunk cache
+(`EngramLookup.from_store(max_resident_bytes=...)`, each chunk decoded once), hit counts
+read only at those rows, n-gram counts joined from the store's statistics for the
+held-out n-grams only (polars streams the parquet), row norms from a fixed sample of
+chunks, the hot-row sets from hit counts streamed block by block. The lookup benchmark
+holds one layer resident at a time, and only when it fits `LOOKUP_RESIDENT_BYTES` and half
+the available RAM; a larger one is read through a chunk cache of ROW_READ_BYTES (random
+lookups then decode most chunks per call: the figure says what that path costs).
 """
 
 from __future__ import annotations
@@ -14,18 +24,27 @@ import numpy as np
 import torch
 
 from engram_cli.checkpoint import load_checkpoint
-from engram_cli.errors import CheckpointError, StoreError
-from engram_cli.model import EngramGPT, ModelConfig, row_ids_for
-from engram_cli.train import HELDOUT_SHARE, MAX_HELDOUT_TOKENS, TokenMap, load_layer_table, open_tables, read_split
+from engram_cli.errors import BackendError, CheckpointError, StoreError
+from engram_cli.model import EngramGPT, ModelConfig, table_lookup
+from engram_cli.train import HELDOUT_SHARE, MAX_HELDOUT_TOKENS, TokenMap, open_tables, read_split
 
-CACHE_SHARES = (0.01, 0.05, 0.10)
+MiB = 1 << 20
+CACHE_SHARES = (0.01, 0.05, 0.10)  # hot-row cache capacities, as shares of a layer's rows
+EVAL_BATCH = 16  # windows per forward
+ROW_READ_BYTES = 256 * MiB  # chunk cache while reading the held-out rows (each chunk is decoded once)
+NORM_SAMPLE_ROWS = 1 << 20  # row norms: every row of a smaller table, else whole chunks evenly spaced up to about this many rows
+LOOKUP_RESIDENT_BYTES = 4 << 30  # lookup benchmark: a layer up to this size (and half the available RAM) is held resident
+LOOKUP_BENCH_WINDOWS = 8  # held-out windows per benchmarked lookup call
+LOOKUP_REPS = 3  # timed calls per backend (the fastest counts)
+DECILES = 10
+QUANTILES = {"p10": 0.1, "p50": 0.5, "p90": 0.9}
 
 
 def load_model(ckpt: dict, tables: str | None):
-    """The model of a checkpoint with its tables loaded; refusals for store/plan/shape problems."""
+    """The model of a checkpoint (tables not loaded) and its store; refusals for store/plan/shape problems."""
     cfg = ModelConfig.from_dict(ckpt["config"])
     model = EngramGPT(cfg)
-    store = plan = vocab = tok = None
+    store = plan = vocab = None
     tables = tables or ckpt.get("tables")
     if cfg.engram_layers or tables:
         if tables is None:
@@ -34,21 +53,20 @@ def load_model(ckpt: dict, tables: str | None):
             raise StoreError(f"table store {str(tables)!r} is missing; pass --tables T.zarr or re-run `engram train`")
         store, plan, vocab, tok = open_tables(tables)
         if cfg.engram_layers and ckpt.get("plan_fingerprint") and plan.fingerprint != ckpt["plan_fingerprint"]:
-            raise CheckpointError(f"plan fingerprint of {tables!r} ({plan.fingerprint[:12]}) does not match the checkpoint's ({ckpt['plan_fingerprint'][:12]}); pass the tables it was trained with")
+            raise CheckpointError(f"plan fingerprint of {str(tables)!r} ({plan.fingerprint[:12]}) does not match the checkpoint's ({ckpt['plan_fingerprint'][:12]}); pass the tables it was trained with")
+        for l in cfg.engram_layers:
+            got, want = tuple(store.table(l).shape[:1]) + (store.head_dim,), (cfg.table_rows[str(l)], cfg.head_dim)
+            if got != want:
+                raise CheckpointError(f"table of layer {l} has shape {got}, the model expects {want}; pass the tables it was trained with")
     else:
         from engram_cli.vocab import load_tokenizer
 
         tok = load_tokenizer()
-    missing, unexpected = model.load_state_dict(ckpt["weights"], strict=False)
-    table_names = {n for n, p in model.named_parameters() if any(p is t for t in model.table_parameters())}
-    if set(missing) - table_names or unexpected:
-        raise CheckpointError(f"checkpoint weights do not match its config (missing {sorted(set(missing) - table_names)[:3]}, unexpected {list(unexpected)[:3]})")
-    with torch.no_grad():
-        for l, w in zip(cfg.engram_layers, model.table_parameters()):
-            t = load_layer_table(store, l)
-            if t.shape != tuple(w.shape):
-                raise CheckpointError(f"table of layer {l} has shape {t.shape}, the model expects {tuple(w.shape)}")
-            w.data = torch.from_numpy(t)  # no second copy of the table
+    try:
+        model.load_state_dict(ckpt["weights"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint weights do not match its config ({first[:160]}); re-run `engram train`") from None
     model.eval()
     return model, store, plan, vocab, tok
 
@@ -71,8 +89,18 @@ def windows(stream: np.ndarray, block: int) -> np.ndarray:
     return np.stack([stream[i * block : i * block + block + 1] for i in range(n)]) if n else np.zeros((0, block + 1), np.int64)
 
 
-def evaluate_checkpoint(path, *, tables=None, corpus=None, max_tokens: int = MAX_HELDOUT_TOKENS, batch: int = 16, progress=None) -> dict:
+def heldout_rows(store, layer_id: int, row_ids: np.ndarray) -> torch.Tensor:
+    """Rows `row_ids` (sorted, unique) of a layer as float32 (U, head_dim), through the kernels' chunk cache."""
+    from engram_cli.kernels import EngramLookup
+
+    lk = EngramLookup.from_store(store, layer_id, backend="cpu", max_resident_bytes=ROW_READ_BYTES)
+    ids = torch.as_tensor(row_ids, dtype=torch.int64)
+    return lk.gather(ids.view(1, 1, -1), dtype=torch.float32).view(-1, store.head_dim)
+
+
+def evaluate_checkpoint(path, *, tables=None, corpus=None, max_tokens: int = MAX_HELDOUT_TOKENS, batch: int = EVAL_BATCH, progress=None) -> dict:
     """The per-checkpoint report (docs/eval.md)."""
+    t_start = time.perf_counter()
     ckpt = load_checkpoint(path)
     model, store, plan, vocab, tok = load_model(ckpt, tables)
     cfg = model.cfg
@@ -82,121 +110,266 @@ def evaluate_checkpoint(path, *, tables=None, corpus=None, max_tokens: int = MAX
     if len(W) == 0:
         raise CheckpointError(f"held-out text has {len(stream)} tokens, fewer than one block of {cfg.block_size}; pass a larger --corpus")
     layers = list(cfg.engram_layers)
+    x_raw = W[:, :-1]
+    # every held-out lookup's row id, then each layer's touched rows read once (bounded by the held-out text)
+    row_ids, lookups = {}, {}
+    for l in layers:
+        if progress is not None:
+            progress("read rows", 0, None, f"layer {l}")
+        row_ids[l] = np.asarray(table_lookup(plan, vocab, l).row_ids(torch.as_tensor(x_raw)))  # (N, T, H)
+        uniq = np.unique(row_ids[l])
+        lookups[l] = table_lookup(plan, vocab, l, heldout_rows(store, l, uniq))
+        model.memories()[l].attach(lookups[l], row_ids=uniq)
+        model.blocks[l].engram.keep_gate = True
     nll = {"memory": 0.0, "ablated": 0.0}
     ntok = 0
-    gate_vals = {l: [] for l in layers}
-    est_freq = {l: [] for l in layers}
-    clean = {l: [] for l in layers}
-    all_rows = {l: [] for l in layers}
-    hits = {l: np.asarray(store.hits(l)[:]) for l in layers} if layers and store.has_hits else {}
+    gates = {l: [] for l in layers}
     with torch.no_grad():
         for s in range(0, len(W), batch):
             win = W[s : s + batch]
             x = torch.as_tensor(tmap.local(win[:, :-1]))
             y = torch.as_tensor(tmap.local(win[:, 1:]))
-            rows = {l: torch.as_tensor(row_ids_for(plan, vocab, l, win[:, :-1])) for l in layers}
+            rows = {l: torch.as_tensor(row_ids[l][s : s + batch]) for l in layers} or None
             _, loss = model(x, rows, targets=y)
             nll["memory"] += float(loss) * y.numel()
-            _, loss_a = model(x, rows, targets=y, ablate=True)
-            nll["ablated"] += float(loss_a) * y.numel()
-            ntok += y.numel()
-            # the gate of each Engram layer on its own input (hooked from the block)
             for l in layers:
-                r = rows[l]
-                all_rows[l].append(r.numpy().ravel())
-                if hits:
-                    hk = hits[l][r.numpy()]  # (B, T, orders*K)
-                    top = hk[..., -plan.heads :]  # the highest order's heads
-                    m = top.min(-1)
-                    est_freq[l].append(m.ravel())
-                    clean[l].append((top == m[..., None]).sum(-1).ravel() < plan.heads)  # a head hit no more than the minimum
-            for l, g in _gates(model, x, rows).items():
-                gate_vals[l].append(g.ravel())
+                gates[l].append(model.blocks[l].engram.gate.numpy().ravel())
+            if layers:  # a model without memory: ablating nothing changes nothing
+                _, loss = model(x, rows, targets=y, ablate=True)
+            nll["ablated"] += float(loss) * y.numel()
+            ntok += y.numel()
             if progress is not None:
-                progress("eval", min(s + batch, len(W)), len(W), path.name if hasattr(path, "name") else str(path))
+                progress("eval", min(s + batch, len(W)), len(W), Path(path).name)
     loss_m, loss_a = nll["memory"] / ntok, nll["ablated"] / ntok
     report = {
         "checkpoint": str(path),
-        "tables": ckpt.get("tables"),
+        "tables": str(store.path) if store is not None and layers else None,
         "engram": bool(layers),
+        "steps": ckpt["extra"].get("steps"),
         "tokens": int(ntok),
         "loss": loss_m,
         "perplexity": math.exp(loss_m),
         "loss_memory_ablated": loss_a,
         "perplexity_memory_ablated": math.exp(loss_a),
         "memory_gain": loss_a - loss_m,
-        "steps": ckpt["extra"].get("steps"),
         "layers": {},
     }
+    touched_all = ckpt["extra"].get("touched_rows", {})
     for l in layers:
-        rows_l = np.concatenate(all_rows[l])
-        touched = np.asarray(ckpt["extra"]["touched_rows"].get(str(l), torch.zeros(0, dtype=torch.int64)), dtype=np.int64)
-        g = np.concatenate(gate_vals[l])
+        if progress is not None:
+            progress("audit", 0, None, f"layer {l}")
+        touched = np.sort(np.asarray(touched_all.get(str(l), torch.zeros(0, dtype=torch.int64)), dtype=np.int64))
+        g = np.concatenate(gates[l])  # (N*T,) in position order
+        r = row_ids[l].reshape(-1, row_ids[l].shape[-1])  # (N*T, H)
         lay = {"gate_mean": float(g.mean())}
-        if hits:
-            f = np.concatenate(est_freq[l])
-            edges = np.quantile(f, np.linspace(0, 1, 11))
-            dec = np.clip(np.searchsorted(edges[1:-1], f, side="right"), 0, 9)
-            lay["gate_by_frequency_decile"] = [{"decile": d + 1, "min_count": int(f[dec == d].min()) if (dec == d).any() else None,
-                                                "gate_mean": float(g[dec == d].mean()) if (dec == d).any() else None} for d in range(10)]
-            c = np.concatenate(clean[l])
-            lay["gate_clean_head"] = float(g[c].mean()) if c.any() else None
-            lay["gate_all_heads_collide"] = float(g[~c].mean()) if (~c).any() else None
-        uniq = np.unique(rows_l)
-        never = ~np.isin(rows_l, touched)
-        lay["usage"] = {
-            "rows": int(cfg.table_rows[str(l)]),
-            "rows_touched_heldout": int(uniq.size),
-            "rows_trained": int(touched.size),
-            "lookups": int(rows_l.size),
-            "lookups_on_untrained_rows": float(never.mean()),
-        }
-        w = model.table_parameters()[layers.index(l)].detach()
-        norms = w.norm(dim=1).numpy()
-        mask = np.zeros(len(norms), bool)
-        mask[touched] = True
-        q = [0.1, 0.5, 0.9]
-        lay["row_norms"] = {
-            "trained": dict(zip(["p10", "p50", "p90"], map(float, np.quantile(norms[mask], q)))) if mask.any() else None,
-            "untouched": dict(zip(["p10", "p50", "p90"], map(float, np.quantile(norms[~mask], q)))) if (~mask).any() else None,
-        }
-        lay["lookups"] = lookup_report(w, rows_l, hits.get(l))
+        lay.update(gate_report(store, plan, vocab, l, x_raw, r, g))
+        lay["usage"] = usage_report(cfg.table_rows[str(l)], r, touched)
+        lay["row_norms"] = row_norms(store, l, touched)
+        lay["lookups"] = lookup_report(store, plan, vocab, l, x_raw[:LOOKUP_BENCH_WINDOWS])
+        lay["lookups"]["cache_hit_rate"] = cache_hit_rates(store, l, r)
         report["layers"][str(l)] = lay
+    report["seconds"] = time.perf_counter() - t_start
     return report
 
 
-def _gates(model: EngramGPT, x, rows) -> dict:
-    """Each Engram layer's gate (B, T), recomputed on the hidden state that reaches it."""
+# -- the gate -------------------------------------------------------------------------------
+def heldout_ngram_counts(store, vocab, plan, x_raw: np.ndarray, order: int) -> np.ndarray:
+    """Corpus count (store statistics) of the order-n n-gram ending at each held-out position, (N*T,) uint64.
+
+    The n-gram is the one the lookup hashes there (compressed ids, the window's start
+    padded with the compressed pad id). Only the held-out n-grams are joined against
+    the statistics' parquet (streamed), so memory follows the held-out text.
+    """
+    import polars as pl
+
+    from engram_cli.hashing import shift_k
+    from engram_cli.ngrams import token_columns
+
+    c = np.asarray(vocab.lookup)[x_raw]  # (N, T) compressed ids
+    cols = token_columns(order)
+    pos = pl.DataFrame({name: shift_k(c, order - 1 - i, plan.compressed_pad_id).ravel().astype(np.uint32) for i, name in enumerate(cols)})
+    keys = pos.unique()
+    counts = store.stats.scan(order).select([*cols, "count"]).join(keys.lazy(), on=cols, how="semi").collect(engine="streaming")
+    got = pos.with_row_index("i").join(counts, on=cols, how="left").sort("i")["count"].fill_null(0)
+    return got.to_numpy().astype(np.uint64)
+
+
+def gate_report(store, plan, vocab, layer_id: int, x_raw: np.ndarray, rows: np.ndarray, gate: np.ndarray) -> dict:
+    """Mean gate per n-gram frequency decile, and clean head vs all heads collide, per order.
+
+    Deciles: held-out positions sorted by the count of their order-n n-gram, cut in 10
+    equal groups by rank. A head is clean for a position when its row's hit count equals
+    the n-gram's own count (no other corpus n-gram of that order lands there); "all
+    heads collide" when no head of the order is clean.
+    """
+    if store is None or not store.has_hits:
+        return {}
+    hits = held_hits(store, layer_id, rows)  # (N*T, H)
+    K = plan.heads
+    by_decile, by_collision = {}, {}
+    for i, n in enumerate(plan.orders):
+        count = heldout_ngram_counts(store, vocab, plan, x_raw, n)
+        order = np.argsort(count, kind="stable")
+        groups = np.array_split(order, DECILES)
+        by_decile[str(n)] = [
+            {"decile": d + 1, "positions": int(grp.size), "min_count": int(count[grp].min()), "max_count": int(count[grp].max()),
+             "gate_mean": float(gate[grp].mean())}
+            for d, grp in enumerate(groups) if grp.size
+        ]
+        clean = (hits[:, i * K : (i + 1) * K] == count[:, None]).any(1)
+        by_collision[str(n)] = {
+            "clean_head": {"positions": int(clean.sum()), "gate_mean": float(gate[clean].mean()) if clean.any() else None},
+            "all_heads_collide": {"positions": int((~clean).sum()), "gate_mean": float(gate[~clean].mean()) if (~clean).any() else None},
+        }
+    return {"gate_by_frequency_decile": by_decile, "gate_by_collision": by_collision}
+
+
+def held_hits(store, layer_id: int, rows: np.ndarray) -> np.ndarray:
+    """Hit counts at `rows` (any shape), reading only the hits chunks they touch."""
+    from engram_cli.kernels.cache import ChunkCache
+
+    arr = store.hits(layer_id)
+    uniq, inv = np.unique(rows, return_inverse=True)
+    h = ChunkCache(arr, int(arr.chunks[0]), ROW_READ_BYTES).take(uniq)
+    return h[inv.reshape(rows.shape)]
+
+
+# -- table usage --------------------------------------------------------------------------------
+def usage_report(n_rows: int, rows: np.ndarray, touched: np.ndarray) -> dict:
+    """Rows the held-out text touches and the share of its lookups on rows training never updated."""
+    flat = rows.ravel()
+    trained = np.zeros(flat.shape, dtype=bool)
+    if touched.size:
+        pos = np.minimum(np.searchsorted(touched, flat), touched.size - 1)
+        trained = touched[pos] == flat
+    return {
+        "rows": int(n_rows),
+        "rows_touched_heldout": int(np.unique(flat).size),
+        "rows_trained": int(touched.size),
+        "lookups": int(flat.size),
+        "lookups_on_untrained_rows": float(1.0 - trained.mean()),
+    }
+
+
+def _quantiles(x: np.ndarray) -> dict | None:
+    if x.size == 0:
+        return None
+    return {"rows": int(x.size), "mean": float(x.mean()), **{k: float(np.quantile(x, q)) for k, q in QUANTILES.items()}}
+
+
+def row_norms(store, layer_id: int, touched: np.ndarray) -> dict:
+    """L2-norm quantiles of trained vs untouched rows: every row, or whole chunks evenly spaced (about NORM_SAMPLE_ROWS rows)."""
+    from engram_cli.store import from_storage
+
+    n = store.table(layer_id).shape[0]
+    cr = store.chunk_rows
+    n_chunks = -(-n // cr)
+    k = max(1, NORM_SAMPLE_ROWS // cr)
+    if n_chunks <= k:  # every row, in blocks of whole chunks
+        step = cr * max(1, k // 4)
+        ranges = [(a, min(n, a + step)) for a in range(0, n, step)]
+    else:
+        ranges = [(int(c) * cr, min(n, (int(c) + 1) * cr)) for c in np.unique(np.linspace(0, n_chunks - 1, k).round().astype(int))]
+    trained, untouched, chunks_read = [], [], 0
+    for a, b in ranges:
+        block = np.asarray(from_storage(store.load_layer(layer_id, rows=(a, b)), store.dtype), dtype=np.float32)
+        norms = np.linalg.norm(block, axis=1)
+        mask = np.isin(np.arange(a, b), touched[(touched >= a) & (touched < b)], assume_unique=True)
+        trained.append(norms[mask])
+        untouched.append(norms[~mask])
+        chunks_read += -(-(b - a) // cr)
+    return {"sampled": chunks_read < n_chunks, "chunks_read": chunks_read, "chunks": n_chunks,
+            "trained": _quantiles(np.concatenate(trained)), "untouched": _quantiles(np.concatenate(untouched))}
+
+
+def cache_hit_rates(store, layer_id: int, rows: np.ndarray) -> dict:
+    """Share of held-out lookups a hot-row cache of the 1/5/10 % most-hit rows (store hit counts) would serve."""
+    from engram_cli.kernels.cache import top_rows
+
+    if not store.has_hits:
+        return {}
+    hits = store.hits(layer_id)
+    flat = np.sort(rows.ravel())
     out = {}
-    T = x.shape[1]
-    h = model.wte(x) + model.wpe(torch.arange(T))
-    for i, b in enumerate(model.blocks):
-        if b.engram is not None:
-            _, g = b.engram(h, rows[i], return_gate=True)
-            out[i] = g.numpy()
-        h = b(h, rows.get(i) if rows else None)
+    for share in CACHE_SHARES:
+        hot = top_rows(hits, max(1, int(share * hits.shape[0])))  # sorted ids, streamed block by block
+        pos = np.minimum(np.searchsorted(hot, flat), hot.size - 1)
+        out[f"{share:.0%}"] = float((hot[pos] == flat).mean())
     return out
 
 
-def lookup_report(table: torch.Tensor, rows: np.ndarray, hits: np.ndarray | None) -> dict:
-    """Lookup speed of the torch reference gather (checked bit-exact against indexing) and hot-row cache hit rates."""
-    r = torch.as_tensor(rows)
-    ref = table[r]
+# -- lookups -------------------------------------------------------------------------------------
+def available_ram() -> int:
+    """Bytes of RAM available now (MemAvailable; free pages where /proc/meminfo is missing)."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def available_backends(device) -> list[str]:
+    """The lookup backends that can run here (triton only on CUDA or under TRITON_INTERPRET=1)."""
+    from engram_cli.kernels import resolve_backend
+
+    out = []
+    for b in ("torch", "cpu", "triton", "offload"):
+        try:
+            resolve_backend(b, device)
+        except BackendError:
+            continue
+        out.append(b)
+    return out
+
+
+def lookup_report(store, plan, vocab, layer_id: int, x_raw: np.ndarray, device=None) -> dict:
+    """tokens/s and GB/s of each available backend on held-out ids, each checked bit-exact against the torch reference.
+
+    A backend's call is the whole lookup: raw ids -> row ids -> rows (dequantized to
+    float32). GB/s counts the stored bytes of the rows read. Every backend's row ids and
+    rows are compared with `torch.equal` to the torch backend's (the plain reference).
+    """
+    from engram_cli.kernels import EngramLookup
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    arr = store.table(layer_id)
+    row_bytes = int(arr.shape[1]) * np.dtype(arr.dtype).itemsize
+    layer_bytes = arr.shape[0] * row_bytes
+    resident = layer_bytes <= min(LOOKUP_RESIDENT_BYTES, available_ram() // 2)
+    table = store.load_layer(layer_id) if resident else None
+    if not resident:
+        x_raw = x_raw[:1]  # each call reads most chunks of the table: one window
+    ids = torch.as_tensor(x_raw)
+
+    def make(backend):
+        if resident:
+            return EngramLookup(plan, vocab, layer_id, table, backend=backend, device=device)
+        return EngramLookup.from_store(store, layer_id, backend=backend, device=device, max_resident_bytes=ROW_READ_BYTES)
+
+    ref = make("torch")
+    want_rows, want_ids = ref(ids, dtype=torch.float32).cpu(), ref.row_ids(ids).cpu()
     backends = {}
-    for name, fn in {"torch.embedding": lambda: torch.nn.functional.embedding(r, table), "torch.index_select": lambda: table.index_select(0, r)}.items():
-        got = fn()
-        t0 = time.perf_counter()
-        reps = 3
-        for _ in range(reps):
-            fn()
-        dt = (time.perf_counter() - t0) / reps
-        backends[name] = {"bit_exact": bool(torch.equal(got, ref)), "lookups_per_s": r.numel() / dt,
-                          "gb_per_s": r.numel() * table.shape[1] * table.element_size() / dt / 1e9}
-    cache = {}
-    if hits is not None:
-        order = np.argsort(-hits.astype(np.int64), kind="stable")
-        for share in CACHE_SHARES:
-            hot = np.zeros(len(hits), bool)
-            hot[order[: max(1, int(share * len(hits)))]] = True
-            cache[f"{share:.0%}"] = float(hot[rows].mean())
-    return {"backends": backends, "cache_hit_rate": cache}
+    for name in available_backends(device):
+        if name == "triton" and not resident:
+            continue  # the triton kernel needs the table on the device
+        lk = ref if name == "torch" else make(name)
+        got = lk(ids, dtype=torch.float32)  # warm-up, and the parity check
+        exact = bool(torch.equal(got.cpu(), want_rows) and torch.equal(lk.row_ids(ids).cpu(), want_ids))
+        best = math.inf
+        for _ in range(LOOKUP_REPS):
+            if device != "cpu":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            lk(ids, dtype=torch.float32)
+            if device != "cpu":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        n_lookups = ids.numel() * want_ids.shape[-1]
+        backends[name] = {"bit_exact": exact, "tokens_per_s": ids.numel() / best, "gb_per_s": n_lookups * row_bytes / best / 1e9}
+    return {"device": str(device), "table": "resident" if resident else f"chunk cache ({ROW_READ_BYTES // MiB} MiB)",
+            "tokens": int(ids.numel()), "backends": backends}

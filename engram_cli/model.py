@@ -4,9 +4,13 @@ Follows DeepSeek's engram_demo_v1.py (docs/spec.md, "Rows"): per position the
 (max_ngram-1)*K looked-up rows are concatenated into e (B, T, D_mem);
 value = value_proj(e); key = key_projs.0(e); g = (RMSNorm(key) . RMSNorm(h)) / sqrt(d);
 gate = sigmoid(sign(g) * sqrt(|g|)); out = gate*value + short_conv(gate*value), added to
-the residual stream before the layer's attention. State-dict names follow the demo
-(`multi_head_embedding.embedding.weight`, `value_proj`, `key_projs.*`, `norm1`, `norm2`,
-`short_conv.*`) so exported tables and audits line up.
+the residual stream before the layer's attention. Module names follow the demo
+(`multi_head_embedding`, `value_proj`, `key_projs.*`, `norm1`, `norm2`, `short_conv.*`)
+so audits line up; the table itself (the demo's `multi_head_embedding.embedding.weight`)
+is not a parameter here: it stays in its store and its rows come through the lookup
+kernels (`EngramLookup`), so the model never holds a dense copy, gradient or optimizer
+state of it (see `MultiHeadEmbedding`). Without a plan (`--no-engram`) the same
+backbone has no Engram layers.
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ from engram_cli.plan import TablePlan
 class ModelConfig:
     """Shape of the reference model; defaults are the CPU demo size."""
 
-    vocab_size: int = 4096  # output ids: the tokens the corpus uses (a 129k head would dominate a tiny model)
-    n_layer: int = 4  # at least max(plan.layer_ids)+1 so every Engram layer exists
-    n_head: int = 4
-    d_model: int = 128
-    block_size: int = 128
+    vocab_size: int = 4096  # output ids: the tokens the corpus uses (a 129k-id head would dominate a tiny model)
+    n_layer: int = 4  # raised to max(plan.layer_ids)+1 by for_plan, so every Engram layer exists
+    n_head: int = 4  # head width 32: the smallest that still trains well at this size
+    d_model: int = 128  # nanoGPT-small scale: 200 steps run in a few minutes on 2 CPU cores
+    block_size: int = 128  # context: short, so a CPU step stays fast; Engram layers see only the last 3 tokens anyway
     engram_layers: tuple[int, ...] = ()  # the plan's layer ids; empty = --no-engram
     mem_dim: int = 0  # (max_ngram-1) * K * head_dim: one position's concatenated rows
     head_dim: int = 0  # width of one table row
@@ -79,14 +83,48 @@ class RMSNorm(nn.Module):
 
 
 class MultiHeadEmbedding(nn.Module):
-    """One layer's table: all heads stacked, rows gathered by global row id (sparse grads)."""
+    """One layer's table: all heads stacked (docs/spec.md, "Rows"), rows served by an `EngramLookup`.
+
+    The table is NOT an nn.Parameter: it can be larger than RAM (the lookup then reads it
+    through its bounded chunk cache) and it must never get a dense gradient or optimizer
+    state. A forward gathers the batch's unique rows into `rows` (U, head_dim) float32;
+    in training that tensor is a leaf that requires grad, so backward reaches exactly
+    the looked-up rows, and `train.RowAdam` writes the updated rows back into the
+    lookup's (resident) table. Memory beyond the table: O(rows the batch touches).
+    """
 
     def __init__(self, rows: int, head_dim: int):
         super().__init__()
-        self.embedding = nn.Embedding(rows, head_dim, sparse=True)
+        self.n_rows, self.head_dim = int(rows), int(head_dim)
+        self.lookup = None  # an EngramLookup over this layer's table (attach())
+        self.subset = None  # sorted global row ids when the lookup's table holds only those rows
+        self.last = None  # training: (unique row ids (U,), leaf rows (U, head_dim)) of the last forward
+
+    def attach(self, lookup, row_ids=None) -> "MultiHeadEmbedding":
+        """Serve rows from `lookup.table`: the whole table, or only the rows `row_ids` (sorted, unique).
+
+        A subset (eval: the rows the held-out text touches) is addressed by global row
+        id all the same; asking for a row outside it fails.
+        """
+        self.subset = None if row_ids is None else torch.as_tensor(np.asarray(row_ids), dtype=torch.int64)
+        n = int(lookup.table.shape[0]) if lookup.table is not None else -1
+        want = self.n_rows if self.subset is None else int(self.subset.numel())
+        assert n == want, f"table has {n} rows, the model expects {want}"
+        self.lookup = lookup
+        return self
 
     def forward(self, row_ids):  # (B, T, H) int64 -> (B, T, H, head_dim)
-        return self.embedding(row_ids)
+        assert self.lookup is not None, "no table attached: call EngramGPT.attach_tables first"
+        uniq, inv = torch.unique(row_ids, return_inverse=True)  # (U,), (B, T, H)
+        at = uniq
+        if self.subset is not None:
+            at = torch.searchsorted(self.subset, uniq).clamp_(max=self.subset.numel() - 1)
+            assert torch.equal(self.subset[at], uniq), "a row outside the attached subset was looked up"
+        rows = self.lookup.gather(at.view(1, 1, -1), dtype=torch.float32).view(-1, self.head_dim)  # (U, hd)
+        if self.training and torch.is_grad_enabled():
+            rows.requires_grad_(True)
+            self.last = (uniq, rows)
+        return F.embedding(inv, rows)
 
 
 class ShortConv(nn.Module):
@@ -118,6 +156,8 @@ class Engram(nn.Module):
         self.norm1 = nn.ModuleList([RMSNorm(cfg.d_model, cfg.eps)])  # key
         self.norm2 = nn.ModuleList([RMSNorm(cfg.d_model, cfg.eps)])  # hidden state
         self.short_conv = ShortConv(cfg.d_model, cfg.conv_kernel, cfg.max_ngram_size, cfg.eps)
+        self.keep_gate = False  # eval: keep the last forward's gate (B, T) in self.gate
+        self.gate = None
 
     def forward(self, h, row_ids, return_gate: bool = False):
         B, T, _ = h.shape
@@ -129,6 +169,8 @@ class Engram(nn.Module):
         gate = torch.sigmoid(g.sign() * g.abs().clamp_min(1e-6).sqrt())
         v = gate * self.value_proj(e)  # (B, T, d)
         out = v + self.short_conv(v)
+        if self.keep_gate:
+            self.gate = gate.squeeze(-1).detach()  # (B, T)
         return (out, gate.squeeze(-1)) if return_gate else out
 
 
@@ -163,12 +205,15 @@ class EngramGPT(nn.Module):
         self.ln_f = RMSNorm(cfg.d_model, cfg.eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
-    def table_parameters(self):
-        return [b.engram.multi_head_embedding.embedding.weight for b in self.blocks if b.engram is not None]
+    def memories(self) -> dict:
+        """Layer id -> that layer's MultiHeadEmbedding (the tables live outside the parameters)."""
+        return {i: b.engram.multi_head_embedding for i, b in enumerate(self.blocks) if b.engram is not None}
 
-    def dense_parameters(self):
-        tables = {id(p) for p in self.table_parameters()}
-        return [p for p in self.parameters() if id(p) not in tables]
+    def attach_tables(self, lookups: dict) -> "EngramGPT":
+        """Serve each Engram layer's rows from `lookups[layer_id]` (an EngramLookup with a table)."""
+        for l, m in self.memories().items():
+            m.attach(lookups[l])
+        return self
 
     def forward(self, idx, row_ids: dict | None = None, targets=None, ablate: bool = False):
         B, T = idx.shape
@@ -182,12 +227,24 @@ class EngramGPT(nn.Module):
         return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
 
 
-def row_ids_for(plan: TablePlan, vocab, layer_id: int, token_ids: np.ndarray) -> np.ndarray:
-    """The one adapter from raw tokenizer ids (B, T) to layer row ids (B, T, orders*K).
+def table_lookup(plan: TablePlan, vocab, layer_id: int, table=None, *, backend: str = "cpu", device=None):
+    """The layer's `EngramLookup` (row ids by the named kernel backend; rows from `table`).
 
-    The cpu backend of `engram_cli.kernels.EngramLookup` (bit-exact with its torch reference,
-    the triton kernel and the numpy hashing the build uses).
+    `table` may be a float32 decoding of a bfloat16/fp8 store (training updates float32
+    rows): the lookup then reads it as float32.
     """
+    from dataclasses import replace
+
     from engram_cli.kernels import EngramLookup
 
-    return np.asarray(EngramLookup(plan, vocab, layer_id, backend="cpu").row_ids(torch.as_tensor(token_ids)))
+    if table is not None and getattr(table, "dtype", None) in (np.float32, torch.float32) and plan.dtype != "float32":
+        plan = replace(plan, dtype="float32")
+    return EngramLookup(plan, vocab, layer_id, table, backend=backend, device=device)
+
+
+def row_ids_for(plan: TablePlan, vocab, layer_id: int, token_ids: np.ndarray) -> np.ndarray:
+    """Raw tokenizer ids (B, T) -> layer row ids (B, T, orders*K), by the kernels' cpu backend.
+
+    Bit-exact with their torch reference, the triton kernel and the numpy hashing the build uses.
+    """
+    return np.asarray(table_lookup(plan, vocab, layer_id).row_ids(torch.as_tensor(token_ids)))

@@ -1,12 +1,18 @@
 """Training the reference model: held-out split, batches of raw ids, sparse table updates.
 
-Dense weights use AdamW; each Engram table is an `nn.Embedding(sparse=True)` trained by
-`torch.optim.SparseAdam` at 5x the base learning rate with no weight decay (the paper's
-recipe), so optimizer state is only allocated for the rows a batch touches.
+Dense weights use AdamW. Each Engram table stays outside the parameters (see
+`model.MultiHeadEmbedding`): a batch's unique rows are gathered into a leaf tensor, and
+`RowAdam` applies torch.optim.SparseAdam's update to exactly those rows, at 5x the base
+learning rate with no weight decay (the paper's recipe), keeping moment state only for
+rows that have had a gradient (allocated lazily, row by row). No dense gradient or
+optimizer state of a table ever exists: memory beyond the tables is bounded by the rows
+the batches touch.
 """
 
 from __future__ import annotations
 
+import gc
+import math
 import time
 from dataclasses import dataclass
 
@@ -14,7 +20,7 @@ import numpy as np
 import torch
 import xxhash
 
-from engram_cli.model import EngramGPT, row_ids_for
+from engram_cli.model import EngramGPT, table_lookup
 
 TABLE_LR_MULT = 5.0  # the paper: table Adam at 5x the base learning rate, no weight decay
 
@@ -51,34 +57,144 @@ def sample_batch(stream: np.ndarray, batch: int, block: int, rng: np.random.Gene
     return np.stack([stream[s : s + block + 1] for s in starts])
 
 
-def batch_inputs(model: EngramGPT, plan, vocab, tmap: TokenMap, window: np.ndarray, device="cpu"):
-    """Model inputs, targets and per-layer row ids for a (B, T+1) raw-id window."""
+def batch_inputs(model: EngramGPT, lookups: dict, tmap: TokenMap, window: np.ndarray, device="cpu"):
+    """Model inputs, targets and per-layer row ids (by each layer's EngramLookup) for a (B, T+1) raw-id window."""
     x_raw, y_raw = window[:, :-1], window[:, 1:]
-    rows = None
-    if plan is not None and model.cfg.engram_layers:
-        rows = {l: torch.as_tensor(row_ids_for(plan, vocab, l, x_raw), device=device) for l in model.cfg.engram_layers}
+    rows = {l: lk.row_ids(torch.as_tensor(x_raw)).to(device) for l, lk in lookups.items() if l in model.cfg.engram_layers} or None
     x = torch.as_tensor(tmap.local(x_raw), device=device)
     y = torch.as_tensor(tmap.local(y_raw), device=device)
     return x, y, rows
 
 
-def make_optimizers(model: EngramGPT, lr: float = 3e-3, weight_decay: float = 0.01):
-    opts = [torch.optim.AdamW(model.dense_parameters(), lr=lr, weight_decay=weight_decay)]
-    tables = model.table_parameters()
-    if tables:
-        opts.append(torch.optim.SparseAdam(tables, lr=lr * TABLE_LR_MULT))
+class _RowState:
+    """Adam moments of the rows of one table that have had a gradient; rows found by binary search.
+
+    Slots are handed out in order of a row's first gradient and live in fixed blocks of
+    BLOCK rows, so the state grows with the rows trained, without copies and with at
+    most one partly used block.
+    """
+
+    BLOCK = 1 << 16
+
+    def __init__(self, width: int, device):
+        self.width, self.device = int(width), device
+        self.ids = np.zeros(0, dtype=np.int64)  # sorted row ids with state
+        self.slots = np.zeros(0, dtype=np.int64)  # their slots (slot s: block s // BLOCK, row s % BLOCK)
+        self.exp_avg: list[torch.Tensor] = []
+        self.exp_avg_sq: list[torch.Tensor] = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.exp_avg + self.exp_avg_sq) + self.ids.nbytes + self.slots.nbytes
+
+    def slots_for(self, rows: np.ndarray) -> np.ndarray:
+        """Slots of the sorted unique `rows`, allocating zeroed state for rows seen the first time."""
+        pos = np.searchsorted(self.ids, rows)
+        found = np.zeros(rows.shape, dtype=bool)
+        inside = pos < self.ids.size
+        found[inside] = self.ids[pos[inside]] == rows[inside]
+        new = rows[~found]
+        if new.size:
+            n = self.ids.size
+            while len(self.exp_avg) * self.BLOCK < n + new.size:
+                self.exp_avg.append(torch.zeros((self.BLOCK, self.width), device=self.device))
+                self.exp_avg_sq.append(torch.zeros((self.BLOCK, self.width), device=self.device))
+            self.ids = np.insert(self.ids, pos[~found], new)
+            self.slots = np.insert(self.slots, pos[~found], np.arange(n, n + new.size))
+            pos = np.searchsorted(self.ids, rows)
+        return self.slots[pos]
+
+    def _blocks(self, slots: np.ndarray):
+        """(block index, positions in `slots`, rows in that block) for each block the slots use."""
+        block = slots // self.BLOCK
+        for k in np.unique(block):
+            sel = np.flatnonzero(block == k)
+            yield int(k), torch.as_tensor(sel, device=self.device), torch.as_tensor(slots[sel] % self.BLOCK, device=self.device)
+
+    def get(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        m = torch.empty((slots.size, self.width), device=self.device)
+        v = torch.empty((slots.size, self.width), device=self.device)
+        for k, sel, off in self._blocks(slots):
+            m[sel] = self.exp_avg[k][off]
+            v[sel] = self.exp_avg_sq[k][off]
+        return m, v
+
+    def put(self, slots: np.ndarray, m: torch.Tensor, v: torch.Tensor) -> None:
+        for k, sel, off in self._blocks(slots):
+            self.exp_avg[k][off] = m[sel]
+            self.exp_avg_sq[k][off] = v[sel]
+
+
+class RowAdam:
+    """torch.optim.SparseAdam's update for tables served by `MultiHeadEmbedding`, with lazy row-wise state.
+
+    After `loss.backward()`, each memory's last forward holds (unique row ids, leaf rows
+    with .grad); `step()` updates exactly those rows of the lookup's table in place, with
+    the same operations in the same order as SparseAdam (tests/test_train.py checks the
+    two agree), but its moment state holds only rows that have had a gradient, never a
+    dense (rows, head_dim) tensor per table.
+    """
+
+    def __init__(self, memories: dict, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.memories, self.lr, self.betas, self.eps = memories, float(lr), betas, float(eps)
+        self.state = {l: _RowState(m.head_dim, m.lookup.table.device) for l, m in memories.items()}
+        self.steps = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to clear: every forward gathers a fresh leaf, so no gradient carries over."""
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        b1, b2 = self.betas
+        step_size = self.lr * math.sqrt(1 - b2**self.steps) / (1 - b1**self.steps)
+        for l, m in self.memories.items():
+            if m.last is None or m.last[1].grad is None:
+                continue
+            uniq, leaf = m.last
+            grad = leaf.grad  # (U, head_dim): one row per unique looked-up row
+            st = self.state[l]
+            slots = st.slots_for(uniq.cpu().numpy())
+            old_m, old_v = st.get(slots)
+            numer = grad.sub(old_m).mul_(1 - b1)
+            upd_v = grad.pow(2).sub_(old_v).mul_(1 - b2)
+            st.put(slots, old_m + numer, old_v + upd_v)
+            numer.add_(old_m)
+            denom = upd_v.add_(old_v).sqrt_().add_(self.eps)
+            table = m.lookup.table
+            table.index_add_(0, uniq.to(table.device), -step_size * numer.div_(denom))
+            m.last = None
+
+    def touched(self, layer_id: int) -> np.ndarray:
+        """Sorted ids of the rows this optimizer has updated."""
+        return self.state[layer_id].ids.copy()
+
+    def state_bytes(self) -> int:
+        """Bytes of moment state and row index, all tables."""
+        return sum(s.nbytes for s in self.state.values())
+
+
+def make_optimizers(model: EngramGPT, lr: float = 3e-3, weight_decay: float = 0.01) -> list:
+    """AdamW for the dense weights; RowAdam (5x lr, no weight decay) for the tables."""
+    opts = [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)]
+    if model.memories():
+        opts.append(RowAdam(model.memories(), lr=lr * TABLE_LR_MULT))
     return opts
 
 
-def train_steps(model, plan, vocab, tmap, stream, *, steps: int, batch: int = 8, lr: float = 3e-3, seed: int = 0, on_step=None) -> list[float]:
-    """Run `steps` optimizer steps on random windows of `stream`; returns the per-step losses."""
+def train_steps(model, lookups: dict, tmap, stream, *, steps: int, batch: int = 8, lr: float = 3e-3, seed: int = 0, device="cpu", on_step=None):
+    """Run `steps` optimizer steps on random windows of `stream`; returns (per-step losses, optimizers).
+
+    `lookups`: layer id -> EngramLookup, already attached to the model (`attach_tables`).
+    `on_step(step, loss, tokens_per_s)` is called after each step.
+    """
     rng = np.random.default_rng(seed)
     opts = make_optimizers(model, lr)
     losses = []
     model.train()
     t0 = time.perf_counter()
     for step in range(steps):
-        x, y, rows = batch_inputs(model, plan, vocab, tmap, sample_batch(stream, batch, model.cfg.block_size, rng))
+        x, y, rows = batch_inputs(model, lookups, tmap, sample_batch(stream, batch, model.cfg.block_size, rng), device)
         _, loss = model(x, rows, targets=y)
         for o in opts:
             o.zero_grad(set_to_none=True)
@@ -88,7 +204,7 @@ def train_steps(model, plan, vocab, tmap, stream, *, steps: int, batch: int = 8,
         losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(step, losses[-1], (step + 1) * x.numel() / (time.perf_counter() - t0))
-    return losses
+    return losses, opts
 
 
 # -- the `engram train` pipeline ------------------------------------------------------
@@ -101,7 +217,7 @@ from engram_cli.errors import CheckpointError, StoreError
 from engram_cli.model import ModelConfig
 
 DEFAULT_CORPUS = "corpus"  # `engram build-table corpus/` reads the same folder
-DEFAULT_STEPS = 200  # the demo: ~1-2 minutes on 2 CPU cores with the reference plan
+DEFAULT_STEPS = 150  # the demo: under 5 minutes on 2 CPU cores with the reference plan (16 layers), measured in docs/train.md
 DEFAULT_BATCH = 8
 DEFAULT_BLOCK = 128
 HELDOUT_SHARE = 0.1
@@ -195,10 +311,20 @@ def open_tables(tables):
     return store, store.plan, vocab, tok
 
 
+def train_device() -> str:
+    """CUDA when present, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: bool = False, batch: int = DEFAULT_BATCH,
                  block: int = DEFAULT_BLOCK, d_model: int = 128, n_layer: int = 4, lr: float = 3e-3, seed: int = 0,
                  max_train_tokens: int = MAX_TRAIN_TOKENS, progress=None) -> dict:
-    """Train the reference model; write the checkpoint `out` and (with Engram) `out`'s trained store."""
+    """Train the reference model; write the checkpoint `out` and (with Engram) `out`'s trained store.
+
+    Each Engram layer's table is loaded once, resident (every batch touches rows all over
+    it), and updated in place by `RowAdam`; only the touched rows are written to the new
+    store, whose other shards are hard links of the initial store's files.
+    """
     from engram_cli.defaults import TRAINED_STORE_SUFFIX
 
     out = Path(out)
@@ -210,51 +336,47 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
         raise CheckpointError(f"corpus {str(corpus)!r} has only {len(train_ids)} training tokens; give at least {block + 2}")
     tmap = TokenMap.from_ids(np.concatenate([train_ids, held_ids]))
     torch.manual_seed(seed)
-    cfg_plan = None if no_engram else plan
-    cfg = ModelConfig.for_plan(cfg_plan, vocab_size=tmap.size, n_layer=n_layer, n_head=4, d_model=d_model, block_size=block)
-    model = EngramGPT(cfg)
-    with torch.no_grad():
-        for l, w in zip(cfg.engram_layers, model.table_parameters()):
-            w.data = torch.from_numpy(load_layer_table(store, l))  # no second copy of the table
-    touched = {l: [] for l in cfg.engram_layers}
+    device = train_device()
+    # --no-engram keeps the depth the plan needs: the baseline is the same backbone without memory
+    n_layer = max(n_layer, max(plan.layer_ids) + 1)
+    cfg = ModelConfig.for_plan(None if no_engram else plan, vocab_size=tmap.size, n_layer=n_layer, n_head=4, d_model=d_model, block_size=block)
+    model = EngramGPT(cfg).to(device)
+    lookups = {}
+    for l in cfg.engram_layers:
+        if progress is not None:
+            progress("load table", 0, None, f"layer {l}")
+        lookups[l] = table_lookup(plan, vocab, l, load_layer_table(store, l), device=device)  # the one resident copy
+    model.attach_tables(lookups)
 
     def on_step(step, loss, tps):
         if progress is not None:
-            progress("train", step + 1, steps, f"loss {loss:.3f}  {tps:,.0f} tok/s")
+            progress("train", step + 1, steps, f"loss {loss:.3f}  {tps:,.0f} tokens/s")
 
-    # record touched rows (bounded by rows batches touch) by wrapping batch_inputs' row ids
-    rng = np.random.default_rng(seed)
-    opts = make_optimizers(model, lr)
     t0 = time.perf_counter()
-    losses = []
-    model.train()
-    for step in range(steps):
-        x, y, rows = batch_inputs(model, plan if cfg.engram_layers else None, vocab, tmap, sample_batch(train_ids, batch, block, rng))
-        if rows:
-            for l, r in rows.items():
-                touched[l].append(np.unique(r.numpy()))
-                if len(touched[l]) > 64:
-                    touched[l] = [np.unique(np.concatenate(touched[l]))]
-        _, loss = model(x, rows, targets=y)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in opts:
-            o.step()
-        losses.append(float(loss.detach()))
-        on_step(step, losses[-1], (step + 1) * x.numel() / (time.perf_counter() - t0))
+    losses, opts = train_steps(model, lookups, tmap, train_ids, steps=steps, batch=batch, lr=lr, seed=seed, device=device, on_step=on_step)
     train_s = time.perf_counter() - t0
-    touched_rows = {l: (np.unique(np.concatenate(v)) if v else np.zeros(0, np.int64)) for l, v in touched.items()}
+    row_opt = opts[-1] if cfg.engram_layers else None
+    touched_rows = {l: row_opt.touched(l) for l in cfg.engram_layers}
+    state_bytes = row_opt.state_bytes() if row_opt is not None else 0
     trained_store = None
     if cfg.engram_layers:
-        trained_store = out.with_name(out.name.removesuffix(".ckpt") + TRAINED_STORE_SUFFIX)
-        tables_w = {l: w.detach() for l, w in zip(cfg.engram_layers, model.table_parameters())}
-        save_trained_store(store.path, trained_store, {l: (r, tables_w[l][torch.as_tensor(r)].numpy()) for l, r in touched_rows.items()})
+        trained_store = out.with_name(out.name.removesuffix(".ckpt").removesuffix(".safetensors") + TRAINED_STORE_SUFFIX)
+        if progress is not None:
+            progress("save rows", 0, None, str(trained_store))
+        trained = {l: (r, lookups[l].table[torch.as_tensor(r, device=device)].cpu().numpy()) for l, r in touched_rows.items()}
+        # the trained rows are out: let the resident tables and the optimizer state go before the store is written
+        for m in model.memories().values():
+            m.lookup = None
+        del lookups, opts, row_opt
+        gc.collect()
+        save_trained_store(store.path, trained_store, trained)
     save_checkpoint(
-        out, model,
+        out, model.cpu(),
         tables=str(trained_store) if trained_store else None,
         plan_fingerprint=plan.fingerprint if cfg.engram_layers else None,
-        heldout={"share": HELDOUT_SHARE, "key": "document index:segment index", "segment_tokens": SEGMENT_TOKENS, "hash": "xxh64 % 10000 < share*10000", "corpus": str(Path(corpus).resolve())},
+        heldout={"share": HELDOUT_SHARE, "key": "document index:segment index", "segment_tokens": SEGMENT_TOKENS,
+                 "hash": "xxh64 % 10000 < share*10000", "corpus": str(Path(corpus).resolve()),
+                 "max_heldout_tokens": MAX_HELDOUT_TOKENS},
         extra={
             "token_ids": torch.as_tensor(tmap.used),
             "touched_rows": {str(l): torch.as_tensor(r) for l, r in touched_rows.items()},
@@ -264,4 +386,6 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
     )
     return {"checkpoint": str(out), "tables": str(trained_store) if trained_store else None, "steps": steps,
             "first_loss": losses[0], "last_loss": losses[-1], "train_tokens": int(len(train_ids)),
-            "heldout_tokens": int(len(held_ids)), "seconds": train_s, "tokens_per_s": steps * batch * block / train_s}
+            "heldout_tokens": int(len(held_ids)), "seconds": train_s, "tokens_per_s": steps * batch * block / train_s,
+            "device": device, "rows_trained": {str(l): int(r.size) for l, r in touched_rows.items()},
+            "optimizer_state_bytes": state_bytes}

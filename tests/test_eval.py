@@ -11,11 +11,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cli_checks import FIXTURES, one_error_line
+
 from engram_cli.cli import app
 from engram_cli.store import TableStore
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "corpus"
-TINY = ["--layers", "1", "--heads", "2", "--rows-per-head", "1000", "--dim", "32", "--shard-size", "16KiB", "--chunk-size", "4KiB"]
+# 2 heads x orders 2..3 of 20,000 rows: training touches part of the table, so usage and row norms have both kinds of rows
+TINY = ["--layers", "1", "--heads", "2", "--rows-per-head", "20000", "--dim", "32", "--shard-size", "16KiB", "--chunk-size", "4KiB"]
 STEPS = "60"
 runner = CliRunner()
 
@@ -26,13 +28,6 @@ def run(*args):
 
 def tree_digest(path: Path) -> dict:
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [l for l in result.output.splitlines() if l.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +51,17 @@ def test_train_writes_a_new_store_and_keeps_the_initial_one(trained):
     init, new = TableStore.open(root / "tables.zarr"), TableStore.open(root / "mem.tables.zarr")
     ck = torch.load(root / "mem.ckpt", weights_only=True)
     touched = ck["extra"]["touched_rows"]["1"].numpy()
+    assert result["rows_trained"] == {"1": touched.size} and 0 < touched.size < init.table(1).shape[0]
     a, b = init.table(1)[:], new.table(1)[:]
     changed = np.flatnonzero((a != b).any(1))
-    assert set(changed.tolist()) <= set(touched.tolist()) and len(changed) > 0
-    # shards without a trained row are hard links of the initial store's files
-    shard = init.shard_rows
-    untouched_shards = set(range(-(-a.shape[0] // shard))) - set((touched // shard).tolist())
-    for s in untouched_shards:
-        f = Path("layer_1/table/c") / str(s) / "0"
-        assert (root / "tables.zarr" / f).stat().st_ino == (root / "mem.tables.zarr" / f).stat().st_ino
+    np.testing.assert_array_equal(changed, touched)  # every updated row, and only those, differs
+    assert ck["heldout"]["share"] == 0.1 and ck["tables"] == "mem.tables.zarr"  # relative to the checkpoint
+    assert not any("multi_head_embedding" in k for k in ck["weights"])  # the table is not in the checkpoint
+
+
+def changed_rows(root) -> np.ndarray:
+    init, new = TableStore.open(root / "tables.zarr"), TableStore.open(root / "mem.tables.zarr")
+    return (init.table(1)[:] != new.table(1)[:]).any(1)
 
 
 def test_eval_json_schema_and_memory_helps(trained):
@@ -74,36 +71,113 @@ def test_eval_json_schema_and_memory_helps(trained):
     out = json.loads(r.stdout)
     mem, base = out["checkpoints"]
     for rep in (mem, base):
-        assert {"loss", "loss_memory_ablated", "tokens", "perplexity", "memory_gain", "layers"} <= set(rep)
-        assert rep["tokens"] > 0 and np.isfinite(rep["loss"])
-    assert mem["tokens"] == base["tokens"]
+        assert {"checkpoint", "tables", "engram", "steps", "tokens", "loss", "perplexity", "loss_memory_ablated",
+                "perplexity_memory_ablated", "memory_gain", "layers", "seconds"} <= set(rep)
+        assert rep["tokens"] > 0 and np.isfinite(rep["loss"]) and rep["perplexity"] == pytest.approx(np.exp(rep["loss"]))
+    assert mem["tokens"] == base["tokens"] and mem["steps"] == base["steps"] == int(STEPS)
     assert mem["loss_memory_ablated"] > mem["loss"]
-    assert base["loss_memory_ablated"] == base["loss"] and base["layers"] == {}
+    assert base["engram"] is False and base["loss_memory_ablated"] == base["loss"] and base["layers"] == {} and base["memory_gain"] == 0
     lay = mem["layers"]["1"]
-    assert len(lay["gate_by_frequency_decile"]) == 10 and 0 < lay["gate_mean"] < 1
-    assert 0 < lay["usage"]["rows_touched_heldout"] <= lay["usage"]["rows"]
-    assert all(b["bit_exact"] for b in lay["lookups"]["backends"].values())
+    assert 0 < lay["gate_mean"] < 1
+    for n in ("2", "3"):
+        dec = lay["gate_by_frequency_decile"][n]
+        assert [d["decile"] for d in dec] == list(range(1, 11)) and sum(d["positions"] for d in dec) == mem["tokens"]
+        assert all(a["max_count"] <= b["min_count"] for a, b in zip(dec, dec[1:]))  # deciles by rising frequency
+        col = lay["gate_by_collision"][n]
+        assert col["clean_head"]["positions"] + col["all_heads_collide"]["positions"] == mem["tokens"]
+    u = lay["usage"]
+    assert 0 < u["rows_touched_heldout"] <= u["rows"] and u["lookups"] == mem["tokens"] * 4
+    assert 0 < u["lookups_on_untrained_rows"] < 1
+    assert set(lay["lookups"]["backends"]) >= {"torch", "cpu"}
+    assert all(b["bit_exact"] and b["tokens_per_s"] > 0 and b["gb_per_s"] > 0 for b in lay["lookups"]["backends"].values())
     rates = list(lay["lookups"]["cache_hit_rate"].values())
-    assert rates == sorted(rates) and 0 < rates[0]
+    assert list(lay["lookups"]["cache_hit_rate"]) == ["1%", "5%", "10%"] and rates == sorted(rates) and 0 < rates[0] and rates[-1] <= 1
+
+
+def test_eval_usage_and_norms_by_an_independent_route(trained):
+    """Usage from the rows that differ between the initial and the trained store; norms from the whole table."""
+    from engram_cli.evaluate import evaluate_checkpoint, heldout_stream, windows
+    from engram_cli.model import row_ids_for
+    from engram_cli.vocab import load_tokenizer
+
+    root, _, _ = trained
+    rep = evaluate_checkpoint(root / "mem.ckpt")
+    lay = rep["layers"]["1"]
+    ck = torch.load(root / "mem.ckpt", weights_only=True)
+    store = TableStore.open(root / "mem.tables.zarr")
+    W = windows(heldout_stream(ck, load_tokenizer()), ck["config"]["block_size"])
+    rows = row_ids_for(store.plan, store.vocab, 1, W[:, :-1]).ravel()
+    changed = changed_rows(root)
+    assert lay["usage"]["rows_touched_heldout"] == np.unique(rows).size
+    assert lay["usage"]["lookups_on_untrained_rows"] == pytest.approx(float((~changed[rows]).mean()), abs=1e-12)
+    norms = np.linalg.norm(store.table(1)[:], axis=1)
+    assert lay["row_norms"]["sampled"] is False
+    for kind, mask in (("trained", changed), ("untouched", ~changed)):
+        q = lay["row_norms"][kind]
+        assert q["rows"] == mask.sum() and q["p50"] == pytest.approx(float(np.median(norms[mask])), rel=1e-6)
+
+
+def test_eval_side_by_side_table(trained):
+    root, _, _ = trained
+    r = run("eval", root / "mem.ckpt", root / "base.ckpt")
+    assert r.exit_code == 0, r.output
+    table = r.stdout.split("held-out cross-entropy", 1)[1]
+    mem_line = next(l for l in table.splitlines() if "mem.ckpt" in l)
+    base_line = next(l for l in table.splitlines() if "base.ckpt" in l)
+    assert " yes " in mem_line and " no " in base_line and "+0.0000" in base_line
+    for what in ("mean gate by n-gram frequency decile", "clean head", "table usage", "row norms", "lookups cpu", "hot-row cache hit rate"):
+        assert what in r.stdout, what
 
 
 def test_eval_refusals(trained, tmp_path):
     root, _, _ = trained
-    assert "engram train" in error_line(run("eval", tmp_path / "nothing.ckpt"))
+    assert "engram train" in one_error_line(run("eval", tmp_path / "nothing.ckpt"))
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes((root / "mem.ckpt").read_bytes()[:1000])
-    assert "corrupt" in error_line(run("eval", cut))
+    assert "corrupt" in one_error_line(run("eval", cut))
     evil = tmp_path / "evil.ckpt"
     torch.save({"format": "engram-checkpoint/1", "payload": pickle.dumps}, evil)
-    assert "unpickling" in error_line(run("eval", evil))
+    assert "unpickling" in one_error_line(run("eval", evil))
     other = tmp_path / "other.zarr"
     r = run("build-table", root / "corpus", "-o", other, *TINY[:4], "--rows-per-head", "700", "--dim", "32")
     assert r.exit_code == 0, r.output
-    assert "fingerprint" in error_line(run("eval", root / "mem.ckpt", "--tables", other))
-    assert "missing" in error_line(run("eval", root / "mem.ckpt", "--tables", tmp_path / "gone.zarr"))
+    assert "fingerprint" in one_error_line(run("eval", root / "mem.ckpt", "--tables", other))
+    assert "missing" in one_error_line(run("eval", root / "mem.ckpt", "--tables", tmp_path / "gone.zarr"))
+    ck = torch.load(root / "mem.ckpt", weights_only=True)
+    ck["weights"]["wte.weight"] = ck["weights"]["wte.weight"][:-1]  # a state dict whose shapes do not match
+    torch.save(ck, tmp_path / "mem.ckpt")
+    shutil.copytree(root / "mem.tables.zarr", tmp_path / "mem.tables.zarr")
+    assert "weights do not match" in one_error_line(run("eval", tmp_path / "mem.ckpt"))
+    from safetensors.torch import save_file
+
+    save_file({"wte.weight": torch.zeros(2, 2)}, str(tmp_path / "bare.safetensors"))  # a bare state dict, no engram metadata
+    assert "metadata" in one_error_line(run("eval", tmp_path / "bare.safetensors"))
 
 
 def test_train_refuses_a_missing_store(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "a.txt").write_text((FIXTURES / "debian-faq" / "debian-faq.en.txt").read_text()[:3000])
-    assert "build-table" in error_line(run("train", tmp_path / "c", "--tables", tmp_path / "none.zarr", "-o", tmp_path / "m.ckpt"))
+    assert "build-table" in one_error_line(run("train", tmp_path / "c", "--tables", tmp_path / "none.zarr", "-o", tmp_path / "m.ckpt"))
+
+
+def test_heldout_ngram_counts_by_an_independent_route(trained):
+    """The polars join against the statistics equals a plain dict built from every counted n-gram."""
+    from engram_cli.evaluate import heldout_ngram_counts
+    from engram_cli.hashing import shift_k
+    from engram_cli.vocab import load_tokenizer
+
+    root, _, _ = trained
+    store = TableStore.open(root / "tables.zarr")
+    plan, vocab = store.plan, store.vocab
+    text = (root / "corpus" / "debian-faq.en.txt").read_text()[:3000]
+    x = np.asarray(load_tokenizer().tokenizer.encode(text).ids, dtype=np.int64)[: 4 * 64].reshape(4, 64)
+    c = np.asarray(vocab.lookup)[x]
+    for n in plan.orders:
+        table = {}
+        for ids, counts in store.stats.iter_batches(n):
+            table.update(zip(map(tuple, ids.tolist()), counts.tolist()))
+        grams = np.stack([shift_k(c, n - 1 - i, plan.compressed_pad_id) for i in range(n)], -1).reshape(-1, n)
+        want = np.array([table.get(tuple(g), 0) for g in grams.tolist()], dtype=np.uint64)
+        got = heldout_ngram_counts(store, vocab, plan, x, n)
+        np.testing.assert_array_equal(got, want)
+        assert (want > 0).mean() > 0.5  # the text is part of the corpus: most of its n-grams were counted

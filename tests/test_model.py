@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engram_cli.model import EngramGPT, ModelConfig, row_ids_for
+from engram_cli.model import EngramGPT, ModelConfig, row_ids_for, table_lookup
 from engram_cli.plan import make_plan
 
 TEXT = next(p for p in sorted(Path("fixtures/corpus").rglob("*")) if p.is_file()).read_text(errors="replace")[:4000]
@@ -29,16 +29,18 @@ def setup(deepseek_tokenizer, deepseek_vocab):
     torch.manual_seed(0)
     cfg = ModelConfig.for_plan(plan, vocab_size=64, n_layer=2, n_head=2, d_model=32, block_size=64)
     model = EngramGPT(cfg)
+    table = torch.randn(plan.layer_rows(1), plan.head_dim)  # the layer's table, outside the parameters
+    model.attach_tables({1: table_lookup(plan, vocab, 1, table)})
     eng = model.blocks[1].engram
     with torch.no_grad():  # non-trivial norms and conv so every term matters
         for p in [eng.norm1[0].weight, eng.norm2[0].weight, eng.short_conv.norm.weight, eng.short_conv.conv.weight]:
             p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
-    return plan, rows, model, eng
+    return plan, rows, model, eng, table
 
 
 def plain_engram(eng, h, rows):
     """The equations of docs/spec.md written out with explicit loops where it matters."""
-    W = eng.multi_head_embedding.embedding.weight
+    W = eng.multi_head_embedding.lookup.table
     B, T, H = rows.shape
     e = torch.cat([W[rows[:, :, i]] for i in range(H)], dim=-1)
 
@@ -63,7 +65,7 @@ def plain_engram(eng, h, rows):
 
 
 def test_engram_matches_reference_equations(setup):
-    plan, rows, model, eng = setup
+    plan, rows, model, eng, table = setup
     r = torch.as_tensor(rows)
     assert r.shape[-1] == len(plan.orders) * plan.heads
     h = torch.randn(1, r.shape[1], 32)
@@ -74,20 +76,28 @@ def test_engram_matches_reference_equations(setup):
 
 
 def test_gradients_reach_exactly_the_looked_up_rows(setup):
-    plan, rows, model, eng = setup
+    """Backward reaches exactly the looked-up rows; an optimizer step changes exactly those rows of the table."""
+    from engram_cli.train import RowAdam
+
+    plan, rows, model, eng, table = setup
     ids = torch.randint(0, 64, (1, rows.shape[1]))
-    model.zero_grad()
+    model.train()
+    opt = RowAdam(model.memories(), lr=1e-2)
     _, loss = model(ids, {1: torch.as_tensor(rows)}, targets=ids)
     loss.backward()
-    grad = eng.multi_head_embedding.embedding.weight.grad
-    assert grad.is_sparse
-    dense = grad.to_dense()
-    touched = set(np.flatnonzero(dense.abs().sum(1).numpy() > 0).tolist())
-    assert touched == set(np.unique(rows).tolist())
+    uniq, leaf = eng.multi_head_embedding.last
+    assert set(uniq.tolist()) == set(np.unique(rows).tolist())
+    assert leaf.grad.shape == (uniq.numel(), plan.head_dim) and (leaf.grad.abs().sum(1) > 0).all()
+    assert not any(p is leaf for p in model.parameters())  # the table is no parameter: no dense gradient
+    before = table.clone()
+    opt.step()
+    changed = set(np.flatnonzero((table != before).any(1).numpy()).tolist())
+    assert changed == set(np.unique(rows).tolist())
+    model.eval()
 
 
 def test_ablation_changes_output(setup):
-    plan, rows, model, eng = setup
+    plan, rows, model, eng, table = setup
     ids = torch.randint(0, 64, (1, rows.shape[1]))
     with torch.no_grad():
         a = model(ids, {1: torch.as_tensor(rows)})

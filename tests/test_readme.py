@@ -8,6 +8,7 @@ stderr (progress and notices only). Every figure the README quotes between
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -24,6 +25,11 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 CORPUS_PART = ROOT / "fixtures" / "corpus" / "debian-policy"
 # What the test adds to the README's lines so that they run in seconds.
 SMALL = {"build-table": ["--budget", "16MiB"], "train": ["--steps", "3"]}
+# ENGRAM_README_VERBATIM=1: the lines exactly as written, on the whole fixture corpus (the
+# reference plan: a 4.4 GiB store, ~6 GiB of RAM while training, several minutes on 2 cores).
+VERBATIM = os.environ.get("ENGRAM_README_VERBATIM") == "1"
+if VERBATIM:
+    CORPUS_PART, SMALL = ROOT / "fixtures" / "corpus", {}
 # A line of each command's report (stdout), never on stderr.
 REPORT_MARKS = {
     "compress-vocab": "compressed ids",
@@ -62,6 +68,7 @@ def test_readme_session_runs_with_defaults_that_chain(tmp_path):
         ["engram", "compress-vocab"], ["engram", "build-table"], ["engram", "collisions"], ["engram", "inspect"], ["engram", "train"], ["engram", "eval"],
     ]
     shutil.copytree(CORPUS_PART, tmp_path / "corpus" / CORPUS_PART.name)
+    assert tmp_path.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # a fresh directory
     registered = {m.replace("_", "-") for m in COMMAND_MODULES}
     printed = []
     for line in lines:
@@ -81,7 +88,9 @@ def test_readme_session_runs_with_defaults_that_chain(tmp_path):
             assert "\x1b[" not in err and "\r" not in err  # stderr is a file: no live frames
             assert re.search(r"^reading: done, [\d.]+ (KiB|MiB) ", err, re.M), err  # bytes in human units
         if command == "train":
-            assert (tmp_path / "model.ckpt").exists()
+            assert (tmp_path / "model.ckpt").exists() and (tmp_path / "model.tables.zarr").is_dir()
+        if command == "eval":
+            assert "loss, memory ablated" in out and "mean gate" in out and "hot-row cache hit rate" in out
     out, err = run(tmp_path, ["build-table", "corpus/", "--plan-only"], "plan")  # the reference plan's size
     printed += [out, err]
     text = " ".join(" ".join(printed).split())
