@@ -14,8 +14,8 @@ rows that differ from the store's; usage by the text (`--corpus`, hashed with th
 plan) or, without one, by the store's hit counts (the build corpus' lookups): rows
 touched and the share of lookups on zero rows and on rows equal to the store's; and
 lookup parity: every lookup backend that can run here against the torch reference
-on the same token ids, bit for bit, plus evaluate.lookup_report's gather speeds and
-hot-row cache hit rates. Nothing loads a whole table: tensors stay memory-mapped.
+on the same token ids, bit for bit, GB/s of the rows read, and hot-row cache hit
+rates (evaluate.cache_hit_rates). Nothing loads a whole table: tensors stay memory-mapped.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ PARITY_BLOCK = 128
 RANDOM_IDS_SEED = 0  # without --corpus, parity runs on seeded random tokenizer ids
 HIST_DECADES = (-12, 6)  # row norms 1e-12 .. 1e6 (outside: the end bins)
 HIST_BINS_PER_DECADE = 200  # quantiles to within 10**(1/200) - 1 = 1.2 % (relative)
-CACHE_HITS_MAX_ROWS = 64 << 20  # hot-row cache rates need the layer's hits in memory: up to 64 Mi rows
 
 
 class NormHistogram:
@@ -147,6 +146,16 @@ def lookup_parity(plan, vocab, layer_id: int, table: torch.Tensor, token_ids: np
     return out
 
 
+def gather_report(parity: dict, rows_per_token: float, row_bytes: int, cache_hit_rate: dict) -> dict:
+    """The checkpoint report's `lookups` block from the parity runs: per backend rows read per second and GB/s."""
+    backends = {}
+    for name, p in parity.items():
+        tps = p["tokens_per_s"]
+        backends[name] = {"bit_exact": p["bit_exact"], "tokens_per_s": tps,
+                          "gb_per_s": None if tps is None else tps * rows_per_token * row_bytes / 1e9}
+    return {"backends": backends, "cache_hit_rate": cache_hit_rate}
+
+
 def _text_ids(tables, corpus, max_tokens: int, progress) -> np.ndarray | None:
     """Raw tokenizer ids of --corpus (all of it held out, capped), with the tables' tokenizer."""
     if corpus is None:
@@ -162,7 +171,7 @@ def _text_ids(tables, corpus, max_tokens: int, progress) -> np.ndarray | None:
 
 def audit_state_dict(path, tables, *, corpus=None, max_tokens: int | None = None, progress=None) -> dict:
     """The `engram eval --state-dict` report (schema: docs/eval.md, "--state-dict")."""
-    from engram_cli.evaluate import lookup_report
+    from engram_cli.evaluate import cache_hit_rates
     from engram_cli.model import row_ids_for
     from engram_cli.store import TableStore, from_storage
     from engram_cli.train import MAX_HELDOUT_TOKENS
@@ -233,13 +242,13 @@ def audit_state_dict(path, tables, *, corpus=None, max_tokens: int | None = None
         elif use_hits and hit_lookups:
             usage = {"lookups": hit_lookups, "rows_touched": hit_rows, "rows_touched_share": hit_rows / rows,
                      "lookups_on_zero_rows": hit_zero / hit_lookups, "lookups_on_unchanged_rows": hit_same / hit_lookups}
-        hits = np.asarray(store.hits(l)[:]) if store.has_hits and rows <= CACHE_HITS_MAX_ROWS else None
         lk_rows = row_ids_for(plan, vocab, l, parity_ids).reshape(-1)
+        parity = lookup_parity(plan, vocab, l, W, parity_ids)
         report["layers"][str(l)] = {
             "key": c["weight"], "rows": rows, "head_dim": plan.head_dim, "dtype": str(c["dtype"]).removeprefix("torch."),
             "module": module, "row_norms": hist.summary(), "rows_changed": changed_rows, "usage": usage,
-            "parity": lookup_parity(plan, vocab, l, W, parity_ids),
-            "lookups": lookup_report(W, lk_rows, hits),
+            "parity": parity,
+            "lookups": gather_report(parity, lk_rows.size / parity_ids.size, plan.head_dim * W.element_size(), cache_hit_rates(store, l, lk_rows)),
         }
     return report
 

@@ -297,7 +297,7 @@ def test_norm_histogram_quantiles_match_numpy():
 
 
 def model_state_dict(store: TableStore, changes) -> tuple[dict, dict]:
-    """Our reference model's Engram modules (real torch modules) with the store's rows, some changed;
+    """Our reference model's Engram modules (real torch modules) and the store's rows, some changed;
     returns the state dict (prefix blocks.<layer>.engram.) and each layer's changed rows."""
     from engram_cli.model import EngramGPT, ModelConfig
 
@@ -310,8 +310,8 @@ def model_state_dict(store: TableStore, changes) -> tuple[dict, dict]:
         zero, bump = changes(w.shape[0])
         w[zero] = 0
         w[bump] += 1
-        block.engram.multi_head_embedding.embedding.weight.data = w
         sd.update({f"blocks.{i}.engram.{k}": v for k, v in block.engram.state_dict().items()})
+        sd[f"blocks.{i}.engram.{WEIGHT}"] = w  # the table is not a parameter of our module: the reference names it so
         changed[i] = (np.asarray(zero), np.asarray(bump))
     return sd, changed
 
