@@ -60,6 +60,47 @@ def token_columns(order: int) -> list[str]:
     return [f"tok_{i}" for i in range(order)]
 
 
+def _check_utf8_path(root: Path) -> None:
+    """`StoreError` for a statistics directory whose path is not valid UTF-8: polars cannot open it."""
+    try:
+        os.fsencode(root).decode("utf-8")
+    except UnicodeDecodeError:
+        shown = os.fsencode(root).decode("utf-8", "backslashreplace")
+        raise StoreError(f"n-gram statistics at {shown!r}: the path is not valid UTF-8 and polars reads only UTF-8 paths; move or rename it to a UTF-8 path") from None
+
+
+def _check_summary(summary: dict, where: Path) -> None:
+    """`StoreError` unless `summary` has `orders` (distinct ints >= 2) and per order an object with integer `distinct` and `windows` >= 0."""
+    orders = summary.get("orders")
+    per_order = summary.get("per_order")
+    problem = None
+    if not isinstance(orders, list) or not all(type(n) is int and n >= 2 for n in orders) or len(set(orders)) != len(orders):
+        problem = f"'orders' is {orders!r}, not a list of distinct n-gram orders >= 2"
+    elif not isinstance(per_order, dict):
+        problem = f"'per_order' is a {type(per_order).__name__}, not an object"
+    else:
+        for n in orders:
+            entry = per_order.get(str(n))
+            if not isinstance(entry, dict) or any(type(entry.get(k)) is not int or entry[k] < 0 for k in ("distinct", "windows")):
+                problem = f"'per_order' has no integer 'distinct' and 'windows' for order {n}"
+                break
+    if problem:
+        raise StoreError(f"n-gram statistics summary {str(where)!r} is malformed ({problem}); rebuild with `engram build-table --force`")
+
+
+def _read_errors(path: Path, batches: Iterable):
+    """`batches`, with a failure to read a data page (polars raises several types) as one `StoreError`."""
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # polars: ComputeError, OSError, PanicException...
+            raise StoreError(f"n-gram statistics file {str(path)!r} is corrupt ({type(e).__name__}); rebuild with `engram build-table --force`") from None
+        yield batch
+
+
 @dataclass(frozen=True)
 class NgramStats:
     """A read handle on a stats directory (see the module docstring for the layout)."""
@@ -69,16 +110,27 @@ class NgramStats:
 
     @classmethod
     def open(cls, root: str | Path) -> "NgramStats":
+        """Open a stats directory; `StoreError` (one line, with the fix) unless it is readable as written.
+
+        Checks, from metadata only: the root's path is valid UTF-8 (polars reads no other
+        path), `summary.json` parses to the layout `_check_summary` describes, and every
+        order file has a readable parquet footer with the columns and rows the summary
+        says (`_check_order_file`). A corrupt data page behind a good footer is found
+        when it is read (`iter_batches`, `max_id`).
+        """
         root = Path(root)
         summary_path = root / SUMMARY_FILE
         if not summary_path.is_file():
             raise StoreError(f"no n-gram statistics at {str(root)!r} (missing {SUMMARY_FILE}); rebuild with `engram build-table`")
+        _check_utf8_path(root)
         try:
-            summary = json.loads(summary_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise StoreError(f"n-gram statistics summary {str(summary_path)!r} is unreadable ({e}); rebuild with `engram build-table`") from None
-        if summary.get("format") != STATS_FORMAT:
-            raise StoreError(f"{str(summary_path)!r} has format {summary.get('format')!r}, expected {STATS_FORMAT!r}; rebuild with `engram build-table`")
+            summary = json.loads(summary_path.read_bytes())
+        except (OSError, ValueError, RecursionError) as e:
+            raise StoreError(f"n-gram statistics summary {str(summary_path)!r} is unreadable ({type(e).__name__}: {e}); rebuild with `engram build-table`") from None
+        if not isinstance(summary, dict) or summary.get("format") != STATS_FORMAT:
+            got = summary.get("format") if isinstance(summary, dict) else type(summary).__name__
+            raise StoreError(f"{str(summary_path)!r} has format {got!r}, expected {STATS_FORMAT!r}; rebuild with `engram build-table`")
+        _check_summary(summary, summary_path)
         stats = cls(root=root, summary=summary)
         for n in stats.orders:
             if not order_file(root, n).is_file():
@@ -111,6 +163,24 @@ class NgramStats:
             raise StoreError(f"n-gram statistics file {str(order_file(self.root, order))!r} is corrupt ({type(e).__name__}); rebuild with `engram build-table --force`") from None
         return None if top is None else int(top)
 
+    def recorded_max_id(self, order: int) -> int | None:
+        """The largest compressed id of one order as its parquet footer records it (no data page read).
+
+        From the row groups' max statistics of every token column (`parquet_footer`);
+        None when the order holds no n-gram or a row group lacks the statistic (then
+        only `max_id`'s streaming pass knows).
+        """
+        from .parquet_footer import FooterError, column_maxima
+
+        path = order_file(self.root, order)
+        try:
+            tops = column_maxima(path, token_columns(order))
+        except (OSError, FooterError) as e:
+            raise StoreError(f"n-gram statistics file {str(path)!r} is truncated, empty or corrupt ({type(e).__name__}: {e}); rebuild with `engram build-table --force`") from None
+        if any(v is None for v in tops.values()):
+            return None
+        return max(tops.values())
+
     @property
     def orders(self) -> tuple[int, ...]:
         return tuple(int(n) for n in self.summary["orders"])
@@ -137,7 +207,7 @@ class NgramStats:
         if self.distinct(order) == 0:
             return
         # One streaming pass (collect_batches) instead of a fresh scan + slice per batch.
-        for df in pl.scan_parquet(path).select([*cols, "count"]).collect_batches(chunk_size=batch_rows):
+        for df in _read_errors(path, pl.scan_parquet(path).select([*cols, "count"]).collect_batches(chunk_size=batch_rows)):
             for start in range(0, df.height, batch_rows):
                 part = df.slice(start, batch_rows)
                 ids = np.empty((part.height, order), dtype=np.int64)  # (m, n)

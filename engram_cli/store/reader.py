@@ -52,6 +52,10 @@ def _open_error(path: Path, what: str) -> StoreError:
     return StoreError(f"{str(path)!r} is not an engram table store ({what}); build one with `engram build-table`")
 
 
+def _inconsistent(path: Path, field: str, what: str) -> StoreError:
+    return StoreError(f"table store {str(path)!r} is inconsistent: its plan's {field} {what}; rebuild it with `engram build-table --force`")
+
+
 def _rebuild(path: Path, what: str) -> StoreError:
     return StoreError(f"table store {str(path)!r} {what}; rebuild it with `engram build-table --force`")
 
@@ -106,8 +110,55 @@ class TableStore:
             raise StoreError(f"{str(path)!r}: {e}") from None
         except (KeyError, TypeError, AttributeError) as e:
             raise _open_error(path, f"malformed {ROOT_ATTR!r} attributes: {type(e).__name__} {e}") from None
+        store._check_files()
         store._check_layout()
+        store._check_consistent()
         return store
+
+    def _check_files(self) -> None:
+        """Every array, group and shard the store's attributes promise is on disk (`writer.verify_layout`).
+
+        A missing `zarr.json` of any array (table, hits, vocab/*), a missing shard, or
+        missing statistics files: one StoreError naming the first few.
+        """
+        from .writer import verify_layout
+
+        verify_layout(self.path)
+
+    def _check_consistent(self) -> None:
+        """The plan agrees with the vocabulary's and the statistics' own metadata (no data read).
+
+        The plan's own fields were checked by `TablePlan.from_dict` (`check_plan_consistent`).
+        Here: the stored vocabulary's `compressed_size` equals the plan's
+        `compressed_vocab_size`, and the plan's tokenizer `pad_id` is below the
+        vocabulary's `vocab_size`; every compressed id the statistics hold (their parquet
+        footers' max statistics, `NgramStats.recorded_max_id`) is below
+        `compressed_vocab_size`. Files without the statistic are checked by the build's
+        streaming pass only (`writer.check_stats_ids`).
+        """
+        from ..ngrams import SUMMARY_FILE, NgramStats
+
+        plan = self.plan
+        try:
+            meta = self.group["vocab"].attrs.asdict()
+        except KeyError:
+            meta = {}
+        size, csize = meta.get("vocab_size"), meta.get("compressed_size")
+        if isinstance(csize, int) and csize != plan.compressed_vocab_size:
+            raise _inconsistent(self.path, "compressed_vocab_size", f"is {plan.compressed_vocab_size}, its vocabulary has {csize} compressed ids")
+        if isinstance(size, int) and not 0 <= plan.pad_id < size:
+            raise _inconsistent(self.path, "pad_id", f"{plan.pad_id} is not a tokenizer id: its vocabulary has {size} ids")
+        root = self.path / STATS_DIR
+        if not (root / SUMMARY_FILE).is_file():
+            return
+        stats = NgramStats.open(root)
+        for order in stats.orders:
+            top = stats.recorded_max_id(order)
+            if top is not None and top >= plan.compressed_vocab_size:
+                raise _inconsistent(
+                    self.path, "compressed_vocab_size",
+                    f"is {plan.compressed_vocab_size}, smaller than compressed id {top} in the order-{order} statistics (counted with another vocabulary)",
+                )
 
     def _check_layout(self) -> None:
         plan, sdtype = self.plan, self.storage_dtype
