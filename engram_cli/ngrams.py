@@ -60,13 +60,13 @@ def token_columns(order: int) -> list[str]:
     return [f"tok_{i}" for i in range(order)]
 
 
-def _check_utf8_path(root: Path) -> None:
-    """`StoreError` for a statistics directory whose path is not valid UTF-8: polars cannot open it."""
+def _polars_path(path: Path) -> Path:
+    """`path` for polars, which opens only UTF-8 paths: `StoreError` with the fix for any other."""
     try:
-        os.fsencode(root).decode("utf-8")
+        os.fsencode(path).decode("utf-8")
     except UnicodeDecodeError:
-        shown = os.fsencode(root).decode("utf-8", "backslashreplace")
-        raise StoreError(f"n-gram statistics at {shown!r}: the path is not valid UTF-8 and polars reads only UTF-8 paths; move or rename it to a UTF-8 path") from None
+        raise StoreError(f"n-gram statistics file {str(path)!r}: its path is not valid UTF-8 and polars reads only UTF-8 paths; move or rename the store to a UTF-8 path") from None
+    return path
 
 
 def _check_summary(summary: dict, where: Path) -> None:
@@ -112,17 +112,16 @@ class NgramStats:
     def open(cls, root: str | Path) -> "NgramStats":
         """Open a stats directory; `StoreError` (one line, with the fix) unless it is readable as written.
 
-        Checks, from metadata only: the root's path is valid UTF-8 (polars reads no other
-        path), `summary.json` parses to the layout `_check_summary` describes, and every
-        order file has a readable parquet footer with the columns and rows the summary
-        says (`_check_order_file`). A corrupt data page behind a good footer is found
-        when it is read (`iter_batches`, `max_id`).
+        Checks, from metadata only: `summary.json` parses to the layout `_check_summary`
+        describes, and every order file has a readable parquet footer with the columns
+        and rows the summary says (`_check_order_file`). A corrupt data page behind a good
+        footer is found when it is read (`iter_batches`, `max_id`), and so is a path that
+        is not valid UTF-8 (polars reads no other).
         """
         root = Path(root)
         summary_path = root / SUMMARY_FILE
         if not summary_path.is_file():
             raise StoreError(f"no n-gram statistics at {str(root)!r} (missing {SUMMARY_FILE}); rebuild with `engram build-table`")
-        _check_utf8_path(root)
         try:
             summary = json.loads(summary_path.read_bytes())
         except (OSError, ValueError, RecursionError) as e:
@@ -141,18 +140,22 @@ class NgramStats:
     def _check_order_file(self, order: int) -> None:
         """StoreError unless order_{n}.parquet has a readable footer, the columns and the rows the summary says.
 
-        Reads the parquet footer only (a truncated, empty or overwritten file has none).
+        Reads the parquet footer only (`parquet_footer.read_footer`; a truncated, empty or
+        overwritten file has none): the schema's column names and the row count.
         """
+        from .parquet_footer import FooterError, read_footer
+
         path = order_file(self.root, order)
         want = [*token_columns(order), "count"]
         try:
-            schema = pl.read_parquet_schema(path)
-            rows = pl.scan_parquet(path).select(pl.len()).collect().item()
-        except Exception as e:  # polars raises several types for a file that is not parquet
+            meta = read_footer(path)
+            schema = [el[4].decode("utf-8") for el in meta[2][1:]]  # element 0 is the root
+            rows = int(meta[3])
+        except (OSError, FooterError, KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise StoreError(f"n-gram statistics file {str(path)!r} is truncated, empty or corrupt ({type(e).__name__}); rebuild with `engram build-table --force`") from None
-        distinct = (self.summary.get("per_order") or {}).get(str(order), {}).get("distinct")
-        if any(c not in schema for c in want) or (distinct is not None and rows != int(distinct)):
-            raise StoreError(f"n-gram statistics file {str(path)!r} does not match its summary (columns {list(schema)}, {rows} rows); rebuild with `engram build-table --force`")
+        distinct = self.summary["per_order"][str(order)]["distinct"]
+        if any(c not in schema for c in want) or rows != distinct:
+            raise StoreError(f"n-gram statistics file {str(path)!r} does not match its summary (columns {schema}, {rows} rows, the summary says {distinct}); rebuild with `engram build-table --force`")
 
     def max_id(self, order: int) -> int | None:
         """The largest compressed id in one order's n-grams (None when there are none): one streaming pass."""
@@ -196,7 +199,7 @@ class NgramStats:
         return int(self.order_summary(order)["windows"])
 
     def scan(self, order: int) -> pl.LazyFrame:
-        return pl.scan_parquet(order_file(self.root, order))
+        return pl.scan_parquet(_polars_path(order_file(self.root, order)))
 
     def iter_batches(self, order: int, batch_rows: int = 1 << 21) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream one order as (ids (m, n) int64 in text order, counts (m,) int64) slices."""
@@ -207,7 +210,7 @@ class NgramStats:
         if self.distinct(order) == 0:
             return
         # One streaming pass (collect_batches) instead of a fresh scan + slice per batch.
-        for df in _read_errors(path, pl.scan_parquet(path).select([*cols, "count"]).collect_batches(chunk_size=batch_rows)):
+        for df in _read_errors(path, pl.scan_parquet(_polars_path(path)).select([*cols, "count"]).collect_batches(chunk_size=batch_rows)):
             for start in range(0, df.height, batch_rows):
                 part = df.slice(start, batch_rows)
                 ids = np.empty((part.height, order), dtype=np.int64)  # (m, n)

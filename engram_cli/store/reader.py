@@ -253,6 +253,7 @@ class TableStore:
             meta = g.attrs.asdict()
             key_bytes = np.asarray(g["key_bytes"][:], dtype=np.uint8).tobytes()
             offsets = np.asarray(g["key_offsets"][:], dtype=np.int64)
+            self._check_vocab_arrays(offsets, len(key_bytes))
             keys = tuple(key_bytes[offsets[i] : offsets[i + 1]].decode("utf-8", "surrogatepass") for i in range(len(offsets) - 1))
             vocab = CompressedVocab(
                 lookup=np.asarray(g["lookup"][:], dtype=np.int64),
@@ -262,11 +263,22 @@ class TableStore:
                 normalizer=meta["normalizer"],
                 normalizer_version=meta["normalizer_version"],
             )
-        except (KeyError, ValueError, UnicodeDecodeError) as e:
+        except StoreError:
+            raise
+        except Exception as e:  # a corrupt chunk: zarr and its codecs raise ValueError, RuntimeError, zstd/blosc errors...
             raise StoreError(f"table store {str(self.path)!r} has a missing or corrupt vocabulary ({type(e).__name__}: {e}); rebuild it with `engram build-table --force`") from None
         if vocab.fingerprint != meta.get("fingerprint") or (self.plan.vocab_fingerprint and vocab.fingerprint != self.plan.vocab_fingerprint):
             raise StoreError(f"table store {str(self.path)!r}: the stored vocabulary does not match its fingerprint; rebuild it with `engram build-table --force`")
+        self._check_vocab_arrays(None, 0, vocab)
         return vocab
+
+    def _check_vocab_arrays(self, offsets, key_bytes: int, vocab: "CompressedVocab | None" = None) -> None:
+        """StoreError when the stored key offsets or lookup are out of range (`vocab.key_offsets_problem`, `vocab.vocab_array_problem`)."""
+        from ..vocab import key_offsets_problem, vocab_array_problem
+
+        problem = vocab_array_problem(vocab.lookup, vocab.raw_key, vocab.compressed_size) if vocab is not None else key_offsets_problem(offsets, key_bytes)
+        if problem:
+            raise StoreError(f"table store {str(self.path)!r} has a corrupt vocabulary: {problem}; rebuild it with `engram build-table --force`")
 
     # -- arrays --------------------------------------------------------------------
     def _layer_group(self, layer_id: int) -> zarr.Group:
