@@ -88,6 +88,11 @@ def _check_summary(summary: dict, where: Path) -> None:
         raise StoreError(f"n-gram statistics summary {str(where)!r} is malformed ({problem}); rebuild with `engram build-table --force`")
 
 
+# What polars raises on a damaged data page: its own errors, OSError, and (from a Rust
+# panic in a decoder, e.g. "invalid num_bits") PanicException, a BaseException.
+POLARS_READ_ERRORS = (Exception, pl.exceptions.PanicException)
+
+
 def _read_errors(path: Path, batches: Iterable):
     """`batches`, with a failure to read a data page (polars raises several types) as one `StoreError`."""
     it = iter(batches)
@@ -96,7 +101,7 @@ def _read_errors(path: Path, batches: Iterable):
             batch = next(it)
         except StopIteration:
             return
-        except Exception as e:  # polars: ComputeError, OSError, PanicException...
+        except POLARS_READ_ERRORS as e:
             raise StoreError(f"n-gram statistics file {str(path)!r} is corrupt ({type(e).__name__}); rebuild with `engram build-table --force`") from None
         yield batch
 
@@ -160,9 +165,10 @@ class NgramStats:
     def max_id(self, order: int) -> int | None:
         """The largest compressed id in one order's n-grams (None when there are none): one streaming pass."""
         cols = token_columns(order)
+        frame = self.scan(order)  # StoreError for a path polars cannot open
         try:
-            top = self.scan(order).select(pl.max_horizontal([pl.col(c).max() for c in cols])).collect().item()
-        except Exception as e:  # a corrupt data page surfaces here, not at open
+            top = frame.select(pl.max_horizontal([pl.col(c).max() for c in cols])).collect().item()
+        except POLARS_READ_ERRORS as e:  # a corrupt data page surfaces here, not at open
             raise StoreError(f"n-gram statistics file {str(order_file(self.root, order))!r} is corrupt ({type(e).__name__}); rebuild with `engram build-table --force`") from None
         return None if top is None else int(top)
 
