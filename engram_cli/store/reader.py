@@ -75,10 +75,13 @@ class TableStore:
     def open(cls, path: str | os.PathLike, mode: str = "r") -> "TableStore":
         """Open a complete store for reading ("r") or in-place row updates ("r+").
 
-        Checks what readers rely on: the `complete` flag, the format, the plan, and for
-        every layer a table of shape (plan.layer_rows(layer), stored row width) in the
-        storage dtype (and hits of shape (rows,) when the store has them). Anything else
-        is a one-line StoreError with the fix.
+        Checks what readers rely on: the `complete` flag, the format, the plan (its own
+        consistency: `plan.check_plan_consistent`), every array, group, shard and
+        statistics file on disk (`_check_files`), for every layer a table of shape
+        (plan.layer_rows(layer), stored row width) in the storage dtype (and hits of
+        shape (rows,) when the store has them), and the plan against the vocabulary's and
+        the statistics' metadata (`_check_consistent`). Anything else is a one-line
+        StoreError with the fix (docs/store.md, "Inputs that are refused").
         """
         path = Path(path)
         if mode not in MODES:
