@@ -27,8 +27,64 @@ from engram_cli.units import format_bytes
 # A report written to a file or a pipe is not cut at 80 columns.
 REPORT_WIDTH_WHEN_NOT_A_TERMINAL = 200
 
-console = Console(highlight=False, width=None if sys.stdout.isatty() else REPORT_WIDTH_WHEN_NOT_A_TERMINAL)
-notices = Console(stderr=True, highlight=False)
+
+
+def escape_surrogates(text: str) -> str:
+    """`text` made encodable as UTF-8: lone surrogates written out as backslash escapes.
+
+    Paths that are not valid UTF-8 reach Python as str with their bad bytes decoded by
+    `surrogateescape` (U+DC80..U+DCFF); each such byte is shown as `\\xNN` (the byte, as
+    Python's `backslashreplace` writes it: the directory `corp\\xff` stays readable and
+    tells which byte it was). Any other lone surrogate (from escaped JSON text) is shown as
+    `\\uXXXX`. Text without surrogates comes back unchanged.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def json_safe_text(obj):
+    """`obj` (dicts, lists, tuples, scalars) with every string, keys too, passed through `escape_surrogates`."""
+    if isinstance(obj, str):
+        return escape_surrogates(obj)
+    if isinstance(obj, dict):
+        return {json_safe_text(k) if isinstance(k, str) else k: json_safe_text(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe_text(v) for v in obj]
+    return obj
+
+
+class _EscapingStream:
+    """A text stream that forwards to `sys.stdout` / `sys.stderr` as they are at each write, surrogates escaped.
+
+    Looked up at each write (test runners swap the streams); every other attribute
+    (isatty, encoding, fileno...) is the stream's own, so rich sees the real terminal.
+    """
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def write(self, text: str) -> int:
+        return getattr(sys, self._name).write(escape_surrogates(text))
+
+    def __getattr__(self, attr):
+        return getattr(getattr(sys, self._name), attr)
+
+
+console = Console(file=_EscapingStream("stdout"), highlight=False, width=None if sys.stdout.isatty() else REPORT_WIDTH_WHEN_NOT_A_TERMINAL)
+notices = Console(file=_EscapingStream("stderr"), highlight=False)
 
 # Stages whose counts are bytes (corpus reading, shard writing): shown as 1.2 GiB, not raw integers.
 BYTE_STAGES = frozenset({"reading", "writing"})
@@ -47,7 +103,13 @@ def json_option() -> bool:
 
 
 def print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """`obj` as one indented JSON object on stdout: valid UTF-8 JSON always.
+
+    Strings are written as they are (`ensure_ascii=False`), except that lone surrogates
+    (a path that is not valid UTF-8) are escaped first by `escape_surrogates`: the byte
+    0xff of such a path reads `\\xff` in the parsed string.
+    """
+    sys.stdout.write(json.dumps(json_safe_text(obj), indent=2, ensure_ascii=False) + "\n")
     sys.stdout.flush()
 
 

@@ -60,6 +60,52 @@ def token_columns(order: int) -> list[str]:
     return [f"tok_{i}" for i in range(order)]
 
 
+def _polars_path(path: Path) -> Path:
+    """`path` for polars, which opens only UTF-8 paths: `StoreError` with the fix for any other."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise StoreError(f"n-gram statistics file {str(path)!r}: its path is not valid UTF-8 and polars reads only UTF-8 paths; move or rename the store to a UTF-8 path") from None
+    return path
+
+
+def _check_summary(summary: dict, where: Path) -> None:
+    """`StoreError` unless `summary` has `orders` (distinct ints >= 2) and per order an object with integer `distinct` and `windows` >= 0."""
+    orders = summary.get("orders")
+    per_order = summary.get("per_order")
+    problem = None
+    if not isinstance(orders, list) or not all(type(n) is int and n >= 2 for n in orders) or len(set(orders)) != len(orders):
+        problem = f"'orders' is {orders!r}, not a list of distinct n-gram orders >= 2"
+    elif not isinstance(per_order, dict):
+        problem = f"'per_order' is a {type(per_order).__name__}, not an object"
+    else:
+        for n in orders:
+            entry = per_order.get(str(n))
+            if not isinstance(entry, dict) or any(type(entry.get(k)) is not int or entry[k] < 0 for k in ("distinct", "windows")):
+                problem = f"'per_order' has no integer 'distinct' and 'windows' for order {n}"
+                break
+    if problem:
+        raise StoreError(f"n-gram statistics summary {str(where)!r} is malformed ({problem}); rebuild with `engram build-table --force`")
+
+
+# What polars raises on a damaged data page: its own errors, OSError, and (from a Rust
+# panic in a decoder, e.g. "invalid num_bits") PanicException, a BaseException.
+POLARS_READ_ERRORS = (Exception, pl.exceptions.PanicException)
+
+
+def _read_errors(path: Path, batches: Iterable):
+    """`batches`, with a failure to read a data page (polars raises several types) as one `StoreError`."""
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except POLARS_READ_ERRORS as e:
+            raise StoreError(f"n-gram statistics file {str(path)!r} is corrupt ({type(e).__name__}); rebuild with `engram build-table --force`") from None
+        yield batch
+
+
 @dataclass(frozen=True)
 class NgramStats:
     """A read handle on a stats directory (see the module docstring for the layout)."""
@@ -69,16 +115,26 @@ class NgramStats:
 
     @classmethod
     def open(cls, root: str | Path) -> "NgramStats":
+        """Open a stats directory; `StoreError` (one line, with the fix) unless it is readable as written.
+
+        Checks, from metadata only: `summary.json` parses to the layout `_check_summary`
+        describes, and every order file has a readable parquet footer with the columns
+        and rows the summary says (`_check_order_file`). A corrupt data page behind a good
+        footer is found when it is read (`iter_batches`, `max_id`), and so is a path that
+        is not valid UTF-8 (polars reads no other).
+        """
         root = Path(root)
         summary_path = root / SUMMARY_FILE
         if not summary_path.is_file():
             raise StoreError(f"no n-gram statistics at {str(root)!r} (missing {SUMMARY_FILE}); rebuild with `engram build-table`")
         try:
-            summary = json.loads(summary_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise StoreError(f"n-gram statistics summary {str(summary_path)!r} is unreadable ({e}); rebuild with `engram build-table`") from None
-        if summary.get("format") != STATS_FORMAT:
-            raise StoreError(f"{str(summary_path)!r} has format {summary.get('format')!r}, expected {STATS_FORMAT!r}; rebuild with `engram build-table`")
+            summary = json.loads(summary_path.read_bytes())
+        except (OSError, ValueError, RecursionError) as e:
+            raise StoreError(f"n-gram statistics summary {str(summary_path)!r} is unreadable ({type(e).__name__}: {e}); rebuild with `engram build-table`") from None
+        if not isinstance(summary, dict) or summary.get("format") != STATS_FORMAT:
+            got = summary.get("format") if isinstance(summary, dict) else type(summary).__name__
+            raise StoreError(f"{str(summary_path)!r} has format {got!r}, expected {STATS_FORMAT!r}; rebuild with `engram build-table`")
+        _check_summary(summary, summary_path)
         stats = cls(root=root, summary=summary)
         for n in stats.orders:
             if not order_file(root, n).is_file():
@@ -89,27 +145,50 @@ class NgramStats:
     def _check_order_file(self, order: int) -> None:
         """StoreError unless order_{n}.parquet has a readable footer, the columns and the rows the summary says.
 
-        Reads the parquet footer only (a truncated, empty or overwritten file has none).
+        Reads the parquet footer only (`parquet_footer.read_footer`; a truncated, empty or
+        overwritten file has none): the schema's column names and the row count.
         """
+        from .parquet_footer import FooterError, read_footer
+
         path = order_file(self.root, order)
         want = [*token_columns(order), "count"]
         try:
-            schema = pl.read_parquet_schema(path)
-            rows = pl.scan_parquet(path).select(pl.len()).collect().item()
-        except Exception as e:  # polars raises several types for a file that is not parquet
+            meta = read_footer(path)
+            schema = [el[4].decode("utf-8") for el in meta[2][1:]]  # element 0 is the root
+            rows = int(meta[3])
+        except (OSError, FooterError, KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise StoreError(f"n-gram statistics file {str(path)!r} is truncated, empty or corrupt ({type(e).__name__}); rebuild with `engram build-table --force`") from None
-        distinct = (self.summary.get("per_order") or {}).get(str(order), {}).get("distinct")
-        if any(c not in schema for c in want) or (distinct is not None and rows != int(distinct)):
-            raise StoreError(f"n-gram statistics file {str(path)!r} does not match its summary (columns {list(schema)}, {rows} rows); rebuild with `engram build-table --force`")
+        distinct = self.summary["per_order"][str(order)]["distinct"]
+        if any(c not in schema for c in want) or rows != distinct:
+            raise StoreError(f"n-gram statistics file {str(path)!r} does not match its summary (columns {schema}, {rows} rows, the summary says {distinct}); rebuild with `engram build-table --force`")
 
     def max_id(self, order: int) -> int | None:
         """The largest compressed id in one order's n-grams (None when there are none): one streaming pass."""
         cols = token_columns(order)
+        frame = self.scan(order)  # StoreError for a path polars cannot open
         try:
-            top = self.scan(order).select(pl.max_horizontal([pl.col(c).max() for c in cols])).collect().item()
-        except Exception as e:  # a corrupt data page surfaces here, not at open
+            top = frame.select(pl.max_horizontal([pl.col(c).max() for c in cols])).collect().item()
+        except POLARS_READ_ERRORS as e:  # a corrupt data page surfaces here, not at open
             raise StoreError(f"n-gram statistics file {str(order_file(self.root, order))!r} is corrupt ({type(e).__name__}); rebuild with `engram build-table --force`") from None
         return None if top is None else int(top)
+
+    def recorded_max_id(self, order: int) -> int | None:
+        """The largest compressed id of one order as its parquet footer records it (no data page read).
+
+        From the row groups' max statistics of every token column (`parquet_footer`);
+        None when the order holds no n-gram or a row group lacks the statistic (then
+        only `max_id`'s streaming pass knows).
+        """
+        from .parquet_footer import FooterError, column_maxima
+
+        path = order_file(self.root, order)
+        try:
+            tops = column_maxima(path, token_columns(order))
+        except (OSError, FooterError) as e:
+            raise StoreError(f"n-gram statistics file {str(path)!r} is truncated, empty or corrupt ({type(e).__name__}: {e}); rebuild with `engram build-table --force`") from None
+        if any(v is None for v in tops.values()):
+            return None
+        return max(tops.values())
 
     @property
     def orders(self) -> tuple[int, ...]:
@@ -126,7 +205,7 @@ class NgramStats:
         return int(self.order_summary(order)["windows"])
 
     def scan(self, order: int) -> pl.LazyFrame:
-        return pl.scan_parquet(order_file(self.root, order))
+        return pl.scan_parquet(_polars_path(order_file(self.root, order)))
 
     def iter_batches(self, order: int, batch_rows: int = 1 << 21) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream one order as (ids (m, n) int64 in text order, counts (m,) int64) slices."""
@@ -137,7 +216,7 @@ class NgramStats:
         if self.distinct(order) == 0:
             return
         # One streaming pass (collect_batches) instead of a fresh scan + slice per batch.
-        for df in pl.scan_parquet(path).select([*cols, "count"]).collect_batches(chunk_size=batch_rows):
+        for df in _read_errors(path, pl.scan_parquet(_polars_path(path)).select([*cols, "count"]).collect_batches(chunk_size=batch_rows)):
             for start in range(0, df.height, batch_rows):
                 part = df.slice(start, batch_rows)
                 ids = np.empty((part.height, order), dtype=np.int64)  # (m, n)

@@ -254,6 +254,7 @@ class TablePlan:
                 f"the stored table plan's fingerprint {d['fingerprint'][:12]} does not match its contents "
                 f"({plan.fingerprint[:12]}); the store was edited or is corrupt: rebuild it"
             )
+        check_plan_consistent(plan)
         return plan
 
     @property
@@ -274,6 +275,72 @@ class TablePlan:
             "vocab_fingerprint": self.vocab_fingerprint,
         }
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+
+INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _inconsistent(field: str, what: str) -> PlanError:
+    return PlanError(f"the stored table plan is inconsistent: {field} {what}; the store was edited or written by a faulty tool: rebuild it with `engram build-table --force`")
+
+
+def check_plan_consistent(plan: TablePlan) -> None:
+    """`PlanError` naming the field when a (restored) plan contradicts itself.
+
+    What `make_plan` guarantees and every reader relies on, checked without I/O in time
+    linear in the number of heads (each prime by deterministic Miller-Rabin): layer ids
+    distinct and >= 0, the same layers in `primes` and `multipliers`; max_ngram_size >= 2,
+    heads >= 1, dim a positive multiple of heads, one rows_per_head per order; per layer
+    and order `heads` primes, each a prime >= its rows_per_head, all distinct across the
+    plan (docs/spec.md, "Primes"); per layer `max_ngram_size` odd multipliers in
+    [1, int64_max // compressed_vocab_size] (so id x multiplier cannot overflow);
+    0 <= compressed_pad_id < compressed_vocab_size; pad_id >= 0; a known dtype.
+    `from_dict` calls it, so every store, checkpoint and kernel that restores a plan does.
+    """
+    layers = plan.layer_ids
+    if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
+        raise _inconsistent("layer_ids", f"{list(layers)} must be distinct ids >= 0, at least one")
+    if set(plan.primes) != set(layers):
+        raise _inconsistent("primes", f"cover layers {sorted(plan.primes)}, the plan has layers {sorted(layers)}")
+    if set(plan.multipliers) != set(layers):
+        raise _inconsistent("multipliers", f"cover layers {sorted(plan.multipliers)}, the plan has layers {sorted(layers)}")
+    if plan.max_ngram_size < 2:
+        raise _inconsistent("max_ngram_size", f"is {plan.max_ngram_size}, it must be at least 2")
+    if plan.heads < 1 or plan.dim < 1 or plan.dim % plan.heads:
+        raise _inconsistent("dim", f"{plan.dim} must be a positive multiple of heads {plan.heads}")
+    orders = plan.orders
+    if len(plan.rows_per_head) != len(orders):
+        raise _inconsistent("rows_per_head", f"has {len(plan.rows_per_head)} values for {len(orders)} orders")
+    if plan.dtype not in DTYPE_BYTES:
+        raise _inconsistent("dtype", f"{plan.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+    if plan.compressed_vocab_size < 1:
+        raise _inconsistent("compressed_vocab_size", f"is {plan.compressed_vocab_size}, it must be positive")
+    if not 0 <= plan.compressed_pad_id < plan.compressed_vocab_size:
+        raise _inconsistent("compressed_pad_id", f"{plan.compressed_pad_id} is outside the compressed vocabulary [0, {plan.compressed_vocab_size})")
+    if plan.pad_id < 0:
+        raise _inconsistent("pad_id", f"is {plan.pad_id}, a tokenizer id must be >= 0")
+    m_max = INT64_MAX // plan.compressed_vocab_size
+    seen: dict[int, str] = {}
+    for layer in layers:
+        per_order = plan.primes[layer]
+        if len(per_order) != len(orders) or any(len(heads) != plan.heads for heads in per_order):
+            raise _inconsistent(f"primes of layer {layer}", f"are {[len(h) for h in per_order]} per order, the plan needs {plan.heads} heads for each of orders {list(orders)}")
+        for n, rows, heads in zip(orders, plan.rows_per_head, per_order):
+            for j, p in enumerate(heads):
+                where = f"primes of layer {layer} order {n} head {j}"
+                if not is_prime(p):
+                    raise _inconsistent(where, f"{p} is not a prime")
+                if p < rows:
+                    raise _inconsistent(where, f"{p} is below rows_per_head {rows}")
+                if p in seen:
+                    raise _inconsistent(where, f"{p} is not distinct (also the {seen[p]})")
+                seen[p] = where
+        mults = plan.multipliers[layer]
+        if len(mults) != plan.max_ngram_size:
+            raise _inconsistent(f"multipliers of layer {layer}", f"are {len(mults)}, the plan needs max_ngram_size = {plan.max_ngram_size}")
+        for m in mults:
+            if m < 1 or m % 2 == 0 or m > m_max:
+                raise _inconsistent(f"multipliers of layer {layer}", f"hold {m}; each must be odd and in [1, {m_max}] (int64_max // compressed_vocab_size)")
 
 
 def make_plan(

@@ -13,7 +13,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import stat
 import zipfile
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +84,17 @@ def resolve_tokenizer_path(spec: str | os.PathLike) -> Path:
         if not candidate.is_file():
             raise TokenizerError(f"directory {str(path)!r} holds no tokenizer.json; pass the file itself or a directory that has one")
         return candidate
+    if not _is_regular_file(path):
+        raise TokenizerError(f"tokenizer {str(spec)!r} is not a regular file (a FIFO or device would block or never end); pass a tokenizer.json file")
     return path
+
+
+def _is_regular_file(path: Path) -> bool:
+    """True for a regular file (following symlinks); False for a FIFO, socket, device, directory or nothing."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
 
 
 def file_sha256(path: Path) -> str:
@@ -230,13 +242,15 @@ class CompressedVocab:
     def load(cls, path: str | os.PathLike) -> "CompressedVocab":
         """Read a `save`d vocabulary; `VocabMismatch` if it is missing, foreign or corrupt."""
         path = Path(path)
-        if not path.is_file():
-            raise VocabMismatch(f"compressed vocabulary {str(path)!r} does not exist; make one with `engram compress-vocab -o {path}`")
+        _check_vocab_path(path)
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["metadata"]))
                 blob = z["keys_utf8"].tobytes()
                 offsets = z["keys_offsets"].tolist()
+                problem = key_offsets_problem(z["keys_offsets"], len(blob))
+                if problem:
+                    raise VocabMismatch(f"{str(path)!r} is corrupt: {problem}; rebuild it with `engram compress-vocab -o {path}`")
                 keys = tuple(blob[a:b].decode("utf-8", "surrogatepass") for a, b in zip(offsets, offsets[1:]))
                 vocab = cls(
                     lookup=z["lookup"].astype(np.int64),
@@ -246,11 +260,57 @@ class CompressedVocab:
                     normalizer=meta["normalizer"],
                     normalizer_version=meta["normalizer_version"],
                 )
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, zipfile.BadZipFile) as e:
-            raise VocabMismatch(f"{str(path)!r} is not an engram compressed vocabulary ({type(e).__name__}); make one with `engram compress-vocab -o FILE.npz`") from None
+        except NPZ_READ_ERRORS as e:
+            raise VocabMismatch(f"{str(path)!r} is not an engram compressed vocabulary or is corrupt ({type(e).__name__}); make one with `engram compress-vocab -o FILE.npz`") from None
         if meta.get("fingerprint") != vocab.fingerprint or vocab.lookup.shape != vocab.raw_key.shape or len(keys) != meta.get("compressed_size"):
             raise VocabMismatch(f"{str(path)!r} is corrupt: its arrays do not match its stored fingerprint and sizes; rebuild it with `engram compress-vocab -o {path}`")
+        problem = vocab_array_problem(vocab.lookup, vocab.raw_key, len(keys))
+        if problem:
+            raise VocabMismatch(f"{str(path)!r} is corrupt: {problem}; rebuild it with `engram compress-vocab -o {path}`")
         return vocab
+
+
+# What reading a damaged .npz can raise: a flipped byte in a deflated member (zlib.error,
+# or a CRC mismatch as BadZipFile), a member cut short (EOFError), a bad .npy header
+# (ValueError), a missing member (KeyError), metadata that is not JSON.
+NPZ_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, json.JSONDecodeError, zipfile.BadZipFile, zlib.error)
+
+
+def _check_vocab_path(path: Path) -> None:
+    """`VocabMismatch` for a vocabulary path that is missing or not a regular file (never opened: a FIFO would block)."""
+    if not path.exists():
+        raise VocabMismatch(f"compressed vocabulary {str(path)!r} does not exist; make one with `engram compress-vocab -o {path}`")
+    if not _is_regular_file(path):
+        raise VocabMismatch(f"compressed vocabulary {str(path)!r} is not a regular file (a directory, FIFO or device); pass the .npz that `engram compress-vocab` wrote")
+
+
+def vocab_array_problem(lookup: np.ndarray, raw_key: np.ndarray, compressed_size: int) -> str | None:
+    """What is wrong with a vocabulary's arrays, or None: `lookup` must be 1-D with every id in [0, compressed_size), `raw_key` as long.
+
+    Shared by the .npz reader and the table store's `vocab/` reader: an id outside the
+    compressed vocabulary (negative, or at or above its size, which is at most the
+    tokenizer's) would index past every table's multipliers' bound.
+    """
+    if lookup.ndim != 1 or raw_key.shape != lookup.shape:
+        return f"lookup has shape {lookup.shape} and raw_key {raw_key.shape}, both must be (vocab_size,)"
+    if compressed_size > lookup.shape[0]:
+        return f"it has {compressed_size} compressed ids for {lookup.shape[0]} tokenizer ids (compression never adds ids)"
+    if lookup.size:
+        lo, hi = int(lookup.min()), int(lookup.max())
+        if lo < 0 or hi >= compressed_size:
+            bad = lo if lo < 0 else hi
+            return f"lookup holds compressed id {bad}, outside [0, {compressed_size})"
+    return None
+
+
+def key_offsets_problem(offsets: np.ndarray, blob_bytes: int) -> str | None:
+    """What is wrong with the key offsets, or None: 1-D, from 0, non-decreasing, ending at the key bytes' length."""
+    offsets = np.asarray(offsets)
+    if offsets.ndim != 1 or offsets.size < 1 or offsets.dtype.kind not in "iu":
+        return f"key offsets have shape {offsets.shape} and dtype {offsets.dtype}, not (compressed_size + 1,) integers"
+    if int(offsets[0]) != 0 or int(offsets[-1]) != blob_bytes or (offsets.size > 1 and bool((np.diff(offsets) < 0).any())):
+        return f"key offsets do not run from 0 up to the {blob_bytes} key bytes"
+    return None
 
 
 def vocab_arrays(vocab: "CompressedVocab") -> dict[str, np.ndarray]:
@@ -320,9 +380,11 @@ def check_vocab_file_size(path: str | os.PathLike, vocab_size: int) -> None:
 
     Reads only each member's header (the first bytes of its decompressed stream), so a
     small file that would decompress to a huge array is refused before it is inflated
-    (`VocabMismatch`). Files that are not a readable .npz pass through: `CompressedVocab.load`
-    names what is wrong with them.
+    (`VocabMismatch`). A path that is missing or not a regular file (a FIFO would block)
+    is refused before it is opened; files that are not a readable .npz pass through:
+    `CompressedVocab.load` names what is wrong with them.
     """
+    _check_vocab_path(Path(path))
     limits = {"lookup": vocab_size, "raw_key": vocab_size, "keys_offsets": vocab_size + 1, "keys_utf8": vocab_size * 1024}
     try:
         with zipfile.ZipFile(path) as z:
@@ -338,7 +400,7 @@ def check_vocab_file_size(path: str | os.PathLike, vocab_size: int) -> None:
                         f"{str(path)!r} holds a {name} array of shape {tuple(shape)}, but the tokenizer has {vocab_size} ids; "
                         f"pass the vocabulary made for this tokenizer (`engram compress-vocab -o {path}`)"
                     )
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error):
         return
 
 

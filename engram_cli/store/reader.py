@@ -52,6 +52,10 @@ def _open_error(path: Path, what: str) -> StoreError:
     return StoreError(f"{str(path)!r} is not an engram table store ({what}); build one with `engram build-table`")
 
 
+def _inconsistent(path: Path, field: str, what: str) -> StoreError:
+    return StoreError(f"table store {str(path)!r} is inconsistent: its plan's {field} {what}; rebuild it with `engram build-table --force`")
+
+
 def _rebuild(path: Path, what: str) -> StoreError:
     return StoreError(f"table store {str(path)!r} {what}; rebuild it with `engram build-table --force`")
 
@@ -71,10 +75,13 @@ class TableStore:
     def open(cls, path: str | os.PathLike, mode: str = "r") -> "TableStore":
         """Open a complete store for reading ("r") or in-place row updates ("r+").
 
-        Checks what readers rely on: the `complete` flag, the format, the plan, and for
-        every layer a table of shape (plan.layer_rows(layer), stored row width) in the
-        storage dtype (and hits of shape (rows,) when the store has them). Anything else
-        is a one-line StoreError with the fix.
+        Checks what readers rely on: the `complete` flag, the format, the plan (its own
+        consistency: `plan.check_plan_consistent`), every array, group, shard and
+        statistics file on disk (`_check_files`), for every layer a table of shape
+        (plan.layer_rows(layer), stored row width) in the storage dtype (and hits of
+        shape (rows,) when the store has them), and the plan against the vocabulary's and
+        the statistics' metadata (`_check_consistent`). Anything else is a one-line
+        StoreError with the fix (docs/store.md, "Inputs that are refused").
         """
         path = Path(path)
         if mode not in MODES:
@@ -106,8 +113,55 @@ class TableStore:
             raise StoreError(f"{str(path)!r}: {e}") from None
         except (KeyError, TypeError, AttributeError) as e:
             raise _open_error(path, f"malformed {ROOT_ATTR!r} attributes: {type(e).__name__} {e}") from None
+        store._check_files()
         store._check_layout()
+        store._check_consistent()
         return store
+
+    def _check_files(self) -> None:
+        """Every array, group and shard the store's attributes promise is on disk (`writer.verify_layout`).
+
+        A missing `zarr.json` of any array (table, hits, vocab/*), a missing shard, or
+        missing statistics files: one StoreError naming the first few.
+        """
+        from .writer import verify_layout
+
+        verify_layout(self.path)
+
+    def _check_consistent(self) -> None:
+        """The plan agrees with the vocabulary's and the statistics' own metadata (no data read).
+
+        The plan's own fields were checked by `TablePlan.from_dict` (`check_plan_consistent`).
+        Here: the stored vocabulary's `compressed_size` equals the plan's
+        `compressed_vocab_size`, and the plan's tokenizer `pad_id` is below the
+        vocabulary's `vocab_size`; every compressed id the statistics hold (their parquet
+        footers' max statistics, `NgramStats.recorded_max_id`) is below
+        `compressed_vocab_size`. Files without the statistic are checked by the build's
+        streaming pass only (`writer.check_stats_ids`).
+        """
+        from ..ngrams import SUMMARY_FILE, NgramStats
+
+        plan = self.plan
+        try:
+            meta = self.group["vocab"].attrs.asdict()
+        except KeyError:
+            meta = {}
+        size, csize = meta.get("vocab_size"), meta.get("compressed_size")
+        if isinstance(csize, int) and csize != plan.compressed_vocab_size:
+            raise _inconsistent(self.path, "compressed_vocab_size", f"is {plan.compressed_vocab_size}, its vocabulary has {csize} compressed ids")
+        if isinstance(size, int) and not 0 <= plan.pad_id < size:
+            raise _inconsistent(self.path, "pad_id", f"{plan.pad_id} is not a tokenizer id: its vocabulary has {size} ids")
+        root = self.path / STATS_DIR
+        if not (root / SUMMARY_FILE).is_file():
+            return
+        stats = NgramStats.open(root)
+        for order in stats.orders:
+            top = stats.recorded_max_id(order)
+            if top is not None and top >= plan.compressed_vocab_size:
+                raise _inconsistent(
+                    self.path, "compressed_vocab_size",
+                    f"is {plan.compressed_vocab_size}, smaller than compressed id {top} in the order-{order} statistics (counted with another vocabulary)",
+                )
 
     def _check_layout(self) -> None:
         plan, sdtype = self.plan, self.storage_dtype
@@ -202,6 +256,7 @@ class TableStore:
             meta = g.attrs.asdict()
             key_bytes = np.asarray(g["key_bytes"][:], dtype=np.uint8).tobytes()
             offsets = np.asarray(g["key_offsets"][:], dtype=np.int64)
+            self._check_vocab_arrays(offsets, len(key_bytes))
             keys = tuple(key_bytes[offsets[i] : offsets[i + 1]].decode("utf-8", "surrogatepass") for i in range(len(offsets) - 1))
             vocab = CompressedVocab(
                 lookup=np.asarray(g["lookup"][:], dtype=np.int64),
@@ -211,11 +266,22 @@ class TableStore:
                 normalizer=meta["normalizer"],
                 normalizer_version=meta["normalizer_version"],
             )
-        except (KeyError, ValueError, UnicodeDecodeError) as e:
+        except StoreError:
+            raise
+        except Exception as e:  # a corrupt chunk: zarr and its codecs raise ValueError, RuntimeError, zstd/blosc errors...
             raise StoreError(f"table store {str(self.path)!r} has a missing or corrupt vocabulary ({type(e).__name__}: {e}); rebuild it with `engram build-table --force`") from None
         if vocab.fingerprint != meta.get("fingerprint") or (self.plan.vocab_fingerprint and vocab.fingerprint != self.plan.vocab_fingerprint):
             raise StoreError(f"table store {str(self.path)!r}: the stored vocabulary does not match its fingerprint; rebuild it with `engram build-table --force`")
+        self._check_vocab_arrays(None, 0, vocab)
         return vocab
+
+    def _check_vocab_arrays(self, offsets, key_bytes: int, vocab: "CompressedVocab | None" = None) -> None:
+        """StoreError when the stored key offsets or lookup are out of range (`vocab.key_offsets_problem`, `vocab.vocab_array_problem`)."""
+        from ..vocab import key_offsets_problem, vocab_array_problem
+
+        problem = vocab_array_problem(vocab.lookup, vocab.raw_key, vocab.compressed_size) if vocab is not None else key_offsets_problem(offsets, key_bytes)
+        if problem:
+            raise StoreError(f"table store {str(self.path)!r} has a corrupt vocabulary: {problem}; rebuild it with `engram build-table --force`")
 
     # -- arrays --------------------------------------------------------------------
     def _layer_group(self, layer_id: int) -> zarr.Group:
