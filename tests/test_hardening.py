@@ -411,3 +411,38 @@ def test_a_leftover_beside_a_store_is_named_and_the_next_build_removes_it(tmp_pa
     assert f"engram: removed {str(old)!r}, left by an interrupted replacement ({str(out)!r} is in place)" in rebuilt.stderr.splitlines()
     assert assert_store_complete(out).plan.seed == 7
     assert siblings(out) == []
+
+
+# -- the other writers of a store: train's trained store and import_tables ---------------------------
+def test_imported_stores_go_through_the_same_output_checks(tmp_path, corpus, vocab_file):
+    from engram_cli.errors import OutputError
+    from engram_cli.exchange import export_tables, import_tables
+
+    src = tmp_path / "t.zarr"
+    assert invoke(*build_args(corpus, src, vocab_file)).exit_code == 0
+    rows = export_tables(src, tmp_path / "t.safetensors")
+    src_before = snapshot(src)
+
+    mine = tmp_path / "mine"
+    make_directory(mine)
+    foreign_partial = partial_path(tmp_path / "new.zarr")
+    make_directory(foreign_partial)
+    before = snapshot(mine), snapshot(foreign_partial)
+    for out, force, fragment in [
+        (mine, True, "is a directory but not an engram table store"),
+        (src, True, "is the table store"),
+        (src / "layer_1", True, "lies inside the table store"),
+        (tmp_path / "new.zarr", False, "is not an engram staging directory"),
+    ]:
+        with pytest.raises(OutputError, match=fragment):
+            import_tables(rows, src, out, force=force)
+    assert (snapshot(mine), snapshot(foreign_partial)) == before
+    assert snapshot(src) == src_before
+
+    other = tmp_path / "other.zarr"
+    import_tables(rows, src, other)
+    with pytest.raises(OutputError, match="already exists; pass --force"):
+        import_tables(rows, src, other)
+    import_tables(rows, src, other, force=True)  # replaces an engram store
+    assert_store_complete(other)
+    assert siblings(other) == [] and snapshot(src) == src_before
