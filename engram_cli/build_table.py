@@ -149,8 +149,10 @@ def build_tables(
     """
     out = Path(out)
     # Output safety before the corpus is read (docs/build-table.md, "Failure modes"): the
-    # output checked, locked until the end, leftovers settled, free space checked.
-    partial = prepare_partial(out, force, inputs=paths, need=planned_write_bytes(plan, store_options.get("init", DEFAULT_INIT)))
+    # output checked, locked until the end, leftovers settled, free space checked (for a
+    # `replan` only once its plan is made, by `create_layout`).
+    need = 0 if replan is not None else planned_write_bytes(plan, store_options.get("init", DEFAULT_INIT))
+    partial = prepare_partial(out, force, inputs=paths, need=need)
     try:
         corpus, stats = count_corpus(
             list(paths),
