@@ -446,3 +446,29 @@ def test_imported_stores_go_through_the_same_output_checks(tmp_path, corpus, voc
     import_tables(rows, src, other, force=True)  # replaces an engram store
     assert_store_complete(other)
     assert siblings(other) == [] and snapshot(src) == src_before
+
+
+def test_the_distributed_build_goes_through_the_same_output_checks(tmp_path, corpus, deepseek_tokenizer, deepseek_vocab):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engram_cli.build_table import plan_tables
+    from engram_cli.distributed import DistributedOptions, build_tables_distributed
+    from engram_cli.errors import OutputError
+
+    plan = plan_tables(deepseek_vocab, layer_ids=[1], max_ngram_size=3, heads=2, rows_per_head=[101, 103], dim=32, seed=0, pad_id=2)
+    mine = tmp_path / "mine"
+    make_directory(mine)
+    before = snapshot(corpus), snapshot(mine)
+    cases = [
+        (corpus, {}, "is the corpus path"),
+        (corpus / "debian-policy" / "t.zarr", {}, "lies inside the corpus path"),
+        (mine, {}, "is a directory but not an engram table store"),
+        (tmp_path / "t.zarr", {"work_dir": tmp_path}, "lies inside the work directory"),  # its partials are dropped: never the corpus
+    ]
+    with ThreadPoolExecutor(1) as ex:
+        for out, options, fragment in cases:
+            with pytest.raises(OutputError, match=fragment):
+                build_tables_distributed([corpus], out, cluster="local:1", tokenizer=deepseek_tokenizer, vocab=deepseek_vocab, plan=plan,
+                                         options=DistributedOptions(**options), force=True, executor=ex)
+    assert (snapshot(corpus), snapshot(mine)) == before
+    assert sorted(os.listdir(tmp_path)) == ["corpus", "mine"]
