@@ -396,6 +396,8 @@ def storage_error(out: str | os.PathLike, e: BaseException) -> OutputError | Non
     code, name = None, None
     if isinstance(e, OSError):
         code, name = e.errno, e.filename
+        if name and not _beside(out, name):
+            return None  # not a write of ours (e.g. an unreadable corpus file): its own error
     elif type(e).__module__.split(".")[0] == "polars":
         m = _OS_ERROR.search(str(e))
         code = int(m.group(1)) if m else None
@@ -407,6 +409,15 @@ def storage_error(out: str | os.PathLike, e: BaseException) -> OutputError | Non
         return OutputError(f"cannot write {shown(out)}: {os.strerror(code)}{where}; nothing was replaced; "
                            "fix the permissions (or `chattr -i`) or choose another -o/--out")
     return None
+
+
+def _beside(out: str | os.PathLike, name) -> bool:
+    """True when the file `name` lies in the folder of `out` (where the partial, the lock and the store live)."""
+    try:
+        folder = os.path.abspath(os.path.dirname(os.path.abspath(os.fsdecode(out))))
+        return os.path.commonpath([folder, os.path.abspath(os.fsdecode(name))]) == folder
+    except (TypeError, ValueError):
+        return False
 
 
 @contextlib.contextmanager
