@@ -36,13 +36,8 @@ def export_tables(store_path, out) -> Path:
     return out
 
 
-def import_tables(file, plan_from, out, *, force: bool = False) -> Path:
-    """A new store at `out`: `plan_from`'s plan and vocab with the file's rows, shapes checked.
-
-    The output is checked, locked and moved into place as a build's is
-    (`train.save_trained_store`): an existing `out` is replaced only with `force`, and
-    only when it is an engram store.
-    """
+def import_tables(file, plan_from, out) -> Path:
+    """A new store at `out`: `plan_from`'s plan and vocab with the file's rows, shapes checked."""
     from safetensors import safe_open
 
     from engram_cli.store import TableStore
@@ -67,4 +62,4 @@ def import_tables(file, plan_from, out, *, force: bool = False) -> Path:
         raise
     except Exception as e:  # noqa: BLE001 - unreadable file: one line
         raise CheckpointError(f"{file} is not a readable safetensors file ({type(e).__name__}); export it with `engram export`") from None
-    return save_trained_store(store.path, Path(out), rows, force=force)
+    return save_trained_store(store.path, Path(out), rows)

@@ -413,14 +413,17 @@ def test_a_leftover_beside_a_store_is_named_and_the_next_build_removes_it(tmp_pa
     assert siblings(out) == []
 
 
-# -- the other writers of a store: train's trained store and import_tables ---------------------------
-def test_imported_stores_go_through_the_same_output_checks(tmp_path, corpus, vocab_file):
+# -- the other writers of a store: train's trained store --------------------------------------------
+def test_the_trained_store_goes_through_the_same_output_checks(tmp_path, corpus, vocab_file):
+    import numpy as np
+
     from engram_cli.errors import OutputError
-    from engram_cli.exchange import export_tables, import_tables
+    from engram_cli.train import save_trained_store
 
     src = tmp_path / "t.zarr"
     assert invoke(*build_args(corpus, src, vocab_file)).exit_code == 0
-    rows = export_tables(src, tmp_path / "t.safetensors")
+    head_dim = TableStore.open(src).plan.head_dim
+    trained = {1: (np.array([0, 5], dtype=np.int64), np.full((2, head_dim), 0.5, dtype=np.float32))}
     src_before = snapshot(src)
 
     mine = tmp_path / "mine"
@@ -435,16 +438,17 @@ def test_imported_stores_go_through_the_same_output_checks(tmp_path, corpus, voc
         (tmp_path / "new.zarr", False, "is not an engram staging directory"),
     ]:
         with pytest.raises(OutputError, match=fragment):
-            import_tables(rows, src, out, force=force)
+            save_trained_store(src, out, trained, force=force)
     assert (snapshot(mine), snapshot(foreign_partial)) == before
     assert snapshot(src) == src_before
 
     other = tmp_path / "other.zarr"
-    import_tables(rows, src, other)
+    save_trained_store(src, other, trained, force=False)
     with pytest.raises(OutputError, match="already exists; pass --force"):
-        import_tables(rows, src, other)
-    import_tables(rows, src, other, force=True)  # replaces an engram store
-    assert_store_complete(other)
+        save_trained_store(src, other, trained, force=False)
+    save_trained_store(src, other, trained)  # train's default: replaces an engram store (only)
+    store = assert_store_complete(other)
+    assert store.read_rows(1, np.array([0, 5])).tolist() == trained[1][1].tolist()
     assert siblings(other) == [] and snapshot(src) == src_before
 
 
