@@ -164,7 +164,7 @@ def build_table_command(
     planned = plan_report(plan)
     footprint = plan_footprint(plan, out)
     if not plan_only:
-        check_output(out, force)
+        check_output(out, force, inputs=corpus)  # cheap refusals before any work (docs/build-table.md, "Failure modes")
     resolve_corpus(corpus)  # missing paths and empty directories fail before the plan is shown, --plan-only too
     if plan_only:
         if as_json:

@@ -21,7 +21,9 @@ from .encode import DEFAULT_BATCH_SIZE, batch_chars_for, encode_documents, locke
 from .errors import CorpusError, PlanError
 from .ngrams import SUMMARY_FILE, NgramStats, count_ngrams, merge_stats, order_file, write_summary
 from .plan import Budget, TablePlan, fit_plan_to_budget, make_plan
-from .store import TableStore, finalize, prepare_partial, write_tables
+from .store import TableStore, finalize, planned_write_bytes, prepare_partial, write_tables
+from .store.format import DEFAULT_INIT
+from .store.output import release_output, storage_error
 from .vocab import CompressedVocab, LoadedTokenizer
 
 DEFAULT_OUT = DEFAULT_STORE  # kept for importers; the one home is engram_cli.defaults
@@ -146,7 +148,11 @@ def build_tables(
     shard_bytes, compressor, workers).
     """
     out = Path(out)
-    partial = prepare_partial(out, force)
+    # Output safety before the corpus is read (docs/build-table.md, "Failure modes"): the
+    # output checked, locked until the end, leftovers settled, free space checked (for a
+    # `replan` only once its plan is made, by `create_layout`).
+    need = 0 if replan is not None else planned_write_bytes(plan, store_options.get("init", DEFAULT_INIT))
+    partial = prepare_partial(out, force, inputs=paths, need=need)
     try:
         corpus, stats = count_corpus(
             list(paths),
@@ -173,9 +179,14 @@ def build_tables(
             **store_options,
         )
         store = finalize(partial, out, force)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(partial, ignore_errors=True)  # ours: prepare_partial made it
+        converted = storage_error(out, e)  # disk full or a permission error, while counting or writing
+        if converted is not None:
+            raise converted from None
         raise
+    finally:
+        release_output(out)
     return BuildResult(store=store, corpus=corpus.to_dict())
 
 

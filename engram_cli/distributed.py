@@ -687,14 +687,17 @@ def build_tables_distributed(
     """
     from .build_table import BuildResult
     from .defaults import DEFAULT_MEMORY_LIMIT
-    from .store import finalize, prepare_partial
+    from .store import finalize, planned_write_bytes, prepare_partial
+    from .store.format import DEFAULT_INIT
+    from .store.output import check_inputs_apart, release_output, storage_error
 
     options = options or DistributedOptions()
     memory_limit = memory_limit or DEFAULT_MEMORY_LIMIT
     out = Path(out)
     work = WorkDir(Path(options.work_dir) if options.work_dir else default_work_dir(out),
                    fingerprint("build", tokenizer.sha256, vocab.fingerprint, plan.max_ngram_size, plan.compressed_pad_id, add_special_tokens, text_field))
-    partial = prepare_partial(out, force)
+    check_inputs_apart(work.root, paths, what="work directory", option="--work-dir")  # never a corpus inside the work directory (its partials are dropped)
+    partial = prepare_partial(out, force, inputs=paths, need=planned_write_bytes(plan, store_options.get("init", DEFAULT_INIT)))
     workers = store_options.pop("workers", None)
     try:
         work.open(options.resume)
@@ -709,9 +712,14 @@ def build_tables_distributed(
             attrs = {"corpus": corpus.to_dict(), "stats": {k: v for k, v in stats.summary.items() if k != "per_order"}, "cluster": description}
             materialize(partial, plan, vocab, stats=stats, executor=ex, memory_limit=memory_limit, extra_attrs=attrs, progress=progress, workers=2 * n_cpus, **store_options)
         store = finalize(partial, out, force)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(partial, ignore_errors=True)  # ours: prepare_partial made it
+        converted = storage_error(out, e)  # disk full or a permission error, one line
+        if converted is not None:
+            raise converted from None
         raise
+    finally:
+        release_output(out)
     if not options.keep_work:
         work.remove()
     return BuildResult(store=store, corpus=corpus.to_dict())

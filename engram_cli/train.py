@@ -236,17 +236,22 @@ def load_layer_table(store, layer_id: int) -> np.ndarray:
     return np.asarray(from_storage(table, store.dtype), dtype=np.float32)
 
 
-def save_trained_store(src: Path, dst: Path, trained: dict[int, tuple[np.ndarray, np.ndarray]]) -> Path:
+def save_trained_store(src: Path, dst: Path, trained: dict[int, tuple[np.ndarray, np.ndarray]], *, force: bool = True) -> Path:
     """Write a NEW store at `dst`: `src` with the trained rows replaced (the one write path).
 
     Files are hard-linked from `src` (copied across devices); zarr replaces the shards
-    it rewrites by temp file + rename, so `src` is never modified.
+    it rewrites by temp file + rename, so `src` is never modified. The output goes
+    through the build's checks (docs/build-table.md, "Failure modes"): `dst` may
+    replace only an engram store (and only with `force`, the default for `train`'s own
+    `model.tables.zarr`), is locked while written, staged in `<dst>.partial` and moved
+    into place by `store.finalize`.
     """
-    from engram_cli.store import TableStore
+    from engram_cli.store import TableStore, finalize, prepare_partial
+    from engram_cli.store.output import check_inputs_apart, release_output, storage_error
 
     src, dst = Path(src), Path(dst)
-    partial = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    check_inputs_apart(dst, [src], what="trained store", source="table store")
+    partial = prepare_partial(dst, force)
 
     def link(s, d):
         try:
@@ -254,16 +259,20 @@ def save_trained_store(src: Path, dst: Path, trained: dict[int, tuple[np.ndarray
         except OSError:
             shutil.copy2(s, d)
 
-    shutil.copytree(src, partial, copy_function=link)
     try:
+        shutil.copytree(src, partial, copy_function=link, dirs_exist_ok=True)
         store = TableStore.open(partial, mode="r+")
         for layer_id, (rows, values) in trained.items():
             store.write_rows(layer_id, rows, values, by="trained")
-        shutil.rmtree(dst, ignore_errors=True)
-        os.replace(partial, dst)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        finalize(partial, dst, force)
+    except BaseException as e:
+        shutil.rmtree(partial, ignore_errors=True)  # ours: prepare_partial made it
+        converted = storage_error(dst, e)
+        if converted is not None:
+            raise converted from None
         raise
+    finally:
+        release_output(dst)
     return dst
 
 

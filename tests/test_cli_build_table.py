@@ -106,17 +106,14 @@ def test_existing_output_needs_force(tmp_path, small_corpus):
     assert not store_module.partial_path(out).exists()
 
 
-def test_rebuild_inside_the_corpus_skips_the_old_store(tmp_path, small_corpus):
-    out = small_corpus / "tables.zarr"  # the output lies inside the corpus directory
-    first = invoke(small_corpus, "-o", out, *SMALL_PLAN, "--json")
-    assert first.exit_code == 0, first.output
-    second = invoke(small_corpus, "-o", out, *SMALL_PLAN, "--json", "--force")
-    assert second.exit_code == 0, second.output
-    a, b = json.loads(first.stdout), json.loads(second.stdout)
-    assert b["corpus"]["documents"] == a["corpus"]["documents"] == len(SMALL_FILES)
-    assert b["stats"]["per_order"] == a["stats"]["per_order"]
-    # skipped and reported: the earlier store and this build's own staging directory
-    assert sum(b["corpus"]["skipped_other"].values()) == 2
+def test_output_inside_the_corpus_is_refused(tmp_path, small_corpus):
+    out = small_corpus / "tables.zarr"  # the output would lie inside the corpus directory
+    before = sorted(p.relative_to(small_corpus) for p in small_corpus.rglob("*"))
+    for extra in ([], ["--force"]):
+        line = one_error_line(invoke(small_corpus, "-o", out, *SMALL_PLAN, *extra))
+        assert "inside the corpus path" in line and str(small_corpus) in line
+    assert sorted(p.relative_to(small_corpus) for p in small_corpus.rglob("*")) == before  # nothing written there
+    assert not list(tmp_path.glob(".*.lock"))
 
 
 @pytest.mark.parametrize(

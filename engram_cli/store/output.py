@@ -28,6 +28,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -96,9 +97,25 @@ def is_engram_staging(path: str | os.PathLike) -> bool:
     for name in names:
         if name not in STAGING_ENTRIES and not (name.startswith("layer_") and name[6:].isdigit()):
             return False
+    if STATS_DIR in names and not _is_stats_dir(path / STATS_DIR):
+        return False
     if ROOT_METADATA in names:
         return _engram_attrs(path) is not None
     return all(n == STATS_DIR for n in names)
+
+
+# What counting writes into `stats/`: order files, the summary (and its temp), spill and merge folders.
+STATS_PREFIXES = ("order_", "summary.json", ".summary.json", ".engram-spill-", ".engram-merge-")
+
+
+def _is_stats_dir(path: Path) -> bool:
+    """True when `path` is a directory holding nothing but what n-gram counting writes."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    try:
+        return all(e.name.startswith(STATS_PREFIXES) for e in os.scandir(path))
+    except OSError:
+        return False
 
 
 def check_output_name(out: str | os.PathLike) -> Path:
@@ -115,24 +132,29 @@ def check_output_name(out: str | os.PathLike) -> Path:
     return out
 
 
-def check_inputs_apart(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
-    """`OutputError` when `out` is, holds or lies inside one of the `inputs` (corpus paths)."""
+def check_inputs_apart(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], *, what: str = "output", option: str = "-o/--out",
+                       source: str = "corpus path") -> None:
+    """`OutputError` when `out` is, holds or lies inside one of the `inputs` (corpus paths).
+
+    `what`, `option` and `source` name the paths in the message (e.g. "work directory",
+    "--work-dir"; "table store").
+    """
     out = Path(out)
     try:
         target = out.resolve()
-    except OSError:
+    except (OSError, RuntimeError):  # a symlink loop: the writes will fail on their own, one line
         return
     for item in inputs:
         try:
-            source = Path(item).resolve()
-        except OSError:
+            resolved = Path(item).resolve()
+        except (OSError, RuntimeError):
             continue
-        if target == source:
-            raise OutputError(f"output {shown(out)} is the corpus path {shown(item)}; choose another -o/--out")
-        if source in target.parents:
-            raise OutputError(f"output {shown(out)} lies inside the corpus path {shown(item)}; choose an -o/--out outside the corpus")
-        if target in source.parents:
-            raise OutputError(f"the corpus path {shown(item)} lies inside the output {shown(out)}; choose another -o/--out")
+        if target == resolved:
+            raise OutputError(f"{what} {shown(out)} is the {source} {shown(item)}; choose another {option}")
+        if resolved in target.parents:
+            raise OutputError(f"{what} {shown(out)} lies inside the {source} {shown(item)}; choose an {option} outside it")
+        if target in resolved.parents:
+            raise OutputError(f"the {source} {shown(item)} lies inside the {what} {shown(out)}; choose another {option}")
 
 
 def check_output(out: str | os.PathLike, force: bool = False, *, inputs: Iterable[str | os.PathLike] = ()) -> Path:
@@ -268,15 +290,23 @@ def old_path(out: str | os.PathLike, pid: int | None = None) -> Path:
 
 
 def leftover_stores(out: str | os.PathLike) -> list[Path]:
-    """The `<out>.old-<pid>` engram stores beside `out` that an interrupted replacement left, oldest pid name first."""
+    """The `<out>.old-<pid>` engram stores beside `out` that an interrupted replacement left, newest last."""
     out = Path(out)
     parent = out.parent if str(out.parent) else Path(".")
     prefix = out.name + OLD_INFIX
     try:
-        names = sorted(n for n in os.listdir(parent) if n.startswith(prefix) and n[len(prefix):].isdigit())
+        names = [n for n in os.listdir(parent) if n.startswith(prefix) and n[len(prefix):].isdigit()]
     except OSError:
         return []
-    return [parent / n for n in names if is_engram_store(parent / n)]
+    olds = [parent / n for n in names if is_engram_store(parent / n)]
+    return sorted(olds, key=lambda p: (_ctime(p), p.name))  # a rename sets ctime: the last moved aside is last
+
+
+def _ctime(path: Path) -> float:
+    try:
+        return path.stat().st_ctime
+    except OSError:
+        return 0.0
 
 
 def leftover_hint(out: str | os.PathLike) -> str:
@@ -284,29 +314,47 @@ def leftover_hint(out: str | os.PathLike) -> str:
     olds = leftover_stores(out)
     if not olds:
         return ""
-    return (f"{shown(olds[-1])} holds the store an interrupted replacement moved aside; restore it with "
-            f"`mv {os.fsdecode(olds[-1])} {os.fsdecode(out)}` or rebuild")
+    more = f" (and {len(olds) - 1} older)" if len(olds) > 1 else ""
+    return (f"{shown(olds[-1])}{more} holds the store an interrupted replacement moved aside; restore it with "
+            f"`mv {os.fsdecode(olds[-1])} {os.fsdecode(out)}` (or let the next build of {shown(out)} settle it)")
+
+
+def leftover_notice(path: str | os.PathLike) -> None:
+    """For readers opening `path`: a notice naming a leftover `<path>.old-<pid>` beside it.
+
+    Silent while this process holds the build lock of `path` (its own `finalize` has
+    the old store aside for a moment).
+    """
+    if _HELD.get(_key(Path(path))) is not None:
+        return
+    hint = leftover_hint(path)
+    if hint:
+        notice(f"note: {hint}")
 
 
 def settle_leftovers(out: str | os.PathLike) -> None:
-    """Under the build lock: restore a leftover `<out>.old-<pid>` when no store is at `out`, remove the others.
+    """Under the build lock: settle each `<out>.old-<pid>` an interrupted replacement left.
 
-    Never silent: each restore or removal is a notice on stderr.
+    No store at `out`: the newest leftover is restored there. An engram store at `out`
+    (the replacement finished moving in): the leftovers are removed. Anything else at
+    `out` (not ours): the leftovers stay, named. Never silent: each case is a notice on stderr.
     """
     out = Path(out)
-    for old in leftover_stores(out):
+    for old in reversed(leftover_stores(out)):
         if not (out.exists() or out.is_symlink()):
             try:
                 os.replace(old, out)
             except OSError as e:
                 raise OutputError(f"cannot restore {shown(old)} to {shown(out)}: {e.strerror}; restore it by hand") from None
             notice(f"restored {shown(out)} from {shown(old)}, left by an interrupted replacement")
-            continue
-        try:
-            shutil.rmtree(old)
-        except OSError as e:
-            raise OutputError(f"cannot remove {shown(old)}, left by an interrupted replacement: {e.strerror}; remove it by hand") from None
-        notice(f"removed {shown(old)}, left by an interrupted replacement ({shown(out)} is in place)")
+        elif is_engram_store(out):
+            try:
+                shutil.rmtree(old)
+            except OSError as e:
+                raise OutputError(f"cannot remove {shown(old)}, left by an interrupted replacement: {e.strerror}; remove it by hand") from None
+            notice(f"removed {shown(old)}, left by an interrupted replacement ({shown(out)} is in place)")
+        else:
+            notice(f"left {shown(old)} alone: {shown(out)} is not an engram store; restore or remove it by hand")
 
 
 # -- space and write errors ---------------------------------------------------------------------
@@ -334,23 +382,59 @@ SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 ACCESS_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def storage_error(out: str | os.PathLike, e: BaseException) -> OutputError | None:
+    """The one-line `OutputError` for a disk-full or permission error met while writing `out`, or None.
+
+    Recognises an `OSError` and the errors of libraries that carry the OS error in
+    their message (polars: "... No space left on device (os error 28)").
+    """
+    if isinstance(e, OutputError):
+        return None
+    code, name = None, None
+    if isinstance(e, OSError):
+        code, name = e.errno, e.filename
+        if name and not _beside(out, name):
+            return None  # not a write of ours (e.g. an unreadable corpus file): its own error
+    elif type(e).__module__.split(".")[0] == "polars":
+        m = _OS_ERROR.search(str(e))
+        code = int(m.group(1)) if m else None
+    if code in SPACE_ERRNOS:
+        return NoSpaceError(f"no space left on the device while writing {shown(out)} ({os.strerror(code)}); nothing was replaced; "
+                            "free space or choose another -o/--out")
+    if code in ACCESS_ERRNOS:
+        where = f" ({shown(name)})" if name else ""
+        return OutputError(f"cannot write {shown(out)}: {os.strerror(code)}{where}; nothing was replaced; "
+                           "fix the permissions (or `chattr -i`) or choose another -o/--out")
+    return None
+
+
+def _beside(out: str | os.PathLike, name) -> bool:
+    """True when the file `name` lies in the folder of `out` (where the partial, the lock and the store live)."""
+    try:
+        folder = os.path.abspath(os.path.dirname(os.path.abspath(os.fsdecode(out))))
+        return os.path.commonpath([folder, os.path.abspath(os.fsdecode(name))]) == folder
+    except (TypeError, ValueError):
+        return False
+
+
 @contextlib.contextmanager
 def storage_errors(out: str | os.PathLike) -> Iterator[None]:
-    """Turn a disk-full or permission `OSError` met while writing `out` into a one-line `OutputError`."""
+    """Turn a disk-full or permission error met while writing `out` into a one-line `OutputError` (`storage_error`)."""
     try:
         yield
-    except OSError as e:
-        if e.errno in SPACE_ERRNOS:
-            raise NoSpaceError(f"no space left while writing {shown(out)} ({e.strerror}); nothing was replaced; free space or choose another -o/--out") from None
-        if e.errno in ACCESS_ERRNOS:
-            where = f" ({shown(e.filename)})" if e.filename else ""
-            raise OutputError(f"cannot write {shown(out)}: {e.strerror}{where}; nothing was replaced; fix the permissions or choose another -o/--out") from None
-        raise
+    except Exception as e:
+        converted = storage_error(out, e)
+        if converted is None:
+            raise
+        raise converted from None
 
 
 __all__ = [
     "ACCESS_ERRNOS", "LOCK_SUFFIX", "OLD_INFIX", "PARTIAL_SUFFIX", "SPACE_ERRNOS", "OutputLock", "check_free_space",
-    "check_inputs_apart", "check_output", "check_output_name", "is_engram_staging", "is_engram_store", "leftover_hint", "leftover_stores",
+    "check_inputs_apart", "check_output", "check_output_name", "is_engram_staging", "is_engram_store", "leftover_hint", "leftover_notice", "leftover_stores",
     "lock_output", "lock_path", "notice", "old_path", "release_output", "remove_staging", "settle_leftovers", "shown",
-    "storage_errors",
+    "storage_error", "storage_errors",
 ]

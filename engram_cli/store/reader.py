@@ -86,10 +86,15 @@ class TableStore:
         path = Path(path)
         if mode not in MODES:
             raise StoreError(f"table store mode must be one of {', '.join(MODES)}, got {mode!r}")
+        from .output import leftover_hint, leftover_notice  # a `<path>.old-<pid>` an interrupted replacement left
+
         if not path.exists():
+            if leftover_hint(path):
+                raise StoreError(f"table store {str(path)!r} does not exist; {leftover_hint(path)}")
             partial = partial_path(path)
             hint = f" (an interrupted build left {str(partial)!r}; rerun `engram build-table` with --force)" if partial.exists() else ""
             raise StoreError(f"table store {str(path)!r} does not exist{hint}; build it with `engram build-table`")
+        leftover_notice(path)
         if not (path / "zarr.json").is_file():
             raise _open_error(path, "no zarr.json: not a Zarr v3 group")
         try:

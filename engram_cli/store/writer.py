@@ -68,10 +68,8 @@ from .format import (
     table_codecs,
 )
 from .output import (
-    check_inputs_apart,
     check_free_space,
     check_output,
-    check_output_name,
     lock_output,
     notice,
     old_path,
@@ -204,30 +202,40 @@ def _report(progress: Progress | None, stage: str, done, total=None, detail: str
 
 
 # -- lifecycle -------------------------------------------------------------------------
-def prepare_partial(out: str | os.PathLike, force: bool, *, inputs=()) -> Path:
+def prepare_partial(out: str | os.PathLike, force: bool, *, inputs=(), need: int = 0) -> Path:
     """Lock `out`, settle leftovers, check it may be written, replace a stale partial of ours; return the empty partial.
 
-    The build lock (`output.lock_output`) is held from here until `finalize` (or
-    `output.release_output(out)` after a failure). Refusals (`OutputError`): see
-    `output.check_output`; another build holding the lock (`OutputBusy`, naming it);
-    a `<out>.partial` that is not ours.
+    In order: `output.check_output` (cheap refusals first, no lock taken); the build
+    lock (`output.lock_output`, `OutputBusy` naming the holder); `settle_leftovers`
+    (a `<out>.old-<pid>` restored or removed, with a notice); `check_output` again
+    under the lock; `check_free_space(out, need)` (`need`: the bytes the build will
+    write, `planned_write_bytes`); a stale `<out>.partial` removed only when ours.
+    The lock is held from here until `finalize` (or `output.release_output(out)` after
+    a failure: call it in a `finally`). `inputs` are the corpus paths the output must
+    stay apart from.
     """
-    out = check_output_name(out)
-    check_inputs_apart(out, inputs)
+    out = check_output(out, force, inputs=inputs)
     lock = lock_output(out)
     try:
         settle_leftovers(out)
-        out = check_output(out, force, inputs=inputs)
+        check_output(out, force, inputs=inputs)
         partial = partial_path(out)
         remove_staging(partial)
+        if need:
+            check_free_space(out, need)
         try:
             partial.mkdir()
         except OSError as e:
-            raise OutputError(f"cannot create {shown(partial)}: {e.strerror}; choose a writable --out") from None
+            raise OutputError(f"cannot create {shown(partial)}: {e.strerror}; choose a writable -o/--out") from None
     except BaseException:
         lock.release()
         raise
     return partial
+
+
+def planned_write_bytes(plan: TablePlan, init: str = DEFAULT_INIT) -> int:
+    """Bytes of table rows a build of `plan` writes: `planned_bytes`, or 0 for `--init zeros` (no shard is written)."""
+    return 0 if parse_option(InitKind, init) == InitKind.ZEROS else planned_bytes(plan)
 
 
 def verify_layout(path: str | os.PathLike) -> None:
@@ -431,8 +439,7 @@ def create_layout(
     codecs = table_codecs(compressor, sdtype.itemsize)
     hits_chunk, hits_shard, pass_rows = hits_geometry(memory_limit)
 
-    if init != InitKind.ZEROS:
-        check_free_space(partial, planned_bytes(plan))
+    check_free_space(partial, planned_write_bytes(plan, init))
     if stats is not None:
         stats = _stats_in_store(stats, partial)
         missing = [n for n in plan.orders if n not in stats.orders]
