@@ -26,7 +26,7 @@ def _stats_batch_rows(order: int, heads: int, memory_limit: int) -> int:
 
 
 def _accumulate(acc: np.ndarray, index: np.ndarray, weights: np.ndarray) -> None:
-    """acc[index] += weights (uint64, repeated indices summed), exactly.
+    """acc[index] += weights (uint64, repeated indices summed), exactly; `weights` broadcasts against `index`.
 
     np.add.at costs O(len(index)) and no extra memory; np.bincount would cost
     O(len(acc)) per batch plus two accumulator-sized temporaries.
@@ -59,12 +59,13 @@ def hit_counts(
         whole = all(offsets[first + j] >= start and offsets[first + j] + sizes[first + j] <= stop for j in heads)
         for ids, counts in stats.iter_batches(order, batch_rows=_stats_batch_rows(order, plan.heads, memory_limit)):
             row_ids = ngram_row_ids(plan, layer_id, ids)[:, heads]  # (m, h)
-            weights = np.broadcast_to(counts[:, None], row_ids.shape)
-            if whole:
-                _accumulate(acc, (row_ids - start).ravel(), weights.ravel())
+            if whole:  # counts broadcast over the heads: no (m, h) copy of them
+                if start:
+                    row_ids -= start
+                _accumulate(acc, row_ids, counts[:, None])
             else:
                 keep = (row_ids >= start) & (row_ids < stop)
-                _accumulate(acc, row_ids[keep] - start, weights[keep])
+                _accumulate(acc, row_ids[keep] - start, np.broadcast_to(counts[:, None], row_ids.shape)[keep])
             if on_batch is not None:
                 on_batch(int(ids.shape[0]))
     return acc

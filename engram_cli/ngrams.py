@@ -37,6 +37,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -733,13 +734,26 @@ def count_ngrams(
         if progress is not None:
             progress("counting", tokens, None, f"{n_docs} documents")
 
+        builders = {n: SummaryBuilder(n) for n in orders}
+        if len(orders) > 1 and not any(c.runs for c in counters.values()):
+            # Everything is in memory (each order within its share of the limit): the
+            # orders are merged and written side by side, one thread each (numpy and
+            # polars release the GIL), so the tail after the last batch is the
+            # slowest order's, not the sum. Progress is reported from this thread.
+            with ThreadPoolExecutor(max_workers=len(orders), thread_name_prefix="engram-finish") as pool:
+                futures = {n: pool.submit(counters[n].finish, order_file(out_dir, n), builders[n], None, spill_root) for n in orders}
+                for n in orders:
+                    futures[n].result()
+                    if progress is not None:
+                        progress("merging", 1, 1, f"order {n}")
+        else:  # spilled runs are merged one order (and one key range) at a time: bounded memory
+            for n in orders:
+                counters[n].finish(order_file(out_dir, n), builders[n], progress, spill_root)
         summaries = {}
         for n in orders:
-            builder = SummaryBuilder(n)
-            counters[n].finish(order_file(out_dir, n), builder, progress, spill_root)
-            summaries[str(n)] = builder.result()
-            if builder.windows != tokens:
-                raise AssertionError(f"order {n} counted {builder.windows} windows for {tokens} tokens")
+            summaries[str(n)] = builders[n].result()
+            if builders[n].windows != tokens:
+                raise AssertionError(f"order {n} counted {builders[n].windows} windows for {tokens} tokens")
     finally:
         for root in tmp_root:
             shutil.rmtree(root, ignore_errors=True)
