@@ -14,13 +14,18 @@ crossing a document boundary. So `sum(count)` of every order equals the token co
 Reading never loads a whole order: `iter_batches` streams (ids, counts) in slices.
 
 Counting (`count_ngrams`) packs each n-gram into uint64 key columns (ceil(log2 C) bits
-per id, see `KeyLayout`), counts every batch (at most `MAX_BATCH_TOKENS` tokens; a longer
-document is sliced, each slice carrying the max-1 tokens before it as context, so the
-windows are unchanged) with a polars group_by, merges partials in
-memory and spills them as sorted parquet runs when they outgrow the memory limit; the
-final merge is a polars group_by per key range (row-group statistics skip the rest),
-so memory stays bounded however many distinct n-grams there are. The summary figures
-come from `SummaryBuilder`, fed range by range.
+per id, see `KeyLayout`; all orders of a batch by shift-or in one pass, `_batch_keys`)
+and counts every batch (at most `MAX_BATCH_TOKENS` tokens; a longer document is sliced,
+each slice carrying the max-1 tokens before it as context, so the windows are
+unchanged). An order that packs into one key word (orders 2..3 for DeepSeek) is counted
+by sorting: numpy's sort and run lengths per batch, sorted runs merged in memory
+(`_merge_runs`), already in text order at the end; wider orders by a polars group_by
+per batch. Partials are spilled as sorted parquet runs when they outgrow the memory
+limit; the final merge of spilled runs is a polars group_by per key range (row-group
+statistics skip the rest), so memory stays bounded however many distinct n-grams
+there are. When nothing was spilled, the orders are finished (merged, summarized,
+written) side by side in threads. The summary figures come from `SummaryBuilder`,
+fed range by range.
 
 Merging (`merge_stats`): the statistics of corpus shards (e.g. one `count_shard` per
 Ray task), in corpus order, merge into exactly the statistics of the whole corpus,
