@@ -9,26 +9,38 @@ Baseline: `tokenizer.encode_batch_fast` over the same texts, already in memory, 
 batches of `DEFAULT_BATCH_SIZE` documents (what the pipeline hands the tokenizer;
 one call over 120 MB would hold every Encoding at once). Figures: wall-time ratio
 baseline / engram (goal >= 0.85) for `count_corpus` and for `build_tables` with a
-small plan, interleaved rounds, best of `--repeat`; peak RSS of the process.
+small plan, in `--repeat` interleaved rounds (every provider once per round, so a
+machine shared with other work slows all alike): the median of the per-round ratios
+(`ratio_median`), the ratio of the best times, and the CPU seconds (user + system,
+all threads) of each run; peak RSS of the process.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
+import statistics
+import time
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import measure, peak_rss_bytes, print_rows, record  # noqa: E402
+from _harness import peak_rss_bytes, print_rows, record  # noqa: E402
 
 from engram_cli.build_table import build_tables, count_corpus, plan_tables  # noqa: E402
 from engram_cli.encode import DEFAULT_BATCH_SIZE  # noqa: E402
 from engram_cli.vocab import compress_vocab, load_tokenizer  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "corpus"
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (every thread)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def pick_files(root: Path, max_bytes: float) -> list[Path]:
@@ -46,7 +58,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--corpus", type=Path, default=FIXTURE)
     ap.add_argument("--max-bytes", type=float, default=120e6)
     ap.add_argument("--max-ngram", type=int, default=3)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--memory-limit", type=int, default=2 << 30)
     ap.add_argument("--skip-build", action="store_true", help="time count_corpus only")
     ap.add_argument("--label", default="", help="recorded with the rows (e.g. which checkout's engram_cli ran)")
@@ -81,16 +93,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
         providers = {"tokenizers.encode_batch_fast": bare_fast, "engram.count_corpus": engram_count}
         if not args.skip_build:
             providers["engram.build_tables"] = engram_build
-        wall = {name: float("inf") for name in providers}
+        wall = {name: [] for name in providers}
+        cpu = {name: [] for name in providers}
         for _ in range(args.repeat):  # interleaved rounds: a busy machine hits every provider alike
             for name, fn in providers.items():
-                wall[name] = min(wall[name], measure(fn, repeat=1, warmup=0)["best_s"])
+                c0, t0 = cpu_seconds(), time.perf_counter()
+                fn()
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(cpu_seconds() - c0)
     assert len(set(tokens)) == 1, f"token counts differ between providers: {set(tokens)}"
     base = "tokenizers.encode_batch_fast"
-    rows = [
-        {"provider": name, "files": len(files), "mb": size / 1e6, "tokens": tokens[0], "best_s": wall[name], "mtok_per_s": tokens[0] / wall[name] / 1e6, "ratio_vs_encode_batch_fast": wall[base] / wall[name]}
-        for name in providers
-    ]
+    rows = []
+    for name in providers:
+        ratios = [b / w for b, w in zip(wall[base], wall[name])]
+        rows.append({
+            "provider": name, "files": len(files), "mb": size / 1e6, "tokens": tokens[0], "best_s": min(wall[name]), "times_s": [round(t, 3) for t in wall[name]],
+            "cpu_s": [round(t, 3) for t in cpu[name]], "mtok_per_s": tokens[0] / min(wall[name]) / 1e6,
+            "ratio_vs_encode_batch_fast": min(wall[base]) / min(wall[name]), "ratio_median": statistics.median(ratios), "ratios": [round(r, 3) for r in ratios],
+            "cpu_ratio_median": statistics.median(b / c for b, c in zip(cpu[base], cpu[name])),
+        })
     print_rows(f"bench_build: {len(files)} files, {size / 1e6:.1f} MB, {tokens[0]} tokens, orders 2..{args.max_ngram}; peak RSS {peak_rss_bytes() / 2**30:.2f} GiB", rows)
     record("build", rows, corpus=str(args.corpus), max_bytes=args.max_bytes, max_ngram=args.max_ngram, label=args.label)
     return rows

@@ -85,13 +85,14 @@ def encode_batch(
     return out
 
 
-def _encode_in_threads(batches: Iterator[list[str]], encode: Callable[[list[str]], list[np.ndarray]], workers: int, prefetch: int) -> Iterator[list[np.ndarray]]:
-    """Tokenize batches in `workers` threads, in order; errors re-raise in the consumer.
+def map_in_threads(batches: Iterator, encode: Callable, workers: int, prefetch: int) -> Iterator:
+    """`map(encode, batches)` run in `workers` threads, results in order; errors re-raise in the consumer.
 
-    Each worker takes the next batch (reading happens here, under a lock) and runs
-    `encode` on it; `encode_batch` releases the GIL, so two calls in flight keep the
-    rayon pool busy across batch boundaries (a batch's longest document no longer
-    idles the other threads). At most `workers + prefetch` batches are held.
+    Each worker takes the next batch (the iterator is advanced here, under a lock:
+    reading happens in the workers) and runs `encode` on it. For work that releases
+    the GIL: `encode_batch` (two calls in flight keep the rayon pool busy across batch
+    boundaries, a batch's longest document no longer idles the other threads), numpy,
+    polars. At most `workers + prefetch` batches are held.
     """
     out: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     take = threading.Lock()
@@ -189,7 +190,7 @@ def encode_documents(
     def encode(batch: list[str]) -> list[np.ndarray]:
         return encode_batch(batch, tokenizer, vocab, add_special_tokens=add_special_tokens)
 
-    encoded = _encode_in_threads(batches, encode, workers, prefetch) if background else map(encode, batches)
+    encoded = map_in_threads(batches, encode, workers, prefetch) if background else map(encode, batches)
     for ids in encoded:
         docs += sum(not isinstance(a, ContinuedIds) for a in ids)
         tokens += sum(a.size for a in ids)
@@ -199,6 +200,7 @@ def encode_documents(
 
 
 _locked = locked_progress  # old private name
+_encode_in_threads = map_in_threads  # old private name
 
 
 def __getattr__(name: str):

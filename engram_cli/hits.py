@@ -2,7 +2,8 @@
 
 Beside the hashing it applies (`engram_cli.hashing.ngram_row_ids`): for every order n
 and head j, every distinct n-gram with count c adds c to row `offset_j + hash_j(ngram)`.
-Streams the n-gram statistics; holds one row range plus one batch, so a layer of any
+Streams the n-gram statistics; holds one row range plus `HASH_IN_FLIGHT` batches (read
+and hashed in `HASH_WORKERS` threads, accumulated in the caller's), so a layer of any
 size is counted in passes of bounded memory (`count_passes`).
 """
 
@@ -13,11 +14,16 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .defaults import DEFAULT_MEMORY_LIMIT
+from .encode import map_in_threads
 from .hashing import ngram_row_ids
 
 if TYPE_CHECKING:
     from .ngrams import NgramStats
     from .plan import TablePlan
+
+
+HASH_WORKERS = 2  # threads reading and hashing statistics batches (numpy and polars release the GIL)
+HASH_IN_FLIGHT = 3  # batches held at once (the workers' and one read ahead): each gets 1/3 of the batch memory
 
 
 def _stats_batch_rows(order: int, heads: int, memory_limit: int) -> int:
@@ -26,7 +32,7 @@ def _stats_batch_rows(order: int, heads: int, memory_limit: int) -> int:
 
 
 def _accumulate(acc: np.ndarray, index: np.ndarray, weights: np.ndarray) -> None:
-    """acc[index] += weights (uint64, repeated indices summed), exactly.
+    """acc[index] += weights (uint64, repeated indices summed), exactly; `weights` broadcasts against `index`.
 
     np.add.at costs O(len(index)) and no extra memory; np.bincount would cost
     O(len(acc)) per batch plus two accumulator-sized temporaries.
@@ -57,16 +63,22 @@ def hit_counts(
         first = (order - 2) * plan.heads
         heads = [j for j in range(plan.heads) if offsets[first + j] < stop and offsets[first + j] + sizes[first + j] > start]
         whole = all(offsets[first + j] >= start and offsets[first + j] + sizes[first + j] <= stop for j in heads)
-        for ids, counts in stats.iter_batches(order, batch_rows=_stats_batch_rows(order, plan.heads, memory_limit)):
-            row_ids = ngram_row_ids(plan, layer_id, ids)[:, heads]  # (m, h)
-            weights = np.broadcast_to(counts[:, None], row_ids.shape)
-            if whole:
-                _accumulate(acc, (row_ids - start).ravel(), weights.ravel())
+        batches = stats.iter_batches(order, batch_rows=_stats_batch_rows(order, plan.heads, memory_limit // HASH_IN_FLIGHT))
+
+        def rows_of(batch, heads=heads):
+            ids, counts = batch
+            return ngram_row_ids(plan, layer_id, ids)[:, heads], counts, int(ids.shape[0])  # (m, h) rows of the heads here
+
+        for row_ids, counts, m in map_in_threads(batches, rows_of, HASH_WORKERS, HASH_IN_FLIGHT - HASH_WORKERS):
+            if whole:  # counts broadcast over the heads: no (m, h) copy of them
+                if start:
+                    row_ids -= start
+                _accumulate(acc, row_ids, counts[:, None])
             else:
                 keep = (row_ids >= start) & (row_ids < stop)
-                _accumulate(acc, row_ids[keep] - start, weights[keep])
+                _accumulate(acc, row_ids[keep] - start, np.broadcast_to(counts[:, None], row_ids.shape)[keep])
             if on_batch is not None:
-                on_batch(int(ids.shape[0]))
+                on_batch(m)
     return acc
 
 

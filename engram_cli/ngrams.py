@@ -14,13 +14,18 @@ crossing a document boundary. So `sum(count)` of every order equals the token co
 Reading never loads a whole order: `iter_batches` streams (ids, counts) in slices.
 
 Counting (`count_ngrams`) packs each n-gram into uint64 key columns (ceil(log2 C) bits
-per id, see `KeyLayout`), counts every batch (at most `MAX_BATCH_TOKENS` tokens; a longer
-document is sliced, each slice carrying the max-1 tokens before it as context, so the
-windows are unchanged) with a polars group_by, merges partials in
-memory and spills them as sorted parquet runs when they outgrow the memory limit; the
-final merge is a polars group_by per key range (row-group statistics skip the rest),
-so memory stays bounded however many distinct n-grams there are. The summary figures
-come from `SummaryBuilder`, fed range by range.
+per id, see `KeyLayout`; all orders of a batch by shift-or in one pass, `_batch_keys`)
+and counts every batch (at most `MAX_BATCH_TOKENS` tokens; a longer document is sliced,
+each slice carrying the max-1 tokens before it as context, so the windows are
+unchanged). An order that packs into one key word (orders 2..3 for DeepSeek) is counted
+by sorting: numpy's sort and run lengths per batch, sorted runs merged in memory
+(`_merge_runs`), already in text order at the end; wider orders by a polars group_by
+per batch. Partials are spilled as sorted parquet runs when they outgrow the memory
+limit; the final merge of spilled runs is a polars group_by per key range (row-group
+statistics skip the rest), so memory stays bounded however many distinct n-grams
+there are. When nothing was spilled, the orders are finished (merged, summarized,
+written) side by side in threads. The summary figures come from `SummaryBuilder`,
+fed range by range.
 
 Merging (`merge_stats`): the statistics of corpus shards (e.g. one `count_shard` per
 Ray task), in corpus order, merge into exactly the statistics of the whole corpus,
@@ -37,6 +42,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -243,8 +249,13 @@ class SummaryBuilder:
         self.top_ids = np.empty((0, order), dtype=np.int64)
         self.top_counts = np.empty(0, dtype=np.int64)
 
-    def add(self, ids: np.ndarray, counts: np.ndarray, *, ids_sorted: bool = False) -> None:
-        """Add distinct n-grams `ids` (m, n) with `counts` (m,); `ids_sorted`: rows ascend."""
+    def add(self, ids: np.ndarray | Callable[[np.ndarray], np.ndarray], counts: np.ndarray, *, ids_sorted: bool = False) -> None:
+        """Add distinct n-grams `ids` (m, n) with `counts` (m,); `ids_sorted`: rows ascend.
+
+        `ids` may also be a function from row indices to those rows' ids (k, n): only
+        the few candidates for the top are ever looked at, so a caller holding packed
+        keys need not unpack them all.
+        """
         counts = np.asarray(counts, dtype=np.int64)
         m = int(counts.shape[0])
         if m == 0:
@@ -278,7 +289,8 @@ class SummaryBuilder:
             cand = np.concatenate([above, ties])
         else:
             cand = np.arange(m)
-        self._merge_top(np.asarray(ids)[cand].astype(np.int64).reshape(-1, self.order), counts[cand])
+        rows = ids(cand) if callable(ids) else np.asarray(ids)[cand]
+        self._merge_top(np.asarray(rows).astype(np.int64).reshape(-1, self.order), counts[cand])
 
     def _merge_top(self, ids: np.ndarray, counts: np.ndarray) -> None:
         ids = np.concatenate([self.top_ids, ids])
@@ -342,10 +354,15 @@ def _stats_summary(orders: list[int], summaries: dict[str, dict], extra: dict | 
 
 
 def _order_frame(order: int, ids: np.ndarray, counts: np.ndarray) -> pl.DataFrame:
+    return _order_frame_columns(order, [ids[:, i] for i in range(order)], counts)
+
+
+def _order_frame_columns(order: int, columns: list[np.ndarray], counts: np.ndarray) -> pl.DataFrame:
+    """The frame of an order file from one id array per token column (uint32 ones are not copied)."""
     return pl.DataFrame(
         {
             "order": pl.Series("order", np.full(len(counts), order, dtype=np.uint8), dtype=pl.UInt8),
-            **{c: pl.Series(c, ids[:, i], dtype=pl.UInt32) for i, c in enumerate(token_columns(order))},
+            **{c: pl.Series(c, col, dtype=pl.UInt32) for c, col in zip(token_columns(order), columns)},
             "count": pl.Series("count", counts, dtype=pl.UInt64),
         }
     )
@@ -371,6 +388,7 @@ def write_stats_from_arrays(root: str | Path, per_order: dict[int, tuple[np.ndar
 
 # -- exact counting ---------------------------------------------------------------------
 BYTES_PER_ROW_OVERHEAD = 6  # merge = concat copy + hash table + output: ~6x the raw row bytes
+SORTED_BYTES_PER_ROW_OVERHEAD = 4  # sorted runs: run + concat copy + argsort index + gathered copy while merging
 STATS_ROW_GROUP = 1 << 16  # rows per row group of every order file: its bytes depend on its rows only, not on how a merge split them
 _RUN_ROW_GROUP = 1 << 16  # small row groups in spilled runs: min/max statistics prune key ranges
 _SAMPLES_PER_RUN = 1024
@@ -428,6 +446,18 @@ class KeyLayout:
             keys.append(key)
         return keys
 
+    def unpack_columns(self, keys: list[np.ndarray]) -> list[np.ndarray]:
+        """Key columns -> one (m,) uint32 id array per token, tok_0 first (ids fit: bits <= 32)."""
+        mask = np.uint64((1 << self.bits) - 1)
+        out = []
+        for key, (a, b) in zip(keys, self.words):
+            key = np.asarray(key, dtype=np.uint64)
+            for j in range(a, b):
+                shift = self.bits * (b - 1 - j)
+                col = key >> np.uint64(shift) if shift else key
+                out.append((col & mask).astype(np.uint32) if j > a else col.astype(np.uint32))
+        return out
+
     def unpack(self, keys: list[np.ndarray]) -> np.ndarray:
         """Key columns -> (m, n) int64 ids in text order."""
         m = len(keys[0]) if keys else 0
@@ -440,8 +470,55 @@ class KeyLayout:
         return ids
 
 
+def _distinct_sorted(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted keys (L,) -> their distinct values and how often each occurs (uint64)."""
+    if not keys.size:
+        return keys, np.empty(0, dtype=np.uint64)
+    first = np.empty(keys.size, dtype=bool)
+    first[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    counts = np.diff(starts, append=keys.size).astype(np.uint64)
+    return keys[starts], counts
+
+
+def _merge_runs(runs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of distinct sorted keys with counts -> one run (the counts of equal keys added).
+
+    One stable argsort of the runs laid end to end (numpy's timsort merges the sorted
+    runs it finds, O(L log k) for k runs), then the counts of equal neighbours summed.
+    """
+    if len(runs) == 1:
+        return runs[0]
+    keys = np.concatenate([k for k, _ in runs])
+    counts = np.concatenate([c for _, c in runs])
+    runs.clear()  # the caller's list: the runs are let go as soon as they are copied
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    counts = counts[order]
+    del order
+    if not keys.size:
+        return keys, counts
+    first = np.empty(keys.size, dtype=bool)
+    first[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    return keys[starts], np.add.reduceat(counts, starts)
+
+
+MAX_SORTED_RUNS = 16  # runs held before they are merged into one
+
+
 class _OrderCounter:
-    """Distinct keys and counts of one order: merged in memory, spilled as sorted runs."""
+    """Distinct keys and counts of one order: merged in memory, spilled as sorted runs.
+
+    An order whose n-grams pack into one key word (orders 2..3 of the DeepSeek
+    vocabulary: 17 bits per id) is counted by sorting: each batch's keys are sorted
+    (numpy's vectorised sort) and run-length counted into a sorted run; up to
+    `MAX_SORTED_RUNS` runs are held and merged in one pass (`_merge_runs`), and the
+    merged run is already in text order (no sort at the end). Wider keys use a polars
+    group_by per batch and merge partials by concatenation.
+    """
 
     def __init__(self, layout: KeyLayout, budget_rows: int, merge_rows: int, spill_dir: Callable[[], Path], range_rows: int | None = None):
         self.layout = layout
@@ -450,6 +527,9 @@ class _OrderCounter:
         self.range_rows = range_rows or budget_rows  # rows per final-merge range: orders merge one at a time
         self.merge_rows = merge_rows
         self.spill_dir = spill_dir
+        self.sorted = len(layout.words) == 1
+        self.mem: list[tuple[np.ndarray, np.ndarray]] = []  # sorted runs (keys, counts), sizes descending
+        self.mem_rows = 0
         self.acc: pl.DataFrame | None = None
         self.pending: list[pl.DataFrame] = []
         self.pending_rows = 0
@@ -458,6 +538,9 @@ class _OrderCounter:
         self.samples: list[tuple[np.ndarray, float]] = []  # (sampled k0 of a run, rows each stands for)
 
     def add_batch(self, keys: list[np.ndarray]) -> None:
+        if self.sorted:
+            self._push(_distinct_sorted(np.sort(keys[0])))
+            return
         frame = pl.DataFrame({name: key for name, key in zip(self.keys, keys)})
         part = frame.lazy().group_by(self.keys).agg(pl.len().cast(pl.UInt64).alias("count")).collect()
         self.pending.append(part)
@@ -467,6 +550,21 @@ class _OrderCounter:
             self._merge()
             if self.acc.height > self.budget_rows:
                 self._spill()
+
+    def _push(self, run: tuple[np.ndarray, np.ndarray]) -> None:
+        self.mem.append(run)
+        self.mem_rows += run[0].size
+        if len(self.mem) >= MAX_SORTED_RUNS or self.mem_rows > self.budget_rows:
+            runs, self.mem = self.mem, []
+            self.mem = [_merge_runs(runs)]
+            self.mem_rows = self.mem[0][0].size
+            if self.mem_rows > self.budget_rows // 2:  # little room left for new runs: spill
+                self._spill()
+
+    def _collapsed(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The sorted runs in memory merged into one (None when there are none), and let go."""
+        runs, self.mem, self.mem_rows = self.mem, [], 0
+        return _merge_runs(runs) if runs else None
 
     def _merge(self) -> None:
         frames = ([self.acc] if self.acc is not None else []) + self.pending
@@ -479,8 +577,13 @@ class _OrderCounter:
         self.acc = pl.concat(frames).lazy().group_by(self.keys).agg(pl.col("count").sum()).collect()
 
     def _spill(self) -> None:
-        run = self.acc.sort(self.keys)
-        self.acc = None
+        if self.sorted:
+            keys, counts = self._collapsed()
+            run = pl.DataFrame({self.keys[0]: keys, "count": counts})  # already sorted
+            del keys, counts
+        else:
+            run = self.acc.sort(self.keys)
+            self.acc = None
         path = self.spill_dir() / f"run_{self.layout.order}_{len(self.runs)}.parquet"
         run.write_parquet(path, compression="lz4", row_group_size=_RUN_ROW_GROUP, statistics=True)
         k0 = run.get_column(self.keys[0]).to_numpy()
@@ -489,10 +592,20 @@ class _OrderCounter:
         self.runs.append(path)
         self.run_rows += run.height
 
+    def has_runs(self) -> bool:
+        return bool(self.runs)
+
     def finish(self, out: Path, builder: SummaryBuilder, progress, parts_dir: Callable[[], Path]) -> None:
         """Write the order's distinct n-grams, sorted in text order, to `out`."""
-        self._merge()
         order = self.layout.order
+        if self.sorted and not self.runs:
+            run = self._collapsed()
+            keys, counts = run if run is not None else (np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.uint64))
+            self._write_keys([keys], counts, out, builder)
+            if progress is not None:
+                progress("merging", 1, 1, f"order {order}")
+            return
+        self._merge()
         if not self.runs:
             frame = self.acc.sort(self.keys) if self.acc is not None else pl.DataFrame(schema={k: pl.UInt64 for k in [*self.keys, "count"]})
             self.acc = None
@@ -500,7 +613,7 @@ class _OrderCounter:
             if progress is not None:
                 progress("merging", 1, 1, f"order {order}")
             return
-        if self.acc is not None and self.acc.height:
+        if self.mem_rows or (self.acc is not None and self.acc.height):
             self._spill()
         self.acc = None
         bounds = self._range_bounds()
@@ -542,13 +655,59 @@ class _OrderCounter:
         return list(zip(edges[:-1], edges[1:]))
 
     def _write_range(self, frame: pl.DataFrame, path: Path, builder: SummaryBuilder) -> None:
-        ids = self.layout.unpack([frame.get_column(k).to_numpy() for k in self.keys])
-        counts = frame.get_column("count").to_numpy().astype(np.int64)
-        builder.add(ids, counts, ids_sorted=True)
-        _order_frame(self.layout.order, ids, counts).write_parquet(path, row_group_size=STATS_ROW_GROUP)
+        self._write_keys([frame.get_column(k).to_numpy() for k in self.keys], frame.get_column("count").to_numpy(), path, builder)
+
+    def _write_keys(self, keys: list[np.ndarray], counts: np.ndarray, path: Path, builder: SummaryBuilder) -> None:
+        """Sorted distinct keys and their counts -> the order file at `path` (and the summary figures)."""
+        columns = self.layout.unpack_columns(keys)  # tok_0 .. tok_{n-1}, uint32
+
+        def rows(index: np.ndarray) -> np.ndarray:
+            return np.stack([c[index] for c in columns], axis=1) if index.size else np.empty((0, self.layout.order), dtype=np.int64)
+
+        builder.add(rows, counts, ids_sorted=True)
+        _order_frame_columns(self.layout.order, columns, counts).write_parquet(path, row_group_size=STATS_ROW_GROUP)
 
 
 _shifted = shift_flat  # the reference shift_k, from hashing
+
+
+def _batch_keys(pieces: list[np.ndarray], ctx: list[int], ctx_len: int, pad_id: int, vocab_size: int, layouts: dict[int, KeyLayout]) -> dict[int, list[np.ndarray]]:
+    """The packed windows of one batch, per order: {n: key columns (one per word)}.
+
+    `pieces[i]` holds `ctx[i]` context ids (read, not counted) and then counted ids; a
+    piece with fewer than `ctx_len` = max_n - 1 context ids starts its document. Each
+    piece is laid out behind `ctx_len - ctx[i]` pad ids, so every counted id has
+    `ctx_len` ids before it (context or left padding: docs/spec.md, "Hash"), and the
+    window of order n ending at each position packs by shift-or over the whole batch
+    (`KeyLayout.pack` in one pass: w ids per word from the (w-1)-id words). The
+    windows ending at the pads and the context are dropped.
+    """
+    pad = np.array([pad_id] * ctx_len, dtype=np.int64)
+    parts = []
+    for piece, c in zip(pieces, ctx):
+        if c < ctx_len:
+            parts.append(pad[: ctx_len - c])
+        parts.append(np.asarray(piece, dtype=np.int64))
+    ext = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    lo, hi = int(ext.min()), int(ext.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"compressed ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]; compress the ids with the same vocabulary")
+    ext = ext.view(np.uint64)
+    counted = np.ones(ext.size, dtype=bool)  # ids whose windows are counted
+    lengths = np.fromiter((p.size + ctx_len - c for p, c in zip(pieces, ctx)), dtype=np.int64, count=len(pieces))
+    heads = np.cumsum(lengths) - lengths  # where each piece's pads + context begin
+    counted[(heads[:, None] + np.arange(ctx_len)).ravel()] = False
+    widest = max(b - a for layout in layouts.values() for a, b in layout.words)
+    bits = np.uint64(next(iter(layouts.values())).bits)
+    words = [ext]  # words[w-1][i]: ids ext[i .. i+w-1] packed, the first in the high bits
+    for w in range(2, widest + 1):
+        words.append((words[-1][:-1] << bits) | ext[w - 1 :])
+    out = {}
+    for n, layout in layouts.items():
+        span = ext.size - n + 1  # windows of order n over ext, by start index
+        keep = counted[n - 1 :]  # ... and whether the id each ends at is counted
+        out[n] = [words[b - a - 1][a : a + span][keep] for a, b in layout.words]
+    return out
 
 
 def count_ngrams(
@@ -590,7 +749,7 @@ def count_ngrams(
     batch_tokens = int(max(1, min(MAX_BATCH_TOKENS, max(1 << 8, memory_limit // (48 * (max_ngram_size + 4))))))
     row_bytes = {n: 8 * (len(layouts[n].words) + 1) for n in orders}
     share = max(memory_limit - 8 * batch_tokens * (max_ngram_size + 4), memory_limit // 4) // len(orders)
-    budget_rows = {n: max(1 << 6, share // (row_bytes[n] * BYTES_PER_ROW_OVERHEAD)) for n in orders}
+    budget_rows = {n: max(1 << 6, share // (row_bytes[n] * (SORTED_BYTES_PER_ROW_OVERHEAD if len(layouts[n].words) == 1 else BYTES_PER_ROW_OVERHEAD))) for n in orders}
 
     tmp_root: list[Path] = []
 
@@ -605,7 +764,6 @@ def count_ngrams(
     # and an output frame: about twice the per-row cost of the counting phase.
     range_rows = {n: max(1 << 6, memory_limit // (row_bytes[n] * 2 * BYTES_PER_ROW_OVERHEAD)) for n in orders}
     counters = {n: _OrderCounter(layouts[n], budget_rows[n], batch_tokens, spill_root, range_rows[n]) for n in orders}
-    pad = np.uint64(pad_id)
     tokens = 0
     n_docs = 0
     try:
@@ -617,35 +775,15 @@ def count_ngrams(
         ctx_len = max_ngram_size - 1
         buf: list[np.ndarray] = []  # context + counted tokens of each piece
         buf_ctx: list[int] = []  # context tokens at the head of each piece
-        buf_start: list[int] = []  # position in its document of each piece's first counted token
         buf_tokens = 0  # counted tokens in the batch
 
         def flush() -> None:
-            nonlocal buf, buf_ctx, buf_start, buf_tokens
-            if not buf_tokens:
-                buf, buf_ctx, buf_start, buf_tokens = [], [], [], 0
-                return
-            lengths = np.fromiter((d.size for d in buf), dtype=np.int64, count=len(buf))
-            ctx = np.asarray(buf_ctx, dtype=np.int64)
-            flat = np.concatenate(buf)
-            lo, hi = int(flat.min()), int(flat.max())
-            if lo < 0 or hi >= vocab_size:
-                raise ValueError(f"compressed ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]; compress the ids with the same vocabulary")
-            flat = flat.astype(np.uint64)
-            starts = np.cumsum(lengths) - lengths
-            first = np.asarray(buf_start, dtype=np.int64) - ctx  # position in its document of each piece's head
-            local = np.arange(flat.size, dtype=np.int64) - np.repeat(starts, lengths)  # (L,) index in its piece
-            pos = local + np.repeat(first, lengths)  # (L,) position in its document
-            keep = local >= np.repeat(ctx, lengths) if ctx.any() else None  # counted rows (not context)
-            shifted = [_shifted(flat, pos, k, pad) for k in range(max_ngram_size)]  # shift_k, k = 0..max-1
-            del local, pos
-            for n in orders:
-                tok = [shifted[n - 1 - j] for j in range(n)]  # tok_j: text order, tok_{n-1} = shift_0
-                keys = layouts[n].pack(tok)
-                if keep is not None:
-                    keys = [key[keep] for key in keys]
-                counters[n].add_batch(keys)
-            buf, buf_ctx, buf_start, buf_tokens = [], [], [], 0
+            nonlocal buf, buf_ctx, buf_tokens
+            if buf_tokens:
+                keys = _batch_keys(buf, buf_ctx, ctx_len, pad_id, vocab_size, layouts)
+                for n in orders:
+                    counters[n].add_batch(keys[n])
+            buf, buf_ctx, buf_tokens = [], [], 0
 
         prev = np.empty(0, dtype=np.int64)  # the last piece counted (its tail is the next piece's context)
         doc_tokens = 0  # tokens of the current document before this piece
@@ -657,18 +795,16 @@ def count_ngrams(
                 doc_tokens = 0
             if not doc.size:
                 continue
-            # `ext` is the piece behind the context carried from the pieces before it;
-            # `base` the position in its document of ext[0].
+            # `ext` is the piece behind the context carried from the pieces before it
+            # (all of the document before it when that is shorter than the context).
             carry = prev[-ctx_len:] if continued and doc_tokens else prev[:0]
             ext = np.concatenate([carry.astype(doc.dtype, copy=False), doc]) if carry.size else doc
-            base = doc_tokens - carry.size
             start = carry.size
             while start < ext.size:
                 stop = min(ext.size, start + batch_tokens - buf_tokens)
                 head = max(0, start - ctx_len)
                 buf.append(ext[head:stop])
                 buf_ctx.append(start - head)
-                buf_start.append(base + start)
                 buf_tokens += stop - start
                 tokens += stop - start
                 start = stop
@@ -682,13 +818,26 @@ def count_ngrams(
         if progress is not None:
             progress("counting", tokens, None, f"{n_docs} documents")
 
+        builders = {n: SummaryBuilder(n) for n in orders}
+        if len(orders) > 1 and not any(c.runs for c in counters.values()):
+            # Everything is in memory (each order within its share of the limit): the
+            # orders are merged and written side by side, one thread each (numpy and
+            # polars release the GIL), so the tail after the last batch is the
+            # slowest order's, not the sum. Progress is reported from this thread.
+            with ThreadPoolExecutor(max_workers=len(orders), thread_name_prefix="engram-finish") as pool:
+                futures = {n: pool.submit(counters[n].finish, order_file(out_dir, n), builders[n], None, spill_root) for n in orders}
+                for n in orders:
+                    futures[n].result()
+                    if progress is not None:
+                        progress("merging", 1, 1, f"order {n}")
+        else:  # spilled runs are merged one order (and one key range) at a time: bounded memory
+            for n in orders:
+                counters[n].finish(order_file(out_dir, n), builders[n], progress, spill_root)
         summaries = {}
         for n in orders:
-            builder = SummaryBuilder(n)
-            counters[n].finish(order_file(out_dir, n), builder, progress, spill_root)
-            summaries[str(n)] = builder.result()
-            if builder.windows != tokens:
-                raise AssertionError(f"order {n} counted {builder.windows} windows for {tokens} tokens")
+            summaries[str(n)] = builders[n].result()
+            if builders[n].windows != tokens:
+                raise AssertionError(f"order {n} counted {builders[n].windows} windows for {tokens} tokens")
     finally:
         for root in tmp_root:
             shutil.rmtree(root, ignore_errors=True)

@@ -156,6 +156,50 @@ def test_continued_ids_carry_context_across_tiny_pieces(tmp_path):
         assert frames(got.root, [n])[n].equals(frames(want.root, [n])[n])
 
 
+def counter_windows(docs: list[np.ndarray], n: int, pad: int) -> dict[tuple[int, ...], int]:
+    """Every window of order n, the obvious way: n-1 pads on the left of each document, a Python Counter."""
+    from collections import Counter
+
+    c: Counter = Counter()
+    for doc in docs:
+        padded = [pad] * (n - 1) + doc.tolist()
+        c.update(tuple(padded[i : i + n]) for i in range(doc.size))
+    return c
+
+
+def test_sorted_runs_merge_and_spill_to_the_exact_counts(tmp_path, monkeypatch):
+    """One-word orders are counted by sorting: per-batch sorted runs, merged in memory
+    (`_merge_runs`) and spilled to disk under a small limit. Tiny batches, at most 3
+    runs held and a 1 MiB limit make every path run; the counts must equal a Counter's."""
+    import engram_cli.ngrams as ngrams_mod
+
+    merges = []
+    real_merge = ngrams_mod._merge_runs
+    monkeypatch.setattr(ngrams_mod, "_merge_runs", lambda runs: merges.append(len(runs)) or real_merge(runs))
+    monkeypatch.setattr(ngrams_mod, "MAX_BATCH_TOKENS", 700)
+    monkeypatch.setattr(ngrams_mod, "MAX_SORTED_RUNS", 3)
+    rng = np.random.default_rng(11)
+    vocab_size, pad = 5000, 4999  # 13 bits an id: orders 2..4 pack into one word, order 5 takes two
+    docs = [np.minimum(rng.zipf(1.3, size=int(rng.integers(0, 3000))), vocab_size - 1) - 1 for _ in range(60)]
+    ranges = []
+    got = count_ngrams(
+        docs, max_ngram_size=5, pad_id=pad, vocab_size=vocab_size, out_dir=tmp_path / "got", memory_limit=1 << 20,
+        progress=lambda stage, done, total=None, detail="": ranges.append(total) if stage == "merging" else None,
+    )
+    assert len(merges) > 10 and max(merges) >= 3, "runs should have been merged in memory"
+    assert max(ranges) > 1, "the 1 MiB limit should have spilled runs and merged them by key range"
+    assert list((tmp_path / "got").glob(".engram-spill-*")) == []
+    tokens = sum(d.size for d in docs)
+    for n in range(2, 6):
+        want = counter_windows(docs, n, pad)
+        frame = pl.read_parquet(order_file(got.root, n))
+        cols = token_columns(n)
+        assert frame.equals(frame.sort(cols)), f"order {n} is not in text order"
+        assert dict(zip(frame.select(cols).iter_rows(), frame.get_column("count").to_list())) == want, f"order {n}"
+        assert got.order_summary(n)["windows"] == tokens and got.order_summary(n)["distinct"] == len(want)
+        assert got.order_summary(n)["singletons"] == sum(1 for c in want.values() if c == 1)
+
+
 # -- JSON lines ---------------------------------------------------------------------------------
 def test_jsonl_long_text_is_split_and_counted_whole(deepseek, tmp_path, monkeypatch):
     tok, vocab = deepseek
