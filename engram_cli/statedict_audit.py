@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from engram_cli.errors import BackendError, CheckpointError
+from engram_cli.errors import CheckpointError
 from engram_cli.exchange import WEIGHT, check_fingerprint, check_table, find_tables, open_tensor_file
 
 PARITY_WINDOWS = 16  # token windows (of PARITY_BLOCK) hashed and gathered by every backend
@@ -111,24 +111,9 @@ def module_shapes(tf, prefix: str, plan, source) -> dict | None:
     return {"hidden_size": hidden, "hc_mult": hc, "conv_kernel": kernel, "tensors": len(names) + 1}
 
 
-def available_backends(device: torch.device) -> list[str]:
-    """The lookup backends that can run here (triton: CUDA, or TRITON_INTERPRET=1)."""
-    from engram_cli.kernels import BACKENDS, resolve_backend
-
-    out = []
-    for b in BACKENDS:
-        if b == "auto":
-            continue
-        try:
-            resolve_backend(b, device)
-        except BackendError:
-            continue
-        out.append(b)
-    return out
-
-
 def lookup_parity(plan, vocab, layer_id: int, table: torch.Tensor, token_ids: np.ndarray) -> dict:
     """Each available backend's rows for `token_ids` against the torch reference backend: bit-exact, tokens/s."""
+    from engram_cli.evaluate import available_backends
     from engram_cli.kernels import EngramLookup
 
     ids = torch.as_tensor(token_ids)
