@@ -175,12 +175,11 @@ def _fill(fh, positions: dict[str, int], specs: list[TensorSpec], store, fmt: Ex
 
 
 # -- output safety -------------------------------------------------------------------------
-def check_file_output(out, force: bool, *, inputs=()) -> Path:
+def check_file_output(out, force: bool) -> Path:
     """`OutputError` unless a file may be written at `out`: a new name, or an existing FILE with --force."""
-    from engram_cli.store.output import check_inputs_apart, check_output_name, shown
+    from engram_cli.store.output import check_output_name, shown
 
     out = check_output_name(out)
-    check_inputs_apart(out, inputs)
     if out.exists() or out.is_symlink():
         if not force:
             raise OutputError(f"{shown(out)} already exists; pass --force to replace it")
@@ -190,21 +189,6 @@ def check_file_output(out, force: bool, *, inputs=()) -> Path:
     if not parent.is_dir():
         raise OutputError(f"cannot write {shown(out)}: directory {shown(parent)} does not exist; create it first")
     return out
-
-
-def check_apart(out, named: dict) -> None:
-    """`OutputError` when `out` is, holds or lies inside one of the inputs `named` (label -> path)."""
-    from engram_cli.store.output import shown
-
-    target = Path(out).resolve()
-    for label, path in named.items():
-        source = Path(path).resolve()
-        if target == source:
-            raise OutputError(f"output {shown(out)} is the {label} {shown(path)}; choose another -o/--out")
-        if source in target.parents:
-            raise OutputError(f"output {shown(out)} lies inside the {label} {shown(path)}; choose another -o/--out")
-        if target in source.parents:
-            raise OutputError(f"the {label} {shown(path)} lies inside the output {shown(out)}; choose another -o/--out")
 
 
 def _temp_path(out: Path, tag: str = "partial") -> Path:
@@ -243,12 +227,12 @@ def export_tables(store_path, out=None, fmt: ExchangeFormat | str = ExchangeForm
     `engram export --json` prints (`ExportResult.as_dict()`, docs/exchange.md).
     """
     from engram_cli.store import TableStore
-    from engram_cli.store.output import check_free_space, storage_errors
+    from engram_cli.store.output import check_free_space, check_inputs_apart, storage_errors
 
     fmt = parse_format(fmt)
     store = TableStore.open(store_path)
     out = Path(out) if out is not None else Path(store.path).with_suffix(SUFFIXES[fmt])
-    check_apart(out, {"table store": store.path})
+    check_inputs_apart(out, [store.path], source="table store")
     out = check_file_output(out, force)
     meta = export_metadata(store, fmt)
     specs = export_specs(store, fmt, meta)
@@ -564,14 +548,6 @@ def check_fingerprint(tf: TensorFile, plan, source) -> None:
 
 
 # -- import ----------------------------------------------------------------------------------
-def _link_or_copy(src, dst) -> None:
-    """Hard-link a store file (zarr replaces the files it rewrites, so the source never changes); copy across devices."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 _PLAN_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float8_e4m3": torch.float8_e4m3fn}
 
 
@@ -628,12 +604,13 @@ def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -
     with `force`).
     """
     from engram_cli.store import TableStore
-    from engram_cli.store.output import check_output, release_output, storage_errors
-    from engram_cli.store.writer import finalize, prepare_partial
+    from engram_cli.store.output import check_inputs_apart, check_output, release_output, storage_errors
+    from engram_cli.store.writer import finalize, link_store, prepare_partial
 
     store = TableStore.open(plan_from)
     plan = store.plan
-    check_apart(out, {"table store": store.path, "input file": file})
+    check_inputs_apart(out, [store.path], source="table store")
+    check_inputs_apart(out, [file], source="input file")
     check_output(out, force)  # cheap refusals before reading the file; prepare_partial checks again under the lock
     tf = open_tensor_file(file)
     source = str(file)
@@ -654,7 +631,7 @@ def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -
     partial = prepare_partial(out, force)  # the build's steps: lock, leftovers settled, output checked, staging
     try:
         with storage_errors(out):
-            shutil.copytree(store.path, partial, copy_function=_link_or_copy, dirs_exist_ok=True)  # the plan's store, hard-linked
+            link_store(store.path, partial)  # the plan's store, hard-linked
             new = TableStore.open(partial, mode="r+")
             for l in plan.layer_ids:
                 c, n = checked[l], plan.layer_rows(l)

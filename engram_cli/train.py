@@ -208,7 +208,6 @@ def train_steps(model, lookups: dict, tmap, stream, *, steps: int, batch: int = 
 
 
 # -- the `engram train` pipeline ------------------------------------------------------
-import os
 import shutil
 from pathlib import Path
 
@@ -246,21 +245,15 @@ def save_trained_store(src: Path, dst: Path, trained: dict[int, tuple[np.ndarray
     `model.tables.zarr`), is locked while written, staged in `<dst>.partial` and moved
     into place by `store.finalize`.
     """
-    from engram_cli.store import TableStore, finalize, prepare_partial
+    from engram_cli.store import TableStore, finalize, link_store, prepare_partial
     from engram_cli.store.output import check_inputs_apart, release_output, storage_error
 
     src, dst = Path(src), Path(dst)
     check_inputs_apart(dst, [src], what="trained store", source="table store")
     partial = prepare_partial(dst, force)
 
-    def link(s, d):
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-
     try:
-        shutil.copytree(src, partial, copy_function=link, dirs_exist_ok=True)
+        link_store(src, partial)
         store = TableStore.open(partial, mode="r+")
         for layer_id, (rows, values) in trained.items():
             store.write_rows(layer_id, rows, values, by="trained")

@@ -38,7 +38,7 @@ _FORMAT = (
 _READER = ("TableStore",)
 _WRITER = (
     "ShardTask", "StoreLayout", "_resolve_workers", "check_hit_totals", "check_output", "check_write_options",
-    "count_hits_range", "create_layout", "create_store", "finalize", "hit_passes", "mark_complete", "planned_write_bytes", "prepare_partial",
+    "count_hits_range", "create_layout", "create_store", "finalize", "hit_passes", "link_store", "mark_complete", "planned_write_bytes", "prepare_partial",
     "run_shard_task", "run_shard_tasks", "shard_tasks", "write_shard", "write_tables",
 )
 _HITS = ("hit_counts",)

@@ -271,6 +271,22 @@ def verify_layout(path: str | os.PathLike) -> None:
         raise StoreError(f"store {shown(path)} lacks {', '.join(missing[:3])}{more}; it is not complete: rebuild it with `engram build-table --force`")
 
 
+def link_store(src: str | os.PathLike, partial: str | os.PathLike) -> None:
+    """Fill the staging directory `partial` with `src`'s files, hard-linked (copied across devices).
+
+    Safe because zarr replaces every file it rewrites (temp file + rename): writing
+    to the new store never changes `src`.
+    """
+
+    def link_or_copy(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, partial, copy_function=link_or_copy, dirs_exist_ok=True)
+
+
 def finalize(partial: str | os.PathLike, out: str | os.PathLike, force: bool) -> TableStore:
     """Move a complete partial store to `out` (replacing an existing engram store only with force).
 
