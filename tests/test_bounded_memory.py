@@ -171,7 +171,7 @@ def test_sorted_runs_merge_and_spill_to_the_exact_counts(tmp_path, monkeypatch):
     """One-word orders are counted by sorting: per-batch sorted runs, merged in memory
     (`_merge_runs`) and spilled to disk under a small limit. Tiny batches, at most 3
     runs held and a 1 MiB limit make every path run; the counts must equal a Counter's."""
-    import engram_cli.ngrams as ngrams_mod
+    import engram_cli.ngrams.count as ngrams_mod
 
     merges = []
     real_merge = ngrams_mod._merge_runs

@@ -162,7 +162,7 @@ def test_left_padding_and_document_boundaries(tmp_path):
 @pytest.mark.parametrize("slice_tokens", [1000, 3])
 def test_long_documents_are_sliced_with_exact_windows(tmp_path, monkeypatch, slice_tokens):
     """A document longer than a batch is counted in bounded slices, windows unchanged."""
-    import engram_cli.ngrams as ngrams_mod
+    import engram_cli.ngrams.count as ngrams_mod
 
     monkeypatch.setattr(ngrams_mod, "MAX_BATCH_TOKENS", slice_tokens)
     batch_sizes = []
