@@ -198,15 +198,3 @@ def encode_documents(
             progress("tokenizing", tokens, None, f"{docs} documents")
         yield from ids
 
-
-_locked = locked_progress  # old private name
-_encode_in_threads = map_in_threads  # old private name
-
-
-def __getattr__(name: str):
-    """`count_corpus` moved to `engram_cli.build_table` (the pipeline driver); old imports keep working."""
-    if name == "count_corpus":
-        from .build_table import count_corpus
-
-        return count_corpus
-    raise AttributeError(name)
