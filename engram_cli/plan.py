@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import EngramError, PlanError
+from .errors import EngramError, PlanError, StoreError
 from .units import parse_bytes
 
 HASH_FAMILY_REFERENCE = "multiply-xor"
@@ -497,3 +497,24 @@ def fit_plan_to_budget(budget: Budget, **plan_kwargs) -> TablePlan:
     if lo >= 2:
         return make_plan(rows_per_head=lo, **plan_kwargs)
     raise PlanError(f"budget {budget} is too small for this plan; raise --budget")
+
+
+# -- checks every command and library caller shares -------------------------------------
+def check_rows_or_budget(rows_per_head, budget) -> None:
+    """`--rows-per-head` and `--budget` both size the tables: refuse both at once (before any work)."""
+    if rows_per_head is not None and budget is not None:
+        raise PlanError("--budget and --rows-per-head both size the tables; give one of them")
+
+
+def check_target_rate(target: float) -> float:
+    """A `--target` collision rate: strictly between 0 and 1 (as a float)."""
+    if not 0 < target < 1:
+        raise PlanError(f"--target must be a rate between 0 and 1 (e.g. 0.05), got {target}")
+    return float(target)
+
+
+def check_stats_cover(plan: TablePlan, stats) -> None:
+    """The n-gram statistics (anything with `.orders`) hold every order of `plan`."""
+    missing = [n for n in plan.orders if n not in stats.orders]
+    if missing:
+        raise StoreError(f"the n-gram statistics cover orders {list(stats.orders)} but the plan needs {list(plan.orders)}; recount with --max-ngram {plan.max_ngram_size}")

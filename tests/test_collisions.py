@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import xxhash
 
-from engram_cli import collisions as C
+from engram_cli import audit as C
+from engram_cli import hashing as H
 from engram_cli.errors import EngramError, PlanError, StoreError
 from engram_cli.ngrams import write_stats_from_arrays
 from engram_cli.plan import make_plan, parse_budget
@@ -291,14 +292,14 @@ def test_family_distance_and_options(fixture):
     with pytest.raises(PlanError, match="unknown hash family"):
         C.parse_families("md5")
     assert C.parse_families("both") == ("reference", "xxh3")
-    assert C.xxh3_seed(3, 15, 2, 1) == ((3 * 65536 + 15) * 256 + 2) * 256 + 1
+    assert H.xxh3_seed(3, 15, 2, 1) == ((3 * 65536 + 15) * 256 + 2) * 256 + 1
 
 
 def test_missing_order_is_a_store_error(tmp_path):
     rng = np.random.default_rng(0)
     stats = write_stats_from_arrays(tmp_path, {2: random_ngrams(rng, 2, 50)})
     plan = make_plan(compressed_vocab_size=VOCAB, compressed_pad_id=2, heads=2, dim=64, rows_per_head=50)
-    with pytest.raises(StoreError, match="lack order"):
+    with pytest.raises(StoreError, match="cover orders"):
         C.audit_collisions(plan, stats)
 
 
@@ -339,12 +340,12 @@ def test_plot_path_checked_before_matplotlib(tmp_path, fixture):
 def test_xxh3_digests_match_xxhash(order):
     rng = np.random.default_rng(order)
     ids = rng.integers(0, 2**32, size=(200, order), dtype=np.int64)
-    seeds = [C.xxh3_seed(3, layer, order, j) for layer in (1, 15) for j in range(3)] + [0, 2**64 - 1]
-    got = C.xxh3_digests(ids, seeds)
+    seeds = [H.xxh3_seed(3, layer, order, j) for layer in (1, 15) for j in range(3)] + [0, 2**64 - 1]
+    got = H.xxh3_digests(ids, seeds)
     for j, seed in enumerate(seeds):
         want = [xxhash.xxh3_64_intdigest(struct.pack(f"<{order}I", *map(int, g)), seed) for g in ids]
         assert list(map(int, got[:, j])) == want
-    assert np.array_equal(got, C.xxh3_digests_loop(ids, seeds))
+    assert np.array_equal(got, H.xxh3_digests_loop(ids, seeds))
 
 
 @pytest.mark.parametrize("family", ["reference", "xxh3"])
