@@ -215,7 +215,7 @@ def test_what_if_plans(fixture):
     assert wr.rows_per_head == (40, 40) and wr.heads == plan.heads
     wb, _ = C.what_if_plan(plan, budget=parse_budget("200KB"))
     assert wb.total_bytes <= 200_000
-    with pytest.raises(PlanError, match="--rows-per-head and --budget"):
+    with pytest.raises(PlanError, match="--budget and --rows-per-head"):
         C.what_if_plan(plan, rows_per_head=(40,), budget=parse_budget("1MB"))
     assert C.what_if_plan(plan) == (plan, [])
     # the audit of a what-if plan is the brute force of that plan
@@ -366,7 +366,7 @@ def test_buckets_chunked(fixture, monkeypatch):
     plan, stats, _ = fixture
     keys = C.load_order_keys(plan, stats, 1, 2, "reference", heads=1)
     whole = keys.buckets(0, 53)
-    monkeypatch.setattr(C, "BUCKET_CHUNK", 7)
+    monkeypatch.setattr("engram_cli.audit.keys.BUCKET_CHUNK", 7)
     assert np.array_equal(keys.buckets(0, 53), whole)
 
 
