@@ -369,8 +369,7 @@ def make_plan(
         raise PlanError(f"layer ids must be >= 0, got {list(layer_ids)}")
     if max_ngram_size < 2:
         raise PlanError(f"--max-ngram must be at least 2 (orders 2..N), got {max_ngram_size}")
-    if heads < 1:
-        raise PlanError(f"--heads must be at least 1, got {heads}")
+    check_heads(heads)
     if dim < 1 or dim % heads:
         raise PlanError(f"--dim {dim} must be a positive multiple of --heads {heads} (each head's row is dim // heads wide)")
     n_orders = max_ngram_size - 1
@@ -504,6 +503,13 @@ def check_rows_or_budget(rows_per_head, budget) -> None:
     """`--rows-per-head` and `--budget` both size the tables: refuse both at once (before any work)."""
     if rows_per_head is not None and budget is not None:
         raise PlanError("--budget and --rows-per-head both size the tables; give one of them")
+
+
+def check_heads(heads: int) -> int:
+    """`--heads`: at least one hash head per order."""
+    if heads < 1:
+        raise PlanError(f"--heads must be at least 1, got {heads}")
+    return int(heads)
 
 
 def check_target_rate(target: float) -> float:

@@ -227,3 +227,6 @@ def test_library_callers_share_the_checks(tmp_path):
             call()
     with pytest.raises(PlanError, match=r"^--budget and --rows-per-head both size the tables"):
         what_if_plan(plan, rows_per_head=(40, 40), budget=Budget(10**6, "bytes"))
+    for call in (lambda: what_if_plan(plan, heads=0), lambda: make_plan(compressed_vocab_size=97, compressed_pad_id=2, heads=0, dim=64)):
+        with pytest.raises(PlanError, match=r"^--heads must be at least 1, got 0$"):
+            call()

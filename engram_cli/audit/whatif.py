@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..errors import PlanError
-from ..plan import Budget, TablePlan, check_rows_or_budget, fit_plan_to_budget
+from ..plan import Budget, TablePlan, check_heads, check_rows_or_budget, fit_plan_to_budget
 from .figures import rows_for_rate, share, token_weighted_rate
 from .keys import OrderKeys
 
@@ -37,9 +37,7 @@ def what_if_plan(stored: TablePlan, *, heads: int | None = None, rows_per_head=N
     if heads is None and rows_per_head is None and budget is None:
         return stored, []
     notes = []
-    K = stored.heads if heads is None else int(heads)
-    if K < 1:
-        raise PlanError(f"--heads must be at least 1, got {K}")
+    K = stored.heads if heads is None else check_heads(int(heads))
     dim = dim_for_heads(stored, K)
     if dim != stored.dim:
         notes.append(f"--heads {K} does not divide the stored dim {stored.dim}; the what-if plan keeps head_dim {stored.head_dim} (dim {dim})")
