@@ -47,6 +47,7 @@ def ideal_shared(m: int, p: int) -> float:
         return 0.0
     return float(-math.expm1((m - 1) * math.log1p(-1.0 / p)))
 
+
 def ideal_all_heads(m: int, primes: Sequence[int]) -> float:
     """P(some other n-gram shares every head) for K independent ideal heads: 1 - (1 - 1/prod p)^(m-1)."""
     if m <= 1:
@@ -54,9 +55,11 @@ def ideal_all_heads(m: int, primes: Sequence[int]) -> float:
     log_q = sum(math.log(p) for p in primes)
     return float(-math.expm1((m - 1) * math.log1p(-math.exp(-log_q))))
 
+
 def ideal_clean_head(m: int, primes: Sequence[int]) -> float:
     """P(at least one head where the n-gram is alone) for independent ideal heads: 1 - prod_j shared_j."""
     return float(1.0 - math.prod(ideal_shared(m, p) for p in primes))
+
 
 def rows_for_rate(m: int, target: float) -> int:
     """The table size p at which the ideal shared share equals `target` (solves the formula above)."""
@@ -76,6 +79,7 @@ def _pairwise_max(B: np.ndarray, chunk: int = 256) -> np.ndarray:
         out[start : start + chunk] = block.max(axis=1)
     return np.maximum(out, 0)
 
+
 def identical_from(primes: Sequence[int]) -> int | None:
     """Smallest t such that any t of these primes multiply to >= 2^64, or None.
 
@@ -88,6 +92,7 @@ def identical_from(primes: Sequence[int]) -> int | None:
         if prod >= TWO64:
             return t
     return None
+
 
 def worst_partner_heads(
     buckets: Sequence[np.ndarray],
@@ -135,6 +140,7 @@ def worst_partner_heads(
         s[cand] = level
     return s
 
+
 def worst_partner_heads_through(buckets: Sequence[np.ndarray], primes: Sequence[int], head: int, *, mix_duplicated: np.ndarray | None = None) -> np.ndarray:
     """For n-grams that all share their bucket of head `head` with another: the most heads each
     shares with one partner *of that bucket* (at least 1).
@@ -172,6 +178,7 @@ def share(num: float, den: float) -> float:
     """num / den, or 0 for an empty denominator (a figure of no n-grams)."""
     return float(num / den) if den else 0.0
 
+
 def _top_buckets(sel: np.ndarray, shadow: np.ndarray, wsum: np.ndarray, k: int) -> np.ndarray:
     """The k buckets of `sel` (ascending) ranked by (shadowed desc, total desc, bucket asc)."""
     sh = shadow[sel]
@@ -185,6 +192,7 @@ def _top_buckets(sel: np.ndarray, shadow: np.ndarray, wsum: np.ndarray, k: int) 
         ties = np.concatenate([better, equal[: need - better.size]])
     return np.concatenate([above, ties])
 
+
 def head_figures(b: np.ndarray, counts: np.ndarray, p: int, *, head: int, top: int) -> tuple[dict, np.ndarray, list]:
     """Per-head figures from bucket occupancy, the n-grams' collide mask, and worst-bucket candidates.
 
@@ -192,6 +200,7 @@ def head_figures(b: np.ndarray, counts: np.ndarray, p: int, *, head: int, top: i
     """
     sums, collide, worst = head_sums(b, counts, p, head=head, top=top)
     return head_figures_from_sums(sums, p, head=head), collide, worst
+
 
 def head_sums(b: np.ndarray, counts: np.ndarray, nbuckets: int, *, head: int, top: int, offset: int = 0) -> tuple[dict, np.ndarray, list]:
     """The integer sums behind one head's figures over the buckets `offset + b`, b in [0, nbuckets).
@@ -232,9 +241,11 @@ def head_sums(b: np.ndarray, counts: np.ndarray, nbuckets: int, *, head: int, to
             worst.append((float(shadow[c]), float(wsum[c]), int(occ[c]), head, bucket + offset))
     return sums, collide, worst
 
+
 def add_head_sums(parts: Sequence[dict]) -> dict:
     """The `head_sums` of a whole head from those of its disjoint bucket ranges (exact: integers)."""
     return {k: (max if k == "max_occupancy" else sum)(int(s[k]) for s in parts) for k in parts[0]}
+
 
 def head_figures_from_sums(sums: dict, p: int, *, head: int) -> dict:
     """One head's figures (docs/collisions.md) from its `head_sums`."""
@@ -254,6 +265,7 @@ def head_figures_from_sums(sums: dict, p: int, *, head: int) -> dict:
     figures["token_weighted_excess"] = figures["token_weighted"] - figures["shared_ideal"]
     return figures
 
+
 def across_figures(keys: OrderKeys, buckets: list[np.ndarray], primes: Sequence[int], collide: list[np.ndarray], *, small_set: int = SMALL_SET) -> dict:
     """Figures across the K heads of an order (see docs/collisions.md)."""
     K = len(buckets)
@@ -263,6 +275,7 @@ def across_figures(keys: OrderKeys, buckets: list[np.ndarray], primes: Sequence[
     colliding_heads = np.add.reduce([c.astype(count_dtype(K)) for c in collide]) if m else np.zeros(0, count_dtype(K))
     sums = across_sums(s, colliding_heads, counts, K)
     return across_figures_from_sums(sums, primes, family=keys.family, mix_duplicates=None if mix_dup is None else int(mix_dup.sum()))
+
 
 def across_sums(s: np.ndarray, colliding_heads: np.ndarray, counts: np.ndarray, K: int) -> dict:
     """The integer sums behind the across-head figures of a set of n-grams: their s(x) histogram
@@ -281,9 +294,11 @@ def across_sums(s: np.ndarray, colliding_heads: np.ndarray, counts: np.ndarray, 
         "no_clean_head_weighted": int(counts[every].sum()),
     }
 
+
 def add_across_sums(parts: Sequence[dict]) -> dict:
     """The `across_sums` of disjoint sets of n-grams, added (exact: integers)."""
     return {k: [sum(v) for v in zip(*(p[k] for p in parts))] if isinstance(parts[0][k], list) else sum(p[k] for p in parts) for k in parts[0]}
+
 
 def across_figures_from_sums(sums: dict, primes: Sequence[int], *, family: str, mix_duplicates: int | None) -> dict:
     """The across-head figures (docs/collisions.md) from `across_sums` of all the order's n-grams."""
@@ -308,6 +323,7 @@ def decode_ngram(ids: Sequence[int], vocab_keys: Sequence[str] | None) -> list[s
     if vocab_keys is None:
         return None
     return [vocab_keys[i] if 0 <= i < len(vocab_keys) else f"<{i}>" for i in ids]
+
 
 def read_rows(stats: NgramStats, order: int, rows: np.ndarray, *, batch_rows: int = BATCH_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """(ids, counts) of the given row indices of an order's stats, in the given order.
@@ -337,11 +353,13 @@ def read_rows(stats: NgramStats, order: int, rows: np.ndarray, *, batch_rows: in
     take = np.searchsorted(wanted, rows)
     return ids[take], counts[take]
 
+
 def worst_buckets(stats: NgramStats, keys: OrderKeys, buckets: list[np.ndarray], candidates: list, *, top: int, vocab_keys: Sequence[str] | None) -> list[dict]:
     """The `top` buckets of an order with the most shadowed occurrences (ties: most occurrences, then head, bucket)."""
     chosen = rank_worst(candidates, top)
     members = bucket_members(stats, keys.order, [np.flatnonzero(buckets[head] == bucket) for _, _, _, head, bucket in chosen], vocab_keys=vocab_keys)
     return [worst_bucket_entry(c, mine, keys.total) for c, mine in zip(chosen, members)]
+
 
 def rank_worst(candidates: Iterable[tuple], top: int) -> list[tuple]:
     """The `top` worst of `head_sums` candidates: most shadowed, then most occurrences, then head, bucket.
@@ -350,6 +368,7 @@ def rank_worst(candidates: Iterable[tuple], top: int) -> list[tuple]:
     partition keeps its own `top` and the whole keeps the `top` of theirs.
     """
     return sorted(candidates, key=lambda t: (-t[0], -t[1], t[3], t[4]))[:top]
+
 
 def bucket_members(stats: NgramStats, order: int, members_rows: Sequence[np.ndarray], *, vocab_keys: Sequence[str] | None) -> list[list[dict]]:
     """For each bucket's member rows (row indices of the order's stats): its `MAX_MEMBERS` most frequent
@@ -367,6 +386,7 @@ def bucket_members(stats: NgramStats, order: int, members_rows: Sequence[np.ndar
             members.append({"ids": g, "text": decode_ngram(g, vocab_keys), "count": int(counts[local[i]])})
         out.append(members)
     return out
+
 
 def worst_bucket_entry(candidate: tuple, members: list[dict], occurrences: int) -> dict:
     """The report's entry for one worst bucket (a `head_sums` candidate and its `bucket_members`)."""
@@ -398,6 +418,7 @@ def audit_order(plan: TablePlan, stats: NgramStats, keys: OrderKeys, *, top: int
     return order_audit_entry(keys.family, keys.layer_id, keys.order, distinct=keys.m, occurrences=keys.total, heads=heads, across=across,
                              worst=worst_buckets(stats, keys, buckets, cands, top=top, vocab_keys=vocab_keys))
 
+
 def order_audit_entry(family: str, layer: int, order: int, *, distinct: int, occurrences: int, heads: list[dict], across: dict, worst: list[dict]) -> dict:
     """The report's audit entry of one (family, layer, order) from its figures."""
     return {
@@ -423,20 +444,24 @@ def token_weighted_rate(keys: OrderKeys, primes: Sequence[int]) -> float:
     """Mean over heads of the token-weighted collision rate for these head sizes."""
     return token_weighted_from_sums(collided_occurrences(keys, primes), keys.total)
 
+
 def collided_occurrences(keys: OrderKeys, primes: Sequence[int]) -> list[int]:
     """Per head: the occurrences of the n-grams that share their bucket (for these head sizes).
     Bucket-local, so the sums over disjoint bucket ranges of a head add up to the head's."""
     return [int(keys.counts[collide_mask(keys.buckets(j, int(p)), int(p))].sum()) for j, p in enumerate(primes)]
+
 
 def token_weighted_from_sums(collided: Sequence[int], occurrences: int) -> float:
     """`token_weighted_rate` from each head's `collided_occurrences` (summed over bucket ranges)."""
     rates = [share(float(w), float(occurrences)) for w in collided]
     return float(np.mean(rates)) if rates else 0.0
 
+
 def all_heads_share(keys: OrderKeys, primes: Sequence[int]) -> tuple[float, float]:
     """(distinct, weighted) share of n-grams sharing every head with one same other n-gram."""
     indist = all_heads_mask(keys, primes)
     return all_heads_from_sums(int(indist.sum()), int(keys.counts[indist].sum()), keys.m, keys.total)
+
 
 def all_heads_mask(keys: OrderKeys, primes: Sequence[int]) -> np.ndarray:
     """Which n-grams share every head with one same other n-gram (pairs with equal buckets in
@@ -456,6 +481,7 @@ def all_heads_mask(keys: OrderKeys, primes: Sequence[int]) -> np.ndarray:
         if cand.size:
             indist[cand[duplicated_rows([b[cand] for b in buckets], primes)]] = True
     return indist
+
 
 def all_heads_from_sums(n_grams: int, occurrences: int, m: int, total: int) -> tuple[float, float]:
     """`all_heads_share` from the count and occurrences of the n-grams sharing every head."""

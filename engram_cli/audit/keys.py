@@ -34,9 +34,11 @@ def bucket_dtype(p: int) -> np.dtype:
     """Buckets of a head with prime p are stored as uint32 (every p <= 2^32), else int64."""
     return np.dtype(np.uint32) if int(p) <= (1 << 32) else np.dtype(np.int64)
 
+
 def count_dtype(k: int) -> np.dtype:
     """The smallest unsigned dtype that holds 0..k (head counters)."""
     return np.dtype(np.uint8) if k < (1 << 8) else np.dtype(np.uint16) if k < (1 << 16) else np.dtype(np.int64)
+
 
 def no_progress(*_args, **_kwargs) -> None:
     """The progress callback of a caller that shows none."""
@@ -86,6 +88,7 @@ def duplicated(key: np.ndarray) -> np.ndarray:
     out[idx[order[dup]]] = True
     return out
 
+
 def duplicated_rows(cols: Sequence[np.ndarray], sizes: Sequence[int]) -> np.ndarray:
     """Exact mask of rows (one value per column, column c in [0, sizes[c])) equal to another row."""
     n = cols[0].size
@@ -108,6 +111,7 @@ def duplicated_rows(cols: Sequence[np.ndarray], sizes: Sequence[int]) -> np.ndar
         _, inverse, counts = np.unique(sub, axis=0, return_inverse=True, return_counts=True)
         out[cand[counts[inverse.ravel()] > 1]] = True
     return out
+
 
 def collide_mask(buckets: np.ndarray, p: int) -> np.ndarray:
     """Which n-grams share their bucket (values in [0, p)) with another n-gram."""
@@ -160,6 +164,7 @@ class OrderKeys:
         if self._mix_dup is None:
             self._mix_dup = duplicated(self.mix)
         return self._mix_dup
+
 
 def load_order_keys(plan: TablePlan, stats: NgramStats, layer_id: int, order: int, family: str, *, heads: int, progress: Progress = no_progress, batch_rows: int = BATCH_ROWS) -> OrderKeys:
     """Stream one order's distinct n-grams once and keep only what the hash needs."""

@@ -22,6 +22,7 @@ def check_plot_support(path=None) -> None:
     if importlib.util.find_spec("matplotlib") is None:
         raise EngramError(MATPLOTLIB_MISSING)
 
+
 def check_plot_path(path) -> None:
     """The --plot image's folder must exist (and be a folder): checked before any work."""
     target = Path(path)
@@ -32,6 +33,7 @@ def check_plot_path(path) -> None:
         raise OutputError(f"--plot {str(path)!r}: directory {str(parent)!r} does not exist; create it or choose another path")
     if not parent.is_dir():
         raise OutputError(f"--plot {str(path)!r}: {str(parent)!r} is not a directory")
+
 
 def plot_sweep(sweep: dict, path) -> None:
     """Draw the sweep grid (rates vs bytes, one line per head count) to an image file."""
@@ -56,6 +58,7 @@ def plot_sweep(sweep: dict, path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     save_figure(fig, path)
+
 
 def save_figure(fig, path) -> None:
     """Write a matplotlib figure to `path` (120 dpi) and close it; a failed write is one OutputError line."""

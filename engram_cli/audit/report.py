@@ -39,6 +39,7 @@ def plan_summary(plan: TablePlan) -> dict:
         "fingerprint": plan.fingerprint,
     }
 
+
 def family_distance(audits: list[dict]) -> dict:
     """Per hash family: how far its heads are from the ideal hash, over every audited (layer, order)."""
     out = {}
@@ -62,6 +63,7 @@ def family_distance(audits: list[dict]) -> dict:
         }
     return out
 
+
 def validate_audit(plan: TablePlan, stats: NgramStats, *, layers: Sequence[int] | None = None, target: float | None = None, top: int = TOP_BUCKETS) -> tuple[int, ...]:
     """Check the audit's options against the plan and statistics (before any work); the layers to audit."""
     layers = tuple(plan.layer_ids) if layers is None else tuple(int(x) for x in layers)
@@ -74,6 +76,7 @@ def validate_audit(plan: TablePlan, stats: NgramStats, *, layers: Sequence[int] 
     if top < 0:
         raise PlanError(f"--top must be >= 0, got {top}")
     return layers
+
 
 def audit_collisions(
     plan: TablePlan,
@@ -114,6 +117,7 @@ def audit_collisions(
         del keys
     progress("audit", len(units), len(units), "done")
     return audit_report(plan, stats, families=families, layers=layers, audits=audits, target=target, sizing_rows=sizing_rows, sweep=sweep, cells=cells, cell_rows=cell_rows)
+
 
 def audit_report(plan: TablePlan, stats: NgramStats, *, families, layers, audits: list[dict], target: float | None, sizing_rows: list[dict], sweep: SweepSpec | None, cells: list, cell_rows: list[dict]) -> dict:
     """The whole report from the per-(family, layer, order) audits, sizing rows and sweep cell rows

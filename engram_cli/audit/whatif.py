@@ -26,10 +26,12 @@ def _plan_kwargs(plan: TablePlan) -> dict:
     """The plan's `make_plan` arguments less the sizing ones (heads, dim, rows per head)."""
     return {k: v for k, v in plan.make_kwargs().items() if k not in ("heads", "dim", "rows_per_head")}
 
+
 def dim_for_heads(plan: TablePlan, heads: int) -> int:
     """The row width a what-if plan with `heads` heads keeps: the stored dim when heads divides it
     (same per-token width, so bytes do not change with K), else heads * the stored head_dim."""
     return plan.dim if plan.dim % heads == 0 else heads * plan.head_dim
+
 
 def what_if_plan(stored: TablePlan, *, heads: int | None = None, rows_per_head=None, budget: Budget | None = None) -> tuple[TablePlan, list[str]]:
     """The stored plan with new heads and/or rows (same layers, seed, pad, vocab, dtype); notes on choices made."""
@@ -90,6 +92,7 @@ def parse_sweep(specs: Iterable[str], base: TablePlan) -> SweepSpec:
         raise PlanError("--sweep needs heads=... and/or rows=..., e.g. --sweep heads=1,2,4,8 rows=0.5x,1x,2x")
     return SweepSpec(heads=heads or (base.heads,), rows=rows or ("1x",))
 
+
 def resolve_rows(value: str, base: TablePlan) -> tuple[int, ...]:
     """Rows per head per order for one sweep value."""
     num, times = _ROWS_RE.match(value).groups()
@@ -99,8 +102,10 @@ def resolve_rows(value: str, base: TablePlan) -> tuple[int, ...]:
         rows = (max(2, int(float(num))),) * len(base.orders)
     return rows
 
+
 def sweep_plans(spec: SweepSpec, base: TablePlan) -> list[tuple[int, str, TablePlan]]:
     return [(K, r, base.remade(heads=K, dim=dim_for_heads(base, K), rows_per_head=resolve_rows(r, base))) for K in spec.heads for r in spec.rows]
+
 
 def sweep_summary(cells, rows: list[dict], families) -> dict:
     """The --sweep grid (per cell: rates averaged over orders, bytes) from per-(layer, order) cell rows."""
@@ -142,6 +147,7 @@ def size_for_target(keys: OrderKeys, base: TablePlan, target: float, *, max_eval
         floor = share(float(keys.counts[dup].sum()), keys.total)
     return search_rows_for_target(lambda primes: token_weighted_rate(keys, primes), base, target, layer=keys.layer_id, order=keys.order, distinct=keys.m,
                                   floor=floor, max_evals=max_evals, tolerance=tolerance, max_rows=max_rows)
+
 
 def search_rows_for_target(rate_at: Callable[[list[int]], float], base: TablePlan, target: float, *, layer: int, order: int, distinct: int, floor: float | None,
                            max_evals: int = 10, tolerance: float = 0.01, max_rows: int = 1 << 33) -> dict:
@@ -185,9 +191,11 @@ def search_rows_for_target(rate_at: Callable[[list[int]], float], base: TablePla
         return {"rows_per_head": None, "rate": rate, "reachable": False, "evaluations": evals, "floor": floor, "ideal_rows": rows_for_rate(m, target)}
     return {"rows_per_head": int(hi), "rate": hi_rate, "reachable": True, "evaluations": evals, "floor": floor, "ideal_rows": rows_for_rate(m, target), "bracket_low": int(lo)}
 
+
 def order_bytes(plan: TablePlan, order: int) -> int:
     """Bytes of one order's heads across all layers of the plan."""
     return sum(sum(plan.primes[layer][order - 2]) for layer in plan.layer_ids) * plan.head_dim * plan.dtype_bytes
+
 
 def sizing_summary(plan: TablePlan, target: float, family: str, rows: list[dict]) -> dict:
     """The --target answer per order (the largest rows any audited layer needs) from `size_for_target` rows."""
