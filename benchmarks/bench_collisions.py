@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from _harness import measure, peak_rss_bytes, print_rows, record
-from engram_cli import collisions as C
-from engram_cli.hashing import hash_positions, ngram_head_hashes
+from engram_cli import audit as C
+from engram_cli.hashing import hash_positions, ngram_head_hashes, ngram_mix, xxh3_digests, xxh3_digests_loop, xxh3_seed
 from engram_cli.ngrams import write_stats_from_arrays
 from engram_cli.plan import make_plan
 
@@ -44,7 +44,7 @@ def bench_hashing(plan, ids, layer: int) -> list[dict]:
     mult = plan.multipliers[layer][:n]
 
     def audit_path():
-        mix = C.ngram_mix(ids, mult)
+        mix = ngram_mix(ids, mult)
         return [mix % np.int64(p) for p in primes]
 
     def head_hashes():
@@ -69,11 +69,11 @@ def bench_hashing(plan, ids, layer: int) -> list[dict]:
 def bench_xxh3(plan, ids, layer: int, loop_ngrams: int) -> list[dict]:
     """xxh3 digests of the audit (vectorized numpy XXH3) against one xxhash call per n-gram and head."""
     n = ids.shape[1]
-    seeds = [C.xxh3_seed(plan.seed, layer, n, j) for j in range(plan.heads)]
+    seeds = [xxh3_seed(plan.seed, layer, n, j) for j in range(plan.heads)]
     sub = ids[:loop_ngrams]
-    assert np.array_equal(C.xxh3_digests(sub, seeds), C.xxh3_digests_loop(sub, seeds)), "vectorized xxh3 disagrees with xxhash"
-    t_vec = measure(lambda: C.xxh3_digests(ids, seeds), repeat=3)["best_s"]
-    t_loop = measure(lambda: C.xxh3_digests_loop(sub, seeds), repeat=1)["best_s"]
+    assert np.array_equal(xxh3_digests(sub, seeds), xxh3_digests_loop(sub, seeds)), "vectorized xxh3 disagrees with xxhash"
+    t_vec = measure(lambda: xxh3_digests(ids, seeds), repeat=3)["best_s"]
+    t_loop = measure(lambda: xxh3_digests_loop(sub, seeds), repeat=1)["best_s"]
     m = ids.shape[0]
     vec, loop = m / t_vec, sub.shape[0] / t_loop
     return [

@@ -19,7 +19,7 @@ the peak RSS of each Ray worker process (its own `ru_maxrss`, read by a task run
 it after the build) and of this driver process.
 
 The collision audit of the built store (both hash families), the same way:
-  - audit-single: `collisions.audit_collisions` (one process; the baseline)
+  - audit-single: `audit.audit_collisions` (one process; the baseline)
   - audit-ray-1 / audit-ray-2: `distributed.audit_collisions_distributed` on local:1 /
     local:2, bucket ranges per head = `--audit-parts` (the reports are checked equal)
 """
@@ -180,7 +180,7 @@ def bench_audit(store_path: Path, repeat: int, parts: int) -> tuple[list[dict], 
     """The collision audit of `store_path` (both families): one process vs 1 and 2 Ray workers."""
     import ray
 
-    from engram_cli.collisions import audit_collisions
+    from engram_cli.audit import audit_collisions
     from engram_cli.distributed import RayExecutor, audit_collisions_distributed
     from engram_cli.store import TableStore
 

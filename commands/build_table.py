@@ -12,8 +12,8 @@ from rich.table import Table
 from engram_cli import plan as plan_defaults
 from engram_cli.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_STORE, DEFAULT_VOCAB
 from engram_cli.distributed import check_cluster_options
-from engram_cli.errors import PlanError, VocabMismatch
-from engram_cli.plan import parse_budget
+from engram_cli.errors import VocabMismatch
+from engram_cli.plan import check_rows_or_budget, parse_budget
 from engram_cli.store import format as store_format
 from engram_cli.store.format import Compressor, InitKind, TableDtype
 from engram_cli.sizing import AUTO, check_fits_disk, plan_footprint, resolve_rows_option, size_plan_to_target
@@ -137,8 +137,7 @@ def build_table_command(
     from engram_cli.build_table import build_tables, plan_report, plan_tables, resolve_corpus, stats_report
     from engram_cli.store import check_output, check_write_options
 
-    if budget is not None and rows_per_head is not None:
-        raise PlanError("--budget and --rows-per-head both size the tables; give one of them")
+    check_rows_or_budget(rows_per_head, budget)
     budget_value = parse_budget(budget) if budget is not None else None
     rows, target = resolve_rows_option(rows_per_head, target, plan_only=plan_only, cluster=cluster)
     memory = parse_bytes(memory_limit, what="--memory-limit")

@@ -84,7 +84,7 @@ def inspect_command(
         engram inspect big.zarr --verify    # also check every chunk's crc32c
         engram inspect --json --plot hits.png
     """
-    from engram_cli.collisions import check_plot_support
+    from engram_cli.audit import check_plot_support
     from engram_cli.inspect import hit_profiles, inspect_store, plot_hit_ranks, verify_store
     from engram_cli.store import TableStore
 

@@ -6,7 +6,7 @@ The library is the package; the `engram` command is a thin layer over it. The fl
     corpus/ --corpus/encode/ngrams--> NgramStats
     params --plan--> TablePlan
     TablePlan + NgramStats --hashing/store--> TableStore (tables.zarr)
-    TableStore --collisions--> audit report
+    TableStore --audit--> collision report
 
 Public names are re-exported here lazily, so `import engram_cli` stays cheap.
 """
@@ -53,8 +53,8 @@ _EXPORTS = {
     "build_tables": "build_table",
     "plan_tables": "build_table",
     # collision audits
-    "audit_collisions": "collisions",
-    "what_if_plan": "collisions",
+    "audit_collisions": "audit",
+    "what_if_plan": "audit",
     # errors
     "EngramError": "errors",
 }

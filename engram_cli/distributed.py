@@ -742,7 +742,7 @@ def hash_state(plan, family: str, layer: int, order: int, ids, counts, heads: in
     """`collisions.OrderKeys` of these n-grams (ids (m, n), counts (m,)): what every head's bucket comes from."""
     import numpy as np
 
-    from .collisions import OrderKeys
+    from .audit import OrderKeys
     from .hashing import ngram_mix, xxh3_digests, xxh3_seed
 
     ids = np.asarray(ids, dtype=np.int64).reshape(-1, order)
@@ -849,7 +849,7 @@ def audit_bucket_range(stats, plan, family: str, layer: int, order: int, part: i
     """
     import numpy as np
 
-    from .collisions import (
+    from .audit import (
         bucket_members,
         head_sums,
         rank_worst,
@@ -887,7 +887,7 @@ def audit_row_range(head_dirs: list[str], heads: int, start: int, stop: int) -> 
     partner shares one of x's buckets, so that head's range holds both)."""
     import numpy as np
 
-    from .collisions import across_sums, count_dtype
+    from .audit import across_sums, count_dtype
 
     n = stop - start
     s = np.zeros(n, dtype=count_dtype(heads))
@@ -907,7 +907,7 @@ def audit_row_range(head_dirs: list[str], heads: int, start: int, stop: int) -> 
 def rates_bucket_range(stats, plan, family: str, layer: int, order: int, primes, part: int, parts: int, *, batch_rows: int = 1 << 20) -> dict:
     """Task: over bucket range `part` of `parts`, each head's `collided_occurrences` and (head 0's
     range) the n-grams sharing every head with one other (`all_heads_mask`), for head sizes `primes`."""
-    from .collisions import all_heads_mask, collide_mask
+    from .audit import all_heads_mask, collide_mask
 
     primes = [int(p) for p in primes]
     collided, every = [], (0, 0)
@@ -960,7 +960,7 @@ def audit_collisions_partitioned(
     `memory_limit`). The main audit reads each order once, through a shuffle
     (`scatter_row_range`); the sweep and sizing tasks stream it once each.
     """
-    from . import collisions as col
+    from . import audit as col
     from .defaults import DEFAULT_MEMORY_LIMIT
 
     families = col.parse_families(families)

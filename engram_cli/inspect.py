@@ -278,7 +278,7 @@ def plot_hit_ranks(profiles: list[HitProfile], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .collisions import save_figure
+    from .audit import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for p in profiles:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import EngramError, PlanError
+from .errors import EngramError, PlanError, StoreError
 from .units import parse_bytes
 
 HASH_FAMILY_REFERENCE = "multiply-xor"
@@ -369,8 +369,7 @@ def make_plan(
         raise PlanError(f"layer ids must be >= 0, got {list(layer_ids)}")
     if max_ngram_size < 2:
         raise PlanError(f"--max-ngram must be at least 2 (orders 2..N), got {max_ngram_size}")
-    if heads < 1:
-        raise PlanError(f"--heads must be at least 1, got {heads}")
+    check_heads(heads)
     if dim < 1 or dim % heads:
         raise PlanError(f"--dim {dim} must be a positive multiple of --heads {heads} (each head's row is dim // heads wide)")
     n_orders = max_ngram_size - 1
@@ -497,3 +496,31 @@ def fit_plan_to_budget(budget: Budget, **plan_kwargs) -> TablePlan:
     if lo >= 2:
         return make_plan(rows_per_head=lo, **plan_kwargs)
     raise PlanError(f"budget {budget} is too small for this plan; raise --budget")
+
+
+# -- checks every command and library caller shares -------------------------------------
+def check_rows_or_budget(rows_per_head, budget) -> None:
+    """`--rows-per-head` and `--budget` both size the tables: refuse both at once (before any work)."""
+    if rows_per_head is not None and budget is not None:
+        raise PlanError("--budget and --rows-per-head both size the tables; give one of them")
+
+
+def check_heads(heads: int) -> int:
+    """`--heads`: at least one hash head per order."""
+    if heads < 1:
+        raise PlanError(f"--heads must be at least 1, got {heads}")
+    return int(heads)
+
+
+def check_target_rate(target: float) -> float:
+    """A `--target` collision rate: strictly between 0 and 1 (as a float)."""
+    if not 0 < target < 1:
+        raise PlanError(f"--target must be a rate between 0 and 1 (e.g. 0.05), got {target}")
+    return float(target)
+
+
+def check_stats_cover(plan: TablePlan, stats) -> None:
+    """The n-gram statistics (anything with `.orders`) hold every order of `plan`."""
+    missing = [n for n in plan.orders if n not in stats.orders]
+    if missing:
+        raise StoreError(f"the n-gram statistics cover orders {list(stats.orders)} but the plan needs {list(plan.orders)}; recount with --max-ngram {plan.max_ngram_size}")

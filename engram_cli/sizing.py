@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import PlanError
-from .plan import TablePlan
+from .plan import TablePlan, check_stats_cover, check_target_rate
 
 GiB = 1 << 30
 # Plans above this many bytes get a notice naming `--rows-per-head auto`.
@@ -86,12 +86,6 @@ def parse_rows_per_head(text: str | None):
     return parse_int_list(text, what="--rows-per-head")
 
 
-def check_target(target: float) -> float:
-    if not 0 < target < 1:
-        raise PlanError(f"--target must be a rate between 0 and 1 (e.g. 0.05), got {target}")
-    return float(target)
-
-
 def size_plan_to_target(plan: TablePlan, stats, target: float, *, progress: Callable | None = None) -> tuple[TablePlan, dict]:
     """The plan with each order's rows per head sized so the `collisions --target`
     metric is <= `target` in every layer; and the sizing summary (the `sizing` object of
@@ -101,12 +95,10 @@ def size_plan_to_target(plan: TablePlan, stats, target: float, *, progress: Call
     its count), as `engram collisions` does. Raises PlanError when the target cannot be
     reached (the reference hash's own 64-bit collisions put a floor under the rate).
     """
-    from .collisions import sizing_summary, load_order_keys, size_for_target
+    from .audit import load_order_keys, size_for_target, sizing_summary
 
-    check_target(target)
-    missing = [n for n in plan.orders if n not in stats.orders]
-    if missing:
-        raise PlanError(f"the counted statistics lack order(s) {missing} of the plan")
+    check_target_rate(target)
+    check_stats_cover(plan, stats)
     family = "reference"  # the plan's multiply-xor hash (collisions' family name)
     rows = []
     for layer in plan.layer_ids:
@@ -140,7 +132,7 @@ def resolve_rows_option(rows_per_head: str | None, target: float | None, *, plan
         return (DEFAULT_ROWS_PER_HEAD if rows is None else rows), None
     if target is None:
         raise PlanError("--rows-per-head auto needs --target RATE: the per-head token-weighted collision rate to reach, as `engram collisions --target` reports it (e.g. 0.3 shrinks the reference plan on a few MB of text, 0.05 grows it)")
-    target = check_target(target)
+    target = check_target_rate(target)
     if plan_only:
         raise PlanError("--rows-per-head auto sizes the heads from the counted n-grams, so there is no plan before counting; drop --plan-only (the plan is printed after counting, before any table is written) or give --rows-per-head numbers")
     if cluster is not None:
@@ -150,7 +142,7 @@ def resolve_rows_option(rows_per_head: str | None, target: float | None, *, plan
 
 def reference_rates(plan: TablePlan, stats) -> dict[int, float]:
     """Per order, the `collisions --target` metric of `plan` (worst layer): what a target is compared with."""
-    from .collisions import load_order_keys, token_weighted_rate
+    from .audit import load_order_keys, token_weighted_rate
 
     out: dict[int, float] = {}
     for layer in plan.layer_ids:

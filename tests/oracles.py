@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from engram_cli import collisions
+from engram_cli import audit
 from engram_cli.plan import TablePlan, make_plan
 from engram_cli.vocab import CompressedVocab
 
@@ -95,7 +95,7 @@ def brute_force(family, plan, layer, order, ids, counts, primes=None, top=10):
         "clean": sum(clean) / m,
         "clean_w": sum(counts[i] for i in range(m) if clean[i]) / W,
         "mix_dups": sum(1 for x in mixes if mix_count[x] > 1),
-        "worst": [(j, b, -sh, -tot, [ids[i].tolist() for i in g][: collisions.MAX_MEMBERS], [int(counts[i]) for i in g][: collisions.MAX_MEMBERS]) for sh, tot, j, b, g in worst[:top]],
+        "worst": [(j, b, -sh, -tot, [ids[i].tolist() for i in g][: audit.MAX_MEMBERS], [int(counts[i]) for i in g][: audit.MAX_MEMBERS]) for sh, tot, j, b, g in worst[:top]],
     }
 
 

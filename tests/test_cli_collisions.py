@@ -130,7 +130,7 @@ def test_rich_report(built):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--rows-per-head", "100", "--budget", "1MB"], "Error: --rows-per-head and --budget both size the tables; give one of them"),
+        (["--rows-per-head", "100", "--budget", "1MB"], "Error: --budget and --rows-per-head both size the tables; give one of them"),
         (["--plot", "x.png"], "Error: --plot draws the --sweep grid; add --sweep"),
         (["rows=1x"], "Error: 'rows=1x' is a sweep axis; write it after --sweep"),
         (["--target", "2"], "Error: --target must be a rate between 0 and 1 (e.g. 0.05), got 2.0"),

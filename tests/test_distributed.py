@@ -404,7 +404,7 @@ def test_distributed_audit_equals_the_single_process_audit(fixture_builds):
     """The fixture store's statistics audited by 2 Ray workers in 5 bucket ranges per head (more
     ranges than the plan's 2 layers), merged: the same report, JSON byte for byte, as auditing in
     one process (what-if plan, sizing, sweep, 2 families)."""
-    from engram_cli.collisions import audit_collisions, parse_sweep, what_if_plan
+    from engram_cli.audit import audit_collisions, parse_sweep, what_if_plan
     from engram_cli.distributed import audit_collisions_distributed
     from engram_cli.store import TableStore
 
@@ -428,7 +428,7 @@ def test_bucket_range_audit_is_exact_on_crowded_heads(tmp_path, parts):
     random n-grams: the bucket-range audit on a thread pool equals the single-process audit."""
     import numpy as np
 
-    from engram_cli.collisions import audit_collisions, parse_sweep
+    from engram_cli.audit import audit_collisions, parse_sweep
     from engram_cli.distributed import audit_collisions_partitioned
     from engram_cli.ngrams import write_stats_from_arrays
     from engram_cli.plan import make_plan
@@ -454,7 +454,7 @@ def test_bucket_range_audit_is_exact_on_huge_heads(tmp_path):
     heads already pin the 64-bit mix (the reference family's shortcut): still the single-process report."""
     import numpy as np
 
-    from engram_cli.collisions import audit_collisions, identical_from
+    from engram_cli.audit import audit_collisions, identical_from
     from engram_cli.distributed import audit_collisions_partitioned
     from engram_cli.ngrams import write_stats_from_arrays
     from engram_cli.plan import make_plan

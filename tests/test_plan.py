@@ -9,10 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram_cli.errors import PlanError
+from engram_cli.audit import audit_collisions, what_if_plan
+from engram_cli.errors import PlanError, StoreError
 from engram_cli.errors import EngramError
+from engram_cli.ngrams import write_stats_from_arrays
 from engram_cli.units import parse_bytes
-from engram_cli.plan import Budget, TablePlan, fit_plan_to_budget, is_prime, make_plan, parse_budget
+from engram_cli.plan import Budget, TablePlan, check_rows_or_budget, check_stats_cover, check_target_rate, fit_plan_to_budget, is_prime, make_plan, parse_budget
+from engram_cli.sizing import resolve_rows_option, size_plan_to_target
 
 # docs/spec.md, "Test vectors": published vectors of the reference (default parameters, DeepSeek tokenizer).
 SPEC_PRIMES = {
@@ -174,3 +177,56 @@ def test_from_dict_detects_edits(reference_plan):
     del d["multipliers_str"]
     with pytest.raises(PlanError, match="malformed"):
         TablePlan.from_dict(d)
+
+
+# -- the shared option checks: one home (engram_cli.plan), every caller uses it ------------
+def _only_order_2_stats(tmp_path):
+    return write_stats_from_arrays(tmp_path, {2: (np.array([[3, 4], [5, 6]], dtype=np.int64), np.array([2, 1], dtype=np.int64))})
+
+
+@pytest.mark.parametrize("rows, budget, refused", [(None, None, False), ((40,), None, False), (None, Budget(1000, "bytes"), False), ((40,), Budget(1000, "bytes"), True)])
+def test_check_rows_or_budget(rows, budget, refused):
+    if refused:
+        with pytest.raises(PlanError, match=r"^--budget and --rows-per-head both size the tables; give one of them$"):
+            check_rows_or_budget(rows, budget)
+    else:
+        assert check_rows_or_budget(rows, budget) is None
+
+
+@pytest.mark.parametrize("target", [0, 1, -0.05, 1.5, float("nan")])
+def test_check_target_rate_refuses_outside_0_1(target):
+    with pytest.raises(PlanError, match=r"^--target must be a rate between 0 and 1 \(e\.g\. 0\.05\), got "):
+        check_target_rate(target)
+
+
+def test_check_target_rate_returns_a_float():
+    got = check_target_rate(np.float32(0.25))
+    assert type(got) is float and got == 0.25
+
+
+def test_check_stats_cover_names_the_orders(tmp_path):
+    stats = _only_order_2_stats(tmp_path)
+    check_stats_cover(make_plan(compressed_vocab_size=97, compressed_pad_id=2, max_ngram_size=2, heads=2, dim=64, rows_per_head=50), stats)
+    plan = make_plan(compressed_vocab_size=97, compressed_pad_id=2, max_ngram_size=3, heads=2, dim=64, rows_per_head=50)
+    with pytest.raises(StoreError, match=r"^the n-gram statistics cover orders \[2\] but the plan needs \[2, 3\]; recount with --max-ngram 3$"):
+        check_stats_cover(plan, stats)
+
+
+def test_library_callers_share_the_checks(tmp_path):
+    """The audit, what-if plans and `--rows-per-head auto` sizing raise the one message of each check."""
+    stats = _only_order_2_stats(tmp_path)
+    plan = make_plan(compressed_vocab_size=97, compressed_pad_id=2, max_ngram_size=3, heads=2, dim=64, rows_per_head=50)
+    cover = r"^the n-gram statistics cover orders \[2\] but the plan needs \[2, 3\]"
+    for call in (lambda: audit_collisions(plan, stats), lambda: size_plan_to_target(plan, stats, 0.1)):
+        with pytest.raises(StoreError, match=cover):
+            call()
+    covered = make_plan(compressed_vocab_size=97, compressed_pad_id=2, max_ngram_size=2, heads=2, dim=64, rows_per_head=50)
+    target = r"^--target must be a rate between 0 and 1 \(e\.g\. 0\.05\), got 2"
+    for call in (lambda: audit_collisions(covered, stats, target=2), lambda: size_plan_to_target(covered, stats, 2), lambda: resolve_rows_option("auto", 2.0)):
+        with pytest.raises(PlanError, match=target):
+            call()
+    with pytest.raises(PlanError, match=r"^--budget and --rows-per-head both size the tables"):
+        what_if_plan(plan, rows_per_head=(40, 40), budget=Budget(10**6, "bytes"))
+    for call in (lambda: what_if_plan(plan, heads=0), lambda: make_plan(compressed_vocab_size=97, compressed_pad_id=2, heads=0, dim=64)):
+        with pytest.raises(PlanError, match=r"^--heads must be at least 1, got 0$"):
+            call()

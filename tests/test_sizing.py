@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from engram_cli.cli import app
 
 from cli_checks import FIXTURES, copy_fixtures, one_error_line
-from engram_cli.collisions import load_order_keys, token_weighted_rate
+from engram_cli.audit import load_order_keys, token_weighted_rate
 from engram_cli.errors import PlanError
 from engram_cli.plan import DEFAULT_ROWS_PER_HEAD, make_plan
 from engram_cli.sizing import AUTO, LARGE_PLAN_BYTES, free_disk_bytes, large_plan_notice, plan_footprint, resolve_rows_option

@@ -36,7 +36,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from ..defaults import DEFAULT_MEMORY_LIMIT
 from ..errors import OutputError, StoreError, VocabMismatch
 from ..hits import count_passes, hit_counts, orders_touching, per_order_sums
-from ..plan import TablePlan
+from ..plan import TablePlan, check_stats_cover
 from .format import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_COMPRESSOR,
@@ -458,9 +458,7 @@ def create_layout(
     check_free_space(partial, planned_write_bytes(plan, init))
     if stats is not None:
         stats = _stats_in_store(stats, partial)
-        missing = [n for n in plan.orders if n not in stats.orders]
-        if missing:
-            raise StoreError(f"the n-gram statistics cover orders {list(stats.orders)} but the plan needs {list(plan.orders)}; recount with --max-ngram {plan.max_ngram_size}")
+        check_stats_cover(plan, stats)
         check_stats_ids(stats, plan)
 
     root = zarr.create_group(store=str(partial), zarr_format=3, overwrite=False)
