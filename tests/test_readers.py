@@ -19,11 +19,28 @@ import polars as pl
 import pytest
 
 from engram_cli.build_table import count_corpus
-from engram_cli.corpus import ContinuedText, CorpusSummary, iter_documents, read_file
-from engram_cli.corpus import readers, shards as shards_mod
-from engram_cli.corpus.shards import group_shards, iter_shard_documents, merge_summaries, plan_shards
+from engram_cli.corpus import (
+    ContinuedText,
+    CorpusSummary,
+    iter_documents,
+    read_file,
+    readers,
+)
+from engram_cli.corpus import shards as shards_mod
+from engram_cli.corpus.shards import (
+    group_shards,
+    iter_shard_documents,
+    merge_summaries,
+    plan_shards,
+)
 from engram_cli.encode import encode_documents
-from engram_cli.ngrams import NgramStats, count_ngrams, merge_stats, order_file, write_summary
+from engram_cli.ngrams import (
+    NgramStats,
+    count_ngrams,
+    merge_stats,
+    order_file,
+    write_summary,
+)
 from engram_cli.vocab import compress_vocab
 
 LINE_CAP = 1 << 18  # MAX_JSON_LINE_BYTES scaled down: the nested line fits under it, the over-long one not
@@ -166,7 +183,7 @@ def test_nul_byte_past_the_first_block_is_binary_either_way(tmp_path):
     summary = CorpusSummary()
     assert list(readers.read_file(path, summary=summary)) == []
     assert summary.skipped_binary == 1 and summary.files == 0
-    planned, sdocs, ssum = sharded([path], 1 << 30)
+    _, sdocs, ssum = sharded([path], 1 << 30)
     assert sdocs == [] and ssum.to_dict() == summary.to_dict()
 
 

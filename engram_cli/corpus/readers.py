@@ -55,7 +55,16 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 import zstandard
 
-from engram_cli.corpus.files import BINARY_SNIFF_BYTES, JSONL_SUFFIXES, PARQUET_SUFFIXES, base_suffix, compression, corpus_files, looks_binary, open_binary
+from engram_cli.corpus.files import (
+    BINARY_SNIFF_BYTES,
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    base_suffix,
+    compression,
+    corpus_files,
+    looks_binary,
+    open_binary,
+)
 from engram_cli.corpus.summary import CorpusSummary, empty_corpus_message
 from engram_cli.errors import CorpusError
 
@@ -447,7 +456,7 @@ def iter_documents(
             progress("reading", done, total, detail)
 
     for path, size in zip(files, sizes):
-        yield from read_file(path, text_field=text_field, summary=summary, tick=lambda: tick(str(path)), tmp_dir=tmp_dir)
+        yield from read_file(path, text_field=text_field, summary=summary, tick=lambda p=path: tick(str(p)), tmp_dir=tmp_dir)
         done += size
         tick(str(path))
     if summary.documents == 0:

@@ -32,7 +32,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
-from engram_cli.corpus.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, base_suffix, compression, corpus_files, looks_binary
+from engram_cli.corpus.files import (
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    base_suffix,
+    compression,
+    corpus_files,
+    looks_binary,
+)
 from engram_cli.corpus.readers import Progress, next_line_start, read_file
 from engram_cli.corpus.summary import CorpusSummary
 from engram_cli.errors import CorpusError
