@@ -161,6 +161,9 @@ def test_jsonl_byte_ranges_cut_anywhere_read_like_the_whole(tmp_path):
             parts.append(s)
         assert got == docs, cuts
         assert CorpusSummary().merge(parts).to_dict() == summary.to_dict(), cuts
+    for start in (size - 1, size, size + 5):  # a range at or past the end owns no line
+        s = CorpusSummary()
+        assert list(read_file(path, summary=s, start=start)) == [] and s == CorpusSummary()
 
 
 def test_overlong_line_yields_the_same_documents_either_way(tmp_path):

@@ -195,7 +195,7 @@ def next_line_start(f: BinaryIO, pos: int) -> int:
     while True:
         block = f.read(_SCAN_BYTES)
         if not block:
-            return f.tell()
+            return f.seek(0, os.SEEK_END)
         nl = block.find(b"\n")
         if nl >= 0:
             return f.tell() - len(block) + nl + 1
