@@ -331,7 +331,7 @@ def count_map_shard(
     from .corpus import CorpusSummary
     from .encode import encode_documents
     from .ngrams import count_ngrams
-    from .shards import iter_shard_documents
+    from .corpus import iter_shard_documents
 
     out = Path(out_dir)
     if resume and is_done(out, fp):
@@ -567,7 +567,7 @@ def count_distributed(
     """
     from .corpus import CorpusSummary, corpus_files, empty_corpus_message
     from .ngrams import NgramStats, concat_stats, order_file
-    from .shards import DEFAULT_SHARD_BYTES, group_shards, merge_summaries, plan_shards
+    from .corpus import DEFAULT_SHARD_BYTES, group_shards, merge_summaries, plan_shards
 
     first = CorpusSummary()
     files = corpus_files(paths, first)

@@ -168,7 +168,7 @@ def test_no_cluster_never_imports_ray(tmp_path):
     probe = (
         "import sys\n"
         "from engram_cli.cli import main\n"
-        "import engram_cli.distributed, engram_cli.shards\n"
+        "import engram_cli.distributed, engram_cli.corpus.shards\n"
         f"sys.argv = ['engram', 'build-table', {str(FIXTURE)!r}, '--plan-only', '--json']\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "assert 'ray' not in sys.modules, 'ray was imported'\n"

@@ -12,7 +12,7 @@ import pytest
 
 from engram_cli.corpus import CorpusSummary, iter_documents
 from engram_cli.errors import CorpusError
-from engram_cli.shards import Shard, iter_shard_documents, merge_summaries, plan_shards
+from engram_cli.corpus.shards import Shard, iter_shard_documents, merge_summaries, plan_shards
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "corpus"
 
@@ -151,7 +151,7 @@ def test_missing_path_fails_before_planning(tmp_path):
 
 
 def test_groups_pack_small_files_in_corpus_order():
-    from engram_cli.shards import group_shards
+    from engram_cli.corpus.shards import group_shards
 
     shards = plan_shards([FIXTURE], shard_bytes=200_000)
     groups = group_shards(shards, 200_000)

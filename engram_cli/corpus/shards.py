@@ -1,20 +1,21 @@
-"""Map shards: split a corpus into picklable, fingerprinted pieces that read exactly like the whole.
+"""Shard planning: split a corpus into picklable, fingerprinted map shards that read exactly like the whole.
 
 A `Shard` names one piece of one corpus file; reading every shard of `plan_shards`
 in order with `iter_shard_documents` yields exactly the documents (and fills exactly
-the `CorpusSummary` figures, once merged in order) that `corpus.iter_documents` yields
-for the same files. The kinds:
+the `CorpusSummary` figures, once merged in order) that `readers.iter_documents`
+yields for the same files, because both read through the same reader per format
+(`readers.read_file`, here over the shard's range). The kinds:
 
     file    a whole file (plain text, which is one document however large, and
             every compressed file, which cannot be entered in the middle)
     lines   a byte range [start, stop) of an uncompressed .jsonl/.ndjson file,
             both ends on line boundaries (start is 0 or just after a newline):
-            the shard owns the lines that begin inside it
+            the shard owns the lines that begin inside it (`readers.read_jsonl`)
     rows    a row range [start, stop) of an uncompressed .parquet file, read with
             polars' slice push-down (row groups outside the range are skipped)
 
-Only the first shard of a file counts the file (`files`, `skipped_binary`); the
-others count only their own documents. A shard's `fingerprint` covers the file's
+Only the first shard of a file (`first`: its range starts at 0) counts the file
+(`files`, `skipped_binary`); the others count only their own documents. A shard's `fingerprint` covers the file's
 identity (resolved path, size, mtime), the kind, the range and the text field, so a
 resumed build reuses a partial only for the very same input.
 
@@ -29,11 +30,19 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Iterable, Iterator, Literal
 
-from . import corpus as _corpus
-from .corpus import CorpusSummary, corpus_files
-from .errors import CorpusError
+from engram_cli.corpus.files import (
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    base_suffix,
+    compression,
+    corpus_files,
+    looks_binary,
+)
+from engram_cli.corpus.readers import Progress, next_line_start, read_file
+from engram_cli.corpus.summary import CorpusSummary
+from engram_cli.errors import CorpusError
 
 ShardKind = Literal["file", "lines", "rows"]
 SHARD_KINDS: tuple[str, ...] = ("file", "lines", "rows")
@@ -44,7 +53,6 @@ SHARD_KINDS: tuple[str, ...] = ("file", "lines", "rows")
 # GB over tens of workers and to retry cheaply.
 DEFAULT_SHARD_BYTES = 64 << 20
 PARQUET_MIN_ROWS = 1024  # never split a parquet file into row ranges smaller than this
-_SCAN_BYTES = 1 << 16  # read step when looking for the next newline
 
 
 @dataclass(frozen=True)
@@ -91,31 +99,11 @@ def _identity(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def _next_line_start(f, pos: int, size: int) -> int:
-    """The first offset >= pos that starts a line (0, or just after a newline); `size` at the end."""
-    if pos <= 0:
-        return 0
-    f.seek(pos - 1)
-    while True:
-        block = f.read(_SCAN_BYTES)
-        if not block:
-            return size
-        nl = block.find(b"\n")
-        if nl >= 0:
-            return f.tell() - len(block) + nl + 1
-        # no newline yet: keep reading (a very long line stays in one shard)
-
-
-def _is_binary(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return b"\x00" in f.read(_corpus.BINARY_SNIFF_BYTES)
-
-
 def _jsonl_shards(path: Path, size: int, mtime: int, shard_bytes: int, text_field: str) -> list[Shard]:
     bounds = [0]
     with open(path, "rb") as f:
         while bounds[-1] < size:
-            nxt = _next_line_start(f, bounds[-1] + shard_bytes, size)
+            nxt = next_line_start(f, bounds[-1] + shard_bytes)
             bounds.append(min(nxt, size))
     return [
         Shard(0, str(path), "lines", a, b, first=(i == 0), size=size, mtime_ns=mtime, text_field=text_field)
@@ -125,7 +113,7 @@ def _jsonl_shards(path: Path, size: int, mtime: int, shard_bytes: int, text_fiel
 
 def _parquet_rows(path: Path, text_field: str) -> int | None:
     """Row count of a parquet file from its footer; None when polars cannot read it (the reader skips it)."""
-    import polars as pl
+    import polars as pl  # ~0.1 s to import: only a corpus with parquet files pays it
 
     try:
         schema = pl.read_parquet_schema(path)
@@ -176,17 +164,17 @@ def plan_shards(
             size, mtime = _identity(path)
         except OSError:
             size, mtime = 0, 0
-        base = _corpus._base_suffix(path)
+        base = base_suffix(path)
         pieces: list[Shard] | None = None
-        if size > shard_bytes and _corpus._compression(path) is None:
-            if base in _corpus.JSONL_SUFFIXES:
+        if size > shard_bytes and compression(path) is None:
+            if base in JSONL_SUFFIXES:
                 try:
-                    binary = _is_binary(path)
+                    binary = looks_binary(path)
                 except OSError:
                     binary = True  # unreadable: the whole-file reader reports it
                 if not binary:
                     pieces = _jsonl_shards(path, size, mtime, shard_bytes, text_field)
-            elif base in _corpus.PARQUET_SUFFIXES:
+            elif base in PARQUET_SUFFIXES:
                 pieces = _parquet_shards(path, size, mtime, shard_bytes, text_field)
         if not pieces:
             pieces = [Shard(0, str(path), "file", size=size, mtime_ns=mtime, text_field=text_field)]
@@ -218,114 +206,7 @@ def _fields(s: Shard) -> dict:
     return {k: getattr(s, k) for k in Shard.__dataclass_fields__}
 
 
-# -- reading -------------------------------------------------------------------------------
-def _line_number(path: Path, offset: int) -> int:
-    """Lines before byte `offset` (read only when a skip must name a line)."""
-    count = 0
-    with open(path, "rb") as f:
-        left = offset
-        while left > 0:
-            block = f.read(min(left, 1 << 20))
-            if not block:
-                break
-            count += block.count(b"\n")
-            left -= len(block)
-    return count
-
-
-def _read_lines(shard: Shard, summary: CorpusSummary, tick: Callable[[], None]) -> Iterator[str]:
-    """The documents of a `lines` shard, parsed exactly as `corpus._read_jsonl` parses a whole file."""
-    path = Path(shard.path)
-    text_field = shard.text_field
-    if _is_binary(path):
-        if shard.first:
-            summary.skipped_binary += 1
-        return
-    if shard.first:
-        summary.files += 1
-    base_line: list[int] = []  # lines before the shard, counted on first need
-
-    def where(local: int) -> str:
-        if not base_line:
-            base_line.append(_line_number(path, shard.start))
-        return f"{path}:{base_line[0] + local}"
-
-    with open(path, "rb") as f:
-        f.seek(shard.start)
-        pos = shard.start
-        local = 0
-        while pos < shard.stop:
-            raw = f.readline()
-            if not raw:
-                break
-            pos += len(raw)
-            local += 1
-            if not raw.strip():
-                continue
-            if shard.start == 0 and local == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
-            line = _corpus._decode(raw, summary)
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                summary.skip("JSON line that does not parse", where(local))
-                continue
-            if not isinstance(record, dict) or text_field not in record:
-                summary.skip(f"JSON line without field {text_field!r}", where(local))
-                continue
-            text = record[text_field]
-            if not isinstance(text, str):
-                summary.skip(f"JSON line whose {text_field!r} is not a string", where(local))
-                continue
-            try:
-                size = len(text.encode("utf-8"))
-            except UnicodeEncodeError:  # a lone surrogate escaped in the JSON (\ud800)
-                text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-                summary.invalid_utf8 += 1
-                size = len(text.encode("utf-8"))
-            summary.documents += 1
-            summary.bytes += size
-            if summary.documents % _corpus.PROGRESS_EVERY_RECORDS == 0:
-                tick()
-            yield text
-
-
-def _read_rows(shard: Shard, summary: CorpusSummary, tick: Callable[[], None]) -> Iterator[str]:
-    """The documents of a `rows` shard, as `corpus._read_parquet` reads those rows of the file."""
-    import polars as pl
-
-    path = Path(shard.path)
-    text_field = shard.text_field
-    schema = pl.read_parquet_schema(path)
-    if schema[text_field] not in (pl.String, pl.Utf8):
-        raise CorpusError(f"column {text_field!r} of {str(path)!r} is {schema[text_field]}, not text; pass --text-field with a string column")
-    if shard.first:
-        summary.files += 1
-    frame = pl.scan_parquet(path).select(pl.col(text_field)).slice(shard.start, shard.stop - shard.start)
-    for batch in frame.collect_batches(chunk_size=_corpus.PARQUET_BATCH_ROWS):
-        texts = _corpus.parquet_texts(batch, text_field, path, summary)
-        tick()
-        yield from texts
-
-
-def _read_file(shard: Shard, summary: CorpusSummary, tick: Callable[[], None], tmp_dir: Path | None) -> Iterator[str]:
-    """A whole file, through the same readers and error handling as `corpus.iter_documents`."""
-    path = Path(shard.path)
-    base = _corpus._base_suffix(path)
-    try:
-        if base in _corpus.JSONL_SUFFIXES:
-            yield from _corpus._read_jsonl(path, shard.text_field, summary, tick)
-        elif base in _corpus.PARQUET_SUFFIXES:
-            yield from _corpus._read_parquet(path, shard.text_field, summary, tick, tmp_dir)
-        else:
-            yield from _corpus._read_text(path, summary)
-    except (*_corpus._DECOMPRESS_ERRORS, *_corpus._zstd_error()) as e:
-        if _corpus._compression(path) is not None and not isinstance(e, PermissionError):
-            summary.skip("corrupt or truncated compressed file", path)
-        else:
-            summary.skip(f"unreadable file ({getattr(e, 'strerror', None) or type(e).__name__})", path)
-
-
+# -- reading ---------------------------------------------------------------------------------
 def check_unchanged(shard: Shard) -> None:
     """Raise `CorpusError` when the shard's file changed (size or mtime) since it was planned."""
     path = Path(shard.path)
@@ -341,14 +222,16 @@ def iter_shard_documents(
     shard: Shard,
     *,
     summary: CorpusSummary | None = None,
-    progress: Callable[..., None] | None = None,
+    progress: Progress | None = None,
     tmp_dir: Path | None = None,
 ) -> Iterator[str]:
     """Yield the documents of `shard`, filling `summary` with its share of the corpus figures.
 
-    Never raises for an empty shard (a binary file, a range of blank lines): the
-    driver checks the merged corpus. Raises `CorpusError` when the file changed since
-    planning, or for a parquet column that is missing or not text.
+    The file's reader (`readers.read_file`) over the shard's range: bytes for `lines`,
+    rows for `rows`, the whole file for `file`. Never raises for an empty shard (a
+    binary file, a range of blank lines): the driver checks the merged corpus. Raises
+    `CorpusError` when the file changed since planning, or for a parquet column that
+    is missing or not text.
     """
     summary = summary if summary is not None else CorpusSummary()
     if shard.kind not in SHARD_KINDS:
@@ -360,12 +243,8 @@ def iter_shard_documents(
         if progress is not None:
             progress("reading", summary.bytes, None, shard.describe())
 
-    if shard.kind == "lines":
-        yield from _read_lines(shard, summary, tick)
-    elif shard.kind == "rows":
-        yield from _read_rows(shard, summary, tick)
-    else:
-        yield from _read_file(shard, summary, tick, tmp_dir)
+    start, stop = (0, None) if shard.kind == "file" else (shard.start, shard.stop)
+    yield from read_file(Path(shard.path), text_field=shard.text_field, summary=summary, tick=tick, tmp_dir=tmp_dir, start=start, stop=stop)
 
 
 def merge_summaries(first: CorpusSummary, parts: Iterable[CorpusSummary]) -> CorpusSummary:
