@@ -12,7 +12,7 @@ single-threaded (shared/NOTES.md). Work that needs processes should load the
 tokenizer after the fork, in each worker.
 
 The pipeline driver `count_corpus` (corpus paths -> `CorpusSummary` + `NgramStats`) lives
-in `engram_cli.build_table`.
+in `engram_cli.pipeline.count`.
 """
 
 from __future__ import annotations
@@ -201,12 +201,3 @@ def encode_documents(
 
 _locked = locked_progress  # old private name
 _encode_in_threads = map_in_threads  # old private name
-
-
-def __getattr__(name: str):
-    """`count_corpus` moved to `engram_cli.build_table` (the pipeline driver); old imports keep working."""
-    if name == "count_corpus":
-        from .build_table import count_corpus
-
-        return count_corpus
-    raise AttributeError(name)

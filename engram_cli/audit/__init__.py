@@ -1,0 +1,1 @@
+"""The collision audit: keys, figures, what-if plans, the partitioned audit, plots."""
