@@ -130,7 +130,7 @@ def main() -> None:
                 ex = RayExecutor()
                 out = tmp / f"{name}-{r}.zarr"
                 build_tables([corpus], out, cluster=f"local:{n}", tokenizer=tok, vocab=vocab, plan=plan, progress=st,
-                                         options=DistributedOptions(map_bytes=args.map_bytes, work_dir=tmp / "work", keep_work=True), executor=ex, **STORE)
+                             options=DistributedOptions(map_bytes=args.map_bytes, work_dir=tmp / "work", keep_work=True), executor=ex, **STORE)
                 t2 = time.perf_counter()
                 parts = [NgramStats.open(d) for d in sorted((tmp / "work" / "map").iterdir())]
                 partial_rows = sum(p.distinct(k) for p in parts for k in p.orders)

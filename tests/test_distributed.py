@@ -223,7 +223,7 @@ def test_thread_executor_and_radix_partitions_build_the_same_store(tmp_path, dee
     assert max(t or 0 for t in merging) > 1  # the single process merged by key ranges
     with ThreadPoolExecutor(2) as ex:
         build_tables([corpus], tmp_path / "b.zarr", cluster="local:1", tokenizer=deepseek[0], vocab=deepseek[1], plan=plan,
-                                 options=DistributedOptions(map_bytes=4096, partitions=3, keep_work=True), memory_limit=256 << 10, executor=ex, **STORE)
+                     options=DistributedOptions(map_bytes=4096, partitions=3, keep_work=True), memory_limit=256 << 10, executor=ex, **STORE)
     assert_same_store(tmp_path / "a.zarr", tmp_path / "b.zarr")
     # the radix partitions cut at the partials' tok_0 quantiles: far more even than equal id ranges
     from engram_cli.ngrams import NgramStats
@@ -267,7 +267,7 @@ def test_killed_worker_is_retried_and_the_build_is_identical(tmp_path, deepseek)
     t.start()
     try:
         build_tables([corpus], tmp_path / "b.zarr", cluster="local:2", tokenizer=deepseek[0], vocab=deepseek[1], plan=plan,
-                                 options=DistributedOptions(work_dir=work, map_bytes=32 << 10, keep_work=True), **STORE)
+                     options=DistributedOptions(work_dir=work, map_bytes=32 << 10, keep_work=True), **STORE)
     finally:
         stop.set()
         t.join()
@@ -291,7 +291,7 @@ def test_resume_reuses_finished_partials(tmp_path, deepseek):
 
         with pytest.raises(KeyboardInterrupt):
             build_tables([corpus], tmp_path / "b.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=plan,
-                                     options=DistributedOptions(**opts), executor=ex, progress=fail_on_write, **STORE)
+                         options=DistributedOptions(**opts), executor=ex, progress=fail_on_write, **STORE)
         assert not (tmp_path / "b.zarr").exists() and not (tmp_path / "b.zarr.partial").exists()
         done = {p.parent.name: p.stat().st_mtime_ns for p in work.glob("*/*/done.json")}
         assert len(done) > 3
@@ -301,7 +301,7 @@ def test_resume_reuses_finished_partials(tmp_path, deepseek):
 
         shutil.rmtree(lost)
         build_tables([corpus], tmp_path / "b.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=plan,
-                                 options=DistributedOptions(resume=True, keep_work=True, **opts), executor=ex, **STORE)
+                     options=DistributedOptions(resume=True, keep_work=True, **opts), executor=ex, **STORE)
     after = {p.parent.name: p.stat().st_mtime_ns for p in work.glob("*/*/done.json")}
     assert set(after) == set(done)
     assert {k for k in after if after[k] != done[k]} == {lost.name}  # map and reduce partials reused
@@ -316,12 +316,12 @@ def test_resume_refuses_another_builds_work_dir(tmp_path, deepseek):
     (work / "work.json").write_text(json.dumps({"format": "engram-work/1", "build": "someone-else"}))
     with ThreadPoolExecutor(1) as ex, pytest.raises(ResumeError, match="another build"):
         build_tables([corpus], tmp_path / "b.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=small_plan(vocab),
-                                 options=DistributedOptions(work_dir=work, resume=True), executor=ex, **STORE)
+                     options=DistributedOptions(work_dir=work, resume=True), executor=ex, **STORE)
     (tmp_path / "stranger").mkdir()
     (tmp_path / "stranger" / "notes.txt").write_text("mine")
     with ThreadPoolExecutor(1) as ex, pytest.raises(ResumeError, match="not an engram work directory"):
         build_tables([corpus], tmp_path / "c.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=small_plan(vocab),
-                                 options=DistributedOptions(work_dir=tmp_path / "stranger"), executor=ex, **STORE)
+                     options=DistributedOptions(work_dir=tmp_path / "stranger"), executor=ex, **STORE)
     assert (tmp_path / "stranger" / "notes.txt").read_text() == "mine"
 
 

@@ -472,6 +472,6 @@ def test_the_distributed_build_goes_through_the_same_output_checks(tmp_path, cor
         for out, options, fragment in cases:
             with pytest.raises(OutputError, match=fragment):
                 build_tables([corpus], out, cluster="local:1", tokenizer=deepseek_tokenizer, vocab=deepseek_vocab, plan=plan,
-                                         options=DistributedOptions(**options), force=True, executor=ex)
+                             options=DistributedOptions(**options), force=True, executor=ex)
     assert (snapshot(corpus), snapshot(mine)) == before
     assert sorted(os.listdir(tmp_path)) == ["corpus", "mine"]
