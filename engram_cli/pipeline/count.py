@@ -33,7 +33,7 @@ import polars as pl
 
 from ..corpus import CorpusSummary, corpus_files, empty_corpus_message, iter_documents
 from ..defaults import DEFAULT_MEMORY_LIMIT
-from ..encode import DEFAULT_BATCH_SIZE, batch_chars_for, encode_documents, locked_progress
+from ..encode import DEFAULT_BATCH_CHARS, DEFAULT_BATCH_SIZE, batch_chars_for, encode_documents, locked_progress
 from ..errors import CorpusError, TokenizerError
 from ..execution.work import WORK_FORMAT, Progress, StageCounter, WorkDir, atomic_dir, fingerprint, is_done, run_all
 from ..ngrams import BYTES_PER_ROW_OVERHEAD, SUMMARY_FILE, NgramStats, concat_stats, count_ngrams, merge_stats, order_file, write_summary
@@ -91,6 +91,31 @@ def count_corpus(
                      cpus=cpus, resume=resume, progress=progress)
 
 
+def count_documents(
+    docs,
+    summary: CorpusSummary,
+    *,
+    tokenizer: LoadedTokenizer,
+    vocab: CompressedVocab,
+    max_ngram_size: int,
+    pad_id: int,
+    out_dir: str | Path,
+    memory_limit: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_chars: int = DEFAULT_BATCH_CHARS,
+    add_special_tokens: bool = False,
+    progress: Progress | None = None,
+    spill_dir: str | Path | None = None,
+) -> NgramStats:
+    """Tokenize, compress and count `docs` into `out_dir` (`memory_limit`: the counting buffers);
+    the count of a whole corpus and of one map task alike. Sets `summary.tokens`."""
+    ids = encode_documents(docs, tokenizer=tokenizer, vocab=vocab, batch_size=batch_size, batch_chars=batch_chars, add_special_tokens=add_special_tokens, progress=progress)
+    stats = count_ngrams(ids, max_ngram_size=max_ngram_size, pad_id=pad_id, vocab_size=vocab.compressed_size, out_dir=out_dir,
+                         memory_limit=memory_limit, spill_dir=spill_dir, progress=progress)
+    summary.tokens = int(stats.summary["tokens"])
+    return stats
+
+
 def _count_here(
     paths: list[str | os.PathLike],
     *,
@@ -119,21 +144,11 @@ def _count_here(
     progress = locked_progress(progress)
     docs = iter_documents(files, text_field=text_field, summary=summary, progress=progress, tmp_dir=spill_dir, expanded=True)
     tokenize_bytes = int(memory_limit * TOKENIZE_SHARE)
-    ids = encode_documents(
-        docs, tokenizer=tokenizer, vocab=vocab, batch_size=batch_size, batch_chars=batch_chars_for(tokenize_bytes),
-        add_special_tokens=add_special_tokens, progress=progress,
+    stats = count_documents(
+        docs, summary, tokenizer=tokenizer, vocab=vocab, max_ngram_size=max_ngram_size, pad_id=pad_id, out_dir=out_dir,
+        memory_limit=memory_limit - tokenize_bytes, batch_size=batch_size, batch_chars=batch_chars_for(tokenize_bytes),
+        add_special_tokens=add_special_tokens, progress=progress, spill_dir=spill_dir,
     )
-    stats = count_ngrams(
-        ids,
-        max_ngram_size=max_ngram_size,
-        pad_id=pad_id,
-        vocab_size=vocab.compressed_size,
-        out_dir=out_dir,
-        memory_limit=memory_limit - tokenize_bytes,
-        spill_dir=spill_dir,
-        progress=progress,
-    )
-    summary.tokens = int(stats.summary["tokens"])
     if summary.tokens == 0:
         for n in stats.orders:
             order_file(out_dir, n).unlink(missing_ok=True)
@@ -220,9 +235,8 @@ def count_map_shard(
         tok = _tokenizer_in_process(tokenizer, tokenizer_sha256)
         summary = CorpusSummary()
         docs = (doc for piece in pieces for doc in iter_shard_documents(piece, summary=summary, tmp_dir=tmp))
-        ids = encode_documents(docs, tokenizer=tok, vocab=vocab, add_special_tokens=add_special_tokens)
-        stats = count_ngrams(ids, max_ngram_size=max_ngram_size, pad_id=pad_id, vocab_size=vocab.compressed_size, out_dir=tmp, memory_limit=memory_limit)
-        summary.tokens = int(stats.summary["tokens"])
+        stats = count_documents(docs, summary, tokenizer=tok, vocab=vocab, max_ngram_size=max_ngram_size, pad_id=pad_id, out_dir=tmp,
+                                memory_limit=memory_limit, add_special_tokens=add_special_tokens)
         write_summary(tmp, {**stats.summary, "corpus": summary.to_dict()})
         (tmp / TOK0_SAMPLE_FILE).write_text(json.dumps(tok0_sample(stats)))
         (tmp / "started.json").unlink()
@@ -373,6 +387,6 @@ def _count_on(
 
 
 __all__ = [
-    "TOK0_SAMPLES", "TOKENIZE_SHARE", "auto_partitions", "count_corpus", "count_map_shard", "count_shard", "merge_partition", "radix_ranges",
+    "TOK0_SAMPLES", "TOKENIZE_SHARE", "auto_partitions", "count_corpus", "count_documents", "count_map_shard", "count_shard", "merge_partition", "radix_ranges",
     "tok0_sample", "tok0_weights",
 ]
