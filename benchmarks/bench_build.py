@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import peak_rss_bytes, print_rows, record  # noqa: E402
 
-from engram_cli.build_table import build_tables, count_corpus, plan_tables  # noqa: E402
+from engram_cli.pipeline.build import build_tables, plan_tables  # noqa: E402
+from engram_cli.pipeline.count import count_corpus  # noqa: E402
 from engram_cli.encode import DEFAULT_BATCH_SIZE  # noqa: E402
 from engram_cli.vocab import compress_vocab, load_tokenizer  # noqa: E402
 

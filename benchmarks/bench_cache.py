@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cache.py [--rows-per-head 5003] [--heads 2]
 
-A store is built (engram_cli.build_table) from 3 of the 5 books of fixtures/corpus; the
+A store is built (engram_cli.pipeline.build) from 3 of the 5 books of fixtures/corpus; the
 other 2 books are the held-out text, looked up in batches of 16 x 256 tokens through
 `EngramLookup.from_store(..., backend="offload")` with a hot cache of 1%, 5% and 10% of
 the layer's rows, chosen by the store's hit counts:
@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from _harness import print_rows, record  # noqa: E402
 from _lookup_inputs import reference_inputs  # noqa: E402
-from engram_cli.build_table import build_tables  # noqa: E402
+from engram_cli.pipeline.build import build_tables  # noqa: E402
 from engram_cli.kernels import EngramLookup  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent.parent / "fixtures" / "corpus"

@@ -8,8 +8,8 @@ with a small plan (2 layers x orders 2..3 x 4 heads x 10007 rows, rows of 16 flo
 so the corpus stages (tokenize, count, merge) dominate, as they do at scale.
 
 Providers, all in this process:
-  - single:   `build_table.build_tables` (one process; the baseline)
-  - ray-1:    `distributed.build_tables_distributed` on `--cluster local:1`
+  - single:   `pipeline.build.build_tables` (one process; the baseline)
+  - ray-1:    `pipeline.build.build_tables(cluster=)` on `--cluster local:1`
   - ray-2:    the same on `--cluster local:2`
 
 Figures: throughput ratio ray-2 / ray-1 (time ray-1 / time ray-2), overhead of ray-1
@@ -20,7 +20,7 @@ it after the build) and of this driver process.
 
 The collision audit of the built store (both hash families), the same way:
   - audit-single: `audit.audit_collisions` (one process; the baseline)
-  - audit-ray-1 / audit-ray-2: `distributed.audit_collisions_distributed` on local:1 /
+  - audit-ray-1 / audit-ray-2: `audit.partitioned.audit_collisions_distributed` on local:1 /
     local:2, bucket ranges per head = `--audit-parts` (the reports are checked equal)
 """
 
@@ -90,8 +90,8 @@ def main() -> None:
 
     import ray
 
-    from engram_cli.build_table import build_tables, plan_tables
-    from engram_cli.distributed import DistributedOptions, RayExecutor, build_tables_distributed
+    from engram_cli.execution.ray import RayExecutor
+    from engram_cli.pipeline.build import DistributedOptions, build_tables, plan_tables
     from engram_cli.ngrams import NgramStats
     from engram_cli.vocab import compress_vocab, load_tokenizer
 
@@ -129,8 +129,8 @@ def main() -> None:
                 st = Stages()
                 ex = RayExecutor()
                 out = tmp / f"{name}-{r}.zarr"
-                build_tables_distributed([corpus], out, cluster=f"local:{n}", tokenizer=tok, vocab=vocab, plan=plan, progress=st,
-                                         options=DistributedOptions(map_bytes=args.map_bytes, work_dir=tmp / "work", keep_work=True), executor=ex, **STORE)
+                build_tables([corpus], out, cluster=f"local:{n}", tokenizer=tok, vocab=vocab, plan=plan, progress=st,
+                             options=DistributedOptions(map_bytes=args.map_bytes, work_dir=tmp / "work", keep_work=True), executor=ex, **STORE)
                 t2 = time.perf_counter()
                 parts = [NgramStats.open(d) for d in sorted((tmp / "work" / "map").iterdir())]
                 partial_rows = sum(p.distinct(k) for p in parts for k in p.orders)
@@ -181,7 +181,8 @@ def bench_audit(store_path: Path, repeat: int, parts: int) -> tuple[list[dict], 
     import ray
 
     from engram_cli.audit import audit_collisions
-    from engram_cli.distributed import RayExecutor, audit_collisions_distributed
+    from engram_cli.audit.partitioned import audit_collisions_distributed
+    from engram_cli.execution.ray import RayExecutor
     from engram_cli.store import TableStore
 
     store = TableStore.open(store_path)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import measure, print_rows, record  # noqa: E402
 
-from engram_cli.build_table import count_corpus  # noqa: E402
+from engram_cli.pipeline.count import count_corpus  # noqa: E402
 from engram_cli.vocab import compress_vocab, load_tokenizer  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "corpus"

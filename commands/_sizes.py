@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from engram_cli.sizing import large_plan_notice
+from engram_cli.pipeline.sizing import large_plan_notice
 from engram_cli.units import format_bytes
 
 from ._output import console

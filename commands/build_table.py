@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,12 +10,15 @@ from rich.table import Table
 
 from engram_cli import plan as plan_defaults
 from engram_cli.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_STORE, DEFAULT_VOCAB
-from engram_cli.distributed import check_cluster_options
 from engram_cli.errors import VocabMismatch
+from engram_cli.execution.ray import check_cluster_options
+from engram_cli.pipeline.build import DistributedOptions, build_tables, plan_tables, resolve_corpus
+from engram_cli.pipeline.report import plan_report, stats_report
+from engram_cli.pipeline.sizing import AUTO, check_fits_disk, plan_footprint, resolve_rows_option, size_plan_to_target
 from engram_cli.plan import check_rows_or_budget, parse_budget
+from engram_cli.store import check_output, check_write_options
 from engram_cli.store import format as store_format
 from engram_cli.store.format import Compressor, InitKind, TableDtype
-from engram_cli.sizing import AUTO, check_fits_disk, plan_footprint, resolve_rows_option, size_plan_to_target
 from engram_cli.units import format_bytes, parse_bytes, parse_int_list
 from engram_cli.vocab import DEFAULT_TOKENIZER, CompressedVocab, LoadedTokenizer, compress_vocab, load_or_compress_vocab, load_tokenizer
 
@@ -134,12 +136,9 @@ def build_table_command(
         engram build-table data.jsonl --heads 4 --max-ngram 4 --plan-only
         engram build-table corpus/ --cluster local:8      # 8 Ray workers (docs/scale-out.md)
     """
-    from engram_cli.build_table import build_tables, plan_report, plan_tables, resolve_corpus, stats_report
-    from engram_cli.store import check_output, check_write_options
-
     check_rows_or_budget(rows_per_head, budget)
     budget_value = parse_budget(budget) if budget is not None else None
-    rows, target = resolve_rows_option(rows_per_head, target, plan_only=plan_only, cluster=cluster)
+    rows, target = resolve_rows_option(rows_per_head, target, plan_only=plan_only)
     memory = parse_bytes(memory_limit, what="--memory-limit")
     chunk_bytes = parse_bytes(chunk_size, what="--chunk-size")
     shard_bytes = parse_bytes(shard_size, what="--shard-size")
@@ -191,18 +190,14 @@ def build_table_command(
         render_plan(planned, out)
         render_plan_size(footprint)
     with progress_reporter(quiet=as_json) as progress:
-        if cluster_spec is not None:
-            from engram_cli.distributed import DistributedOptions, build_tables_distributed
-
-            build = partial(build_tables_distributed, cluster=cluster_spec, options=DistributedOptions(work_dir=work_dir, resume=resume))
-        else:
-            build = build_tables
-        result = build(
+        result = build_tables(
             list(corpus),
             out,
             tokenizer=loaded,
             vocab=vocab,
             plan=plan,
+            cluster=cluster_spec,
+            options=DistributedOptions(work_dir=work_dir, resume=resume),
             force=force,
             memory_limit=memory,
             text_field=text_field,
@@ -214,7 +209,7 @@ def build_table_command(
             shard_bytes=shard_bytes,
             compressor=compressor,
             workers=workers,
-            **({"replan": replan} if replan is not None else {}),
+            replan=replan,
         )
     report = {
         "plan": planned,

@@ -9,8 +9,9 @@ import typer
 from rich.table import Table
 
 from engram_cli.audit import DEFAULT_FAMILIES, FAMILIES, TOP_BUCKETS, audit_collisions, check_plot_support, parse_families, parse_sweep, plot_sweep, validate_audit, what_if_plan
+from engram_cli.audit.partitioned import audit_collisions_distributed
 from engram_cli.defaults import DEFAULT_STORE
-from engram_cli.distributed import check_cluster_options
+from engram_cli.execution.ray import check_cluster_options
 from engram_cli.errors import PlanError, StoreError
 from engram_cli.plan import check_rows_or_budget, check_target_rate, parse_budget
 from engram_cli.store import TableStore
@@ -203,8 +204,6 @@ def collisions_command(
         keys = None
     with progress_reporter(quiet=as_json) as progress:
         if cluster_spec is not None:
-            from engram_cli.distributed import audit_collisions_distributed
-
             report = audit_collisions_distributed(store_path, plan, cluster=cluster_spec, families=families, layers=layer_ids, target=target, sweep=spec, top=top, progress=progress)
         else:
             report = audit_collisions(plan, stats, families=families, layers=layer_ids, target=target, sweep=spec, vocab_keys=keys, top=top, progress=progress)

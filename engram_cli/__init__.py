@@ -37,8 +37,8 @@ _EXPORTS = {
     "CorpusSummary": "corpus",
     "iter_documents": "corpus",
     "encode_documents": "encode",
-    "count_corpus": "build_table",
-    "count_shard": "build_table",
+    "count_corpus": "pipeline.count",
+    "count_shard": "pipeline.count",
     "merge_stats": "ngrams",
     "concat_stats": "ngrams",
     "count_ngrams": "ngrams",
@@ -50,8 +50,8 @@ _EXPORTS = {
     "init_chunk": "store",
     "hit_counts": "store",
     # the build-table pipeline
-    "build_tables": "build_table",
-    "plan_tables": "build_table",
+    "build_tables": "pipeline.build",
+    "plan_tables": "pipeline.build",
     # collision audits
     "audit_collisions": "audit",
     "what_if_plan": "audit",

@@ -12,7 +12,7 @@ single-threaded (shared/NOTES.md). Work that needs processes should load the
 tokenizer after the fork, in each worker.
 
 The pipeline driver `count_corpus` (corpus paths -> `CorpusSummary` + `NgramStats`) lives
-in `engram_cli.build_table`.
+in `engram_cli.pipeline.count`.
 """
 
 from __future__ import annotations

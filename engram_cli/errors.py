@@ -34,7 +34,7 @@ class StoreError(EngramError):
     """A table store that is missing, incomplete, corrupt or of another version."""
 
 
-# -- scale-out (engram_cli.distributed) -------------------------------------------------
+# -- scale-out (engram_cli.execution) ---------------------------------------------------
 class ClusterError(EngramError):
     """A --cluster value that cannot be parsed or joined, or Ray missing (the `ray` extra)."""
 

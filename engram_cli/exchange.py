@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
 import time
 import zipfile
@@ -226,8 +225,8 @@ def export_tables(store_path, out=None, fmt: ExchangeFormat | str = ExchangeForm
     either the old file or the whole new one. Returns the file's path with the summary
     `engram export --json` prints (`ExportResult.as_dict()`, docs/exchange.md).
     """
-    from engram_cli.store import TableStore
-    from engram_cli.store.output import check_free_space, check_inputs_apart, storage_errors
+    from engram_cli.store import TableStore, staged_file
+    from engram_cli.store.output import check_free_space, check_inputs_apart
 
     fmt = parse_format(fmt)
     store = TableStore.open(store_path)
@@ -237,18 +236,12 @@ def export_tables(store_path, out=None, fmt: ExchangeFormat | str = ExchangeForm
     meta = export_metadata(store, fmt)
     specs = export_specs(store, fmt, meta)
     check_free_space(out, sum(s.nbytes for s in specs))
-    tmp = _temp_path(out)
     t0 = time.perf_counter()
-    try:
-        with storage_errors(out):
-            if fmt == ExchangeFormat.SAFETENSORS:
-                _write_safetensors(tmp, specs, store, fmt, meta, progress)
-            else:
-                _write_reference(tmp, specs, store, fmt, meta, progress)
-            os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with staged_file(out, _temp_path(out)) as tmp:
+        if fmt == ExchangeFormat.SAFETENSORS:
+            _write_safetensors(tmp, specs, store, fmt, meta, progress)
+        else:
+            _write_reference(tmp, specs, store, fmt, meta, progress)
     seconds = time.perf_counter() - t0
     size = out.stat().st_size
     return ExportResult(path=str(out), format=str(fmt), store=str(store.path), plan_fingerprint=store.plan.fingerprint,
@@ -599,13 +592,11 @@ def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -
     spec's quantizer, keeping the file's scale bytes where they reproduce the values);
     head offsets and the plan fingerprint are checked when the file has them. Rows are
     read and written shard by shard (memory: one shard); `plan_from` is never modified.
-    The output goes through the build's steps (`store.writer.prepare_partial` /
-    `finalize`: locked, staged in `<out>.partial`, an existing store replaced only
-    with `force`).
+    The output goes through the build's steps (`store.staged_output`: locked, staged in
+    `<out>.partial`, an existing store replaced only with `force`).
     """
-    from engram_cli.store import TableStore
-    from engram_cli.store.output import check_inputs_apart, check_output, release_output, storage_errors
-    from engram_cli.store.writer import finalize, link_store, prepare_partial
+    from engram_cli.store import TableStore, link_store, staged_output
+    from engram_cli.store.output import check_inputs_apart, check_output
 
     store = TableStore.open(plan_from)
     plan = store.plan
@@ -628,28 +619,20 @@ def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -
     done = 0
     converted = sorted(l for l, c in checked.items() if c["dtype"] != _PLAN_TORCH[store.dtype])
     out = Path(out)
-    partial = prepare_partial(out, force)  # the build's steps: lock, leftovers settled, output checked, staging
-    try:
-        with storage_errors(out):
-            link_store(store.path, partial)  # the plan's store, hard-linked
-            new = TableStore.open(partial, mode="r+")
-            for l in plan.layer_ids:
-                c, n = checked[l], plan.layer_rows(l)
-                for s0 in range(0, n, new.shard_rows):  # each shard written once, whole
-                    s1 = min(n, s0 + new.shard_rows)
-                    vals = tf.rows(c["weight"], s0, s1)
-                    scales = tf.rows(c["scale"], s0, s1) if c["scale"] else None
-                    new.write_row_block(l, s0, _storage_block(vals, scales, store.dtype), by="imported")
-                    del vals, scales  # freed before the next shard is read: one shard in memory
-                    done += s1 - s0
-                    if progress is not None:
-                        progress("importing", done, total, f"layer {l}")
-            finalize(partial, out, force)  # the old store (with --force) is moved aside until the new one is in
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # ours: prepare_partial made it
-        raise
-    finally:
-        release_output(out)
+    with staged_output(out, force) as staging:  # lock, leftovers settled, output checked; finalized after the block
+        link_store(store.path, staging.partial)  # the plan's store, hard-linked
+        new = TableStore.open(staging.partial, mode="r+")
+        for l in plan.layer_ids:
+            c, n = checked[l], plan.layer_rows(l)
+            for s0 in range(0, n, new.shard_rows):  # each shard written once, whole
+                s1 = min(n, s0 + new.shard_rows)
+                vals = tf.rows(c["weight"], s0, s1)
+                scales = tf.rows(c["scale"], s0, s1) if c["scale"] else None
+                new.write_row_block(l, s0, _storage_block(vals, scales, store.dtype), by="imported")
+                del vals, scales  # freed before the next shard is read: one shard in memory
+                done += s1 - s0
+                if progress is not None:
+                    progress("importing", done, total, f"layer {l}")
     return {"path": str(out), "source": source, "file_format": tf.kind, "plan_from": str(store.path), "plan_fingerprint": plan.fingerprint,
             "dtype": store.dtype, "layers": list(plan.layer_ids), "rows": total, "converted_layers": converted,
             "fingerprint_checked": bool(tf.metadata.get("plan_fingerprint"))}

@@ -152,7 +152,7 @@ def _read_hits(store: TableStore, arr, layer_id: int, a: int, b: int) -> np.ndar
 # -- the report ----------------------------------------------------------------------
 def inspect_store(store: TableStore, profiles: list[HitProfile] | None = None) -> dict:
     """The JSON-safe report of docs/inspect.md (`profiles` from `hit_profiles`)."""
-    from .build_table import plan_report
+    from .pipeline.report import plan_report
 
     summary = store.summary()
     attrs = store.attrs

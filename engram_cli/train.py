@@ -208,7 +208,6 @@ def train_steps(model, lookups: dict, tmap, stream, *, steps: int, batch: int = 
 
 
 # -- the `engram train` pipeline ------------------------------------------------------
-import shutil
 from pathlib import Path
 
 from engram_cli.checkpoint import save_checkpoint
@@ -243,29 +242,18 @@ def save_trained_store(src: Path, dst: Path, trained: dict[int, tuple[np.ndarray
     through the build's checks (docs/build-table.md, "Failure modes"): `dst` may
     replace only an engram store (and only with `force`, the default for `train`'s own
     `model.tables.zarr`), is locked while written, staged in `<dst>.partial` and moved
-    into place by `store.finalize`.
+    into place (`store.staged_output`).
     """
-    from engram_cli.store import TableStore, finalize, link_store, prepare_partial
-    from engram_cli.store.output import check_inputs_apart, release_output, storage_error
+    from engram_cli.store import TableStore, link_store, staged_output
+    from engram_cli.store.output import check_inputs_apart
 
     src, dst = Path(src), Path(dst)
     check_inputs_apart(dst, [src], what="trained store", source="table store")
-    partial = prepare_partial(dst, force)
-
-    try:
-        link_store(src, partial)
-        store = TableStore.open(partial, mode="r+")
+    with staged_output(dst, force) as staging:
+        link_store(src, staging.partial)
+        store = TableStore.open(staging.partial, mode="r+")
         for layer_id, (rows, values) in trained.items():
             store.write_rows(layer_id, rows, values, by="trained")
-        finalize(partial, dst, force)
-    except BaseException as e:
-        shutil.rmtree(partial, ignore_errors=True)  # ours: prepare_partial made it
-        converted = storage_error(dst, e)
-        if converted is not None:
-            raise converted from None
-        raise
-    finally:
-        release_output(dst)
     return dst
 
 

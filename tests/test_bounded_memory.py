@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engram_cli.corpus import readers as corpus_mod
-from engram_cli.build_table import count_corpus
+from engram_cli.pipeline.count import count_corpus
 from engram_cli.corpus import ContinuedText, CorpusSummary, corpus_files, iter_documents, iter_pieces, safe_cut, split_text
 from engram_cli.errors import CorpusError, VocabMismatch
 from engram_cli.ngrams import ContinuedIds, count_ngrams, order_file, token_columns

@@ -14,7 +14,7 @@ import pytest
 import zstandard
 
 from engram_cli.corpus import ContinuedText, CorpusSummary, corpus_files, iter_documents
-from engram_cli.build_table import count_corpus
+from engram_cli.pipeline.count import count_corpus
 from engram_cli.encode import encode_batch, encode_documents
 from engram_cli.errors import CorpusError
 from engram_cli.ngrams import order_file, token_columns

@@ -21,18 +21,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from engram_cli.distributed import (
-    ClusterSpec,
-    DistributedOptions,
-    atomic_dir,
-    build_tables_distributed,
-    connect,
-    is_done,
-    parse_cluster,
-    radix_ranges,
-    RayExecutor,
-)
 from engram_cli.errors import ClusterError, CorpusError, ResumeError
+from engram_cli.execution.ray import ClusterSpec, RayExecutor, connect, parse_cluster
+from engram_cli.execution.work import atomic_dir, is_done
+from engram_cli.pipeline.build import DistributedOptions, build_tables, plan_tables
+from engram_cli.pipeline.count import radix_ranges
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "fixtures" / "corpus"
@@ -61,8 +54,6 @@ def deepseek():
 
 
 def small_plan(vocab):
-    from engram_cli.build_table import plan_tables
-
     return plan_tables(vocab, layer_ids=[1, 4], max_ngram_size=3, heads=4, rows_per_head=[3001, 5003], dim=64, seed=0, pad_id=2)
 
 
@@ -84,8 +75,6 @@ def small_corpus(tmp: Path) -> Path:
 
 
 def single(paths, out, deepseek, plan):
-    from engram_cli.build_table import build_tables
-
     tok, vocab = deepseek
     return build_tables(paths, out, tokenizer=tok, vocab=vocab, plan=plan, workers=1, **STORE)
 
@@ -137,7 +126,7 @@ def test_radix_ranges_cover_the_vocabulary():
 def test_range_of_bucket_inverts_bucket_range():
     import numpy as np
 
-    from engram_cli.distributed import bucket_range, range_of_bucket
+    from engram_cli.audit.partitioned import bucket_range, range_of_bucket
 
     for p in (2, 7, 10007, (1 << 33) + 17):
         for parts in (1, 3, 8):
@@ -168,7 +157,7 @@ def test_no_cluster_never_imports_ray(tmp_path):
     probe = (
         "import sys\n"
         "from engram_cli.cli import main\n"
-        "import engram_cli.distributed, engram_cli.corpus.shards\n"
+        "import engram_cli.execution.ray, engram_cli.pipeline.build, engram_cli.audit.partitioned, engram_cli.corpus.shards\n"
         f"sys.argv = ['engram', 'build-table', {str(FIXTURE)!r}, '--plan-only', '--json']\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "assert 'ray' not in sys.modules, 'ray was imported'\n"
@@ -205,7 +194,7 @@ def fixture_builds(tmp_path_factory, deepseek):
     t1 = time.perf_counter()
     stages = []
     tok, vocab = deepseek
-    result = build_tables_distributed(
+    result = build_tables(
         paths, tmp / "ray.zarr", cluster="local:2", tokenizer=tok, vocab=vocab, plan=plan,
         options=DistributedOptions(map_bytes=MAP_BYTES, partitions=2), progress=lambda s, *a: stages.append(s), **STORE,
     )
@@ -226,8 +215,6 @@ def test_thread_executor_and_radix_partitions_build_the_same_store(tmp_path, dee
     """Any Executor (a thread pool here) and 3 radix partitions, against one process whose small
     memory limit makes it spill and merge each order in several key ranges: byte-identical stores,
     statistics files included (their row groups depend on the rows only)."""
-    from engram_cli.build_table import build_tables
-
     corpus = small_corpus(tmp_path)
     plan = small_plan(deepseek[1])
     merging = []
@@ -235,8 +222,8 @@ def test_thread_executor_and_radix_partitions_build_the_same_store(tmp_path, dee
                  progress=lambda stage, done=None, total=None, *a: merging.append(total) if stage == "merging" else None, **STORE)
     assert max(t or 0 for t in merging) > 1  # the single process merged by key ranges
     with ThreadPoolExecutor(2) as ex:
-        build_tables_distributed([corpus], tmp_path / "b.zarr", cluster="local:1", tokenizer=deepseek[0], vocab=deepseek[1], plan=plan,
-                                 options=DistributedOptions(map_bytes=4096, partitions=3, keep_work=True), memory_limit=256 << 10, executor=ex, **STORE)
+        build_tables([corpus], tmp_path / "b.zarr", cluster="local:1", tokenizer=deepseek[0], vocab=deepseek[1], plan=plan,
+                     options=DistributedOptions(map_bytes=4096, partitions=3, keep_work=True), memory_limit=256 << 10, executor=ex, **STORE)
     assert_same_store(tmp_path / "a.zarr", tmp_path / "b.zarr")
     # the radix partitions cut at the partials' tok_0 quantiles: far more even than equal id ranges
     from engram_cli.ngrams import NgramStats
@@ -279,8 +266,8 @@ def test_killed_worker_is_retried_and_the_build_is_identical(tmp_path, deepseek)
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     try:
-        build_tables_distributed([corpus], tmp_path / "b.zarr", cluster="local:2", tokenizer=deepseek[0], vocab=deepseek[1], plan=plan,
-                                 options=DistributedOptions(work_dir=work, map_bytes=32 << 10, keep_work=True), **STORE)
+        build_tables([corpus], tmp_path / "b.zarr", cluster="local:2", tokenizer=deepseek[0], vocab=deepseek[1], plan=plan,
+                     options=DistributedOptions(work_dir=work, map_bytes=32 << 10, keep_work=True), **STORE)
     finally:
         stop.set()
         t.join()
@@ -303,8 +290,8 @@ def test_resume_reuses_finished_partials(tmp_path, deepseek):
                 raise KeyboardInterrupt
 
         with pytest.raises(KeyboardInterrupt):
-            build_tables_distributed([corpus], tmp_path / "b.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=plan,
-                                     options=DistributedOptions(**opts), executor=ex, progress=fail_on_write, **STORE)
+            build_tables([corpus], tmp_path / "b.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=plan,
+                         options=DistributedOptions(**opts), executor=ex, progress=fail_on_write, **STORE)
         assert not (tmp_path / "b.zarr").exists() and not (tmp_path / "b.zarr.partial").exists()
         done = {p.parent.name: p.stat().st_mtime_ns for p in work.glob("*/*/done.json")}
         assert len(done) > 3
@@ -313,8 +300,8 @@ def test_resume_reuses_finished_partials(tmp_path, deepseek):
         import shutil
 
         shutil.rmtree(lost)
-        build_tables_distributed([corpus], tmp_path / "b.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=plan,
-                                 options=DistributedOptions(resume=True, keep_work=True, **opts), executor=ex, **STORE)
+        build_tables([corpus], tmp_path / "b.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=plan,
+                     options=DistributedOptions(resume=True, keep_work=True, **opts), executor=ex, **STORE)
     after = {p.parent.name: p.stat().st_mtime_ns for p in work.glob("*/*/done.json")}
     assert set(after) == set(done)
     assert {k for k in after if after[k] != done[k]} == {lost.name}  # map and reduce partials reused
@@ -328,13 +315,13 @@ def test_resume_refuses_another_builds_work_dir(tmp_path, deepseek):
     work.mkdir()
     (work / "work.json").write_text(json.dumps({"format": "engram-work/1", "build": "someone-else"}))
     with ThreadPoolExecutor(1) as ex, pytest.raises(ResumeError, match="another build"):
-        build_tables_distributed([corpus], tmp_path / "b.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=small_plan(vocab),
-                                 options=DistributedOptions(work_dir=work, resume=True), executor=ex, **STORE)
+        build_tables([corpus], tmp_path / "b.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=small_plan(vocab),
+                     options=DistributedOptions(work_dir=work, resume=True), executor=ex, **STORE)
     (tmp_path / "stranger").mkdir()
     (tmp_path / "stranger" / "notes.txt").write_text("mine")
     with ThreadPoolExecutor(1) as ex, pytest.raises(ResumeError, match="not an engram work directory"):
-        build_tables_distributed([corpus], tmp_path / "c.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=small_plan(vocab),
-                                 options=DistributedOptions(work_dir=tmp_path / "stranger"), executor=ex, **STORE)
+        build_tables([corpus], tmp_path / "c.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=small_plan(vocab),
+                     options=DistributedOptions(work_dir=tmp_path / "stranger"), executor=ex, **STORE)
     assert (tmp_path / "stranger" / "notes.txt").read_text() == "mine"
 
 
@@ -343,7 +330,7 @@ def test_empty_corpus_is_a_corpus_error(tmp_path, deepseek):
     (tmp_path / "c" / "blank.jsonl").write_text("\n\n")
     tok, vocab = deepseek
     with ThreadPoolExecutor(1) as ex, pytest.raises(CorpusError, match="no documents"):
-        build_tables_distributed([tmp_path / "c"], tmp_path / "b.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=small_plan(vocab), executor=ex, **STORE)
+        build_tables([tmp_path / "c"], tmp_path / "b.zarr", cluster="local:1", tokenizer=tok, vocab=vocab, plan=small_plan(vocab), executor=ex, **STORE)
     assert not (tmp_path / "b.zarr").exists() and not (tmp_path / "b.zarr.partial").exists()
 
 
@@ -378,6 +365,27 @@ def test_cli_cluster_build_equals_the_single_process_build(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_cli_auto_sized_cluster_build_equals_the_single_process_build(tmp_path):
+    """`--rows-per-head auto --target` re-plans from the counted statistics on a cluster too:
+    the same sizing, the same plan and the same store, byte for byte, as one process."""
+    from typer.testing import CliRunner
+
+    from engram_cli.cli import app
+
+    corpus = small_corpus(tmp_path)
+    auto = [a for a in SMALL_PLAN_ARGS if a != "3001,5003"]
+    auto[auto.index("--rows-per-head") + 1:auto.index("--rows-per-head") + 1] = ["auto", "--target", "0.2"]
+    runner = CliRunner()
+    one = runner.invoke(app, ["build-table", str(corpus), "-o", str(tmp_path / "a.zarr"), *auto, "--json"])
+    assert one.exit_code == 0, one.output
+    two = runner.invoke(app, ["build-table", str(corpus), "-o", str(tmp_path / "b.zarr"), *auto, "--json", "--cluster", "local:2"])
+    assert two.exit_code == 0, two.output
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert a["sizing"] is not None and a["sizing"] == b["sizing"] and a["plan"] == b["plan"]
+    assert a["plan"]["rows_per_head"] != [3001, 5003]  # sized to the corpus, not the fixed plan
+    assert_same_store(tmp_path / "a.zarr", tmp_path / "b.zarr")
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -405,7 +413,7 @@ def test_distributed_audit_equals_the_single_process_audit(fixture_builds):
     ranges than the plan's 2 layers), merged: the same report, JSON byte for byte, as auditing in
     one process (what-if plan, sizing, sweep, 2 families)."""
     from engram_cli.audit import audit_collisions, parse_sweep, what_if_plan
-    from engram_cli.distributed import audit_collisions_distributed
+    from engram_cli.audit.partitioned import audit_collisions_distributed
     from engram_cli.store import TableStore
 
     tmp, _, _, _ = fixture_builds
@@ -429,7 +437,7 @@ def test_bucket_range_audit_is_exact_on_crowded_heads(tmp_path, parts):
     import numpy as np
 
     from engram_cli.audit import audit_collisions, parse_sweep
-    from engram_cli.distributed import audit_collisions_partitioned
+    from engram_cli.audit.partitioned import audit_collisions_partitioned
     from engram_cli.ngrams import write_stats_from_arrays
     from engram_cli.plan import make_plan
 
@@ -455,7 +463,7 @@ def test_bucket_range_audit_is_exact_on_huge_heads(tmp_path):
     import numpy as np
 
     from engram_cli.audit import audit_collisions, identical_from
-    from engram_cli.distributed import audit_collisions_partitioned
+    from engram_cli.audit.partitioned import audit_collisions_partitioned
     from engram_cli.ngrams import write_stats_from_arrays
     from engram_cli.plan import make_plan
 
@@ -472,7 +480,7 @@ def test_bucket_range_audit_is_exact_on_huge_heads(tmp_path):
 
 
 def test_audit_work_dir_that_cannot_be_made_is_an_output_error(fixture_builds, tmp_path):
-    from engram_cli.distributed import audit_collisions_distributed
+    from engram_cli.audit.partitioned import audit_collisions_distributed
     from engram_cli.errors import OutputError
     from engram_cli.store import TableStore
 

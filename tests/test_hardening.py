@@ -26,7 +26,7 @@ import zarr
 from typer.testing import CliRunner
 
 from cli_checks import FIXTURES, SMALL_STORE_ARGS, copy_fixtures, one_error_line
-from engram_cli import build_table as build_table_module
+from engram_cli.store import staging as staging_module
 from engram_cli.cli import app
 from engram_cli.store import TableStore, partial_path
 from engram_cli.store.output import lock_path, old_path
@@ -341,13 +341,13 @@ def test_permission_error_at_finalize(tmp_path, corpus, vocab_file, monkeypatch,
     parent = tmp_path / "out"
     parent.mkdir()
     out = parent / "t.zarr"
-    real_finalize = build_table_module.finalize
+    real_finalize = staging_module.finalize
 
     def finalize_in_a_read_only_folder(partial, out_, force):
         chattr("+i", parent)  # the folder turns immutable after the tables were written, before they move in
         return real_finalize(partial, out_, force)
 
-    monkeypatch.setattr(build_table_module, "finalize", finalize_in_a_read_only_folder)
+    monkeypatch.setattr(staging_module, "finalize", finalize_in_a_read_only_folder)
     try:
         result = invoke(*build_args(corpus, out, vocab_file))
     finally:
@@ -455,8 +455,7 @@ def test_the_trained_store_goes_through_the_same_output_checks(tmp_path, corpus,
 def test_the_distributed_build_goes_through_the_same_output_checks(tmp_path, corpus, deepseek_tokenizer, deepseek_vocab):
     from concurrent.futures import ThreadPoolExecutor
 
-    from engram_cli.build_table import plan_tables
-    from engram_cli.distributed import DistributedOptions, build_tables_distributed
+    from engram_cli.pipeline.build import DistributedOptions, build_tables, plan_tables
     from engram_cli.errors import OutputError
 
     plan = plan_tables(deepseek_vocab, layer_ids=[1], max_ngram_size=3, heads=2, rows_per_head=[101, 103], dim=32, seed=0, pad_id=2)
@@ -472,7 +471,7 @@ def test_the_distributed_build_goes_through_the_same_output_checks(tmp_path, cor
     with ThreadPoolExecutor(1) as ex:
         for out, options, fragment in cases:
             with pytest.raises(OutputError, match=fragment):
-                build_tables_distributed([corpus], out, cluster="local:1", tokenizer=deepseek_tokenizer, vocab=deepseek_vocab, plan=plan,
-                                         options=DistributedOptions(**options), force=True, executor=ex)
+                build_tables([corpus], out, cluster="local:1", tokenizer=deepseek_tokenizer, vocab=deepseek_vocab, plan=plan,
+                             options=DistributedOptions(**options), force=True, executor=ex)
     assert (snapshot(corpus), snapshot(mine)) == before
     assert sorted(os.listdir(tmp_path)) == ["corpus", "mine"]

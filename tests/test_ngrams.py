@@ -252,7 +252,7 @@ def test_random_documents_match_counter(case):
 @pytest.fixture(scope="module")
 def whole_and_shards(tmp_path_factory):
     """The whole fixture corpus counted once, and in 3 shards (its file list split in 3)."""
-    from engram_cli.build_table import count_corpus, count_shard
+    from engram_cli.pipeline.count import count_corpus, count_shard
     from engram_cli.corpus import corpus_files
 
     tok = load_tokenizer()

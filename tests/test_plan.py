@@ -15,7 +15,7 @@ from engram_cli.errors import EngramError
 from engram_cli.ngrams import write_stats_from_arrays
 from engram_cli.units import parse_bytes
 from engram_cli.plan import Budget, TablePlan, check_rows_or_budget, check_stats_cover, check_target_rate, fit_plan_to_budget, is_prime, make_plan, parse_budget
-from engram_cli.sizing import resolve_rows_option, size_plan_to_target
+from engram_cli.pipeline.sizing import resolve_rows_option, size_plan_to_target
 
 # docs/spec.md, "Test vectors": published vectors of the reference (default parameters, DeepSeek tokenizer).
 SPEC_PRIMES = {

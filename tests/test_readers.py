@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from engram_cli.build_table import count_corpus
+from engram_cli.pipeline.count import count_corpus
 from engram_cli.corpus import (
     ContinuedText,
     CorpusSummary,

@@ -19,8 +19,8 @@ from engram_cli.cli import app
 from cli_checks import FIXTURES, copy_fixtures, one_error_line
 from engram_cli.audit import load_order_keys, token_weighted_rate
 from engram_cli.errors import PlanError
+from engram_cli.pipeline.sizing import AUTO, LARGE_PLAN_BYTES, free_disk_bytes, large_plan_notice, plan_footprint, resolve_rows_option
 from engram_cli.plan import DEFAULT_ROWS_PER_HEAD, make_plan
-from engram_cli.sizing import AUTO, LARGE_PLAN_BYTES, free_disk_bytes, large_plan_notice, plan_footprint, resolve_rows_option
 from engram_cli.store import TableStore
 
 SMALL = ["--heads", "4", "--dim", "64", "--chunk-size", "64KiB", "--shard-size", "256KiB"]
@@ -76,7 +76,7 @@ def test_rows_option_resolution():
     assert resolve_rows_option(None, None) == (DEFAULT_ROWS_PER_HEAD, None)
     assert resolve_rows_option("3001,5003", None) == ([3001, 5003], None)
     assert resolve_rows_option("AUTO", 0.1) == (AUTO, 0.1)
-    for args, kwargs in (((AUTO, None), {}), ((AUTO, 1.5), {}), (("3001", 0.1), {}), ((AUTO, 0.1), {"plan_only": True}), ((AUTO, 0.1), {"cluster": "local:2"})):
+    for args, kwargs in (((AUTO, None), {}), ((AUTO, 1.5), {}), (("3001", 0.1), {}), ((AUTO, 0.1), {"plan_only": True})):
         with pytest.raises(PlanError):
             resolve_rows_option(*args, **kwargs)
 
@@ -133,8 +133,9 @@ def test_docs_sizing_figures(tmp_path, deepseek_tokenizer, deepseek_vocab):
     """The fixture-corpus table of docs/build-table.md ("Sizing"), recomputed."""
     import re
 
-    from engram_cli.build_table import count_corpus, plan_tables
-    from engram_cli.sizing import compare_targets, reference_rates
+    from engram_cli.pipeline.build import plan_tables
+    from engram_cli.pipeline.count import count_corpus
+    from engram_cli.pipeline.sizing import compare_targets, reference_rates
 
     text = DOC.read_text()
     rows = re.findall(r"^\| ([0-9.]+) \| ([0-9,]+) \| ([0-9,]+) \| ([0-9,]+) \([^)]*\) \| ([0-9.]+)x \|$", text, flags=re.M)

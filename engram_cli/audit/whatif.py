@@ -3,7 +3,7 @@
 All keep the stored plan's layers, seed, pad id, vocabulary and dtype. The sizing
 search (`size_for_target`, docs/collisions.md "Sizing") measures each candidate's
 token-weighted rate with the real hash on the real n-grams; `engram build-table
---rows-per-head auto` uses the same search (engram_cli.sizing), so both commands agree.
+--rows-per-head auto` uses the same search (engram_cli.pipeline.sizing), so both commands agree.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ One Zarr v3 group that plain zarr-python (or tensorstore) opens without this pac
 
 Modules: `format` (typed options, dtypes, geometry, codecs, the init recipe), `reader`
 (`TableStore`: open, load, stream, gather, rewrite rows in place), `writer` (the build's
-public steps and the shard writer); hit counting lives in `engram_cli.hits`. docs/store.md
+public steps and the shard writer), `staging` (the one staged-output context: lock,
+`<out>.partial`, finalize), `output` (output safety: checks, the lock, leftovers); hit counting lives in `engram_cli.hits`. docs/store.md
 is the API with examples; docs/build-table.md lists every attribute. The design target
 is DeepSeek's scale (~768M rows, ~200 GB): nothing holds a whole table in memory.
 
@@ -37,16 +38,21 @@ _FORMAT = (
 )
 _READER = ("TableStore",)
 _WRITER = (
-    "ShardTask", "StoreLayout", "_resolve_workers", "check_hit_totals", "check_output", "check_write_options",
-    "count_hits_range", "create_layout", "create_store", "finalize", "hit_passes", "link_store", "mark_complete", "planned_write_bytes", "prepare_partial",
+    "ShardTask", "StoreLayout", "_resolve_workers", "check_hit_totals", "check_write_options",
+    "count_hits_range", "create_layout", "hit_passes", "mark_complete", "planned_write_bytes",
     "run_shard_task", "run_shard_tasks", "shard_tasks", "write_shard", "write_tables",
 )
+_STAGING = ("Staging", "create_store", "finalize", "link_store", "prepare_partial", "staged_file", "staged_output")
+_OUTPUT = ("check_output",)
 _HITS = ("hit_counts",)
-_WHERE = {**dict.fromkeys(_FORMAT, ".format"), **dict.fromkeys(_READER, ".reader"), **dict.fromkeys(_WRITER, ".writer"), **dict.fromkeys(_HITS, "..hits")}
+_WHERE = {
+    **dict.fromkeys(_FORMAT, ".format"), **dict.fromkeys(_READER, ".reader"), **dict.fromkeys(_WRITER, ".writer"),
+    **dict.fromkeys(_STAGING, ".staging"), **dict.fromkeys(_OUTPUT, ".output"), **dict.fromkeys(_HITS, "..hits"),
+}
 
 
 def __getattr__(name: str):
-    if name in ("format", "reader", "writer"):
+    if name in ("format", "output", "reader", "staging", "writer"):
         return importlib.import_module(f".{name}", __name__)
     where = _WHERE.get(name)
     if where is None:

