@@ -176,6 +176,7 @@ def build_tables(
             memory_limit=memory_limit,
             extra_attrs={"corpus": corpus.to_dict(), "stats": {k: v for k, v in stats.summary.items() if k != "per_order"}},
             progress=progress,
+            tokenizer=tokenizer,
             **store_options,
         )
         store = finalize(partial, out, force)

@@ -710,7 +710,7 @@ def build_tables_distributed(
                 partitions=options.partitions, cpus=n_cpus, resume=options.resume, progress=progress,
             )
             attrs = {"corpus": corpus.to_dict(), "stats": {k: v for k, v in stats.summary.items() if k != "per_order"}, "cluster": description}
-            materialize(partial, plan, vocab, stats=stats, executor=ex, memory_limit=memory_limit, extra_attrs=attrs, progress=progress, workers=2 * n_cpus, **store_options)
+            materialize(partial, plan, vocab, stats=stats, executor=ex, memory_limit=memory_limit, extra_attrs=attrs, progress=progress, workers=2 * n_cpus, tokenizer=tokenizer, **store_options)
         store = finalize(partial, out, force)
     except BaseException as e:
         shutil.rmtree(partial, ignore_errors=True)  # ours: prepare_partial made it
