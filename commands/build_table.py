@@ -10,7 +10,6 @@ from rich.table import Table
 
 from engram_cli import plan as plan_defaults
 from engram_cli.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_STORE, DEFAULT_VOCAB
-from engram_cli.errors import VocabMismatch
 from engram_cli.execution.ray import check_cluster_options
 from engram_cli.pipeline.build import DistributedOptions, build_tables, plan_tables, resolve_corpus
 from engram_cli.pipeline.report import plan_report, stats_report
@@ -20,35 +19,12 @@ from engram_cli.store import check_output, check_write_options
 from engram_cli.store import format as store_format
 from engram_cli.store.format import Compressor, InitKind, TableDtype
 from engram_cli.units import format_bytes, parse_bytes, parse_int_list
-from engram_cli.vocab import DEFAULT_TOKENIZER, CompressedVocab, LoadedTokenizer, compress_vocab, load_or_compress_vocab, load_tokenizer
+from engram_cli.vocab import DEFAULT_TOKENIZER, load_tokenizer, resolve_vocab
 
 from ._output import console, json_option, ngram_text, notice, print_json, progress_reporter
 from ._sizes import render_plan_size
 
 TOP_SHOWN = 10
-
-
-def default_vocab(loaded: LoadedTokenizer, vocab_path: Optional[Path]) -> CompressedVocab:
-    """--vocab when given (it must match); else ./vocab.npz when it matches the tokenizer.
-
-    A ./vocab.npz made from another tokenizer (or unreadable) is rebuilt for this one;
-    with no ./vocab.npz the vocabulary is computed and nothing is written.
-    """
-    if vocab_path is not None:
-        return load_or_compress_vocab(loaded, vocab_path)
-    default = Path(DEFAULT_VOCAB)
-    if not default.is_file():
-        return compress_vocab(loaded)
-    try:
-        vocab = CompressedVocab.load(default)
-        vocab.check_tokenizer(loaded)
-    except VocabMismatch as e:
-        vocab = compress_vocab(loaded)
-        vocab.save(default)
-        notice(f"./{DEFAULT_VOCAB} does not match {loaded.name} ({e}); rebuilt it for {loaded.name}.")
-        return vocab
-    notice(f"Using ./{DEFAULT_VOCAB} (matches {loaded.name}).")
-    return vocab
 
 
 def render_plan(report: dict, out: Path) -> None:
@@ -146,7 +122,7 @@ def build_table_command(
     cluster_spec = check_cluster_options(cluster, work_dir=work_dir, resume=resume)  # Ray missing fails here, before any work
 
     loaded = load_tokenizer(tokenizer)
-    vocab = default_vocab(loaded, vocab_path)
+    vocab = resolve_vocab(loaded, vocab_path, notice=notice)
     plan = plan_tables(
         vocab,
         layer_ids=parse_int_list(layers, what="--layers"),

@@ -23,6 +23,7 @@ _EXPORTS = {
     "LoadedTokenizer": "vocab",
     "load_tokenizer": "vocab",
     "compress_vocab": "vocab",
+    "resolve_vocab": "vocab",
     # plan: primes, offsets, multipliers (docs/spec.md, "Table plan")
     "TablePlan": "plan",
     "make_plan": "plan",
@@ -49,6 +50,7 @@ _EXPORTS = {
     "write_tables": "store",
     "init_chunk": "store",
     "hit_counts": "store",
+    "load_store_tokenizer": "store.tokenizer",
     # the build-table pipeline
     "build_tables": "pipeline.build",
     "plan_tables": "pipeline.build",

@@ -26,7 +26,10 @@ import torch
 from engram_cli.checkpoint import load_checkpoint
 from engram_cli.errors import BackendError, CheckpointError, StoreError
 from engram_cli.model import EngramGPT, ModelConfig, table_lookup
+from engram_cli.store import TableStore
+from engram_cli.store.tokenizer import load_store_tokenizer
 from engram_cli.train import HELDOUT_SHARE, MAX_HELDOUT_TOKENS, TokenMap, open_tables, read_split
+from engram_cli.vocab import load_tokenizer
 
 MiB = 1 << 20
 CACHE_SHARES = (0.01, 0.05, 0.10)  # hot-row cache capacities, as shares of a layer's rows
@@ -59,9 +62,7 @@ def load_model(ckpt: dict, tables: str | None):
             if got != want:
                 raise CheckpointError(f"table of layer {l} has shape {got}, the model expects {want}; pass the tables it was trained with")
     else:
-        from engram_cli.vocab import load_tokenizer
-
-        tok = load_tokenizer()
+        tok = baseline_tokenizer(ckpt)
     try:
         model.load_state_dict(ckpt["weights"])
     except (RuntimeError, KeyError, TypeError) as e:
@@ -69,6 +70,14 @@ def load_model(ckpt: dict, tables: str | None):
         raise CheckpointError(f"checkpoint weights do not match its config ({first[:160]}); re-run `engram train`") from None
     model.eval()
     return model, store, plan, vocab, tok
+
+
+def baseline_tokenizer(ckpt: dict):
+    """The tokenizer of a checkpoint without Engram memory: its training store's (`extra.initial_tables`), else the default one."""
+    initial = ckpt["extra"].get("initial_tables")
+    if initial and Path(initial).exists():
+        return load_store_tokenizer(TableStore.open(initial))
+    return load_tokenizer()
 
 
 def heldout_stream(ckpt: dict, tok, corpus=None, max_tokens: int = MAX_HELDOUT_TOKENS, progress=None) -> np.ndarray:

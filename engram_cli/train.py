@@ -21,6 +21,7 @@ import torch
 import xxhash
 
 from engram_cli.model import EngramGPT, table_lookup
+from engram_cli.store.tokenizer import load_store_tokenizer
 
 TABLE_LR_MULT = 5.0  # the paper: table Adam at 5x the base learning rate, no weight decay
 
@@ -289,13 +290,12 @@ def read_split(corpus, tokenizer, *, share: float = HELDOUT_SHARE, max_train: in
 
 
 def open_tables(tables):
-    """The store, its plan and vocab, and the tokenizer it was built with (checked by sha256)."""
+    """The store, its plan and vocab, and the tokenizer it was built with (`store.tokenizer.load_store_tokenizer`, checked by sha256)."""
     from engram_cli.store import TableStore
-    from engram_cli.vocab import load_tokenizer
 
     store = TableStore.open(tables)
     vocab = store.vocab
-    tok = load_tokenizer()
+    tok = load_store_tokenizer(store)
     if vocab.tokenizer_sha256 and tok.sha256 != vocab.tokenizer_sha256:
         raise StoreError(f"table store {str(tables)!r} was built with another tokenizer (sha256 {vocab.tokenizer_sha256[:12]}); rebuild it with `engram build-table`")
     return store, store.plan, vocab, tok

@@ -3,7 +3,8 @@
 Every tokenizer id is decoded alone, normalized (NFKC, NFD, accents stripped,
 lowercase, whitespace runs collapsed) and ids whose text normalizes to the same key
 share one compressed id. `compress_vocab` builds the `CompressedVocab`; `save`/`load`
-keep it as an .npz that later stages check against their tokenizer.
+keep it as an .npz that later stages check against their tokenizer; `resolve_vocab` is
+build-table's rule for choosing one (`--vocab`, else a matching ./vocab.npz, else computed).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import tokenizers
 from tokenizers import Regex, Tokenizer, normalizers
 
+from .defaults import DEFAULT_VOCAB
 from .errors import OutputError, TokenizerError, VocabMismatch
 
 NORMALIZER_NAME = "engram-reference/nfkc-nfd-stripaccents-lowercase-ws"
@@ -31,6 +34,7 @@ NORMALIZER_VERSION = f"1+tokenizers-{tokenizers.__version__}"
 REPLACEMENT_CHAR = "\ufffd"
 _SENTINEL = "\ue000"
 DEFAULT_TOKENIZER = "deepseek"
+TOKENIZER_ENGINE = "tokenizers"  # the library that encodes text (recorded in a store's tokenizer spec)
 
 
 def reference_normalizer() -> normalizers.Normalizer:
@@ -52,12 +56,18 @@ def reference_normalizer() -> normalizers.Normalizer:
 # -- loading tokenizers ----------------------------------------------------------
 @dataclass(frozen=True)
 class LoadedTokenizer:
-    """A `tokenizers.Tokenizer` with where it came from and the sha256 of its file."""
+    """A `tokenizers.Tokenizer` with where it came from and the sha256 of its file.
+
+    `spec` is what the caller named (`deepseek`, a tokenizer.json or a directory holding
+    one; empty for a tokenizer made in memory), `engine` the library that encodes with it.
+    """
 
     tokenizer: Tokenizer
     path: Path
     sha256: str
     name: str
+    spec: str = ""
+    engine: str = TOKENIZER_ENGINE
 
     @property
     def vocab_size(self) -> int:
@@ -127,7 +137,7 @@ def load_tokenizer(spec: str | os.PathLike = DEFAULT_TOKENIZER) -> LoadedTokeniz
     if tok.get_vocab_size(with_added_tokens=True) == 0:
         raise TokenizerError(f"tokenizer {str(path)!r} has an empty vocabulary")
     name = DEFAULT_TOKENIZER if str(spec) == DEFAULT_TOKENIZER else str(path)
-    return LoadedTokenizer(tokenizer=tok, path=path, sha256=hashlib.sha256(raw).hexdigest(), name=name)
+    return LoadedTokenizer(tokenizer=tok, path=path, sha256=hashlib.sha256(raw).hexdigest(), name=name, spec=str(spec))
 
 
 # -- the compressed vocabulary ---------------------------------------------------
@@ -411,4 +421,38 @@ def load_or_compress_vocab(tokenizer: LoadedTokenizer, vocab_path: str | os.Path
     check_vocab_file_size(vocab_path, tokenizer.vocab_size)
     vocab = CompressedVocab.load(vocab_path)
     vocab.check_tokenizer(tokenizer)
+    return vocab
+
+
+def resolve_vocab(
+    tokenizer: LoadedTokenizer,
+    vocab_path: str | os.PathLike | None = None,
+    *,
+    default: str | os.PathLike = DEFAULT_VOCAB,
+    notice: Callable[[str], None] | None = None,
+) -> CompressedVocab:
+    """The vocabulary a build uses: `vocab_path` when given (it must match `tokenizer`), else
+    `default` (./vocab.npz) when it matches, else computed (docs/build-table.md, `--vocab`).
+
+    A `default` made from another tokenizer (or unreadable) is rebuilt for this one and
+    written over it; with no `default` file the vocabulary is computed and nothing is
+    written. What was used or rebuilt is passed to `notice` (the command prints it).
+    """
+    if vocab_path is not None:
+        return load_or_compress_vocab(tokenizer, vocab_path)
+    default = Path(default)
+    shown = str(default) if default.is_absolute() or default.parent != Path(".") else f"./{default}"
+    if not default.is_file():
+        return compress_vocab(tokenizer)
+    try:
+        vocab = CompressedVocab.load(default)
+        vocab.check_tokenizer(tokenizer)
+    except VocabMismatch as e:
+        vocab = compress_vocab(tokenizer)
+        vocab.save(default)
+        if notice is not None:
+            notice(f"{shown} does not match {tokenizer.name} ({e}); rebuilt it for {tokenizer.name}.")
+        return vocab
+    if notice is not None:
+        notice(f"Using {shown} (matches {tokenizer.name}).")
     return vocab

@@ -142,7 +142,8 @@ def build_tables(
         with staged_output(out, force, inputs=paths, need=need) as staging:
             corpus, stats = count_corpus(list(paths), out_dir=staging.partial / "stats", **common)
             plan = replan(stats) if replan is not None else plan
-            write_tables(staging.partial, plan, vocab, stats=stats, memory_limit=memory_limit, extra_attrs=_attrs(corpus, stats), progress=progress, **store_options)
+            write_tables(staging.partial, plan, vocab, stats=stats, memory_limit=memory_limit, extra_attrs=_attrs(corpus, stats), progress=progress,
+                         tokenizer=tokenizer, **store_options)
         return BuildResult(store=staging.store, corpus=corpus.to_dict())
 
     options = options or DistributedOptions()
@@ -158,7 +159,7 @@ def build_tables(
                                          partitions=options.partitions, cpus=cpus, resume=options.resume, **common)
             plan = replan(stats) if replan is not None else plan
             write_tables(staging.partial, plan, vocab, stats=stats, memory_limit=memory_limit, extra_attrs={**_attrs(corpus, stats), "cluster": description},
-                         progress=progress, executor=ex, workers=2 * cpus, **store_options)
+                         progress=progress, executor=ex, workers=2 * cpus, tokenizer=tokenizer, **store_options)
     if not options.keep_work:
         work.remove()
     return BuildResult(store=staging.store, corpus=corpus.to_dict())

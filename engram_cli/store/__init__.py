@@ -11,11 +11,13 @@ One Zarr v3 group that plain zarr-python (or tensorstore) opens without this pac
                              width head_dim + head_dim // 32); sharded, crc32c per chunk
         hits  (rows,) uint64 windows of the corpus that hash to each row (with statistics)
       stats/               NgramStats parquet files (not Zarr; zarr-python skips it)
+      tokenizer/tokenizer.json  the build's --tokenizer file, copied (absent for `deepseek`); spec in attributes["engram"]["tokenizer"]
 
 Modules: `format` (typed options, dtypes, geometry, codecs, the init recipe), `reader`
 (`TableStore`: open, load, stream, gather, rewrite rows in place), `writer` (the build's
 public steps and the shard writer), `staging` (the one staged-output context: lock,
-`<out>.partial`, finalize), `output` (output safety: checks, the lock, leftovers); hit counting lives in `engram_cli.hits`. docs/store.md
+`<out>.partial`, finalize), `output` (output safety: checks, the lock, leftovers), `tokenizer`
+(the tokenizer spec a store carries: `load_store_tokenizer`); hit counting lives in `engram_cli.hits`. docs/store.md
 is the API with examples; docs/build-table.md lists every attribute. The design target
 is DeepSeek's scale (~768M rows, ~200 GB): nothing holds a whole table in memory.
 

@@ -69,10 +69,11 @@ from .format import (
 )
 from .output import check_free_space, shown, storage_errors
 from .reader import VOCAB_ARRAYS
+from .tokenizer import TOKENIZER_ATTR, write_store_tokenizer
 
 if TYPE_CHECKING:
     from ..ngrams import NgramStats
-    from ..vocab import CompressedVocab
+    from ..vocab import CompressedVocab, LoadedTokenizer
 
 Progress = Callable[..., None]
 
@@ -321,10 +322,12 @@ def create_layout(
     compressor: str = DEFAULT_COMPRESSOR,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
     extra_attrs: dict | None = None,
+    tokenizer: "LoadedTokenizer | None" = None,
 ) -> StoreLayout:
     """Step 1 of a build: in the empty directory `partial`, write the root metadata
     (`complete: false`), the vocabulary, the statistics (copied in) and every array's
-    metadata, but no table data. Returns the layout the other steps take.
+    metadata, but no table data. With `tokenizer` (the one `vocab` was made from), its
+    spec is recorded and its file copied in (`store.tokenizer`). Returns the layout the other steps take.
     """
     from .. import __version__
 
@@ -383,6 +386,8 @@ def create_layout(
     if plan.dtype == TableDtype.FLOAT8_E4M3:
         attrs["row_width"] = width
         attrs["fp8"] = dict(FP8_LAYOUT)
+    if tokenizer is not None:
+        attrs[TOKENIZER_ATTR] = write_store_tokenizer(partial, tokenizer, vocab)
     root.attrs[ROOT_ATTR] = attrs
     _vocab_group(root, vocab)
 
@@ -587,6 +592,7 @@ def write_tables(
     extra_attrs: dict | None = None,
     progress: Progress | None = None,
     executor: Executor | None = None,
+    tokenizer: "LoadedTokenizer | None" = None,
 ) -> None:
     """Write every array of the store into `partial`; `complete: true` is written last.
 
@@ -600,13 +606,13 @@ def write_tables(
     """
     check_write_options(init=init, init_std=init_std, compressor=compressor, parallel=parallel, workers=workers, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes)
     with storage_errors(partial):
-        _write_tables(partial, plan, vocab, stats, init, init_std, chunk_bytes, shard_bytes, compressor, workers, parallel, memory_limit, extra_attrs, progress, executor)
+        _write_tables(partial, plan, vocab, stats, init, init_std, chunk_bytes, shard_bytes, compressor, workers, parallel, memory_limit, extra_attrs, progress, executor, tokenizer)
 
 
-def _write_tables(partial, plan, vocab, stats, init, init_std, chunk_bytes, shard_bytes, compressor, workers, parallel, memory_limit, extra_attrs, progress, executor) -> None:
+def _write_tables(partial, plan, vocab, stats, init, init_std, chunk_bytes, shard_bytes, compressor, workers, parallel, memory_limit, extra_attrs, progress, executor, tokenizer=None) -> None:
     layout = create_layout(
         partial, plan, vocab, stats=stats, init=init, init_std=init_std, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
-        compressor=compressor, memory_limit=memory_limit, extra_attrs=extra_attrs,
+        compressor=compressor, memory_limit=memory_limit, extra_attrs=extra_attrs, tokenizer=tokenizer,
     )
     if layout.has_hits:
         _write_hits(layout, memory_limit, progress, executor)
