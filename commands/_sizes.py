@@ -7,7 +7,7 @@ import typer
 from engram_cli.sizing import large_plan_notice
 from engram_cli.units import format_bytes
 
-from ._output import console
+from engram_cli.commands._output import console
 
 
 def render_plan_size(footprint: dict) -> None:

@@ -15,7 +15,7 @@ from engram_cli.plan import parse_budget
 from engram_cli.store import TableStore
 from engram_cli.units import format_bytes, parse_int_list
 
-from ._output import console, json_option, ngram_text, notice, print_json, progress_reporter
+from engram_cli.commands._output import console, json_option, ngram_text, notice, print_json, progress_reporter
 
 DEFAULT_STORE = "tables.zarr"
 SWEEP_AXES = ("heads=", "rows=")

@@ -11,7 +11,7 @@ from engram_cli.vocab import DEFAULT_TOKENIZER, REPLACEMENT_CHAR, CompressedVoca
 
 from engram_cli.defaults import DEFAULT_VOCAB
 
-from ._output import console, json_option, notice, print_json, visible
+from engram_cli.commands._output import console, json_option, notice, print_json, visible
 
 TOP_CLASSES = 10
 MAX_MEMBERS_SHOWN = 12

@@ -11,7 +11,7 @@ from rich.table import Table
 from engram_cli.defaults import DEFAULT_CHECKPOINT
 from engram_cli.evaluate import evaluate_checkpoint
 
-from ._output import console, json_option, print_json, progress_reporter
+from engram_cli.commands._output import console, json_option, print_json, progress_reporter
 
 
 def _f(x, fmt=".4f"):
@@ -84,7 +84,7 @@ def eval_command(
         engram eval --state-dict engram.pt --tables tables.zarr   # no model: tables only
     """
     if state_dict is not None:
-        from ._state_dict import run
+        from engram_cli.commands._state_dict import run
 
         return run(state_dict, checkpoints, tables, corpus, as_json)
     paths = checkpoints or [Path(DEFAULT_CHECKPOINT)]

@@ -10,7 +10,7 @@ import typer
 from engram_cli.defaults import DEFAULT_STORE
 from engram_cli.exchange import ExchangeFormat, export_tables, parse_format
 
-from ._output import console, json_option, print_json, progress_reporter
+from engram_cli.commands._output import console, json_option, print_json, progress_reporter
 
 
 def export_command(
