@@ -10,18 +10,17 @@ import typer
 from rich.table import Table
 
 from engram_cli import plan as plan_defaults
+from engram_cli.commands._output import console, json_option, ngram_text, notice, print_json, progress_reporter
+from engram_cli.commands._sizes import render_plan_size
 from engram_cli.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_STORE, DEFAULT_VOCAB
 from engram_cli.distributed import check_cluster_options
 from engram_cli.errors import PlanError, VocabMismatch
 from engram_cli.kinds import Compressor, InitKind, TableDtype
 from engram_cli.plan import parse_budget
-from engram_cli.store import format as store_format
 from engram_cli.sizing import AUTO, check_fits_disk, plan_footprint, resolve_rows_option, size_plan_to_target
+from engram_cli.store import format as store_format
 from engram_cli.units import format_bytes, parse_bytes, parse_int_list
 from engram_cli.vocab import DEFAULT_TOKENIZER, CompressedVocab, LoadedTokenizer, compress_vocab, load_or_compress_vocab, load_tokenizer
-
-from engram_cli.commands._output import console, json_option, ngram_text, notice, print_json, progress_reporter
-from engram_cli.commands._sizes import render_plan_size
 
 TOP_SHOWN = 10
 

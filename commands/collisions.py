@@ -9,13 +9,12 @@ import typer
 from rich.table import Table
 
 from engram_cli.collisions import FAMILIES, audit_collisions, check_plot_support, parse_families, parse_sweep, plot_sweep, validate_audit, what_if_plan
+from engram_cli.commands._output import console, json_option, ngram_text, notice, print_json, progress_reporter
 from engram_cli.distributed import check_cluster_options
 from engram_cli.errors import PlanError, StoreError
 from engram_cli.plan import parse_budget
 from engram_cli.store import TableStore
 from engram_cli.units import format_bytes, parse_int_list
-
-from engram_cli.commands._output import console, json_option, ngram_text, notice, print_json, progress_reporter
 
 DEFAULT_STORE = "tables.zarr"
 SWEEP_AXES = ("heads=", "rows=")

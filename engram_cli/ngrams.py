@@ -52,7 +52,6 @@ import polars as pl
 
 from .defaults import DEFAULT_MEMORY_LIMIT
 from .errors import StoreError
-from .hashing import shift_flat
 
 STATS_FORMAT = "engram-ngram-stats/1"
 SUMMARY_FILE = "summary.json"
@@ -666,9 +665,6 @@ class _OrderCounter:
 
         builder.add(rows, counts, ids_sorted=True)
         _order_frame_columns(self.layout.order, columns, counts).write_parquet(path, row_group_size=STATS_ROW_GROUP)
-
-
-_shifted = shift_flat  # the reference shift_k, from hashing
 
 
 def _batch_keys(pieces: list[np.ndarray], ctx: list[int], ctx_len: int, pad_id: int, vocab_size: int, layouts: dict[int, KeyLayout]) -> dict[int, list[np.ndarray]]:
