@@ -122,7 +122,8 @@ class EngramLookup:
 
         store = store_or_path if hasattr(store_or_path, "table") else TableStore.open(store_or_path)
         if max_resident_bytes is not None:
-            if REGISTRY[resolve_backend(backend, device)].resident_only:
+            named = Backend.parse(backend)
+            if REGISTRY[resolve_backend(named, device) if named is Backend.AUTO else named].resident_only:
                 raise BackendError("the triton backend needs the table on the device; drop max_resident_bytes or use backend offload")
             lk = cls(store.plan, store.vocab, layer_id, None, backend=backend, device=device)
             lk.table = ChunkCache(store.table(layer_id), store.chunk_rows, max_resident_bytes)
