@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from engram_cli.commands._output import console, print_json, progress_reporter
 from engram_cli.statedict_audit import audit_state_dict
-
-from ._output import console, print_json, progress_reporter
 
 
 def _share(x) -> str:

@@ -9,20 +9,19 @@ import typer
 from rich.table import Table
 
 from engram_cli import plan as plan_defaults
+from engram_cli.commands._output import console, json_option, ngram_text, notice, print_json, progress_reporter
+from engram_cli.commands._sizes import render_plan_size
 from engram_cli.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_STORE, DEFAULT_VOCAB
 from engram_cli.execution.ray import check_cluster_options
+from engram_cli.kinds import Compressor, InitKind, TableDtype
 from engram_cli.pipeline.build import DistributedOptions, build_tables, plan_tables, resolve_corpus
 from engram_cli.pipeline.report import plan_report, stats_report
 from engram_cli.pipeline.sizing import AUTO, check_fits_disk, plan_footprint, resolve_rows_option, size_plan_to_target
 from engram_cli.plan import check_rows_or_budget, parse_budget
 from engram_cli.store import check_output, check_write_options
 from engram_cli.store import format as store_format
-from engram_cli.store.format import Compressor, InitKind, TableDtype
 from engram_cli.units import format_bytes, parse_bytes, parse_int_list
 from engram_cli.vocab import DEFAULT_TOKENIZER, load_tokenizer, resolve_vocab
-
-from ._output import console, json_option, ngram_text, notice, print_json, progress_reporter
-from ._sizes import render_plan_size
 
 TOP_SHOWN = 10
 
@@ -86,12 +85,12 @@ def build_table_command(
     seed: int = typer.Option(plan_defaults.DEFAULT_SEED, "--seed", help="Seed of the hash multipliers and of the table initialization."),
     pad_id: int = typer.Option(plan_defaults.DEFAULT_PAD_ID, "--pad-id", help="Tokenizer id used as left padding (compressed before use)."),
     budget: Optional[str] = typer.Option(None, "--budget", help="Size the tables to fit: bytes (2GiB, 800MB) or parameters (500M)."),
-    dtype: str = typer.Option(store_format.DEFAULT_DTYPE, "--dtype", callback=store_format.option_parser(TableDtype), help=f"Row dtype: {store_format.choices(TableDtype)} (float8_e4m3: e4m3 values and one power-of-two scale per 32; docs/store.md)."),
-    init: str = typer.Option(store_format.DEFAULT_INIT, "--init", callback=store_format.option_parser(InitKind), help="Row initialization: normal (std --init-std) or zeros."),
+    dtype: str = typer.Option(store_format.DEFAULT_DTYPE, "--dtype", callback=TableDtype.option_callback, help=f"Row dtype: {TableDtype.choices()} (float8_e4m3: e4m3 values and one power-of-two scale per 32; docs/store.md)."),
+    init: str = typer.Option(store_format.DEFAULT_INIT, "--init", callback=InitKind.option_callback, help="Row initialization: normal (std --init-std) or zeros."),
     init_std: float = typer.Option(0.02, "--init-std", help="Standard deviation of the normal initialization."),
     chunk_size: str = typer.Option("4MiB", "--chunk-size", help="Target bytes per Zarr chunk (1-8 MiB is typical)."),
     shard_size: str = typer.Option("128MiB", "--shard-size", help="Target bytes per shard file (many chunks each)."),
-    compressor: str = typer.Option(store_format.DEFAULT_COMPRESSOR, "--compressor", callback=store_format.option_parser(Compressor), help="Chunk compressor: lz4 (blosc), zstd or none; crc32c checksums always."),
+    compressor: str = typer.Option(store_format.DEFAULT_COMPRESSOR, "--compressor", callback=Compressor.option_callback, help="Chunk compressor: lz4 (blosc), zstd or none; crc32c checksums always."),
     memory_limit: str = typer.Option(format_bytes(DEFAULT_MEMORY_LIMIT).replace(" ", ""), "--memory-limit", help="Memory for in-flight n-gram counts before spilling to disk."),
     text_field: str = typer.Option("text", "--text-field", help="The text field of .jsonl records and .parquet rows."),
     special_tokens: bool = typer.Option(False, "--special-tokens/--no-special-tokens", help="Add the tokenizer's special tokens (e.g. BOS) to each document."),

@@ -6,18 +6,34 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from engram_cli.commands._output import (
+    console,
+    json_option,
+    ngram_text,
+    notice,
+    print_json,
+    progress_reporter,
+)
 from rich.table import Table
 
-from engram_cli.audit import DEFAULT_FAMILIES, FAMILIES, TOP_BUCKETS, audit_collisions, check_plot_support, parse_families, parse_sweep, plot_sweep, validate_audit, what_if_plan
+from engram_cli.audit import (
+    DEFAULT_FAMILIES,
+    TOP_BUCKETS,
+    audit_collisions,
+    check_plot_support,
+    parse_sweep,
+    plot_sweep,
+    validate_audit,
+    what_if_plan,
+)
 from engram_cli.audit.partitioned import audit_collisions_distributed
 from engram_cli.defaults import DEFAULT_STORE
-from engram_cli.execution.ray import check_cluster_options
 from engram_cli.errors import PlanError, StoreError
+from engram_cli.execution.ray import check_cluster_options
+from engram_cli.kinds import HashFamily
 from engram_cli.plan import check_rows_or_budget, check_target_rate, parse_budget
 from engram_cli.store import TableStore
 from engram_cli.units import format_bytes, parse_int_list
-
-from ._output import console, json_option, ngram_text, notice, print_json, progress_reporter
 
 SWEEP_AXES = ("heads=", "rows=")
 MEMBERS_SHOWN = 4
@@ -156,7 +172,7 @@ def collisions_command(
     rows_per_head: Optional[str] = typer.Option(None, "--rows-per-head", help="What-if: rows per head, one value or one per order (comma list).", show_default="the stored plan's"),
     budget: Optional[str] = typer.Option(None, "--budget", help="What-if: fit rows per head to a budget: bytes (2GiB, 800MB) or parameters (500M).", show_default="none"),
     layers: Optional[str] = typer.Option(None, "--layers", help="Audit only these layers of the plan (comma list, e.g. 1,15).", show_default="all"),
-    hash_family: str = typer.Option(",".join(DEFAULT_FAMILIES), "--hash", help=f"Hash family to audit: {', '.join(FAMILIES)}, or reference,xxh3 for both."),
+    hash_family: str = typer.Option(",".join(DEFAULT_FAMILIES), "--hash", help=f"Hash family to audit: {', '.join(HashFamily)}, or reference,xxh3 for both."),
     target: Optional[float] = typer.Option(None, "--target", help="Find the rows per head that bring the token-weighted collision rate to this rate (e.g. 0.05).", show_default="none"),
     sweep: Optional[List[str]] = typer.Option(None, "--sweep", help="Grid of what-if plans: heads=1,2,4,8 rows=0.25x,0.5x,1x,2x (rows: multiples of the plan's or absolute).", show_default="none"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the --sweep grid to FILE.png (needs matplotlib: pip install 'engram-cli[plot]').", dir_okay=False, show_default="none"),
@@ -182,7 +198,7 @@ def collisions_command(
     check_rows_or_budget(rows_per_head, budget)
     if plot is not None and not sweep_specs:
         raise PlanError("--plot draws the --sweep grid; add --sweep, e.g. --sweep heads=1,2,4,8 rows=0.5x,1x,2x")
-    families = parse_families(hash_family)
+    families = HashFamily.parse_many(hash_family)
     rows = tuple(parse_int_list(rows_per_head, what="--rows-per-head")) if rows_per_head is not None else None
     parsed_budget = parse_budget(budget) if budget is not None else None
     layer_ids = parse_int_list(layers, what="--layers") if layers is not None else None

@@ -10,8 +10,7 @@ from rich.table import Table
 from engram_cli.vocab import DEFAULT_TOKENIZER, REPLACEMENT_CHAR, CompressedVocab, LoadedTokenizer, check_output_path, compress_vocab, load_tokenizer
 
 from engram_cli.defaults import DEFAULT_VOCAB
-
-from ._output import console, json_option, notice, print_json, visible
+from engram_cli.commands._output import console, json_option, notice, print_json, visible
 
 TOP_CLASSES = 10
 MAX_MEMBERS_SHOWN = 12

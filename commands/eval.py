@@ -8,10 +8,10 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from engram_cli.commands._output import console, json_option, print_json, progress_reporter
+from engram_cli.commands._state_dict import run as run_state_dict
 from engram_cli.defaults import DEFAULT_CHECKPOINT
 from engram_cli.evaluate import evaluate_checkpoint
-
-from ._output import console, json_option, print_json, progress_reporter
 
 
 def _f(x, fmt=".4f"):
@@ -84,9 +84,7 @@ def eval_command(
         engram eval --state-dict engram.pt --tables tables.zarr   # no model: tables only
     """
     if state_dict is not None:
-        from ._state_dict import run
-
-        return run(state_dict, checkpoints, tables, corpus, as_json)
+        return run_state_dict(state_dict, checkpoints, tables, corpus, as_json)
     paths = checkpoints or [Path(DEFAULT_CHECKPOINT)]
     with progress_reporter(quiet=as_json) as progress:
         reports = [evaluate_checkpoint(p, tables=tables, corpus=corpus, progress=progress) for p in paths]

@@ -7,15 +7,15 @@ from typing import Optional
 
 import typer
 
+from engram_cli.commands._output import console, json_option, print_json, progress_reporter
 from engram_cli.defaults import DEFAULT_STORE
-from engram_cli.exchange import ExchangeFormat, export_tables, parse_format
-
-from ._output import console, json_option, print_json, progress_reporter
+from engram_cli.exchange import export_tables
+from engram_cli.kinds import ExchangeFormat
 
 
 def export_command(
     tables: Path = typer.Argument(Path(DEFAULT_STORE), metavar="[TABLES.zarr]", help=f"Table store from `engram build-table` or `engram train` (default {DEFAULT_STORE})."),
-    fmt: str = typer.Option(ExchangeFormat.SAFETENSORS.value, "--format", callback=parse_format, help=f"File format: {', '.join(f.value for f in ExchangeFormat)} (reference: a torch.save state dict, .pt); names in docs/exchange.md."),
+    fmt: str = typer.Option(ExchangeFormat.SAFETENSORS.value, "--format", callback=ExchangeFormat.option_callback, help=f"File format: {ExchangeFormat.choices()} (reference: a torch.save state dict, .pt); names in docs/exchange.md."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="File to write (default: the store's name with .safetensors or .pt)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing file at -o."),
     as_json: bool = json_option(),

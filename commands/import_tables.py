@@ -6,10 +6,9 @@ from pathlib import Path
 
 import typer
 
+from engram_cli.commands._output import console, json_option, notice, print_json, progress_reporter
 from engram_cli.defaults import DEFAULT_STORE
 from engram_cli.exchange import import_tables
-
-from ._output import console, json_option, notice, print_json, progress_reporter
 
 
 def import_command(

@@ -8,10 +8,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from engram_cli.commands._output import console, json_option, print_json, progress_reporter
 from engram_cli.defaults import DEFAULT_STORE
 from engram_cli.units import format_bytes
-
-from ._output import console, json_option, print_json, progress_reporter
 
 
 def render_inspect(report: dict) -> None:

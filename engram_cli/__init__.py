@@ -30,6 +30,10 @@ _EXPORTS = {
     "fit_plan_to_budget": "plan",
     "parse_budget": "plan",
     "parse_bytes": "units",
+    # kinds: the option enums every stage shares, parsed in one place
+    "TableDtype": "kinds",
+    "HashFamily": "kinds",
+    "Backend": "kinds",
     # hashing (docs/spec.md, "Hash")
     "hash_positions": "hashing",
     "shift": "hashing",

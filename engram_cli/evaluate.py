@@ -24,9 +24,12 @@ import numpy as np
 import torch
 
 from engram_cli.checkpoint import load_checkpoint
-from engram_cli.errors import BackendError, CheckpointError, StoreError
+from engram_cli.errors import CheckpointError, StoreError
+from engram_cli.kernels import REGISTRY, EngramLookup, available_backends
+from engram_cli.kernels.cache import ChunkCache, top_rows
+from engram_cli.kinds import Backend
 from engram_cli.model import EngramGPT, ModelConfig, table_lookup
-from engram_cli.store import TableStore
+from engram_cli.store import TableStore, from_storage
 from engram_cli.store.tokenizer import load_store_tokenizer
 from engram_cli.train import HELDOUT_SHARE, MAX_HELDOUT_TOKENS, TokenMap, open_tables, read_split
 from engram_cli.vocab import load_tokenizer
@@ -100,9 +103,7 @@ def windows(stream: np.ndarray, block: int) -> np.ndarray:
 
 def heldout_rows(store, layer_id: int, row_ids: np.ndarray) -> torch.Tensor:
     """Rows `row_ids` (sorted, unique) of a layer as float32 (U, head_dim), through the kernels' chunk cache."""
-    from engram_cli.kernels import EngramLookup
-
-    lk = EngramLookup.from_store(store, layer_id, backend="cpu", max_resident_bytes=ROW_READ_BYTES)
+    lk = EngramLookup.from_store(store, layer_id, backend=Backend.CPU, max_resident_bytes=ROW_READ_BYTES)
     ids = torch.as_tensor(row_ids, dtype=torch.int64)
     return lk.gather(ids.view(1, 1, -1), dtype=torch.float32).view(-1, store.head_dim)
 
@@ -235,8 +236,6 @@ def gate_report(store, plan, vocab, layer_id: int, x_raw: np.ndarray, rows: np.n
 
 def held_hits(store, layer_id: int, rows: np.ndarray) -> np.ndarray:
     """Hit counts at `rows` (any shape), reading only the hits chunks they touch."""
-    from engram_cli.kernels.cache import ChunkCache
-
     arr = store.hits(layer_id)
     uniq, inv = np.unique(rows, return_inverse=True)
     h = ChunkCache(arr, int(arr.chunks[0]), ROW_READ_BYTES).take(uniq)
@@ -268,8 +267,6 @@ def _quantiles(x: np.ndarray) -> dict | None:
 
 def row_norms(store, layer_id: int, touched: np.ndarray) -> dict:
     """L2-norm quantiles of trained vs untouched rows: every row, or whole chunks evenly spaced (about NORM_SAMPLE_ROWS rows)."""
-    from engram_cli.store import from_storage
-
     n = store.table(layer_id).shape[0]
     cr = store.chunk_rows
     n_chunks = -(-n // cr)
@@ -293,8 +290,6 @@ def row_norms(store, layer_id: int, touched: np.ndarray) -> dict:
 
 def cache_hit_rates(store, layer_id: int, rows: np.ndarray) -> dict:
     """Share of held-out lookups a hot-row cache of the 1/5/10 % most-hit rows (store hit counts) would serve."""
-    from engram_cli.kernels.cache import top_rows
-
     if not store.has_hits:
         return {}
     hits = store.hits(layer_id)
@@ -322,20 +317,6 @@ def available_ram() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def available_backends(device) -> list[str]:
-    """The lookup backends that can run here (triton only on CUDA or under TRITON_INTERPRET=1)."""
-    from engram_cli.kernels import resolve_backend
-
-    out = []
-    for b in ("torch", "cpu", "triton", "offload"):
-        try:
-            resolve_backend(b, device)
-        except BackendError:
-            continue
-        out.append(b)
-    return out
-
-
 def lookup_report(store, plan, vocab, layer_id: int, x_raw: np.ndarray, device=None) -> dict:
     """tokens/s and GB/s of each available backend on held-out ids, each checked bit-exact against the torch reference.
 
@@ -343,8 +324,6 @@ def lookup_report(store, plan, vocab, layer_id: int, x_raw: np.ndarray, device=N
     float32). GB/s counts the stored bytes of the rows read. Every backend's row ids and
     rows are compared with `torch.equal` to the torch backend's (the plain reference).
     """
-    from engram_cli.kernels import EngramLookup
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     arr = store.table(layer_id)
     row_bytes = int(arr.shape[1]) * np.dtype(arr.dtype).itemsize
@@ -360,13 +339,13 @@ def lookup_report(store, plan, vocab, layer_id: int, x_raw: np.ndarray, device=N
             return EngramLookup(plan, vocab, layer_id, table, backend=backend, device=device)
         return EngramLookup.from_store(store, layer_id, backend=backend, device=device, max_resident_bytes=ROW_READ_BYTES)
 
-    ref = make("torch")
+    ref = make(Backend.TORCH)
     want_rows, want_ids = ref(ids, dtype=torch.float32).cpu(), ref.row_ids(ids).cpu()
     backends = {}
     for name in available_backends(device):
-        if name == "triton" and not resident:
+        if REGISTRY[name].resident_only and not resident:
             continue  # the triton kernel needs the table on the device
-        lk = ref if name == "torch" else make(name)
+        lk = ref if name == Backend.TORCH else make(name)
         got = lk(ids, dtype=torch.float32)  # warm-up, and the parity check
         exact = bool(torch.equal(got.cpu(), want_rows) and torch.equal(lk.row_ids(ids).cpu(), want_ids))
         best = math.inf

@@ -35,14 +35,19 @@ import struct
 import time
 import zipfile
 import zlib
-from dataclasses import dataclass
-from enum import StrEnum
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from engram_cli.errors import CheckpointError, OutputError
+from engram_cli.fp8 import FP8_BLOCK, dequantize_fp8_rows, quantize_fp8_rows_keeping
+from engram_cli.kinds import ExchangeFormat, TableDtype
+from engram_cli.store import TableStore, to_storage
+from engram_cli.store.output import check_free_space, check_inputs_apart, check_output, check_output_name, shown
+from engram_cli.store.staging import link_store, staged_file, staged_output
 
 FORMAT_TAG = "engram-tables/1"
 WEIGHT = "multi_head_embedding.embedding.weight"
@@ -53,32 +58,18 @@ METADATA_TENSOR = "engram_metadata"  # reference format: the metadata as UTF-8 J
 KEY = LAYER_PREFIX + WEIGHT  # layers.{id}.multi_head_embedding.embedding.weight
 
 
-class ExchangeFormat(StrEnum):
-    """File formats of `engram export` (`--format`)."""
-
-    SAFETENSORS = "safetensors"
-    REFERENCE = "reference"
-
-
-def parse_format(value) -> ExchangeFormat:
-    """`--format` as an `ExchangeFormat`; a one-line `OutputError` naming the choices otherwise."""
-    try:
-        return ExchangeFormat(value.value if isinstance(value, StrEnum) else value)
-    except ValueError:
-        raise OutputError(f"unknown --format {value!r}; choose one of {', '.join(f.value for f in ExchangeFormat)}") from None
-
-
-SUFFIXES = {ExchangeFormat.SAFETENSORS: ".safetensors", ExchangeFormat.REFERENCE: ".pt"}
-
 # safetensors dtype names <-> torch dtypes (the ones tables use)
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
              "U8": torch.uint8, "I64": torch.int64}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-# the torch dtype of a store's rows in each format (FP8: values; the scales are a separate U8 tensor)
-_WEIGHT_DTYPE = {
-    ExchangeFormat.SAFETENSORS: {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float8_e4m3": torch.float8_e4m3fn},
-    ExchangeFormat.REFERENCE: {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float8_e4m3": torch.float32},
-}
+TABLE_TORCH_DTYPES = tuple(d.torch_dtype for d in TableDtype)  # what a file's table may hold
+
+
+def weight_dtype(dtype: str, fmt: ExchangeFormat) -> torch.dtype:
+    """The torch dtype of a store's rows in `fmt`: the store's (FP8: the e4m3 values; the scales are a
+    separate U8 tensor), except FP8 rows in the reference format, which are dequantized to float32."""
+    dtype = TableDtype.parse(dtype)
+    return torch.float32 if dtype.fp8 and fmt == ExchangeFormat.REFERENCE else dtype.torch_dtype
 
 
 def table_key(layer_id: int, name: str = WEIGHT) -> str:
@@ -102,14 +93,14 @@ class TensorSpec:
 
 def export_specs(store, fmt: ExchangeFormat, metadata: dict) -> list[TensorSpec]:
     """The tensors of an export of `store` in `fmt`, in file order (per layer: offsets, weight, scales)."""
-    plan, fp8 = store.plan, store.dtype == "float8_e4m3"
+    plan, fp8 = store.plan, store.dtype == TableDtype.FLOAT8_E4M3
     specs = []
     for l in plan.layer_ids:
         rows = plan.layer_rows(l)
         specs.append(TensorSpec(table_key(l, OFFSETS), torch.int64, (plan.heads_per_layer,), l, "offsets"))
-        specs.append(TensorSpec(table_key(l, WEIGHT), _WEIGHT_DTYPE[fmt][store.dtype], (rows, plan.head_dim), l, "weight"))
+        specs.append(TensorSpec(table_key(l, WEIGHT), weight_dtype(store.dtype, fmt), (rows, plan.head_dim), l, "weight"))
         if fp8:
-            specs.append(TensorSpec(table_key(l, SCALE), torch.uint8, (rows, plan.head_dim // 32), l, "scale"))
+            specs.append(TensorSpec(table_key(l, SCALE), torch.uint8, (rows, plan.head_dim // FP8_BLOCK), l, "scale"))
     if fmt == ExchangeFormat.REFERENCE:
         specs.append(TensorSpec(METADATA_TENSOR, torch.uint8, (len(_metadata_bytes(metadata)),), None, "metadata"))
     return specs
@@ -125,7 +116,7 @@ def export_metadata(store, fmt: ExchangeFormat) -> dict:
     meta = {"format": FORMAT_TAG, "layout": str(fmt), "plan_fingerprint": plan.fingerprint, "dtype": store.dtype,
             "layers": ",".join(str(l) for l in plan.layer_ids), "head_dim": str(plan.head_dim), "key": KEY,
             "plan": json.dumps(plan.to_dict(), sort_keys=True)}
-    if store.dtype == "float8_e4m3":
+    if store.dtype == TableDtype.FLOAT8_E4M3:
         meta["scale"] = f"{SCALE}: one ue8m0 byte s per 32 values, scale 2**(s-127)"
     return meta
 
@@ -133,11 +124,9 @@ def export_metadata(store, fmt: ExchangeFormat) -> dict:
 # -- reading the store's rows in the export form -----------------------------------------
 def _layer_blocks(store, layer_id: int, fmt: ExchangeFormat, block_rows: int):
     """(start, weight block as a numpy array of the export bytes, scale bytes or None), chunk by chunk."""
-    from engram_cli.fp8 import dequantize_fp8_rows
-
     hd = store.plan.head_dim
     for start, block in store.iter_row_blocks(layer_id, block_rows):
-        if store.dtype != "float8_e4m3":
+        if store.dtype != TableDtype.FLOAT8_E4M3:
             yield start, block, None  # float32 / float16 / bfloat16 words: the bytes as stored
         elif fmt == ExchangeFormat.SAFETENSORS:
             yield start, np.ascontiguousarray(block[:, :hd]), np.ascontiguousarray(block[:, hd:])
@@ -176,8 +165,6 @@ def _fill(fh, positions: dict[str, int], specs: list[TensorSpec], store, fmt: Ex
 # -- output safety -------------------------------------------------------------------------
 def check_file_output(out, force: bool) -> Path:
     """`OutputError` unless a file may be written at `out`: a new name, or an existing FILE with --force."""
-    from engram_cli.store.output import check_output_name, shown
-
     out = check_output_name(out)
     if out.exists() or out.is_symlink():
         if not force:
@@ -213,8 +200,6 @@ class ExportResult:
         return self.path
 
     def as_dict(self) -> dict:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
@@ -225,12 +210,9 @@ def export_tables(store_path, out=None, fmt: ExchangeFormat | str = ExchangeForm
     either the old file or the whole new one. Returns the file's path with the summary
     `engram export --json` prints (`ExportResult.as_dict()`, docs/exchange.md).
     """
-    from engram_cli.store import TableStore, staged_file
-    from engram_cli.store.output import check_free_space, check_inputs_apart
-
-    fmt = parse_format(fmt)
+    fmt = ExchangeFormat.parse(fmt)
     store = TableStore.open(store_path)
-    out = Path(out) if out is not None else Path(store.path).with_suffix(SUFFIXES[fmt])
+    out = Path(out) if out is not None else Path(store.path).with_suffix(fmt.suffix)
     check_inputs_apart(out, [store.path], source="table store")
     out = check_file_output(out, force)
     meta = export_metadata(store, fmt)
@@ -421,8 +403,6 @@ def open_tensor_file(path) -> TensorFile:
     if head[:4] == b"PK\x03\x04":
         return _open_torch(path)
     if len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] < size:
-        from safetensors import safe_open
-
         try:
             h = safe_open(str(path), framework="pt")
             meta = h.metadata() or {}
@@ -517,11 +497,11 @@ def check_table(tf: TensorFile, prefix: str, layer_id: int, plan, source) -> dic
         raise CheckpointError(f"{source}: {key} has shape {tf.shape(key)}, the plan needs {want} for layer {layer_id}; "
                               "it was made for another plan: pass the matching --plan-from/--tables")
     dtype = tf.dtype(key)
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn):
+    if dtype not in TABLE_TORCH_DTYPES:
         raise CheckpointError(f"{source}: {key} has dtype {str(dtype).removeprefix('torch.')}; tables are float32, bfloat16, float16 or float8_e4m3fn")
     scale = prefix + SCALE if (prefix + SCALE) in tf else None
-    if scale is not None and tf.shape(scale) != (want[0], plan.head_dim // 32):
-        raise CheckpointError(f"{source}: {scale} has shape {tf.shape(scale)}, the plan needs {(want[0], plan.head_dim // 32)}")
+    if scale is not None and tf.shape(scale) != (want[0], plan.head_dim // FP8_BLOCK):
+        raise CheckpointError(f"{source}: {scale} has shape {tf.shape(scale)}, the plan needs {(want[0], plan.head_dim // FP8_BLOCK)}")
     if dtype == torch.float8_e4m3fn and scale is None:
         raise CheckpointError(f"{source}: {key} holds float8_e4m3 values but the file has no {prefix + SCALE}; export the scales with it")
     off = prefix + OFFSETS
@@ -541,46 +521,17 @@ def check_fingerprint(tf: TensorFile, plan, source) -> None:
 
 
 # -- import ----------------------------------------------------------------------------------
-_PLAN_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float8_e4m3": torch.float8_e4m3fn}
-
-
-def _storage_block(values: torch.Tensor, scales: torch.Tensor | None, dtype: str) -> np.ndarray:
+def _storage_block(values: torch.Tensor, scales: torch.Tensor | None, dtype: TableDtype) -> np.ndarray:
     """File rows -> the store's storage form (bit-exact when the file holds the store's dtype)."""
-    from engram_cli.store import to_storage
-
-    if dtype == "float8_e4m3":
+    if dtype.fp8:
         if values.dtype == torch.float8_e4m3fn:
             return np.concatenate([values.contiguous().view(torch.uint8).numpy(), scales.numpy()], axis=1)
-        return fp8_with_scales(values.float().numpy(), None if scales is None else scales.numpy())
-    if values.dtype == _PLAN_TORCH[dtype]:
-        if dtype == "bfloat16":
+        return quantize_fp8_rows_keeping(values.float().numpy(), None if scales is None else scales.numpy())
+    if values.dtype == dtype.torch_dtype:
+        if dtype == TableDtype.BFLOAT16:
             return values.contiguous().view(torch.int16).numpy().view(np.uint16)
         return values.contiguous().numpy()
     return to_storage(values.float().numpy(), dtype)
-
-
-def fp8_with_scales(x: np.ndarray, scale_bytes: np.ndarray | None) -> np.ndarray:
-    """float32 rows -> packed FP8 rows: each block keeps its given scale byte where that scale
-    reproduces the block's values exactly (an FP8 export coming back), else the spec's quantizer."""
-    from engram_cli.fp8 import FP8_BLOCK, quantize_fp8_rows, scale_bytes_to_float32
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    packed = quantize_fp8_rows(x)
-    if scale_bytes is None:
-        return packed
-    n, d = x.shape
-    nb = d // FP8_BLOCK
-    sb = np.asarray(scale_bytes, dtype=np.uint8)
-    sc = scale_bytes_to_float32(sb)  # (n, nb); byte 0 -> 0.0 never reproduces a value
-    with np.errstate(divide="ignore", invalid="ignore"):
-        y = x.reshape(n, nb, FP8_BLOCK) / sc[..., None]
-    q = torch.from_numpy(np.ascontiguousarray(y.reshape(n, d))).to(torch.float8_e4m3fn)
-    back = (q.float().numpy().reshape(n, nb, FP8_BLOCK) * sc[..., None]).astype(np.float32)
-    ok = (back.view(np.uint32) == x.reshape(n, nb, FP8_BLOCK).view(np.uint32)).all(axis=2) & (sb > 0)
-    vals = packed[:, :d].reshape(n, nb, FP8_BLOCK)
-    vals[ok] = q.view(torch.uint8).numpy().reshape(n, nb, FP8_BLOCK)[ok]
-    packed[:, d:][ok] = sb[ok]
-    return packed
 
 
 def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -> dict:
@@ -595,11 +546,8 @@ def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -
     The output goes through the build's steps (`store.staged_output`: locked, staged in
     `<out>.partial`, an existing store replaced only with `force`).
     """
-    from engram_cli.store import TableStore, link_store, staged_output
-    from engram_cli.store.output import check_inputs_apart, check_output
-
     store = TableStore.open(plan_from)
-    plan = store.plan
+    plan, dtype = store.plan, TableDtype.parse(store.dtype)
     check_inputs_apart(out, [store.path], source="table store")
     check_inputs_apart(out, [file], source="input file")
     check_output(out, force)  # cheap refusals before reading the file; prepare_partial checks again under the lock
@@ -612,12 +560,12 @@ def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -
         raise CheckpointError(f"{source} has no table for layer(s) {missing} of the plan (expected {KEY.format(missing[0])!r}); export every layer")
     checked = {l: check_table(tf, prefixes[l], l, plan, source) for l in plan.layer_ids}
     for l, c in checked.items():
-        if c["dtype"] not in (_PLAN_TORCH[store.dtype], torch.float32):
+        if c["dtype"] not in (dtype.torch_dtype, torch.float32):
             raise CheckpointError(f"{source}: layer {l} rows are {str(c['dtype']).removeprefix('torch.')}, the plan of {plan_from} stores {store.dtype}; "
                                   f"export them as {store.dtype} or float32")
     total = sum(plan.layer_rows(l) for l in plan.layer_ids)
     done = 0
-    converted = sorted(l for l, c in checked.items() if c["dtype"] != _PLAN_TORCH[store.dtype])
+    converted = sorted(l for l, c in checked.items() if c["dtype"] != dtype.torch_dtype)
     out = Path(out)
     with staged_output(out, force) as staging:  # lock, leftovers settled, output checked; finalized after the block
         link_store(store.path, staging.partial)  # the plan's store, hard-linked
@@ -628,7 +576,7 @@ def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -
                 s1 = min(n, s0 + new.shard_rows)
                 vals = tf.rows(c["weight"], s0, s1)
                 scales = tf.rows(c["scale"], s0, s1) if c["scale"] else None
-                new.write_row_block(l, s0, _storage_block(vals, scales, store.dtype), by="imported")
+                new.write_row_block(l, s0, _storage_block(vals, scales, dtype), by="imported")
                 del vals, scales  # freed before the next shard is read: one shard in memory
                 done += s1 - s0
                 if progress is not None:
@@ -639,4 +587,4 @@ def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -
 
 
 __all__ = ["ExchangeFormat", "ExportResult", "KEY", "OFFSETS", "SCALE", "WEIGHT", "TensorFile", "check_table", "export_tables", "find_tables",
-           "import_tables", "open_tensor_file", "parse_format", "table_key"]
+           "import_tables", "open_tensor_file", "table_key", "weight_dtype"]

@@ -21,6 +21,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from engram_cli.errors import PlanError, StoreError
+
+# torch (the e4m3 cast) is imported inside the two functions that cast: store.format
+# imports this module, and the plan, the store reader and the scale-out map tasks that
+# import it never cast, so they do not pay torch's ~1 s import.
+
 FP8_BLOCK = 32  # values per scale byte
 FP8_MAX = 448.0  # largest finite e4m3fn value
 _SCALE_BIAS = 127
@@ -34,8 +40,6 @@ def fp8_row_bytes(head_dim: int) -> int:
 
 def check_fp8_head_dim(head_dim: int) -> None:
     if head_dim <= 0 or head_dim % FP8_BLOCK:
-        from .errors import PlanError
-
         raise PlanError(
             f"float8_e4m3 rows need a head width that is a multiple of {FP8_BLOCK}, got {head_dim}; "
             f"change --dim or --heads, or pick another --dtype"
@@ -65,15 +69,12 @@ def scale_bytes_to_float32(scale_bytes: np.ndarray) -> np.ndarray:
     return (np.asarray(scale_bytes, dtype=np.uint8).astype(np.uint32) << np.uint32(23)).view(np.float32)
 
 
-def quantize_fp8_rows(x: np.ndarray) -> np.ndarray:
-    """float32 rows (n, head_dim) -> packed uint8 rows (n, head_dim + head_dim // 32)."""
-    import torch
-
+def fp8_scale_bytes(x: np.ndarray) -> np.ndarray:
+    """The spec's ue8m0 scale byte of each 32-value block of float32 rows: (n, head_dim) -> (n, head_dim // 32) uint8."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     check_fp8_head_dim(d)
-    blocks = x.reshape(n, d // FP8_BLOCK, FP8_BLOCK)
-    amax = np.abs(blocks).max(axis=2)  # (n, d/32)
+    amax = np.abs(x.reshape(n, d // FP8_BLOCK, FP8_BLOCK)).max(axis=2)  # (n, d/32)
     with np.errstate(divide="ignore"):
         e = np.ceil(np.log2(amax / np.float32(FP8_MAX)))
     e = np.nan_to_num(e, nan=-126.0, neginf=-126.0, posinf=127.0)
@@ -84,14 +85,57 @@ def quantize_fp8_rows(x: np.ndarray) -> np.ndarray:
     e = np.where(too_small & (e < 127), e + 1, e)
     smaller = (e > -126) & (amax / np.ldexp(np.float32(1), e - 1).astype(np.float32) <= FP8_MAX)
     e = np.where(smaller, e - 1, e)
-    scale_bytes = (e + _SCALE_BIAS).astype(np.uint8)
-    inv = np.ldexp(np.float32(1), -e).astype(np.float32)  # exact power of two
-    scaled = blocks * inv[:, :, None]
+    return (e + _SCALE_BIAS).astype(np.uint8)
+
+
+def pack_fp8_rows(x: np.ndarray, scale_bytes: np.ndarray) -> np.ndarray:
+    """float32 rows (n, head_dim) with given ue8m0 scale bytes (n, head_dim // 32) -> packed uint8 rows.
+
+    Each value is `x * 2**(127 - scale_byte)` (exact: a power of two) rounded to e4m3
+    (nearest even, torch's cast); the scale bytes follow the values unchanged.
+    """
+    import torch
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    check_fp8_head_dim(d)
+    scale_bytes = np.asarray(scale_bytes, dtype=np.uint8)
+    inv = np.ldexp(np.float32(1), _SCALE_BIAS - scale_bytes.astype(np.int32)).astype(np.float32)  # exact power of two
+    with np.errstate(over="ignore", invalid="ignore"):  # byte 0 (never chosen by fp8_scale_bytes) overflows to inf
+        scaled = x.reshape(n, d // FP8_BLOCK, FP8_BLOCK) * inv[:, :, None]
     values = torch.from_numpy(np.ascontiguousarray(scaled.reshape(n, d))).to(torch.float8_e4m3fn)
     out = np.empty((n, d + d // FP8_BLOCK), dtype=np.uint8)
     out[:, :d] = values.view(torch.uint8).numpy()
     out[:, d:] = scale_bytes
     return out
+
+
+def quantize_fp8_rows(x: np.ndarray) -> np.ndarray:
+    """float32 rows (n, head_dim) -> packed uint8 rows (n, head_dim + head_dim // 32), the spec's scales."""
+    return pack_fp8_rows(x, fp8_scale_bytes(x))
+
+
+def quantize_fp8_rows_keeping(x: np.ndarray, scale_bytes: np.ndarray | None) -> np.ndarray:
+    """`quantize_fp8_rows`, except that a block keeps its given scale byte where that scale
+    reproduces the block's float32 values exactly (FP8 rows dequantized and coming back).
+
+    scale_bytes: (n, head_dim // 32) uint8 or None (then exactly `quantize_fp8_rows`);
+    a byte 0 (scale 0.0) never reproduces a block.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    packed = quantize_fp8_rows(x)
+    if scale_bytes is None:
+        return packed
+    n, d = x.shape
+    nb = d // FP8_BLOCK
+    sb = np.asarray(scale_bytes, dtype=np.uint8)
+    given = pack_fp8_rows(x, sb)
+    back = dequantize_fp8_rows(given, d)
+    ok = (back.reshape(n, nb, FP8_BLOCK).view(np.uint32) == x.reshape(n, nb, FP8_BLOCK).view(np.uint32)).all(axis=2) & (sb > 0)
+    vals = packed[:, :d].reshape(n, nb, FP8_BLOCK)
+    vals[ok] = given[:, :d].reshape(n, nb, FP8_BLOCK)[ok]
+    packed[:, d:][ok] = sb[ok]
+    return packed
 
 
 def dequantize_fp8_rows(packed: np.ndarray, head_dim: int | None = None) -> np.ndarray:
@@ -100,8 +144,6 @@ def dequantize_fp8_rows(packed: np.ndarray, head_dim: int | None = None) -> np.n
     width = packed.shape[-1]
     d = head_dim if head_dim is not None else width * FP8_BLOCK // (FP8_BLOCK + 1)
     if width != fp8_row_bytes(d):
-        from .errors import StoreError
-
         raise StoreError(f"packed fp8 rows are {width} bytes wide, expected {fp8_row_bytes(d)} for head width {d}")
     values = e4m3_to_float32_table()[packed[..., :d]]  # (..., d) float32
     scales = scale_bytes_to_float32(packed[..., d:])  # (..., d/32)

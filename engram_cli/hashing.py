@@ -11,9 +11,9 @@ Two views of the same function:
 All arithmetic is wrapping int64, and the modulo is floor modulo (numpy `%`): the mix
 may be negative, the hash is always in [0, p).
 
-`shift` / `shift_k` (one batch row per sequence) and `shift_flat` (documents end to end)
-are the reference's shift. The `xxh3` family (XXH3_64 of the little-endian uint32 ids,
-seeded per head by `xxh3_seed`) is what `engram collisions --hash xxh3` audits.
+`shift` / `shift_k` (one batch row per sequence) is the reference's shift. The families
+are `engram_cli.kinds.HashFamily`; the `xxh3` family (XXH3_64 of the little-endian
+uint32 ids, seeded per head by `xxh3_seed`) is what `engram collisions --hash xxh3` audits.
 """
 
 from __future__ import annotations
@@ -22,14 +22,12 @@ from itertools import repeat
 from typing import Sequence
 
 import numpy as np
+import xxhash
 
 from . import xxh3
-from .errors import PlanError
-from .plan import HASH_FAMILY_REFERENCE, TablePlan
+from .plan import TablePlan
 
 TWO64 = 1 << 64
-FAMILIES = ("reference", "xxh3")
-_FAMILY_ALIASES = {"reference": "reference", HASH_FAMILY_REFERENCE: "reference", "multiply_xor": "reference", "xxh3": "xxh3", "xxh3_64": "xxh3"}
 
 
 def ngram_mix(ngrams: np.ndarray, multipliers) -> np.ndarray:
@@ -76,19 +74,6 @@ def shift(x: np.ndarray, k: int, pad: int) -> np.ndarray:
 shift_k = shift  # the reference's name
 
 
-def shift_flat(flat: np.ndarray, pos: np.ndarray, k: int, pad) -> np.ndarray:
-    """`shift_k` over documents laid end to end: `flat` (L,) ids, `pos` (L,) each id's
-    position in its document; the token k places back, `pad` where that is before the
-    document's start (what the counter uses on a batch of documents)."""
-    if k == 0:
-        return flat
-    out = np.empty_like(flat)
-    out[k:] = flat[:-k] if k < flat.size else flat[:0]
-    out[: min(k, flat.size)] = pad
-    out[pos < k] = pad
-    return out
-
-
 def hash_positions(plan: TablePlan, layer_id: int, ids: np.ndarray) -> np.ndarray:
     """The reference `_get_ngram_hashes`: (B, T) compressed ids -> (B, T, (max-1)*K) int64."""
     x = np.asarray(ids, dtype=np.int64)
@@ -111,25 +96,7 @@ def position_row_ids(plan: TablePlan, layer_id: int, ids: np.ndarray) -> np.ndar
     return hash_positions(plan, layer_id, ids) + plan.row_offsets(layer_id)[None, None, :]
 
 
-# -- hash families (the reference multiply-XOR above; xxh3 for the collision audit) ----------------------------------------------------------------------
-def parse_families(text: str | Sequence[str]) -> tuple[str, ...]:
-    """`reference`, `xxh3` or `reference,xxh3` (also `both`) -> canonical family names."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    out: list[str] = []
-    for item in items:
-        name = item.strip().lower()
-        if name == "both":
-            names = list(FAMILIES)
-        elif name in _FAMILY_ALIASES:
-            names = [_FAMILY_ALIASES[name]]
-        else:
-            raise PlanError(f"unknown hash family {item.strip()!r}; use reference, xxh3, or reference,xxh3")
-        out += [n for n in names if n not in out]
-    if not out:
-        raise PlanError("no hash family given; use --hash reference, xxh3 or reference,xxh3")
-    return tuple(out)
-
-
+# -- the xxh3 family (for the collision audit) ----------------------------------------------------------------------
 def xxh3_seed(plan_seed: int, layer_id: int, order: int, head: int) -> int:
     """The xxh3_64 seed of one head: ((seed * 2^16 + layer) * 2^8 + order) * 2^8 + head, mod 2^64.
 
@@ -153,8 +120,6 @@ def xxh3_digests(ids: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
 
 def xxh3_digests_loop(ids: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
     """`xxh3_digests` by one xxhash C call per n-gram and head (xxhash has no array API)."""
-    import xxhash
-
     ids = np.ascontiguousarray(np.asarray(ids), dtype="<u4")
     m, n = ids.shape
     width = 4 * n

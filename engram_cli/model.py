@@ -16,13 +16,15 @@ backbone has no Engram layers.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engram_cli.kernels import EngramLookup
+from engram_cli.kinds import Backend, TableDtype
 from engram_cli.plan import TablePlan
 
 
@@ -227,18 +229,14 @@ class EngramGPT(nn.Module):
         return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
 
 
-def table_lookup(plan: TablePlan, vocab, layer_id: int, table=None, *, backend: str = "cpu", device=None):
+def table_lookup(plan: TablePlan, vocab, layer_id: int, table=None, *, backend: Backend | str = Backend.CPU, device=None):
     """The layer's `EngramLookup` (row ids by the named kernel backend; rows from `table`).
 
     `table` may be a float32 decoding of a bfloat16/fp8 store (training updates float32
     rows): the lookup then reads it as float32.
     """
-    from dataclasses import replace
-
-    from engram_cli.kernels import EngramLookup
-
-    if table is not None and getattr(table, "dtype", None) in (np.float32, torch.float32) and plan.dtype != "float32":
-        plan = replace(plan, dtype="float32")
+    if table is not None and getattr(table, "dtype", None) in (np.float32, torch.float32) and plan.dtype != TableDtype.FLOAT32:
+        plan = replace(plan, dtype=TableDtype.FLOAT32.value)
     return EngramLookup(plan, vocab, layer_id, table, backend=backend, device=device)
 
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import EngramError, PlanError, StoreError
+from .fp8 import check_fp8_head_dim
+from .kinds import HashFamily, TableDtype
 from .units import parse_bytes
 
-HASH_FAMILY_REFERENCE = "multiply-xor"
 # The layer seed stride of the reference (`PRIME_1` in engram_demo_v1.py).
 LAYER_SEED_STRIDE = 10007
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3": 1}  # fp8 rows also carry head_dim // 32 scale bytes (engram_cli.fp8)
 
 # Reference defaults (docs/spec.md, "Table plan").
 DEFAULT_LAYER_IDS = (1, 15)
@@ -117,8 +117,8 @@ class TablePlan:
     compressed_vocab_size: int
     primes: dict[int, tuple[tuple[int, ...], ...]]
     multipliers: dict[int, tuple[int, ...]]
-    dtype: str = "float32"
-    hash_family: str = HASH_FAMILY_REFERENCE
+    dtype: str = TableDtype.FLOAT32.value
+    hash_family: str = HashFamily.REFERENCE.plan_name  # "multiply-xor": the name stores and fingerprints hold
     tokenizer_sha256: str = ""
     vocab_fingerprint: str = ""
     extra: dict = field(default_factory=dict, compare=False)
@@ -162,7 +162,7 @@ class TablePlan:
 
     @property
     def dtype_bytes(self) -> int:
-        return DTYPE_BYTES[self.dtype]
+        return TableDtype.parse(self.dtype).bytes_per_value  # fp8 rows also carry head_dim // 32 scale bytes
 
     def layer_bytes(self, layer_id: int) -> int:
         return self.layer_rows(layer_id) * self.head_dim * self.dtype_bytes
@@ -311,8 +311,8 @@ def check_plan_consistent(plan: TablePlan) -> None:
     orders = plan.orders
     if len(plan.rows_per_head) != len(orders):
         raise _inconsistent("rows_per_head", f"has {len(plan.rows_per_head)} values for {len(orders)} orders")
-    if plan.dtype not in DTYPE_BYTES:
-        raise _inconsistent("dtype", f"{plan.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+    if plan.dtype not in {d.value for d in TableDtype}:
+        raise _inconsistent("dtype", f"{plan.dtype!r} is not one of {TableDtype.choices()}")
     if plan.compressed_vocab_size < 1:
         raise _inconsistent("compressed_vocab_size", f"is {plan.compressed_vocab_size}, it must be positive")
     if not 0 <= plan.compressed_pad_id < plan.compressed_vocab_size:
@@ -354,8 +354,8 @@ def make_plan(
     dim: int = DEFAULT_DIM,
     seed: int = DEFAULT_SEED,
     pad_id: int = DEFAULT_PAD_ID,
-    dtype: str = "float32",
-    hash_family: str = HASH_FAMILY_REFERENCE,
+    dtype: str = TableDtype.FLOAT32.value,
+    hash_family: str = HashFamily.REFERENCE.plan_name,
     tokenizer_sha256: str = "",
     vocab_fingerprint: str = "",
 ) -> TablePlan:
@@ -389,11 +389,7 @@ def make_plan(
         raise PlanError(f"--rows-per-head {max(rows_per_head):,} is beyond {MAX_ROWS_PER_HEAD:,} (2**40) rows per head; a head that large would not fit any host")
     if seed < 0:
         raise PlanError(f"--seed must be >= 0 (it seeds numpy's generator with seed + 10007 * layer), got {seed}")
-    if dtype not in DTYPE_BYTES:
-        raise PlanError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
-    if dtype == "float8_e4m3":
-        from .fp8 import check_fp8_head_dim
-
+    if TableDtype.parse(dtype).fp8:
         check_fp8_head_dim(int(dim) // int(heads))  # one scale byte per 32 values of a row
     if compressed_vocab_size < 1:
         raise PlanError(f"compressed vocabulary size must be positive, got {compressed_vocab_size}")
@@ -477,7 +473,8 @@ def fit_plan_to_budget(budget: Budget, **plan_kwargs) -> TablePlan:
         return make_plan(**plan_kwargs)  # let make_plan raise the precise error
     layers = len(tuple(plan_kwargs.get("layer_ids", DEFAULT_LAYER_IDS)))
     orders = plan_kwargs.get("max_ngram_size", DEFAULT_MAX_NGRAM) - 1
-    dtype_bytes = DTYPE_BYTES.get(plan_kwargs.get("dtype", "float32"), 4)
+    dtype = plan_kwargs.get("dtype", TableDtype.FLOAT32)
+    dtype_bytes = TableDtype(dtype).bytes_per_value if dtype in {d.value for d in TableDtype} else 4  # make_plan rejects others
     rows = rows_for_budget(budget, layers=layers, orders=max(orders, 1), heads=heads, head_dim=dim // heads, dtype_bytes=dtype_bytes)
     limit = budget.params(dtype_bytes)
 

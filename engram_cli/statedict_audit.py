@@ -21,11 +21,18 @@ rates (evaluate.cache_hit_rates). Nothing loads a whole table: tensors stay memo
 from __future__ import annotations
 
 import time
+
 import numpy as np
 import torch
 
 from engram_cli.errors import CheckpointError
+from engram_cli.evaluate import cache_hit_rates
 from engram_cli.exchange import WEIGHT, check_fingerprint, check_table, find_tables, open_tensor_file
+from engram_cli.kernels import EngramLookup, available_backends
+from engram_cli.kinds import Backend
+from engram_cli.model import row_ids_for
+from engram_cli.store import TableStore, from_storage
+from engram_cli.train import MAX_HELDOUT_TOKENS, open_tables, read_split
 
 PARITY_WINDOWS = 16  # token windows (of PARITY_BLOCK) hashed and gathered by every backend
 PARITY_BLOCK = 128
@@ -113,14 +120,11 @@ def module_shapes(tf, prefix: str, plan, source) -> dict | None:
 
 def lookup_parity(plan, vocab, layer_id: int, table: torch.Tensor, token_ids: np.ndarray) -> dict:
     """Each available backend's rows for `token_ids` against the torch reference backend: bit-exact, tokens/s."""
-    from engram_cli.evaluate import available_backends
-    from engram_cli.kernels import EngramLookup
-
     ids = torch.as_tensor(token_ids)
-    ref = EngramLookup(plan, vocab, layer_id, table, backend="torch")(ids)
+    ref = EngramLookup(plan, vocab, layer_id, table, backend=Backend.TORCH)(ids)
     runs = [(b, None) for b in available_backends(torch.device("cpu"))]
     if torch.cuda.is_available():  # triton compiled for the device rather than interpreted
-        runs = [r for r in runs if r[0] != "triton"] + [("triton", "cuda")]
+        runs = [r for r in runs if r[0] != Backend.TRITON] + [(Backend.TRITON, "cuda")]
     out = {}
     for b, dev in runs:
         lk = EngramLookup(plan, vocab, layer_id, table, backend=b, device=dev)
@@ -145,8 +149,6 @@ def _text_ids(tables, corpus, max_tokens: int, progress) -> np.ndarray | None:
     """Raw tokenizer ids of --corpus (all of it held out, capped), with the tables' tokenizer."""
     if corpus is None:
         return None
-    from engram_cli.train import open_tables, read_split
-
     _, _, _, tok = open_tables(tables)
     _, held = read_split(corpus, tok, share=1.0, max_train=0, max_heldout=max_tokens, progress=progress)
     if not len(held):
@@ -156,11 +158,6 @@ def _text_ids(tables, corpus, max_tokens: int, progress) -> np.ndarray | None:
 
 def audit_state_dict(path, tables, *, corpus=None, max_tokens: int | None = None, progress=None) -> dict:
     """The `engram eval --state-dict` report (schema: docs/eval.md, "--state-dict")."""
-    from engram_cli.evaluate import cache_hit_rates
-    from engram_cli.model import row_ids_for
-    from engram_cli.store import TableStore, from_storage
-    from engram_cli.train import MAX_HELDOUT_TOKENS
-
     store = TableStore.open(tables)
     plan, vocab = store.plan, store.vocab
     source = str(path)

@@ -87,7 +87,7 @@ class HotRowCache:
         if self.keep is not None:
             hits = OrderMaskedHits(hits, self.keep)
         self.ids = torch.from_numpy(top_rows(hits, self.capacity))
-        rows = _gather(self.source, self.ids)
+        rows = read_rows(self.source, self.ids)
         self.rows = rows.to(self.device) if self.device is not None else rows
 
     def refresh(self) -> None:
@@ -113,7 +113,7 @@ class HotRowCache:
         out = torch.empty((flat.shape[0],) + tuple(self.rows.shape[1:]), dtype=self.rows.dtype, device=self.rows.device)
         out[hit.to(out.device)] = self.rows[slot[hit].to(out.device)]
         if miss.any():
-            out[miss.to(out.device)] = _gather(self.source, flat[miss]).to(out.device, non_blocking=True)
+            out[miss.to(out.device)] = read_rows(self.source, flat[miss]).to(out.device, non_blocking=True)
         self.gathers += 1
         if self.refresh_every and self.gathers % self.refresh_every == 0:
             self.refresh()
@@ -175,7 +175,8 @@ class ChunkCache:
         return out
 
 
-def _gather(source, ids: torch.Tensor) -> torch.Tensor:
+def read_rows(source, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of a torch table or a ChunkCache (bfloat16 words read as bfloat16), as a torch tensor."""
     if isinstance(source, ChunkCache):
         a = source.take(ids.cpu().numpy())
         if a.dtype == np.uint16:  # bfloat16 words

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fp8 import FP8_BLOCK, e4m3_to_float32_table
+from engram_cli.fp8 import FP8_BLOCK, e4m3_to_float32_table
 
 _LUTS: dict = {}
 

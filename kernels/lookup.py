@@ -5,7 +5,7 @@ CPU), kernels/gather.py (gather + FP8 dequant into one output), kernels/triton_l
 (the fused Triton kernel), kernels/offload.py (the prefetch pipeline), kernels/cache.py
 (hot-row cache, bounded chunk cache).
 
-Backends (see docs/kernels.md):
+Backends (see docs/kernels.md; one implementation each in kernels/registry.py):
 - `torch`: the plain reference, int64 torch ops per order and head, exactly docs/spec.md "Hash".
 - `cpu`: the fast CPU path, one vectorized int64 pass over all heads at once.
 - `triton`: one fused kernel (compression lookup, n-gram mix, floor modulo, offset,
@@ -24,71 +24,50 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import BackendError, PlanError
-from .gather import gather_into, output_dtype
-from .hash import RowHasher
-from .offload import OffloadPrefetcher
+from engram_cli.errors import BackendError, PlanError
+from engram_cli.kernels.cache import ChunkCache, HotRowCache, read_rows
+from engram_cli.kernels.gather import dequant_into, gather_into, output_dtype
+from engram_cli.kernels.hash import RowHasher
+from engram_cli.kernels.offload import OffloadPrefetcher
+from engram_cli.kernels.registry import REGISTRY, resolve_backend
+from engram_cli.kinds import Backend, TableDtype
 
-BACKENDS = ("auto", "torch", "cpu", "triton", "offload")
 
-
-def _as_tensor(table, dtype_name: str) -> torch.Tensor:
+def _as_tensor(table, dtype: TableDtype) -> torch.Tensor:
     if isinstance(table, np.ndarray):
-        if table.dtype == np.uint16 and dtype_name == "bfloat16":
+        if table.dtype == np.uint16 and dtype == TableDtype.BFLOAT16:
             return torch.from_numpy(table.view(np.int16).copy()).view(torch.bfloat16)
         return torch.from_numpy(np.ascontiguousarray(table))
     t = table
-    if t.dtype == torch.uint16 and dtype_name == "bfloat16":
+    if t.dtype == torch.uint16 and dtype == TableDtype.BFLOAT16:
         t = t.view(torch.int16).view(torch.bfloat16)
     return t.contiguous()
 
 
-def _table_dtype(plan, table) -> str:
+def _table_dtype(plan, table) -> TableDtype:
     """The logical dtype: the plan's; a bare uint8 table (head_dim + head_dim//32 wide, e.g.
     one built by hand in a test) is read as packed FP8 rows."""
     if table is not None and str(getattr(table, "dtype", "")).endswith("uint8"):
-        return "float8_e4m3"
-    return plan.dtype
-
-
-def resolve_backend(backend: str, device) -> str:
-    """`auto` -> triton on CUDA else cpu; `triton` where it cannot run -> BackendError."""
-    if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if backend == "auto":
-        return "triton" if dev.type == "cuda" and _triton_usable(dev) else "cpu"
-    if backend == "triton" and not _triton_usable(dev):
-        raise BackendError("the triton backend needs a CUDA device or TRITON_INTERPRET=1 set before start; use --backend cpu")
-    return backend
-
-
-def _triton_usable(dev: torch.device) -> bool:
-    """CUDA, or CPU tensors with TRITON_INTERPRET=1. Checked before importing triton: triton
-    imported without the interpreter flag cannot interpret kernels later in the process."""
-    import importlib.util
-    import os
-
-    if not (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    return importlib.util.find_spec("triton") is not None
+        return TableDtype.FLOAT8_E4M3
+    return TableDtype.parse(plan.dtype)
 
 
 class EngramLookup:
     """Row ids and rows of one layer's Engram table for raw tokenizer ids (B, T)."""
 
-    def __init__(self, plan, vocab, layer_id: int, table=None, *, backend: str = "auto", device=None):
+    def __init__(self, plan, vocab, layer_id: int, table=None, *, backend: Backend | str = Backend.AUTO, device=None):
         if layer_id not in plan.layer_ids:
             raise PlanError(f"layer {layer_id} is not in the plan's layers {list(plan.layer_ids)}; pick one of them")
         self.plan, self.vocab, self.layer_id = plan, vocab, int(layer_id)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.backend = resolve_backend(backend, self.device)
+        self.impl = REGISTRY[self.backend]
         self.dtype_name = _table_dtype(plan, table)
         self.head_dim = plan.head_dim
         self.orders = plan.orders
         self.K = plan.heads
         # offload: the table stays in host memory, so rows are hashed and gathered there
-        self.host = self.backend == "offload"
+        self.host = self.impl.host
         lookup = vocab.lookup if hasattr(vocab, "lookup") else vocab
         self.hasher = RowHasher(plan, lookup, self.layer_id, "cpu" if self.host else self.device)
         h = self.hasher  # the Triton kernel reads these
@@ -107,7 +86,7 @@ class EngramLookup:
 
     @property
     def fp8(self) -> bool:
-        return self.dtype_name == "float8_e4m3"
+        return self.dtype_name.fp8
 
     def use_hot_cache(self, hits, capacity: int, *, orders=None, refresh_every: int = 0) -> "EngramLookup":
         """Keep the `capacity` most-hit rows resident on the device; misses read from the table.
@@ -117,8 +96,6 @@ class EngramLookup:
         refresh_every: count the rows looked up online and refill the cache every that many
         lookups from store hits + online counts (0: static, store hits only).
         """
-        from .cache import HotRowCache
-
         keep = None
         if orders is not None:
             n_rows = self.plan.layer_rows(self.layer_id)
@@ -132,19 +109,21 @@ class EngramLookup:
         return self.hot.hit_rates(self.orders, self.K) if self.hot is not None else {}
 
     @classmethod
-    def from_store(cls, store_or_path, layer_id: int, *, backend: str = "auto", device=None, cache_rows=None, max_resident_bytes=None):
+    def from_store(cls, store_or_path, layer_id: int, *, backend: Backend | str = Backend.AUTO, device=None, cache_rows=None, max_resident_bytes=None):
         """Open a store (or take an open one) and load the layer's rows in storage form.
 
         cache_rows: keep that many most-hit rows (store.hits) resident (hot-row cache).
         max_resident_bytes: do not load the layer; read rows through a bounded LRU chunk
         cache instead (tables larger than RAM; backends torch/cpu/offload).
         """
-        from ..store import TableStore
-        from .cache import ChunkCache
+        # imported here: the store reader needs zarr, and the kernels run (and are tested) on
+        # machines with only torch, triton and numpy (tests/kernels/conftest.py)
+        from engram_cli.store import TableStore
 
         store = store_or_path if hasattr(store_or_path, "table") else TableStore.open(store_or_path)
         if max_resident_bytes is not None:
-            if backend == "triton":
+            named = Backend.parse(backend)
+            if REGISTRY[resolve_backend(named, device) if named is Backend.AUTO else named].resident_only:
                 raise BackendError("the triton backend needs the table on the device; drop max_resident_bytes or use backend offload")
             lk = cls(store.plan, store.vocab, layer_id, None, backend=backend, device=device)
             lk.table = ChunkCache(store.table(layer_id), store.chunk_rows, max_resident_bytes)
@@ -160,19 +139,9 @@ class EngramLookup:
         ids = torch.as_tensor(token_ids, dtype=torch.int64, device=device)
         return ids[None] if ids.ndim == 1 else ids
 
-    def _row_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.backend == "torch":
-            return self.hasher.reference(ids)
-        return self.hasher.fast(ids)
-
     def row_ids(self, token_ids) -> torch.Tensor:
         """Raw tokenizer ids (B, T) -> int64 (B, T, orders*K) rows of the layer's table."""
-        if self.backend == "triton":
-            from .triton_lookup import triton_row_ids
-
-            return triton_row_ids(self, self._ids(token_ids, self.device))
-        rows = self._row_ids(self._ids(token_ids, self.hasher.device))
-        return rows.to(self.device)
+        return self.impl.row_ids(self, self._ids(token_ids, self.hasher.device)).to(self.device)
 
     # ---------------------------------------------------------------- rows
     def gather(self, rows: torch.Tensor, *, dtype=None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,8 +158,8 @@ class EngramLookup:
             table_dtype = torch.uint8
         elif isinstance(self.table, torch.Tensor):
             table_dtype = self.table.dtype
-        else:  # ChunkCache: the zarr array's dtype (bfloat16 stored as uint16 words)
-            table_dtype = torch.bfloat16 if self.dtype_name == "bfloat16" else torch.from_numpy(np.zeros(0, self.table.array.dtype)).dtype
+        else:  # ChunkCache: the rows' torch dtype (bfloat16 stored as uint16 words, read as bfloat16)
+            table_dtype = self.dtype_name.torch_dtype
         odt = output_dtype(table_dtype, self.fp8, dtype)
         on_host = self.host or self.hot is not None or not isinstance(self.table, torch.Tensor)
         where = torch.device("cpu") if on_host and self.hot is None else self.device
@@ -201,16 +170,11 @@ class EngramLookup:
             final, out = out, torch.empty(shape, dtype=odt, device=where, pin_memory=pin)
         flat_out = out.view(B * T * H, self.head_dim)
         if self.hot is not None:
-            from .gather import dequant_into
-
             dequant_into(self.hot.gather(flat, H), self.head_dim, self.fp8, flat_out)
         elif isinstance(self.table, torch.Tensor):
             gather_into(self.table, flat, self.head_dim, self.fp8, flat_out)
         else:
-            from .cache import _gather
-            from .gather import dequant_into
-
-            dequant_into(_gather(self.table, flat), self.head_dim, self.fp8, flat_out)
+            dequant_into(read_rows(self.table, flat), self.head_dim, self.fp8, flat_out)
         if final is not None:  # an `out` on the device: the host rows copied into it
             return final.copy_(out, non_blocking=True)
         return out.to(self.device, non_blocking=True)
@@ -220,12 +184,7 @@ class EngramLookup:
 
         out: write the rows into this tensor (backends torch/cpu/offload; see `gather`)."""
         self.stats["lookups"] += 1
-        if self.backend == "triton":
-            from .triton_lookup import triton_lookup
-
-            return triton_lookup(self, self._ids(token_ids, self.device), dtype=dtype)
-        rows = self._row_ids(self._ids(token_ids, self.hasher.device))
-        return self.gather(rows, dtype=dtype, out=out)
+        return self.impl.lookup(self, self._ids(token_ids, self.hasher.device), dtype, out)
 
     def prefetcher(self, batches, *, depth: int = 2, dtype=None):
         """Iterate rows of `batches` with the next `depth` hashed and gathered on a background thread."""

@@ -2,7 +2,7 @@
 
 One program handles BLOCK positions of one head. Triton's `%` truncates toward zero,
 so a negative remainder gets the prime added back (floor modulo, docs/spec.md "Hash").
-Imported lazily by engram_cli.kernels.lookup; runs on CUDA, or on CPU tensors when
+Imported lazily by engram_cli.kernels.registry (triton is an optional extra); runs on CUDA, or on CPU tensors when
 TRITON_INTERPRET=1 is set before triton is imported (how the tests run it).
 """
 
@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fp8 import FP8_BLOCK, e4m3_to_float32_table
+from engram_cli.errors import BackendError
+from engram_cli.fp8 import FP8_BLOCK, e4m3_to_float32_table
 
 
 @triton.jit
@@ -74,13 +75,11 @@ def _launch(lk, ids: torch.Tensor, gather: bool, dtype=None):
     H = len(lk.orders) * lk.K
     ids = ids.contiguous()
     rows = torch.empty((B, T, H), dtype=torch.int64, device=ids.device)
-    fp8 = lk.dtype_name == "float8_e4m3"
+    fp8 = lk.fp8
     hd = lk.head_dim
     if gather:
         table = lk.table
         if table is None:
-            from ..errors import BackendError
-
             raise BackendError("this EngramLookup has no table; pass table= or use EngramLookup.from_store")
         out_dtype = (dtype or torch.float32) if fp8 else (dtype or table.dtype)
         out = torch.empty((B, T, H * hd), dtype=out_dtype, device=ids.device)

@@ -15,6 +15,7 @@ import xxhash
 from engram_cli import audit as C
 from engram_cli import hashing as H
 from engram_cli.errors import EngramError, PlanError, StoreError
+from engram_cli.kinds import HashFamily
 from engram_cli.ngrams import write_stats_from_arrays
 from engram_cli.plan import make_plan, parse_budget
 from oracles import bf_bucket, brute_force, check_audit, close, ref_mix  # noqa: E402,F401
@@ -290,8 +291,8 @@ def test_family_distance_and_options(fixture):
         close(d["shared_excess_mean"], np.mean([h["shared_observed"] - h["shared_ideal"] for h in heads]), "excess")
         close(d["token_weighted_excess_mean"], np.mean([h["token_weighted"] - h["shared_ideal"] for h in heads]), "tw excess")
     with pytest.raises(PlanError, match="unknown hash family"):
-        C.parse_families("md5")
-    assert C.parse_families("both") == ("reference", "xxh3")
+        HashFamily.parse_many("md5")
+    assert HashFamily.parse_many("both") == ("reference", "xxh3")
     assert H.xxh3_seed(3, 15, 2, 1) == ((3 * 65536 + 15) * 256 + 2) * 256 + 1
 
 

@@ -16,8 +16,7 @@ Hash families: `reference` (docs/spec.md, "Hash": one 64-bit multiply-XOR mix pe
 reduced modulo each head's prime) and `xxh3` (XXH3_64 of the n-gram's little-endian
 uint32 ids, seeded per head by `xxh3_seed`, reduced modulo the prime; computed by the
 vectorized `engram_cli.xxh3`, bit-exact with the xxhash package). Their names and parser
-live in `engram_cli.hashing`; `FAMILIES` and `parse_families` are re-exported here as the
-choices an audit takes.
+are `engram_cli.kinds.HashFamily` (`HashFamily.parse_many` reads a --hash option).
 
 Memory: one (layer, order) at a time, the audit holds per distinct n-gram its count
 (int64) and either its mix (int64, reference) or one uint64 digest per head (xxh3),
@@ -43,7 +42,6 @@ Modules, each one job, imports pointing down the list:
 
 from __future__ import annotations
 
-from ..hashing import FAMILIES, parse_families
 from .figures import (
     MAX_MEMBERS,
     TOP_BUCKETS,
@@ -77,9 +75,25 @@ from .figures import (
     worst_partner_heads,
     worst_partner_heads_through,
 )
-from .keys import SMALL_SET, OrderKeys, bucket_dtype, collide_mask, count_dtype, duplicated, duplicated_rows, load_order_keys
+from .keys import (
+    SMALL_SET,
+    OrderKeys,
+    bucket_dtype,
+    collide_mask,
+    count_dtype,
+    duplicated,
+    duplicated_rows,
+    load_order_keys,
+)
 from .plot import check_plot_path, check_plot_support, plot_sweep, save_figure
-from .report import DEFAULT_FAMILIES, audit_collisions, audit_report, family_distance, plan_summary, validate_audit
+from .report import (
+    DEFAULT_FAMILIES,
+    audit_collisions,
+    audit_report,
+    family_distance,
+    plan_summary,
+    validate_audit,
+)
 from .whatif import (
     SweepSpec,
     dim_for_heads,
@@ -102,8 +116,6 @@ __all__ = [
     "plan_summary",
     "family_distance",
     "DEFAULT_FAMILIES",
-    "FAMILIES",
-    "parse_families",
     "TOP_BUCKETS",
     "MAX_MEMBERS",
     "SMALL_SET",

@@ -28,9 +28,17 @@ import numpy as np
 
 from ..errors import StoreError
 from ..hashing import TWO64
+from ..kinds import HashFamily
 from ..ngrams import NgramStats
 from ..plan import TablePlan
-from .keys import BATCH_ROWS, SMALL_SET, OrderKeys, collide_mask, count_dtype, duplicated_rows
+from .keys import (
+    BATCH_ROWS,
+    SMALL_SET,
+    OrderKeys,
+    collide_mask,
+    count_dtype,
+    duplicated_rows,
+)
 
 TOP_BUCKETS = 10
 MAX_MEMBERS = 20  # members listed per worst bucket (all are counted)
@@ -311,7 +319,7 @@ def across_figures_from_sums(sums: dict, primes: Sequence[int], *, family: str, 
         "clean_head": {"distinct": share(m - sums["no_clean_head"], m), "weighted": share(float(sums["occurrences"] - sums["no_clean_head_weighted"]), W)},
         "clean_head_ideal": ideal_clean_head(m, primes),
         "mix_duplicates": mix_duplicates,
-        "identical_from_heads": identical_from(primes) if family == "reference" else None,
+        "identical_from_heads": identical_from(primes) if family == HashFamily.REFERENCE else None,
         "worst_partner_heads": {"distinct": list(hist), "weighted": list(hist_w)},
     }
 
@@ -470,7 +478,7 @@ def all_heads_mask(keys: OrderKeys, primes: Sequence[int]) -> np.ndarray:
     if m < 2:
         return np.zeros(m, dtype=bool)
     primes = [int(p) for p in primes]
-    t = identical_from(primes) if keys.family == "reference" else None
+    t = identical_from(primes) if keys.family == HashFamily.REFERENCE else None
     if t is not None and t <= len(primes):
         indist = keys.mix_duplicated()
     else:

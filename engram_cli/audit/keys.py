@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..hashing import ngram_mix, xxh3_digests, xxh3_seed
+from ..kinds import HashFamily
 from ..ngrams import NgramStats
 from ..plan import TablePlan
 
@@ -151,7 +152,7 @@ class OrderKeys:
         out = np.empty(self.m, dtype=bucket_dtype(p))
         for start in range(0, self.m, BUCKET_CHUNK):
             end = start + BUCKET_CHUNK
-            if self.family == "reference":
+            if self.family == HashFamily.REFERENCE:
                 out[start:end] = self.mix[start:end] % np.int64(p)
             else:
                 out[start:end] = self.digests[start:end, head] % np.uint64(p)
@@ -177,10 +178,10 @@ def load_order_keys(plan: TablePlan, stats: NgramStats, layer_id: int, order: in
     progress(stage, 0, total, detail)
     for ids, cnt in stats.iter_batches(order, batch_rows):
         counts.append(cnt)
-        parts.append(ngram_mix(ids, mult) if family == "reference" else xxh3_digests(ids, seeds))
+        parts.append(ngram_mix(ids, mult) if family == HashFamily.REFERENCE else xxh3_digests(ids, seeds))
         done += cnt.size
         progress(stage, done, total, detail)
     counts_arr = np.concatenate(counts) if counts else np.zeros(0, np.int64)
-    if family == "reference":
+    if family == HashFamily.REFERENCE:
         return OrderKeys(family, layer_id, order, counts_arr, mix=np.concatenate(parts) if parts else np.zeros(0, np.int64))
     return OrderKeys(family, layer_id, order, counts_arr, digests=np.concatenate(parts) if parts else np.zeros((0, heads), np.uint64))

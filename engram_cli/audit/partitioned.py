@@ -24,7 +24,7 @@ from ..defaults import DEFAULT_MEMORY_LIMIT
 from ..errors import OutputError, StoreError
 from ..execution.ray import ClusterSpec, executor_for
 from ..execution.work import Progress, StageCounter, atomic_dir, fingerprint, run_all
-from ..hashing import parse_families
+from ..kinds import HashFamily
 from ..ngrams import order_file, token_columns
 from ..store import TableStore
 from .figures import (
@@ -237,7 +237,7 @@ def audit_collisions_partitioned(
     *,
     executor: cf.Executor,
     work_dir: Path,
-    families=("reference",),
+    families=(HashFamily.REFERENCE,),
     layers=None,
     target=None,
     sweep=None,
@@ -263,7 +263,7 @@ def audit_collisions_partitioned(
     `memory_limit`). The main audit reads each order once, through a shuffle
     (`scatter_row_range`); the sweep and sizing tasks stream it once each.
     """
-    families = parse_families(families)
+    families = HashFamily.parse_many(families)
     layers = validate_audit(plan, stats, layers=layers, target=target, top=top)
     cells = sweep_plans(sweep, plan) if sweep is not None else []
     heads = max([plan.heads, *(c[2].heads for c in cells)])
@@ -323,7 +323,7 @@ def audit_collisions_partitioned(
         across["s"][0] += m - across["n_grams"]  # n-grams colliding in no head: s = 0, a clean head
         across["s_weighted"][0] += total - across["occurrences"]
         across["n_grams"], across["occurrences"] = m, total
-        mix_dup = None if f != "reference" else merged[u]["mix_duplicates"]
+        mix_dup = None if f != HashFamily.REFERENCE else merged[u]["mix_duplicates"]
         across_fig = across_figures_from_sums(across, primes, family=f, mix_duplicates=mix_dup)
         for _, members in merged[u]["worst"]:  # decoded here: the tasks need not load the vocabulary
             for member in members:
@@ -344,7 +344,7 @@ def audit_collisions_partitioned(
             u, (f, layer, n) = item
             m, total = stats.distinct(n), stats.total(n)
             floor = None
-            if f == "reference":
+            if f == HashFamily.REFERENCE:
                 dup = merged[u]["mix_dup_occurrences"]
                 floor = float(float(dup) / total) if total else 0.0  # as size_for_target's share
 
@@ -367,7 +367,7 @@ def audit_collisions_distributed(
     plan,
     *,
     cluster: ClusterSpec | str,
-    families=("reference",),
+    families=(HashFamily.REFERENCE,),
     layers=None,
     target=None,
     sweep=None,

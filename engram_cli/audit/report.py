@@ -13,14 +13,20 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import PlanError
-from ..hashing import parse_families
+from ..kinds import HashFamily
 from ..ngrams import NgramStats
 from ..plan import TablePlan, check_stats_cover, check_target_rate
 from .figures import TOP_BUCKETS, all_heads_share, audit_order, token_weighted_rate
 from .keys import SMALL_SET, Progress, load_order_keys, no_progress
-from .whatif import SweepSpec, size_for_target, sizing_summary, sweep_plans, sweep_summary
+from .whatif import (
+    SweepSpec,
+    size_for_target,
+    sizing_summary,
+    sweep_plans,
+    sweep_summary,
+)
 
-DEFAULT_FAMILIES = ("reference",)  # the plan's own multiply-xor hash (docs/spec.md, "Hash")
+DEFAULT_FAMILIES = (HashFamily.REFERENCE,)  # the plan's own multiply-xor hash (docs/spec.md, "Hash")
 
 
 def plan_summary(plan: TablePlan) -> dict:
@@ -98,7 +104,7 @@ def audit_collisions(
     and the sweep cells (`sweep`) all reuse that hash state.
     """
     progress = progress or no_progress
-    families = parse_families(families)
+    families = HashFamily.parse_many(families)
     layers = validate_audit(plan, stats, layers=layers, target=target, top=top)
     cells = sweep_plans(sweep, plan) if sweep is not None else []
     max_heads = max([plan.heads, *(c[2].heads for c in cells)])

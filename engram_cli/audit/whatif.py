@@ -16,7 +16,14 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..errors import PlanError
-from ..plan import Budget, TablePlan, check_heads, check_rows_or_budget, fit_plan_to_budget
+from ..kinds import HashFamily
+from ..plan import (
+    Budget,
+    TablePlan,
+    check_heads,
+    check_rows_or_budget,
+    fit_plan_to_budget,
+)
 from .figures import rows_for_rate, share, token_weighted_rate
 from .keys import OrderKeys
 
@@ -142,7 +149,7 @@ def size_for_target(keys: OrderKeys, base: TablePlan, target: float, *, max_eval
     rate = 1 - exp(-L/p) fitted to each measured point, keeping a verified bracket.
     """
     floor = None
-    if keys.family == "reference":
+    if keys.family == HashFamily.REFERENCE:
         dup = keys.mix_duplicated()
         floor = share(float(keys.counts[dup].sum()), keys.total)
     return search_rows_for_target(lambda primes: token_weighted_rate(keys, primes), base, target, layer=keys.layer_id, order=keys.order, distinct=keys.m,

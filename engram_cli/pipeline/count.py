@@ -32,12 +32,42 @@ import numpy as np
 import polars as pl
 
 from ..corpus import CorpusSummary, corpus_files, empty_corpus_message, iter_documents
+from ..corpus.shards import (
+    DEFAULT_SHARD_BYTES,
+    group_shards,
+    iter_shard_documents,
+    merge_summaries,
+    plan_shards,
+)
 from ..defaults import DEFAULT_MEMORY_LIMIT
-from ..encode import DEFAULT_BATCH_CHARS, DEFAULT_BATCH_SIZE, batch_chars_for, encode_documents, locked_progress
+from ..encode import (
+    DEFAULT_BATCH_CHARS,
+    DEFAULT_BATCH_SIZE,
+    batch_chars_for,
+    encode_documents,
+    locked_progress,
+)
 from ..errors import CorpusError, TokenizerError
-from ..execution.work import WORK_FORMAT, Progress, StageCounter, WorkDir, atomic_dir, fingerprint, is_done, run_all
-from ..ngrams import BYTES_PER_ROW_OVERHEAD, SUMMARY_FILE, NgramStats, concat_stats, count_ngrams, merge_stats, order_file, write_summary
-from ..corpus.shards import DEFAULT_SHARD_BYTES, group_shards, iter_shard_documents, merge_summaries, plan_shards
+from ..execution.work import (
+    WORK_FORMAT,
+    Progress,
+    StageCounter,
+    WorkDir,
+    atomic_dir,
+    fingerprint,
+    is_done,
+    run_all,
+)
+from ..ngrams import (
+    BYTES_PER_ROW_OVERHEAD,
+    SUMMARY_FILE,
+    NgramStats,
+    concat_stats,
+    count_ngrams,
+    merge_stats,
+    order_file,
+    write_summary,
+)
 from ..vocab import CompressedVocab, LoadedTokenizer, load_tokenizer
 
 TOKENIZE_SHARE = 0.125  # of --memory-limit, for the tokenizer batches in flight; the rest counts

@@ -16,9 +16,20 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from ..audit import load_order_keys, size_for_target, sizing_summary, token_weighted_rate
+from ..audit import (
+    load_order_keys,
+    size_for_target,
+    sizing_summary,
+    token_weighted_rate,
+)
 from ..errors import OutputError, PlanError
-from ..plan import DEFAULT_ROWS_PER_HEAD, TablePlan, check_stats_cover, check_target_rate
+from ..kinds import HashFamily
+from ..plan import (
+    DEFAULT_ROWS_PER_HEAD,
+    TablePlan,
+    check_stats_cover,
+    check_target_rate,
+)
 from ..store.format import row_bytes
 from ..units import parse_int_list
 
@@ -94,7 +105,7 @@ def size_plan_to_target(plan: TablePlan, stats, target: float, *, progress: Call
     """
     check_target_rate(target)
     check_stats_cover(plan, stats)
-    family = "reference"  # the plan's multiply-xor hash (collisions' family name)
+    family = HashFamily.REFERENCE  # the plan's multiply-xor hash
     rows = []
     for layer in plan.layer_ids:
         for n in plan.orders:
@@ -136,7 +147,7 @@ def reference_rates(plan: TablePlan, stats) -> dict[int, float]:
     out: dict[int, float] = {}
     for layer in plan.layer_ids:
         for n in plan.orders:
-            keys = load_order_keys(plan, stats, layer, n, "reference", heads=plan.heads)
+            keys = load_order_keys(plan, stats, layer, n, HashFamily.REFERENCE, heads=plan.heads)
             out[n] = max(out.get(n, 0.0), token_weighted_rate(keys, plan.primes[layer][n - 2]))
             del keys
     return out

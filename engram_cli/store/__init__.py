@@ -13,7 +13,7 @@ One Zarr v3 group that plain zarr-python (or tensorstore) opens without this pac
       stats/               NgramStats parquet files (not Zarr; zarr-python skips it)
       tokenizer/tokenizer.json  the build's --tokenizer file, copied (absent for `deepseek`); spec in attributes["engram"]["tokenizer"]
 
-Modules: `format` (typed options, dtypes, geometry, codecs, the init recipe), `reader`
+Modules: `format` (option defaults, dtypes, geometry, codecs, the init recipe), `reader`
 (`TableStore`: open, load, stream, gather, rewrite rows in place), `writer` (the build's
 public steps and the shard writer), `staging` (the one staged-output context: lock,
 `<out>.partial`, finalize), `output` (output safety: checks, the lock, leftovers), `tokenizer`
@@ -21,8 +21,8 @@ public steps and the shard writer), `staging` (the one staged-output context: lo
 is the API with examples; docs/build-table.md lists every attribute. The design target
 is DeepSeek's scale (~768M rows, ~200 GB): nothing holds a whole table in memory.
 
-Names are loaded on first use, so `from engram_cli.store.format import TableDtype` (the
-CLI's option types) does not import zarr.
+Names are loaded on first use, so `from engram_cli.store.format import DEFAULT_DTYPE` (the
+CLI's option defaults) does not import zarr; the option kinds live in engram_cli.kinds.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ from __future__ import annotations
 import importlib
 
 _FORMAT = (
-    "COMPRESSORS", "DEFAULT_CHUNK_BYTES", "DEFAULT_COMPRESSOR", "DEFAULT_DTYPE", "DEFAULT_INIT", "DEFAULT_INIT_STD",
-    "DEFAULT_MEMORY_LIMIT", "DEFAULT_PARALLEL", "DEFAULT_SHARD_BYTES", "DEFAULT_STORE", "FORMAT", "INIT_KINDS", "INIT_RNG",
-    "PARALLEL_KINDS", "PARTIAL_SUFFIX", "ROOT_ATTR", "STATS_DIR", "STORAGE_DTYPES", "Compressor", "InitKind",
-    "ParallelKind", "TableDtype", "_shard_blocks", "bfloat16_bits_to_float32", "ceil_div", "check_dtype_geometry",
+    "DEFAULT_CHUNK_BYTES", "DEFAULT_COMPRESSOR", "DEFAULT_DTYPE", "DEFAULT_INIT", "DEFAULT_INIT_STD",
+    "DEFAULT_MEMORY_LIMIT", "DEFAULT_PARALLEL", "DEFAULT_SHARD_BYTES", "DEFAULT_STORE", "FORMAT", "INIT_RNG",
+    "PARTIAL_SUFFIX", "ROOT_ATTR", "STATS_DIR", "_shard_blocks", "bfloat16_bits_to_float32", "ceil_div", "check_dtype_geometry",
     "chunk_encoder", "chunk_row_range", "chunk_rows_for", "float32_to_bfloat16_bits", "from_storage", "hits_geometry",
-    "init_chunk", "parse_option", "partial_path", "row_bytes", "row_width", "shard_blocks", "shard_rows_for",
+    "init_chunk", "partial_path", "row_bytes", "row_width", "shard_blocks", "shard_rows_for",
     "storage_dtype", "table_codecs", "to_storage",
 )
 _READER = ("TableStore",)

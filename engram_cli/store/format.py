@@ -1,22 +1,22 @@
-"""The on-disk format of a table store: typed options, dtypes, chunk/shard geometry, codecs, the init recipe.
+"""The on-disk format of a table store: option defaults, dtypes, chunk/shard geometry, codecs, the init recipe.
 
 Everything here is a pure function of its arguments (no I/O): the reader, the writer
 and the CLI agree on the format by importing it from this one module. The option
-types (`TableDtype`, `InitKind`, `Compressor`, `ParallelKind`) are validated here and
-nowhere else (`parse_option`). docs/store.md describes the layout; docs/spec.md
-("Rows", "FP8 rows") the row contents.
+kinds (`TableDtype`, `InitKind`, `Compressor`, `ParallelKind`) live in engram_cli.kinds
+and are parsed there (`Kind.parse`); the defaults are here. docs/store.md describes the
+layout; docs/spec.md ("Rows", "FP8 rows") the row contents.
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
-from typing import Callable, TypeVar
+from typing import Callable
 
 import numpy as np
 
 from ..defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_STORE, GiB  # noqa: F401 - re-exported for the store's users
 from ..errors import PlanError, StoreError
 from ..fp8 import FP8_BLOCK, check_fp8_head_dim, dequantize_fp8_rows, fp8_row_bytes, quantize_fp8_rows
+from ..kinds import Compressor, InitKind, ParallelKind, TableDtype
 
 FORMAT = "engram-tables/1"
 ROOT_ATTR = "engram"
@@ -24,72 +24,6 @@ STATS_DIR = "stats"
 PARTIAL_SUFFIX = ".partial"
 
 MiB = 1 << 20
-
-
-# -- typed options -------------------------------------------------------------------
-class TableDtype(StrEnum):
-    """Logical dtype of a table's rows (`--dtype`)."""
-
-    FLOAT32 = "float32"
-    FLOAT16 = "float16"
-    BFLOAT16 = "bfloat16"
-    FLOAT8_E4M3 = "float8_e4m3"
-
-
-class InitKind(StrEnum):
-    """Initial values of a fresh table (`--init`)."""
-
-    NORMAL = "normal"
-    ZEROS = "zeros"
-
-
-class Compressor(StrEnum):
-    """Chunk compressor (`--compressor`); a crc32c checksum follows every chunk regardless."""
-
-    NONE = "none"
-    LZ4 = "lz4"
-    ZSTD = "zstd"
-
-
-class ParallelKind(StrEnum):
-    """How `write_tables` runs shard tasks when it makes its own executor (`--parallel`)."""
-
-    THREADS = "threads"
-    PROCESSES = "processes"
-
-
-E = TypeVar("E", bound=StrEnum)
-
-_OPTION_NAMES = {TableDtype: "--dtype", InitKind: "--init", Compressor: "--compressor", ParallelKind: "--parallel"}
-
-
-def parse_option(kind: type[E], value) -> E:
-    """`value` (a member or its string) as a member of `kind`; StoreError naming the choices otherwise.
-
-    The one place the store's option values are validated.
-    """
-    try:
-        return kind(value.value if isinstance(value, StrEnum) else value)
-    except ValueError:
-        raise StoreError(f"unknown {_OPTION_NAMES.get(kind, kind.__name__)} {value!r}; choose one of {choices(kind)}") from None
-
-
-def choices(kind: type[StrEnum]) -> str:
-    """The values of an option type, comma-separated (for help texts and messages)."""
-    return ", ".join(m.value for m in kind)
-
-
-def option_parser(kind: type[E]) -> Callable[..., E]:
-    """A CLI option callback (typer/click: ctx, param, value) that returns `parse_option(kind, value)`.
-
-    The CLI declares these options as plain strings and converts them here, so a bad
-    value is this module's one-line StoreError, not the parser's usage box.
-    """
-
-    def parse(ctx, param, value):
-        return None if value is None else parse_option(kind, value)
-
-    return parse
 
 
 DEFAULT_DTYPE = TableDtype.FLOAT32
@@ -102,9 +36,6 @@ DEFAULT_INIT_STD = 0.02
 # `--compressor none` keeps only the crc32c checksum, for the last 20% of write rate.
 DEFAULT_COMPRESSOR = Compressor.LZ4
 DEFAULT_PARALLEL = ParallelKind.THREADS
-COMPRESSORS = tuple(m.value for m in Compressor)
-PARALLEL_KINDS = tuple(m.value for m in ParallelKind)
-INIT_KINDS = tuple(m.value for m in InitKind)
 LZ4_LEVEL = 1  # blosc-lz4 with bit shuffle; see table_codecs
 
 # 4 MiB chunks: large enough that per-chunk overhead (index entry, checksum, codec
@@ -116,8 +47,6 @@ DEFAULT_SHARD_BYTES = 128 * MiB
 # hits: 4 MiB uint64 chunks; counts are mostly zero on big tables, so zstd pays here.
 HITS_CHUNK_ROWS = 1 << 19
 HITS_CHUNKS_PER_SHARD = 32
-
-STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16", "float8_e4m3": "uint8"}
 
 INIT_RNG = (
     "rows = min(chunk_rows, layer_rows - chunk_index * chunk_rows); "
@@ -133,22 +62,17 @@ INIT_RNG = (
 # -- dtypes ------------------------------------------------------------------------
 def storage_dtype(dtype: str) -> np.dtype:
     """The numpy dtype a table of logical `dtype` is stored as (bfloat16 -> uint16 words, float8_e4m3 -> uint8)."""
-    try:
-        return np.dtype(STORAGE_DTYPES[str(dtype)])
-    except KeyError:
-        raise PlanError(f"table dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}") from None
+    return TableDtype.parse(dtype).storage_dtype
 
 
 def row_width(head_dim: int, dtype: str) -> int:
     """Stored elements per row: head_dim, or head_dim + head_dim // 32 bytes for float8_e4m3."""
-    storage_dtype(dtype)
-    return fp8_row_bytes(head_dim) if dtype == TableDtype.FLOAT8_E4M3 else int(head_dim)
+    return fp8_row_bytes(head_dim) if TableDtype.parse(dtype).fp8 else int(head_dim)
 
 
 def check_dtype_geometry(head_dim: int, dtype: str) -> None:
     """PlanError when rows of `head_dim` cannot be stored as `dtype` (float8_e4m3: a multiple of 32)."""
-    storage_dtype(dtype)
-    if dtype == TableDtype.FLOAT8_E4M3:
+    if TableDtype.parse(dtype).fp8:
         check_fp8_head_dim(head_dim)
 
 
@@ -182,7 +106,7 @@ def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == TableDtype.FLOAT8_E4M3:
         x = np.asarray(x, dtype=np.float32)
         return quantize_fp8_rows(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], fp8_row_bytes(x.shape[-1]))
-    storage_dtype(dtype)  # raises PlanError
+    TableDtype.parse(dtype)  # raises PlanError
     raise AssertionError(dtype)
 
 
@@ -253,7 +177,7 @@ def table_codecs(compressor: str, itemsize: int) -> list:
     """The inner-chunk bytes->bytes zarr codecs: an optional compressor, then crc32c."""
     from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-    compressor = parse_option(Compressor, compressor)
+    compressor = Compressor.parse(compressor)
     if compressor == Compressor.NONE:
         return [Crc32cCodec()]
     if compressor == Compressor.ZSTD:
@@ -272,7 +196,7 @@ def chunk_encoder(compressor: str, itemsize: int) -> Callable[[np.ndarray], obje
     """
     from numcodecs import Blosc, Zstd
 
-    compressor = parse_option(Compressor, compressor)
+    compressor = Compressor.parse(compressor)
     if compressor == Compressor.NONE:
         return None
     if compressor == Compressor.ZSTD:
@@ -290,7 +214,7 @@ def init_chunk(plan, layer_id: int, chunk_index: int, chunk_rows: int, init: str
     """
     if layer_id not in plan.primes:
         raise StoreError(f"layer {layer_id} is not in the plan (layers: {list(plan.layer_ids)})")
-    init = parse_option(InitKind, init)
+    init = InitKind.parse(init)
     start, stop = chunk_row_range(plan, layer_id, chunk_index, chunk_rows)
     shape = (stop - start, plan.head_dim)
     if init == InitKind.ZEROS:

@@ -37,6 +37,7 @@ from ..defaults import DEFAULT_MEMORY_LIMIT
 from ..errors import OutputError, StoreError, VocabMismatch
 from ..execution.work import StageCounter, run_all
 from ..hits import count_passes, hit_counts, orders_touching, per_order_sums
+from ..kinds import Compressor, InitKind, ParallelKind, TableDtype
 from ..plan import TablePlan, check_stats_cover
 from .format import (
     DEFAULT_CHUNK_BYTES,
@@ -50,16 +51,11 @@ from .format import (
     INIT_RNG,
     ROOT_ATTR,
     STATS_DIR,
-    Compressor,
-    InitKind,
-    ParallelKind,
-    TableDtype,
     ceil_div,
     check_dtype_geometry,
     chunk_encoder,
     chunk_rows_for,
     hits_geometry,
-    parse_option,
     row_bytes,
     row_width,
     shard_blocks,
@@ -168,9 +164,9 @@ def check_write_options(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> None:
     """Raise `StoreError` for write options `write_tables` cannot use (cheap: call it first)."""
-    parse_option(InitKind, init)
-    parse_option(Compressor, compressor)
-    parse_option(ParallelKind, parallel)
+    InitKind.parse(init)
+    Compressor.parse(compressor)
+    ParallelKind.parse(parallel)
     if not (np.isfinite(init_std) and init_std >= 0):
         raise StoreError(f"--init-std must be a finite number >= 0, got {init_std}")
     if workers is not None and workers < 1:
@@ -194,7 +190,7 @@ def _report(progress: Progress | None, stage: str, done, total=None, detail: str
 # -- lifecycle -------------------------------------------------------------------------
 def planned_write_bytes(plan: TablePlan, init: str = DEFAULT_INIT) -> int:
     """Bytes of table rows a build of `plan` writes: `planned_bytes`, or 0 for `--init zeros` (no shard is written)."""
-    return 0 if parse_option(InitKind, init) == InitKind.ZEROS else planned_bytes(plan)
+    return 0 if InitKind.parse(init) == InitKind.ZEROS else planned_bytes(plan)
 
 
 def verify_layout(path: str | os.PathLike) -> None:
@@ -332,8 +328,8 @@ def create_layout(
     from .. import __version__
 
     partial = Path(partial)
-    init = parse_option(InitKind, init)
-    compressor = parse_option(Compressor, compressor)
+    init = InitKind.parse(init)
+    compressor = Compressor.parse(compressor)
     check_write_options(init=init, init_std=init_std, compressor=compressor, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes)
     check_dtype_geometry(plan.head_dim, plan.dtype)
     if plan.compressed_vocab_size != vocab.compressed_size:
@@ -546,7 +542,7 @@ def run_shard_tasks(tasks: list[ShardTask], executor: Executor | None, workers: 
         return
     own = executor is None
     if own:
-        if parse_option(ParallelKind, parallel) == ParallelKind.PROCESSES:
+        if ParallelKind.parse(parallel) == ParallelKind.PROCESSES:
             # spawn, not fork: blosc's threads and zarr's event loop do not survive a fork.
             executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
         else:

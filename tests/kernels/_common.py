@@ -6,12 +6,14 @@ import numpy as np
 import torch
 
 from engram_cli.fp8 import dequantize_fp8_rows, quantize_fp8_rows
+from engram_cli.kernels.registry import REGISTRY
+from engram_cli.kinds import TableDtype
 from engram_cli.plan import make_plan
 
 # CUDA where present (Triton compiled for the GPU), else CPU (Triton under TRITON_INTERPRET=1)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["torch", "cpu", "triton", "offload"]
-DTYPES = ["float32", "float16", "bfloat16", "float8_e4m3"]
+BACKENDS = [b.value for b in REGISTRY]  # every backend; the tests skip triton where it cannot run
+DTYPES = [d.value for d in TableDtype]
 
 
 def plan_for(vocab, *, max_n=3, heads=2, rows=(97, 131, 173), dim=64, dtype="float32", layers=(1,)):
