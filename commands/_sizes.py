@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import typer
-
 from engram_cli.commands._output import console
+
 from engram_cli.pipeline.sizing import large_plan_notice
 from engram_cli.units import format_bytes
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from engram_cli.commands._output import console, print_json, progress_reporter
+
+from engram_cli.defaults import DEFAULT_STORE
+from engram_cli.errors import CheckpointError
 from engram_cli.statedict_audit import audit_state_dict
 
 
@@ -41,8 +44,6 @@ def render(report: dict) -> None:
 
 def run(state_dict, checkpoints, tables, corpus, as_json: bool) -> None:
     """`engram eval --state-dict FILE`: refuse checkpoints beside it, audit, render."""
-    from engram_cli.defaults import DEFAULT_STORE
-    from engram_cli.errors import CheckpointError
 
     if checkpoints:
         raise CheckpointError(f"--state-dict audits a state dict without a model; drop the checkpoint argument(s) {[str(c) for c in checkpoints]}")

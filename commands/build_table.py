@@ -6,17 +6,35 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from engram_cli.commands._output import (
+    console,
+    json_option,
+    ngram_text,
+    notice,
+    print_json,
+    progress_reporter,
+)
+from engram_cli.commands._sizes import render_plan_size
 from rich.table import Table
 
 from engram_cli import plan as plan_defaults
-from engram_cli.commands._output import console, json_option, ngram_text, notice, print_json, progress_reporter
-from engram_cli.commands._sizes import render_plan_size
 from engram_cli.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_STORE, DEFAULT_VOCAB
 from engram_cli.execution.ray import check_cluster_options
 from engram_cli.kinds import Compressor, InitKind, TableDtype
-from engram_cli.pipeline.build import DistributedOptions, build_tables, plan_tables, resolve_corpus
+from engram_cli.pipeline.build import (
+    DistributedOptions,
+    build_tables,
+    plan_tables,
+    resolve_corpus,
+)
 from engram_cli.pipeline.report import plan_report, stats_report
-from engram_cli.pipeline.sizing import AUTO, check_fits_disk, plan_footprint, resolve_rows_option, size_plan_to_target
+from engram_cli.pipeline.sizing import (
+    AUTO,
+    check_fits_disk,
+    plan_footprint,
+    resolve_rows_option,
+    size_plan_to_target,
+)
 from engram_cli.plan import check_rows_or_budget, parse_budget
 from engram_cli.store import check_output, check_write_options
 from engram_cli.store import format as store_format

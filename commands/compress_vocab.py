@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
+
 import typer
+from engram_cli.commands._output import (
+    console,
+    json_option,
+    notice,
+    print_json,
+    visible,
+)
 from rich.markup import escape
 from rich.table import Table
 
-from engram_cli.vocab import DEFAULT_TOKENIZER, REPLACEMENT_CHAR, CompressedVocab, LoadedTokenizer, check_output_path, compress_vocab, load_tokenizer
-
 from engram_cli.defaults import DEFAULT_VOCAB
-from engram_cli.commands._output import console, json_option, notice, print_json, visible
+from engram_cli.vocab import (
+    DEFAULT_TOKENIZER,
+    REPLACEMENT_CHAR,
+    CompressedVocab,
+    LoadedTokenizer,
+    check_output_path,
+    compress_vocab,
+    load_tokenizer,
+)
 
 TOP_CLASSES = 10
 MAX_MEMBERS_SHOWN = 12

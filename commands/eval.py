@@ -6,10 +6,15 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from engram_cli.commands._output import (
+    console,
+    json_option,
+    print_json,
+    progress_reporter,
+)
+from engram_cli.commands._state_dict import run as run_state_dict
 from rich.table import Table
 
-from engram_cli.commands._output import console, json_option, print_json, progress_reporter
-from engram_cli.commands._state_dict import run as run_state_dict
 from engram_cli.defaults import DEFAULT_CHECKPOINT
 from engram_cli.evaluate import evaluate_checkpoint
 

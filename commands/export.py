@@ -6,8 +6,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from engram_cli.commands._output import (
+    console,
+    json_option,
+    print_json,
+    progress_reporter,
+)
 
-from engram_cli.commands._output import console, json_option, print_json, progress_reporter
 from engram_cli.defaults import DEFAULT_STORE
 from engram_cli.exchange import export_tables
 from engram_cli.kinds import ExchangeFormat

@@ -5,8 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from engram_cli.commands._output import (
+    console,
+    json_option,
+    notice,
+    print_json,
+    progress_reporter,
+)
 
-from engram_cli.commands._output import console, json_option, notice, print_json, progress_reporter
 from engram_cli.defaults import DEFAULT_STORE
 from engram_cli.exchange import import_tables
 

@@ -6,10 +6,18 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from engram_cli.commands._output import (
+    console,
+    json_option,
+    print_json,
+    progress_reporter,
+)
 from rich.table import Table
 
-from engram_cli.commands._output import console, json_option, print_json, progress_reporter
+from engram_cli.audit import check_plot_support
 from engram_cli.defaults import DEFAULT_STORE
+from engram_cli.inspect import hit_profiles, inspect_store, plot_hit_ranks, verify_store
+from engram_cli.store import TableStore
 from engram_cli.units import format_bytes
 
 
@@ -83,9 +91,6 @@ def inspect_command(
         engram inspect big.zarr --verify    # also check every chunk's crc32c
         engram inspect --json --plot hits.png
     """
-    from engram_cli.audit import check_plot_support
-    from engram_cli.inspect import hit_profiles, inspect_store, plot_hit_ranks, verify_store
-    from engram_cli.store import TableStore
 
     if plot is not None:
         check_plot_support(plot)

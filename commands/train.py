@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from engram_cli.commands._output import (
+    console,
+    json_option,
+    print_json,
+    progress_reporter,
+)
 
-from engram_cli.commands._output import console, json_option, print_json, progress_reporter
 from engram_cli.defaults import DEFAULT_CHECKPOINT, DEFAULT_STORE
 from engram_cli.train import DEFAULT_CORPUS, DEFAULT_STEPS, run_training
 from engram_cli.units import format_bytes

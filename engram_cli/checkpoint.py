@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from engram_cli.errors import CheckpointError
 
@@ -45,7 +47,6 @@ def save_checkpoint(path, model, *, tables: str | None, plan_fingerprint: str | 
     }
     tmp = path.with_name(path.name + ".partial")
     if path.suffix == SAFETENSORS_SUFFIX:
-        from safetensors.torch import save_file
 
         meta, tensors = _split(obj, "")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"engram": json.dumps(meta)})
@@ -84,7 +85,6 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def _load_safetensors(path: Path) -> dict:
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -18,7 +18,6 @@ in `engram_cli.pipeline.count`.
 from __future__ import annotations
 
 import itertools
-
 import queue
 import threading
 from typing import Callable, Iterable, Iterator

@@ -17,21 +17,31 @@ lookups then decode most chunks per call: the figure says what that path costs).
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 
 from engram_cli.checkpoint import load_checkpoint
 from engram_cli.errors import CheckpointError, StoreError
+from engram_cli.hashing import shift_k
 from engram_cli.kernels import REGISTRY, EngramLookup, available_backends
 from engram_cli.kernels.cache import ChunkCache, top_rows
 from engram_cli.kinds import Backend
 from engram_cli.model import EngramGPT, ModelConfig, table_lookup
+from engram_cli.ngrams import token_columns
 from engram_cli.store import TableStore, from_storage
 from engram_cli.store.tokenizer import load_store_tokenizer
-from engram_cli.train import HELDOUT_SHARE, MAX_HELDOUT_TOKENS, TokenMap, open_tables, read_split
+from engram_cli.train import (
+    HELDOUT_SHARE,
+    MAX_HELDOUT_TOKENS,
+    TokenMap,
+    open_tables,
+    read_split,
+)
 from engram_cli.vocab import load_tokenizer
 
 MiB = 1 << 20
@@ -190,10 +200,6 @@ def heldout_ngram_counts(store, vocab, plan, x_raw: np.ndarray, order: int) -> n
     padded with the compressed pad id). Only the held-out n-grams are joined against
     the statistics' parquet (streamed), so memory follows the held-out text.
     """
-    import polars as pl
-
-    from engram_cli.hashing import shift_k
-    from engram_cli.ngrams import token_columns
 
     c = np.asarray(vocab.lookup)[x_raw]  # (N, T) compressed ids
     cols = token_columns(order)
@@ -305,8 +311,6 @@ def cache_hit_rates(store, layer_id: int, rows: np.ndarray) -> dict:
 # -- lookups -------------------------------------------------------------------------------------
 def available_ram() -> int:
     """Bytes of RAM available now (MemAvailable; free pages where /proc/meminfo is missing)."""
-    import os
-
     try:
         with open("/proc/meminfo") as f:
             for line in f:

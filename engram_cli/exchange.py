@@ -46,7 +46,13 @@ from engram_cli.errors import CheckpointError, OutputError
 from engram_cli.fp8 import FP8_BLOCK, dequantize_fp8_rows, quantize_fp8_rows_keeping
 from engram_cli.kinds import ExchangeFormat, TableDtype
 from engram_cli.store import TableStore, to_storage
-from engram_cli.store.output import check_free_space, check_inputs_apart, check_output, check_output_name, shown
+from engram_cli.store.output import (
+    check_free_space,
+    check_inputs_apart,
+    check_output,
+    check_output_name,
+    shown,
+)
 from engram_cli.store.staging import link_store, staged_file, staged_output
 
 FORMAT_TAG = "engram-tables/1"

@@ -48,7 +48,7 @@ def check_fp8_head_dim(head_dim: int) -> None:
 
 def _e4m3_table() -> np.ndarray:
     """float32 value of each of the 256 e4m3fn bytes (NaN for 0x7F and 0xFF)."""
-    import torch
+    import torch  # lazily: the build and its Ray map tasks use fp8 through the store and never pay torch's ~1 s import
 
     return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 
@@ -94,7 +94,7 @@ def pack_fp8_rows(x: np.ndarray, scale_bytes: np.ndarray) -> np.ndarray:
     Each value is `x * 2**(127 - scale_byte)` (exact: a power of two) rounded to e4m3
     (nearest even, torch's cast); the scale bytes follow the values unchanged.
     """
-    import torch
+    import torch  # lazily, as in _e4m3_table
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape

@@ -9,18 +9,15 @@ size is counted in passes of bounded memory (`count_passes`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
 from .defaults import DEFAULT_MEMORY_LIMIT
 from .encode import map_in_threads
 from .hashing import ngram_row_ids
-
-if TYPE_CHECKING:
-    from .ngrams import NgramStats
-    from .plan import TablePlan
-
+from .ngrams import NgramStats
+from .plan import TablePlan
 
 HASH_WORKERS = 2  # threads reading and hashing statistics batches (numpy and polars release the GIL)
 HASH_IN_FLIGHT = 3  # batches held at once (the workers' and one read ahead): each gets 1/3 of the batch memory

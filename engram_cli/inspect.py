@@ -16,7 +16,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .audit import save_figure
 from .errors import EngramError, StoreError
+from .pipeline.report import plan_report
 from .store import TableStore
 from .store.format import ceil_div, chunk_row_range, row_bytes
 
@@ -152,7 +154,6 @@ def _read_hits(store: TableStore, arr, layer_id: int, a: int, b: int) -> np.ndar
 # -- the report ----------------------------------------------------------------------
 def inspect_store(store: TableStore, profiles: list[HitProfile] | None = None) -> dict:
     """The JSON-safe report of docs/inspect.md (`profiles` from `hit_profiles`)."""
-    from .pipeline.report import plan_report
 
     summary = store.summary()
     attrs = store.attrs
@@ -278,7 +279,6 @@ def plot_hit_ranks(profiles: list[HitProfile], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .audit import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for p in profiles:

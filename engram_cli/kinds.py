@@ -24,7 +24,13 @@ from typing import Sequence
 
 import numpy as np
 
-from engram_cli.errors import BackendError, EngramError, OutputError, PlanError, StoreError
+from engram_cli.errors import (
+    BackendError,
+    EngramError,
+    OutputError,
+    PlanError,
+    StoreError,
+)
 
 
 def _kind(option: str, error: type[EngramError]):

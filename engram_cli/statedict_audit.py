@@ -27,7 +27,13 @@ import torch
 
 from engram_cli.errors import CheckpointError
 from engram_cli.evaluate import cache_hit_rates
-from engram_cli.exchange import WEIGHT, check_fingerprint, check_table, find_tables, open_tensor_file
+from engram_cli.exchange import (
+    WEIGHT,
+    check_fingerprint,
+    check_table,
+    find_tables,
+    open_tensor_file,
+)
 from engram_cli.kernels import EngramLookup, available_backends
 from engram_cli.kinds import Backend
 from engram_cli.model import row_ids_for

@@ -212,8 +212,12 @@ def train_steps(model, lookups: dict, tmap, stream, *, steps: int, batch: int = 
 from pathlib import Path
 
 from engram_cli.checkpoint import save_checkpoint
+from engram_cli.corpus import iter_documents
+from engram_cli.defaults import TRAINED_STORE_SUFFIX
 from engram_cli.errors import CheckpointError, StoreError
 from engram_cli.model import ModelConfig
+from engram_cli.store import TableStore, from_storage, link_store, staged_output
+from engram_cli.store.output import check_inputs_apart
 
 DEFAULT_CORPUS = "corpus"  # `engram build-table corpus/` reads the same folder
 DEFAULT_STEPS = 150  # the demo: under 5 minutes on 2 CPU cores with the reference plan (16 layers), measured in docs/train.md
@@ -227,7 +231,6 @@ MAX_HELDOUT_TOKENS = 200_000
 
 def load_layer_table(store, layer_id: int) -> np.ndarray:
     """A layer's table as float32 (decoded from the storage form `store.load_layer` returns)."""
-    from engram_cli.store import from_storage
 
     table = store.load_layer(layer_id)
     if table.dtype == np.float32:
@@ -245,8 +248,6 @@ def save_trained_store(src: Path, dst: Path, trained: dict[int, tuple[np.ndarray
     `model.tables.zarr`), is locked while written, staged in `<dst>.partial` and moved
     into place (`store.staged_output`).
     """
-    from engram_cli.store import TableStore, link_store, staged_output
-    from engram_cli.store.output import check_inputs_apart
 
     src, dst = Path(src), Path(dst)
     check_inputs_apart(dst, [src], what="trained store", source="table store")
@@ -266,7 +267,6 @@ def read_split(corpus, tokenizer, *, share: float = HELDOUT_SHARE, max_train: in
     of a few long documents still gets a held-out share. Reading stops once both
     streams are full.
     """
-    from engram_cli.corpus import iter_documents
 
     train, held = [], []
     n_train = n_held = 0
@@ -291,7 +291,6 @@ def read_split(corpus, tokenizer, *, share: float = HELDOUT_SHARE, max_train: in
 
 def open_tables(tables):
     """The store, its plan and vocab, and the tokenizer it was built with (`store.tokenizer.load_store_tokenizer`, checked by sha256)."""
-    from engram_cli.store import TableStore
 
     store = TableStore.open(tables)
     vocab = store.vocab
@@ -315,7 +314,6 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
     it), and updated in place by `RowAdam`; only the touched rows are written to the new
     store, whose other shards are hard links of the initial store's files.
     """
-    from engram_cli.defaults import TRAINED_STORE_SUFFIX
 
     out = Path(out)
     if not out.parent.exists():

@@ -6,7 +6,13 @@ compressed id sequences, `merge_stats` / `concat_stats` join the statistics of c
 shards into exactly the whole corpus's.
 """
 
-from .count import BYTES_PER_ROW_OVERHEAD, ContinuedIds, KeyLayout, count_ngrams, id_bits
+from .count import (
+    BYTES_PER_ROW_OVERHEAD,
+    ContinuedIds,
+    KeyLayout,
+    count_ngrams,
+    id_bits,
+)
 from .merge import concat_stats, merge_stats
 from .stats import (
     STATS_FORMAT,

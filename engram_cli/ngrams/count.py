@@ -26,7 +26,15 @@ import numpy as np
 import polars as pl
 
 from ..defaults import DEFAULT_MEMORY_LIMIT
-from .stats import STATS_ROW_GROUP, NgramStats, SummaryBuilder, order_file, order_frame_columns, stats_summary, write_summary
+from .stats import (
+    STATS_ROW_GROUP,
+    NgramStats,
+    SummaryBuilder,
+    order_file,
+    order_frame_columns,
+    stats_summary,
+    write_summary,
+)
 
 # -- exact counting ---------------------------------------------------------------------
 BYTES_PER_ROW_OVERHEAD = 6  # merge = concat copy + hash table + output: ~6x the raw row bytes

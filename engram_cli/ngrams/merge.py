@@ -17,11 +17,20 @@ from typing import Callable, Iterable
 import numpy as np
 import polars as pl
 
-from ..defaults import DEFAULT_MEMORY_LIMIT
 from ..corpus import CorpusSummary
+from ..defaults import DEFAULT_MEMORY_LIMIT
 from ..errors import StoreError
 from .count import BYTES_PER_ROW_OVERHEAD
-from .stats import STATS_ROW_GROUP, NgramStats, SummaryBuilder, order_file, order_frame, stats_summary, token_columns, write_summary
+from .stats import (
+    STATS_ROW_GROUP,
+    NgramStats,
+    SummaryBuilder,
+    order_file,
+    order_frame,
+    stats_summary,
+    token_columns,
+    write_summary,
+)
 
 # -- merging statistics (one NgramStats per corpus shard -> the corpus's) ------------------
 _MERGE_SAMPLES_PER_PART = 4096

@@ -9,13 +9,22 @@ layout; docs/spec.md ("Rows", "FP8 rows") the row contents.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from numcodecs import Blosc, Zstd
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from ..defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_STORE, GiB  # noqa: F401 - re-exported for the store's users
 from ..errors import PlanError, StoreError
-from ..fp8 import FP8_BLOCK, check_fp8_head_dim, dequantize_fp8_rows, fp8_row_bytes, quantize_fp8_rows
+from ..fp8 import (
+    FP8_BLOCK,
+    check_fp8_head_dim,
+    dequantize_fp8_rows,
+    fp8_row_bytes,
+    quantize_fp8_rows,
+)
 from ..kinds import Compressor, InitKind, ParallelKind, TableDtype
 
 FORMAT = "engram-tables/1"
@@ -141,7 +150,6 @@ def shard_rows_for(plan, chunk_rows: int, shard_bytes: int = DEFAULT_SHARD_BYTES
 
 def partial_path(out) -> "Path":  # noqa: F821 (imported inside)
     """Where a build of `out` writes until it is complete: `<out>.partial`."""
-    from pathlib import Path
 
     out = Path(out)
     return out.with_name(out.name + PARTIAL_SUFFIX)
@@ -175,7 +183,6 @@ def hits_geometry(memory_limit: int) -> tuple[int, int, int]:
 # -- codecs ------------------------------------------------------------------------
 def table_codecs(compressor: str, itemsize: int) -> list:
     """The inner-chunk bytes->bytes zarr codecs: an optional compressor, then crc32c."""
-    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
     compressor = Compressor.parse(compressor)
     if compressor == Compressor.NONE:
@@ -194,7 +201,6 @@ def chunk_encoder(compressor: str, itemsize: int) -> Callable[[np.ndarray], obje
 
     Equal, byte for byte, to zarr's ZstdCodec / BloscCodec (tests/test_store.py checks).
     """
-    from numcodecs import Blosc, Zstd
 
     compressor = Compressor.parse(compressor)
     if compressor == Compressor.NONE:

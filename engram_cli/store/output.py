@@ -206,7 +206,7 @@ class OutputLock:
     """
 
     def __init__(self, out: str | os.PathLike):
-        import fcntl
+        import fcntl  # POSIX only: imported where the lock is taken, so the module imports anywhere
 
         self.out = Path(out)
         self.path = lock_path(self.out)

@@ -16,13 +16,16 @@ import os
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 import zarr
+from zarr.core.buffer.cpu import NDBuffer
 
 from ..errors import PlanError, StoreError
+from ..ngrams import SUMMARY_FILE, NgramStats
 from ..plan import TablePlan
+from ..vocab import CompressedVocab, key_offsets_problem, vocab_array_problem
 from .format import (
     FORMAT,
     ROOT_ATTR,
@@ -37,15 +40,12 @@ from .format import (
     storage_dtype,
     to_storage,
 )
-
-if TYPE_CHECKING:
-    from ..ngrams import NgramStats
-    from ..vocab import CompressedVocab
+from .layout import verify_layout, write_shard
+from .output import leftover_hint, leftover_notice
 
 MODES = ("r", "r+")
 TMP_PREFIX = "."  # temporary shard files are hidden: ".{name}.{token}.tmp" beside the shard
 TMP_SUFFIX = ".tmp"
-VOCAB_ARRAYS = ("lookup", "raw_key", "key_bytes", "key_offsets")  # the arrays of the `vocab/` group
 
 
 def _open_error(path: Path, what: str) -> StoreError:
@@ -86,7 +86,6 @@ class TableStore:
         path = Path(path)
         if mode not in MODES:
             raise StoreError(f"table store mode must be one of {', '.join(MODES)}, got {mode!r}")
-        from .output import leftover_hint, leftover_notice  # a `<path>.old-<pid>` an interrupted replacement left
 
         if not path.exists():
             if leftover_hint(path):
@@ -129,7 +128,6 @@ class TableStore:
         A missing `zarr.json` of any array (table, hits, vocab/*), a missing shard, or
         missing statistics files: one StoreError naming the first few.
         """
-        from .writer import verify_layout
 
         verify_layout(self.path)
 
@@ -144,7 +142,6 @@ class TableStore:
         `compressed_vocab_size`. Files without the statistic are checked by the build's
         streaming pass only (`writer.check_stats_ids`).
         """
-        from ..ngrams import SUMMARY_FILE, NgramStats
 
         plan = self.plan
         try:
@@ -244,7 +241,6 @@ class TableStore:
 
     @property
     def stats(self) -> "NgramStats":
-        from ..ngrams import SUMMARY_FILE, NgramStats
 
         root = self.path / STATS_DIR
         if not (root / SUMMARY_FILE).is_file():
@@ -254,7 +250,6 @@ class TableStore:
     @property
     def vocab(self) -> "CompressedVocab":
         """The compressed vocabulary stored in `vocab/`, checked against its fingerprint."""
-        from ..vocab import CompressedVocab
 
         try:
             g = self.group["vocab"]
@@ -282,7 +277,6 @@ class TableStore:
 
     def _check_vocab_arrays(self, offsets, key_bytes: int, vocab: "CompressedVocab | None" = None) -> None:
         """StoreError when the stored key offsets or lookup are out of range (`vocab.key_offsets_problem`, `vocab.vocab_array_problem`)."""
-        from ..vocab import key_offsets_problem, vocab_array_problem
 
         problem = vocab_array_problem(vocab.lookup, vocab.raw_key, vocab.compressed_size) if vocab is not None else key_offsets_problem(offsets, key_bytes)
         if problem:
@@ -320,8 +314,6 @@ class TableStore:
 
     def _read_range(self, arr: zarr.Array, layer_id: int, start: int, stop: int, out: np.ndarray) -> None:
         """arr[start:stop] decoded straight into `out` (C-contiguous, exact shape)."""
-        from zarr.core.buffer.cpu import NDBuffer
-
         try:
             arr.get_basic_selection((slice(start, stop), slice(None)), out=NDBuffer.from_numpy_array(out))
         except ValueError as e:  # zarr's crc32c codec raises ValueError on a mismatch
@@ -502,7 +494,6 @@ class TableStore:
 
     def _rewrite_shard(self, layer_id: int, s: int, patch) -> None:
         """Write shard `s` anew (old chunks, patched) to a temp file, fsync, rename it over the old one."""
-        from .writer import write_shard
 
         arr = self.table(layer_id)
         n, cr, sr = arr.shape[0], self.chunk_rows, self.shard_rows

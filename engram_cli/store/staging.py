@@ -20,11 +20,12 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from ..errors import OutputError
 from ..ngrams import NgramStats
 from ..plan import TablePlan
+from ..vocab import CompressedVocab
 from .format import partial_path
 from .output import (
     check_free_space,
@@ -41,9 +42,6 @@ from .output import (
 )
 from .reader import TableStore
 from .writer import verify_layout, write_tables
-
-if TYPE_CHECKING:
-    from ..vocab import CompressedVocab
 
 
 # -- the steps --------------------------------------------------------------------------

@@ -22,13 +22,16 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import StoreError, TokenizerError
-from ..vocab import DEFAULT_TOKENIZER, TOKENIZER_ENGINE, CompressedVocab, LoadedTokenizer, load_tokenizer
-
-if TYPE_CHECKING:
-    from .reader import TableStore
+from ..vocab import (
+    DEFAULT_TOKENIZER,
+    TOKENIZER_ENGINE,
+    CompressedVocab,
+    LoadedTokenizer,
+    load_tokenizer,
+)
+from .reader import TableStore
 
 TOKENIZER_ATTR = "tokenizer"  # the key of the spec in the root "engram" attributes
 TOKENIZER_FILE = "tokenizer/tokenizer.json"  # the copy, relative to the store's root (not Zarr; zarr-python skips it)

@@ -22,23 +22,31 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
-from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Executor,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from .. import __version__
 from ..defaults import DEFAULT_MEMORY_LIMIT
 from ..errors import OutputError, StoreError, VocabMismatch
 from ..execution.work import StageCounter, run_all
 from ..hits import count_passes, hit_counts, orders_touching, per_order_sums
 from ..kinds import Compressor, InitKind, ParallelKind, TableDtype
+from ..ngrams import NgramStats
 from ..plan import TablePlan, check_stats_cover
+from ..vocab import CompressedVocab, LoadedTokenizer, vocab_arrays
 from .format import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_COMPRESSOR,
@@ -53,7 +61,6 @@ from .format import (
     STATS_DIR,
     ceil_div,
     check_dtype_geometry,
-    chunk_encoder,
     chunk_rows_for,
     hits_geometry,
     row_bytes,
@@ -63,60 +70,11 @@ from .format import (
     storage_dtype,
     table_codecs,
 )
-from .output import check_free_space, shown, storage_errors
-from .reader import VOCAB_ARRAYS
+from .layout import verify_layout, write_shard
+from .output import check_free_space, storage_errors
 from .tokenizer import TOKENIZER_ATTR, write_store_tokenizer
 
-if TYPE_CHECKING:
-    from ..ngrams import NgramStats
-    from ..vocab import CompressedVocab, LoadedTokenizer
-
 Progress = Callable[..., None]
-
-
-# -- the shard writer ------------------------------------------------------------------
-def _crc32c(data) -> bytes:
-    return np.array([google_crc32c.value(data)], dtype="<u4").tobytes()
-
-
-def write_shard(path: Path, blocks, chunk_rows: int, chunks_per_shard: int, compressor: str, *, fsync: bool = False) -> int:
-    """Write one shard file of Zarr's `sharding_indexed` codec from its chunks, in order.
-
-    Layout (the codec's spec, index at the end): each chunk's bytes (little-endian
-    C-order rows, zero-padded to `chunk_rows`, then compressed) followed by their
-    crc32c; then the index, (offset, nbytes) uint64 little-endian per chunk (2**64-1
-    for an absent chunk), and the index's crc32c. One chunk is in memory at a time.
-    `fsync=True` flushes the file to disk before returning. Returns the bytes of table
-    data written (before padding and compression).
-    """
-    index = np.full((chunks_per_shard, 2), np.iinfo(np.uint64).max, dtype="<u8")
-    encode = None
-    offset = written = 0
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        for i, block in enumerate(blocks):
-            written += block.nbytes
-            if block.shape[0] < chunk_rows:
-                padded = np.zeros((chunk_rows, *block.shape[1:]), dtype=block.dtype)
-                padded[: block.shape[0]] = block
-                block = padded
-            if encode is None:
-                encode = chunk_encoder(compressor, block.dtype.itemsize) or (lambda raw: raw)
-            raw = np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
-            data = encode(raw)
-            f.write(data)
-            f.write(_crc32c(data))
-            n = memoryview(data).nbytes + 4
-            index[i] = (offset, n)
-            offset += n
-        body = index.tobytes()
-        f.write(body)
-        f.write(_crc32c(body))
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    return written
 
 
 @dataclass(frozen=True)
@@ -193,41 +151,7 @@ def planned_write_bytes(plan: TablePlan, init: str = DEFAULT_INIT) -> int:
     return 0 if InitKind.parse(init) == InitKind.ZEROS else planned_bytes(plan)
 
 
-def verify_layout(path: str | os.PathLike) -> None:
-    """`StoreError` unless every array, group and written shard of the store at `path` exists (before `complete`).
-
-    Checks the `zarr.json` of the root, `vocab/` and its arrays, every layer's group,
-    table and hits; every shard file of every table (unless the init is zeros, whose
-    shards are absent by design); the statistics' summary and order files.
-    """
-    path = Path(path)
-    missing: list[str] = []
-    root = path / "zarr.json"
-    if not root.is_file():
-        raise StoreError(f"{shown(path)} has no zarr.json; it is not a store")
-    attrs = zarr.open_group(str(path), mode="r", zarr_format=3).attrs.asdict().get(ROOT_ATTR) or {}
-    plan = TablePlan.from_dict(attrs["plan"])
-    need = ["vocab/zarr.json", *(f"vocab/{a}/zarr.json" for a in VOCAB_ARRAYS)]
-    shard_rows = int(attrs["shard_rows"])
-    zeros = (attrs.get("init") or {}).get("kind") == InitKind.ZEROS
-    for layer_id in plan.layer_ids:
-        need += [f"layer_{layer_id}/zarr.json", f"layer_{layer_id}/table/zarr.json"]
-        if attrs.get("has_hits"):
-            need.append(f"layer_{layer_id}/hits/zarr.json")
-        if not zeros:
-            need += [f"layer_{layer_id}/table/c/{s}/0" for s in range(ceil_div(plan.layer_rows(layer_id), shard_rows))]
-    if attrs.get("has_hits"):
-        from ..ngrams import SUMMARY_FILE, order_file
-
-        need += [f"{STATS_DIR}/{SUMMARY_FILE}", *(str(order_file(Path(STATS_DIR), n)) for n in plan.orders)]
-    missing = [n for n in need if not (path / n).is_file()]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise StoreError(f"store {shown(path)} lacks {', '.join(missing[:3])}{more}; it is not complete: rebuild it with `engram build-table --force`")
-
-
 def _vocab_group(root: zarr.Group, vocab: "CompressedVocab") -> None:
-    from ..vocab import vocab_arrays
 
     g = root.create_group("vocab", attributes={
         "format": "engram-compressed-vocab/1",
@@ -263,7 +187,6 @@ def _json_safe(obj):
 
 def _stats_in_store(stats: "NgramStats", partial: Path) -> "NgramStats":
     """The statistics as they will live in the store: copied in unless already there."""
-    from ..ngrams import NgramStats
 
     target = partial / STATS_DIR
     if Path(stats.root).resolve() == target.resolve():
@@ -325,7 +248,6 @@ def create_layout(
     metadata, but no table data. With `tokenizer` (the one `vocab` was made from), its
     spec is recorded and its file copied in (`store.tokenizer`). Returns the layout the other steps take.
     """
-    from .. import __version__
 
     partial = Path(partial)
     init = InitKind.parse(init)
@@ -469,7 +391,6 @@ def count_hits_range(
     be written concurrently. Returns the sum of the range's hits per order, for
     `check_hit_totals`.
     """
-    from ..ngrams import NgramStats
 
     path = Path(path)
     stats = NgramStats.open(path / STATS_DIR)
@@ -501,7 +422,6 @@ def mark_complete(partial: str | os.PathLike) -> None:
 def _write_hits(layout: StoreLayout, memory_limit: int, progress: Progress | None, executor: Executor | None = None) -> None:
     """Count hits layer by layer, one row range (whole hits shards) at a time: in this process,
     or each range as a `count_hits_range` task on `executor`; then check each layer's totals."""
-    from ..ngrams import NgramStats
 
     plan = layout.plan
     stats = NgramStats.open(Path(layout.path) / STATS_DIR)

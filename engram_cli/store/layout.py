@@ -1,0 +1,99 @@
+"""The store's files on disk: one Zarr shard file written whole (`write_shard`), and the check that every file of a layout is there (`verify_layout`).
+
+Both the reader (rewriting a shard in place) and the writer (the build) use them; they
+depend on neither.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+import zarr
+
+from ..errors import StoreError
+from ..kinds import InitKind
+from ..ngrams import SUMMARY_FILE, order_file
+from ..plan import TablePlan
+from .format import ROOT_ATTR, STATS_DIR, ceil_div, chunk_encoder
+from .output import shown
+
+VOCAB_ARRAYS = ("lookup", "raw_key", "key_bytes", "key_offsets")  # the arrays of the `vocab/` group
+
+
+# -- the shard writer ------------------------------------------------------------------
+def _crc32c(data) -> bytes:
+    return np.array([google_crc32c.value(data)], dtype="<u4").tobytes()
+
+
+def write_shard(path: Path, blocks, chunk_rows: int, chunks_per_shard: int, compressor: str, *, fsync: bool = False) -> int:
+    """Write one shard file of Zarr's `sharding_indexed` codec from its chunks, in order.
+
+    Layout (the codec's spec, index at the end): each chunk's bytes (little-endian
+    C-order rows, zero-padded to `chunk_rows`, then compressed) followed by their
+    crc32c; then the index, (offset, nbytes) uint64 little-endian per chunk (2**64-1
+    for an absent chunk), and the index's crc32c. One chunk is in memory at a time.
+    `fsync=True` flushes the file to disk before returning. Returns the bytes of table
+    data written (before padding and compression).
+    """
+    index = np.full((chunks_per_shard, 2), np.iinfo(np.uint64).max, dtype="<u8")
+    encode = None
+    offset = written = 0
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        for i, block in enumerate(blocks):
+            written += block.nbytes
+            if block.shape[0] < chunk_rows:
+                padded = np.zeros((chunk_rows, *block.shape[1:]), dtype=block.dtype)
+                padded[: block.shape[0]] = block
+                block = padded
+            if encode is None:
+                encode = chunk_encoder(compressor, block.dtype.itemsize) or (lambda raw: raw)
+            raw = np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
+            data = encode(raw)
+            f.write(data)
+            f.write(_crc32c(data))
+            n = memoryview(data).nbytes + 4
+            index[i] = (offset, n)
+            offset += n
+        body = index.tobytes()
+        f.write(body)
+        f.write(_crc32c(body))
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    return written
+
+
+def verify_layout(path: str | os.PathLike) -> None:
+    """`StoreError` unless every array, group and written shard of the store at `path` exists (before `complete`).
+
+    Checks the `zarr.json` of the root, `vocab/` and its arrays, every layer's group,
+    table and hits; every shard file of every table (unless the init is zeros, whose
+    shards are absent by design); the statistics' summary and order files.
+    """
+    path = Path(path)
+    missing: list[str] = []
+    root = path / "zarr.json"
+    if not root.is_file():
+        raise StoreError(f"{shown(path)} has no zarr.json; it is not a store")
+    attrs = zarr.open_group(str(path), mode="r", zarr_format=3).attrs.asdict().get(ROOT_ATTR) or {}
+    plan = TablePlan.from_dict(attrs["plan"])
+    need = ["vocab/zarr.json", *(f"vocab/{a}/zarr.json" for a in VOCAB_ARRAYS)]
+    shard_rows = int(attrs["shard_rows"])
+    zeros = (attrs.get("init") or {}).get("kind") == InitKind.ZEROS
+    for layer_id in plan.layer_ids:
+        need += [f"layer_{layer_id}/zarr.json", f"layer_{layer_id}/table/zarr.json"]
+        if attrs.get("has_hits"):
+            need.append(f"layer_{layer_id}/hits/zarr.json")
+        if not zeros:
+            need += [f"layer_{layer_id}/table/c/{s}/0" for s in range(ceil_div(plan.layer_rows(layer_id), shard_rows))]
+    if attrs.get("has_hits"):
+        need += [f"{STATS_DIR}/{SUMMARY_FILE}", *(str(order_file(Path(STATS_DIR), n)) for n in plan.orders)]
+    missing = [n for n in need if not (path / n).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise StoreError(f"store {shown(path)} lacks {', '.join(missing[:3])}{more}; it is not complete: rebuild it with `engram build-table --force`")
