@@ -42,7 +42,7 @@ from _harness import peak_rss_bytes, print_rows, record  # noqa: E402
 
 from engram_cli.plan import make_plan  # noqa: E402
 from engram_cli.store import (  # noqa: E402
-    _shard_blocks,
+    shard_blocks,
     ceil_div,
     chunk_rows_for,
     partial_path,
@@ -92,7 +92,7 @@ def raw_materialize(path: Path, plan, chunk_rows: int, shard_rows: int, workers:
     try:
         def task(s: int) -> None:
             offset = s * shard_rows * rb
-            for block in _shard_blocks(plan, 1, s, chunk_rows, shard_rows, "normal", 0.02):
+            for block in shard_blocks(plan, 1, s, chunk_rows, shard_rows, "normal", 0.02):
                 os.pwrite(fd, memoryview(block).cast("B"), offset)
                 offset += block.nbytes
 
@@ -210,7 +210,7 @@ def main(argv=None) -> None:
 
         # -- write only (generation excluded from both) ----------------------------------
         n_shards = ceil_div(plan.layer_rows(1), shard_rows)
-        shards = [list(_shard_blocks(plan, 1, s, chunk_rows, shard_rows, "normal", 0.02)) for s in range(n_shards)]
+        shards = [list(shard_blocks(plan, 1, s, chunk_rows, shard_rows, "normal", 0.02)) for s in range(n_shards)]
         rb = row_bytes(plan)
         for workers in workers_list:
             def run(task):

@@ -32,7 +32,7 @@ from typer.testing import CliRunner
 from engram_cli.cli import app
 from engram_cli.errors import StoreError
 from engram_cli.ngrams import NgramStats, order_file, token_columns
-from engram_cli.store.reader import TableStore
+from engram_cli.store.table_store import TableStore
 
 from cli_checks import SMALL_STORE_ARGS, build_small_store, copy_fixtures, flip_byte, one_error_line
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from test_store import VOCAB, C, PAD, count_windows, make_docs, recipe, torch_bf16_words
+from test_store import PAD, VOCAB, C, count_windows, make_docs, recipe, torch_bf16_words
 
 from engram_cli.errors import PlanError, StoreError
 from engram_cli.fp8 import dequantize_fp8_rows, quantize_fp8_rows
@@ -26,7 +26,6 @@ from engram_cli.ngrams import NgramStats, write_stats_from_arrays
 from engram_cli.plan import make_plan
 from engram_cli.store import (
     TableStore,
-    _resolve_workers,
     check_hit_totals,
     count_hits_range,
     create_layout,
@@ -40,6 +39,7 @@ from engram_cli.store import (
     write_tables,
 )
 from engram_cli.store import writer as writer_module
+from engram_cli.store.writer import _resolve_workers
 
 DTYPES = ["float32", "float16", "bfloat16", "float8_e4m3"]
 CHUNK_BYTES = 8 * 1024

@@ -241,7 +241,6 @@ def shard_blocks(plan, layer_id: int, shard_index: int, chunk_rows: int, shard_r
     return (init_chunk(plan, layer_id, c, chunk_rows, init, std) for c in range(first, last))
 
 
-_shard_blocks = shard_blocks  # the name benchmarks/bench_store.py uses
 
 FP8_LAYOUT = {
     "block": FP8_BLOCK,

@@ -40,7 +40,7 @@ from .output import (
     storage_error,
     storage_errors,
 )
-from .reader import TableStore
+from .table_store import TableStore
 from .writer import verify_layout, write_tables
 
 

@@ -31,7 +31,7 @@ from ..vocab import (
     LoadedTokenizer,
     load_tokenizer,
 )
-from .reader import TableStore
+from .table_store import TableStore
 
 TOKENIZER_ATTR = "tokenizer"  # the key of the spec in the root "engram" attributes
 TOKENIZER_FILE = "tokenizer/tokenizer.json"  # the copy, relative to the store's root (not Zarr; zarr-python skips it)
