@@ -132,3 +132,15 @@ def test_commands_and_kernels_import_the_library_by_absolute_names(folder):
             if isinstance(node, ast.ImportFrom) and node.level > 0:
                 relative.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not relative, f"relative imports in {folder}/ (use engram_cli. names): {relative}"
+
+
+def test_every_public_name_of_the_package_resolves():
+    import engram_cli
+
+    missing = []
+    for name in engram_cli.__all__:
+        try:
+            getattr(engram_cli, name)
+        except (AttributeError, ImportError) as e:
+            missing.append(f"{name} ({e})")
+    assert not missing, f"engram_cli exports names that do not resolve: {missing}"
