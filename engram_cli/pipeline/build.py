@@ -15,6 +15,7 @@ as tasks: map/reduce counting (`pipeline.count`), hit-count ranges and Zarr shar
 from __future__ import annotations
 
 import concurrent.futures as cf
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -136,38 +137,34 @@ def build_tables(
     # output checked, locked until the end, leftovers settled, free space checked (for a
     # `replan` only once its plan is made, by `create_layout`).
     need = 0 if replan is not None else planned_write_bytes(plan, store_options.get("init", DEFAULT_INIT))
-    common = dict(tokenizer=tokenizer, vocab=vocab, max_ngram_size=plan.max_ngram_size, pad_id=plan.compressed_pad_id,
-                  memory_limit=memory_limit, text_field=text_field, add_special_tokens=add_special_tokens, progress=progress)
-    if executor is None and cluster is None:
-        with staged_output(out, force, inputs=paths, need=need) as staging:
-            corpus, stats = count_corpus(list(paths), out_dir=staging.partial / "stats", **common)
-            plan = replan(stats) if replan is not None else plan
-            write_tables(staging.partial, plan, vocab, stats=stats, memory_limit=memory_limit, extra_attrs=_attrs(corpus, stats), progress=progress,
-                         tokenizer=tokenizer, **store_options)
-        return BuildResult(store=staging.store, corpus=corpus.to_dict())
-
+    scaled = executor is not None or cluster is not None
     options = options or DistributedOptions()
-    work = WorkDir(Path(options.work_dir) if options.work_dir else default_work_dir(out),
-                   fingerprint("build", tokenizer.sha256, vocab.fingerprint, plan.max_ngram_size, plan.compressed_pad_id, add_special_tokens, text_field))
-    check_inputs_apart(work.root, paths, what="work directory", option="--work-dir")  # never a corpus inside the work directory (its partials are dropped)
-    workers = store_options.pop("workers", None)
+    work = None
+    if scaled:  # the partials live in a work directory every worker sees; never one holding the corpus
+        work = WorkDir(Path(options.work_dir) if options.work_dir else default_work_dir(out),
+                       fingerprint("build", tokenizer.sha256, vocab.fingerprint, plan.max_ngram_size, plan.compressed_pad_id, add_special_tokens, text_field))
+        check_inputs_apart(work.root, paths, what="work directory", option="--work-dir")
     with staged_output(out, force, inputs=paths, need=need) as staging:
-        work.open(options.resume)
-        with executor_for(cluster, executor, options.max_retries) as (ex, description):
-            cpus = description.get("cpus") or workers or 1
-            corpus, stats = count_corpus(list(paths), out_dir=staging.partial / "stats", executor=ex, work=work, map_bytes=options.map_bytes,
-                                         partitions=options.partitions, cpus=cpus, resume=options.resume, **common)
+        if work is not None:
+            work.open(options.resume)
+        with executor_for(cluster, executor, options.max_retries) if scaled else nullcontext((None, None)) as (ex, where):
+            if scaled:  # tasks: the knobs of the map/reduce count, and shard writers for every CPU
+                cpus = where.get("cpus") or store_options.get("workers") or 1
+                store_options["workers"] = 2 * cpus
+                tasks = dict(executor=ex, work=work, map_bytes=options.map_bytes, partitions=options.partitions, cpus=cpus, resume=options.resume)
+            else:
+                tasks = {}
+            corpus, stats = count_corpus(
+                list(paths), tokenizer=tokenizer, vocab=vocab, max_ngram_size=plan.max_ngram_size, pad_id=plan.compressed_pad_id,
+                out_dir=staging.partial / "stats", memory_limit=memory_limit, text_field=text_field,
+                add_special_tokens=add_special_tokens, progress=progress, **tasks,
+            )
             plan = replan(stats) if replan is not None else plan
-            write_tables(staging.partial, plan, vocab, stats=stats, memory_limit=memory_limit, extra_attrs={**_attrs(corpus, stats), "cluster": description},
-                         progress=progress, executor=ex, workers=2 * cpus, tokenizer=tokenizer, **store_options)
-    if not options.keep_work:
+            attrs = {"corpus": corpus.to_dict(), "stats": {k: v for k, v in stats.summary.items() if k != "per_order"}}
+            if scaled:
+                attrs["cluster"] = where
+            write_tables(staging.partial, plan, vocab, stats=stats, memory_limit=memory_limit, extra_attrs=attrs, progress=progress,
+                         executor=ex, tokenizer=tokenizer, **store_options)
+    if work is not None and not options.keep_work:
         work.remove()
     return BuildResult(store=staging.store, corpus=corpus.to_dict())
-
-
-def _attrs(corpus: CorpusSummary, stats: NgramStats) -> dict:
-    """The store's `extra` attributes of a build: the corpus figures and the statistics' summary."""
-    return {"corpus": corpus.to_dict(), "stats": {k: v for k, v in stats.summary.items() if k != "per_order"}}
-
-
-__all__ = ["BuildResult", "DistributedOptions", "build_tables", "plan_tables", "resolve_corpus"]
