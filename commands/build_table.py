@@ -18,7 +18,12 @@ from engram_cli.commands._sizes import render_plan_size
 from rich.table import Table
 
 from engram_cli import plan as plan_defaults
-from engram_cli.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_STORE, DEFAULT_VOCAB
+from engram_cli.defaults import (
+    DEFAULT_MEMORY_LIMIT,
+    DEFAULT_STORE,
+    DEFAULT_TEXT_FIELD,
+    DEFAULT_VOCAB,
+)
 from engram_cli.execution.ray import check_cluster_options
 from engram_cli.kinds import Compressor, InitKind, TableDtype
 from engram_cli.pipeline.build import (
@@ -94,10 +99,10 @@ def build_table_command(
     out: Path = typer.Option(Path(DEFAULT_STORE), "-o", "--out", help="The Zarr v3 store to write."),
     tokenizer: str = typer.Option(DEFAULT_TOKENIZER, "--tokenizer", help="A tokenizer.json, a directory holding one, or `deepseek`."),
     vocab_path: Optional[Path] = typer.Option(None, "--vocab", help="A compressed vocabulary from `engram compress-vocab` (checked against the tokenizer). ", show_default=f"./{DEFAULT_VOCAB} when it matches the tokenizer, else computed"),
-    layers: str = typer.Option("1,15", "--layers", help="Layer ids that get a table, comma-separated."),
+    layers: str = typer.Option(",".join(map(str, plan_defaults.DEFAULT_LAYER_IDS)), "--layers", help="Layer ids that get a table, comma-separated."),
     max_ngram: int = typer.Option(plan_defaults.DEFAULT_MAX_NGRAM, "--max-ngram", help="Largest n-gram order (orders 2..N)."),
     heads: int = typer.Option(plan_defaults.DEFAULT_HEADS, "--heads", help="Hash heads per order (K)."),
-    rows_per_head: Optional[str] = typer.Option(None, "--rows-per-head", help="Requested rows per head (engram_vocab_size): one value, one per order, or `auto` (sized to the counted n-grams for --target; docs/build-table.md, Sizing). Default 646400."),
+    rows_per_head: Optional[str] = typer.Option(None, "--rows-per-head", help=f"Requested rows per head (engram_vocab_size): one value, one per order, or `auto` (sized to the counted n-grams for --target; docs/build-table.md, Sizing). Default {plan_defaults.DEFAULT_ROWS_PER_HEAD}."),
     target: Optional[float] = typer.Option(None, "--target", help="With --rows-per-head auto (required there): the token-weighted collision rate to reach, as `engram collisions --target` reports it."),
     dim: int = typer.Option(plan_defaults.DEFAULT_DIM, "--dim", help="n_embed_per_ngram; each head's row is dim // heads wide."),
     seed: int = typer.Option(plan_defaults.DEFAULT_SEED, "--seed", help="Seed of the hash multipliers and of the table initialization."),
@@ -105,12 +110,12 @@ def build_table_command(
     budget: Optional[str] = typer.Option(None, "--budget", help="Size the tables to fit: bytes (2GiB, 800MB) or parameters (500M)."),
     dtype: str = typer.Option(store_format.DEFAULT_DTYPE, "--dtype", callback=TableDtype.option_callback, help=f"Row dtype: {TableDtype.choices()} (float8_e4m3: e4m3 values and one power-of-two scale per 32; docs/store.md)."),
     init: str = typer.Option(store_format.DEFAULT_INIT, "--init", callback=InitKind.option_callback, help="Row initialization: normal (std --init-std) or zeros."),
-    init_std: float = typer.Option(0.02, "--init-std", help="Standard deviation of the normal initialization."),
-    chunk_size: str = typer.Option("4MiB", "--chunk-size", help="Target bytes per Zarr chunk (1-8 MiB is typical)."),
-    shard_size: str = typer.Option("128MiB", "--shard-size", help="Target bytes per shard file (many chunks each)."),
+    init_std: float = typer.Option(store_format.DEFAULT_INIT_STD, "--init-std", help="Standard deviation of the normal initialization."),
+    chunk_size: str = typer.Option(format_bytes(store_format.DEFAULT_CHUNK_BYTES).replace(" ", ""), "--chunk-size", help="Target bytes per Zarr chunk (1-8 MiB is typical)."),
+    shard_size: str = typer.Option(format_bytes(store_format.DEFAULT_SHARD_BYTES).replace(" ", ""), "--shard-size", help="Target bytes per shard file (many chunks each)."),
     compressor: str = typer.Option(store_format.DEFAULT_COMPRESSOR, "--compressor", callback=Compressor.option_callback, help="Chunk compressor: lz4 (blosc), zstd or none; crc32c checksums always."),
     memory_limit: str = typer.Option(format_bytes(DEFAULT_MEMORY_LIMIT).replace(" ", ""), "--memory-limit", help="Memory for in-flight n-gram counts before spilling to disk."),
-    text_field: str = typer.Option("text", "--text-field", help="The text field of .jsonl records and .parquet rows."),
+    text_field: str = typer.Option(DEFAULT_TEXT_FIELD, "--text-field", help="The text field of .jsonl records and .parquet rows."),
     special_tokens: bool = typer.Option(False, "--special-tokens/--no-special-tokens", help="Add the tokenizer's special tokens (e.g. BOS) to each document."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Parallel shard writers (default: CPU count)."),
     plan_only: bool = typer.Option(False, "--plan-only", help="Print the plan and stop; write nothing."),

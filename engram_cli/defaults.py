@@ -12,6 +12,7 @@ GiB = 1 << 30
 # Default file names, relative to the working directory.
 DEFAULT_VOCAB = "vocab.npz"  # written by `engram compress-vocab`, read by `build-table`
 DEFAULT_STORE = "tables.zarr"  # written by `build-table`, read by `collisions`, `inspect`, `train`
+DEFAULT_TEXT_FIELD = "text"  # the text field of .jsonl records and .parquet rows
 DEFAULT_CHECKPOINT = "model.ckpt"  # written by `train`, read by `eval`
 TRAINED_STORE_SUFFIX = ".tables.zarr"  # model.ckpt -> model.tables.zarr (the trained rows)
 

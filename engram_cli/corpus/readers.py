@@ -66,6 +66,7 @@ from engram_cli.corpus.files import (
     open_binary,
 )
 from engram_cli.corpus.summary import CorpusSummary, empty_corpus_message
+from engram_cli.defaults import DEFAULT_TEXT_FIELD
 from engram_cli.errors import CorpusError
 
 Progress = Callable[..., None]  # progress(stage, done, total=None, detail="")
@@ -393,7 +394,7 @@ def read_parquet(
 def read_file(
     path: Path,
     *,
-    text_field: str = "text",
+    text_field: str = DEFAULT_TEXT_FIELD,
     summary: CorpusSummary,
     tick: Tick = _no_tick,
     tmp_dir: Path | None = None,
@@ -427,7 +428,7 @@ def read_file(
 def iter_documents(
     paths: Iterable[str | os.PathLike],
     *,
-    text_field: str = "text",
+    text_field: str = DEFAULT_TEXT_FIELD,
     summary: CorpusSummary | None = None,
     progress: Progress | None = None,
     tmp_dir: Path | None = None,

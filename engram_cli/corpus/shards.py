@@ -42,6 +42,7 @@ from engram_cli.corpus.files import (
 )
 from engram_cli.corpus.readers import Progress, next_line_start, read_file
 from engram_cli.corpus.summary import CorpusSummary
+from engram_cli.defaults import DEFAULT_TEXT_FIELD
 from engram_cli.errors import CorpusError
 
 ShardKind = Literal["file", "lines", "rows"]
@@ -67,7 +68,7 @@ class Shard:
     first: bool = True  # the first shard of its file: counts the file itself
     size: int = 0  # the file's size in bytes when planned
     mtime_ns: int = 0  # the file's modification time when planned
-    text_field: str = "text"
+    text_field: str = DEFAULT_TEXT_FIELD
 
     @property
     def fingerprint(self) -> str:
@@ -143,7 +144,7 @@ def plan_shards(
     paths: Iterable[str | os.PathLike],
     *,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
-    text_field: str = "text",
+    text_field: str = DEFAULT_TEXT_FIELD,
     summary: CorpusSummary | None = None,
     expanded: bool = False,
 ) -> list[Shard]:

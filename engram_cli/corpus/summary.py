@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from engram_cli.defaults import DEFAULT_TEXT_FIELD
+
 
 @dataclass
 class CorpusSummary:
@@ -64,7 +66,7 @@ class CorpusSummary:
         return out
 
 
-def empty_corpus_message(files: list[Path], summary: CorpusSummary, text_field: str = "text") -> str:
+def empty_corpus_message(files: list[Path], summary: CorpusSummary, text_field: str = DEFAULT_TEXT_FIELD) -> str:
     """One line: why a corpus gave no document (or no token), and what to do."""
     where = str(files[0]) if len(files) == 1 else f"{len(files)} files"
     if not files:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..corpus import CorpusSummary, corpus_files
-from ..defaults import DEFAULT_MEMORY_LIMIT
+from ..defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_TEXT_FIELD
 from ..errors import CorpusError, PlanError
 from ..execution.ray import DEFAULT_MAX_RETRIES, ClusterSpec, executor_for
 from ..execution.work import Progress, WorkDir, default_work_dir, fingerprint
@@ -111,7 +111,7 @@ def build_tables(
     options: DistributedOptions | None = None,
     force: bool = False,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
-    text_field: str = "text",
+    text_field: str = DEFAULT_TEXT_FIELD,
     add_special_tokens: bool = False,
     progress: Progress | None = None,
     replan: Callable[[NgramStats], TablePlan] | None = None,

@@ -39,7 +39,7 @@ from ..corpus.shards import (
     merge_summaries,
     plan_shards,
 )
-from ..defaults import DEFAULT_MEMORY_LIMIT
+from ..defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_TEXT_FIELD
 from ..encode import (
     DEFAULT_BATCH_CHARS,
     DEFAULT_BATCH_SIZE,
@@ -84,7 +84,7 @@ def count_corpus(
     pad_id: int,
     out_dir: str | Path,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
-    text_field: str = "text",
+    text_field: str = DEFAULT_TEXT_FIELD,
     batch_size: int = DEFAULT_BATCH_SIZE,
     add_special_tokens: bool = False,
     progress: Progress | None = None,
@@ -155,7 +155,7 @@ def _count_here(
     pad_id: int,
     out_dir: str | Path,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
-    text_field: str = "text",
+    text_field: str = DEFAULT_TEXT_FIELD,
     batch_size: int = DEFAULT_BATCH_SIZE,
     add_special_tokens: bool = False,
     progress: Progress | None = None,
@@ -198,7 +198,7 @@ def count_shard(
     pad_id: int,
     out_dir: str | Path,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
-    text_field: str = "text",
+    text_field: str = DEFAULT_TEXT_FIELD,
     add_special_tokens: bool = False,
     spill_dir: str | Path | None = None,
 ) -> NgramStats:
@@ -357,7 +357,7 @@ def _count_on(
     max_ngram_size: int,
     pad_id: int,
     memory_limit: int,
-    text_field: str = "text",
+    text_field: str = DEFAULT_TEXT_FIELD,
     add_special_tokens: bool = False,
     map_bytes: int | None = None,
     partitions: int | None = None,
