@@ -163,7 +163,7 @@ def _count_here(
 ) -> tuple[CorpusSummary, NgramStats]:
     """`count_corpus` without an executor: the whole corpus is the one map, counted here into `out_dir` (nothing to reduce).
 
-    Memory: documents are read and tokenized in pieces (`corpus.TEXT_PIECE_BYTES`), so
+    Memory: documents are read and tokenized in pieces (`corpus.readers.TEXT_PIECE_BYTES`), so
     nothing grows with the size of one document. `memory_limit` is shared:
     `TOKENIZE_SHARE` of it sizes the tokenizer batches in flight (`batch_chars_for`),
     the rest bounds the counting buffers (`count_ngrams`).

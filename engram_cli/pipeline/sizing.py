@@ -6,8 +6,8 @@ The auto metric is the one `engram collisions --target` reports (docs/collisions
 collision rate (the share of the order's corpus windows whose n-gram shares its head's
 row with another distinct n-gram), measured with the plan's real hash on the real
 counted n-grams. Each order gets the smallest rows per head (within 1%) whose rate is
-<= target in every layer; `collisions.size_for_target` does the search and
-`collisions.sizing_summary` takes the per-layer maximum, so both commands agree.
+<= target in every layer; `audit.size_for_target` does the search and
+`audit.sizing_summary` takes the per-layer maximum, so both commands agree.
 """
 
 from __future__ import annotations
