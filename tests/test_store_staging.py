@@ -156,7 +156,7 @@ def test_settle_restores_the_newest_of_several_leftovers(tmp_path, stores, capsy
 
 
 def test_settle_removes_every_leftover_beside_a_store(tmp_path, stores):
-    out, older, newer = _leftovers(tmp_path, stores)
+    out, _, _ = _leftovers(tmp_path, stores)
     _place(stores[1], out)
     before = snapshot(out)
     settle_leftovers(out)
@@ -164,7 +164,7 @@ def test_settle_removes_every_leftover_beside_a_store(tmp_path, stores):
 
 
 def test_the_next_build_restores_the_newest_leftover(tmp_path, stores):
-    out, older, newer = _leftovers(tmp_path, stores)
+    out, _, newer = _leftovers(tmp_path, stores)
     want = snapshot(newer)
     with pytest.raises(OutputError, match="already exists"):
         prepare_partial(out, force=False)  # restored under the lock, then refused like any existing store
