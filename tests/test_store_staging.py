@@ -2,7 +2,7 @@
 puts the old store back, and the newest of several leftovers is the one restored.
 
 Real stores on disk (the small plans of tests/test_store.py); failures are injected by
-wrapping `os.replace`, which every rename of the staging steps goes through.
+wrapping `os.replace` and `os.rename`, which every rename of the staging steps goes through.
 """
 
 from __future__ import annotations
@@ -80,18 +80,24 @@ def test_mark_complete_marks_a_whole_layout(tmp_path):
 
 
 # -- finalize: a failure puts the old store back -------------------------------------------------
+def _on_renames(monkeypatch, hook) -> None:
+    """Route os.replace and os.rename through `hook(real, src, dst)` (whichever the staging steps use)."""
+    for name in ("replace", "rename"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda src, dst, *a, _real=real, **k: hook(_real, src, dst, *a, **k))
+
+
 def test_finalize_restores_the_old_store_when_the_new_one_cannot_move_in(tmp_path, stores, monkeypatch):
     out = _place(stores[1], tmp_path / "t.zarr")
     before = snapshot(out)
     partial = _new_partial(out)
-    real_replace = os.replace
 
-    def refuse_move_in(src, dst, *args, **kwargs):
+    def refuse_move_in(real, src, dst, *args, **kwargs):
         if Path(src) == partial:
             raise PermissionError(13, "Permission denied")
-        return real_replace(src, dst, *args, **kwargs)
+        return real(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(os, "replace", refuse_move_in)
+    _on_renames(monkeypatch, refuse_move_in)
     with pytest.raises(OutputError, match="cannot move the new store into place"):
         finalize(partial, out, force=True)
     monkeypatch.undo()
@@ -105,15 +111,14 @@ def test_finalize_restores_the_old_store_when_the_moved_store_fails_verification
     out = _place(stores[1], tmp_path / "t.zarr")
     before = snapshot(out)
     partial = _new_partial(out)
-    real_replace = os.replace
     lost = "layer_2/table/c/0/0"
 
-    def lose_a_shard_on_the_way(src, dst, *args, **kwargs):
-        real_replace(src, dst, *args, **kwargs)
+    def lose_a_shard_on_the_way(real, src, dst, *args, **kwargs):
+        real(src, dst, *args, **kwargs)
         if Path(src) == partial and Path(dst) == out:
             (out / lost).unlink()  # the store at its final path is not whole
 
-    monkeypatch.setattr(os, "replace", lose_a_shard_on_the_way)
+    _on_renames(monkeypatch, lose_a_shard_on_the_way)
     with pytest.raises(StoreError, match=lost):
         finalize(partial, out, force=True)
     monkeypatch.undo()
