@@ -1,5 +1,5 @@
 """Shared fixtures: the DeepSeek tokenizer and its compressed vocabulary (built once per
-session), and a tiny byte-level BPE tokenizer trained here, in the test run.
+session, and saved once for `--vocab`), and a tiny byte-level BPE tokenizer trained here, in the test run.
 
 The tiny tokenizer is trained rather than stored so that nothing in fixtures/ has to be
 regenerated when `tokenizers` changes; training it takes a few milliseconds and is
@@ -79,6 +79,13 @@ def deepseek_tokenizer() -> LoadedTokenizer:
 def deepseek_vocab(deepseek_tokenizer) -> CompressedVocab:
     """The DeepSeek tokenizer's compressed vocabulary (computed once per session)."""
     return compress_vocab(deepseek_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def deepseek_vocab_file(tmp_path_factory, deepseek_vocab) -> Path:
+    """The DeepSeek compressed vocabulary saved once, for `--vocab` in builds that do not test
+    how the vocabulary is found (each build without it computes the vocabulary again)."""
+    return deepseek_vocab.save(tmp_path_factory.mktemp("deepseek_vocab") / "vocab.npz")
 
 
 @pytest.fixture(scope="session")

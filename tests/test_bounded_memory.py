@@ -28,16 +28,15 @@ from engram_cli.pipeline.count import count_corpus
 from engram_cli.corpus import ContinuedText, CorpusSummary, corpus_files, iter_documents, iter_pieces, safe_cut, split_text
 from engram_cli.errors import CorpusError, VocabMismatch
 from engram_cli.ngrams import ContinuedIds, count_ngrams, order_file, token_columns
-from engram_cli.vocab import check_vocab_file_size, compress_vocab, load_tokenizer
+from engram_cli.vocab import check_vocab_file_size
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "corpus"
 ENGRAM = [sys.executable, "-m", "engram_cli.cli"]
 
 
 @pytest.fixture(scope="module")
-def deepseek():
-    tok = load_tokenizer()
-    return tok, compress_vocab(tok)
+def deepseek(deepseek_tokenizer, deepseek_vocab):
+    return deepseek_tokenizer, deepseek_vocab  # the session's (conftest.py): loaded and compressed once
 
 
 def fixture_texts() -> list[str]:

@@ -40,17 +40,17 @@ STORE_ARGS = ["--layers", "1,3", "--heads", "2", "--dim", "64", "--rows-per-head
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory) -> dict[str, Path]:
-    """One store per dtype, same corpus and addressing (the plans differ only in dtype)."""
+def stores(tmp_path_factory, deepseek_vocab_file) -> dict[str, Path]:
+    """One store per dtype, same corpus and addressing (the plans differ only in dtype); the vocabulary saved once."""
     root = tmp_path_factory.mktemp("exchange")
     corpus = copy_fixtures(root / "corpus")
     out = {}
     for dtype in DTYPES:
         path = root / f"{dtype}.zarr"
-        r = CliRunner().invoke(app, ["build-table", str(corpus), "-o", str(path), "--dtype", dtype, *STORE_ARGS, "--json"])
+        r = CliRunner().invoke(app, ["build-table", str(corpus), "-o", str(path), "--dtype", dtype, *STORE_ARGS, "--vocab", str(deepseek_vocab_file), "--json"])
         assert r.exit_code == 0, r.output
         out[dtype] = path
-    out["corpus"] = corpus
+    out["corpus"], out["vocab"] = corpus, deepseek_vocab_file
     return out
 
 
@@ -382,6 +382,6 @@ def _other_plan_store(stores, tmp_path) -> Path:
     """A store of the same layers with other head sizes (another plan)."""
     out = tmp_path / "other.zarr"
     args = [a if a != "3001,5003" else "2003,4001" for a in STORE_ARGS]
-    r = CliRunner().invoke(app, ["build-table", str(stores["corpus"]), "-o", str(out), *args, "--json"])
+    r = CliRunner().invoke(app, ["build-table", str(stores["corpus"]), "-o", str(out), *args, "--vocab", str(stores["vocab"]), "--json"])
     assert r.exit_code == 0, r.output
     return out

@@ -399,7 +399,7 @@ def run_bytes(*args: bytes | str, env_extra=None) -> subprocess.CompletedProcess
     return subprocess.run([*ENGRAM, *args], capture_output=True, env=env, timeout=300)
 
 
-def test_non_utf8_paths_in_json_and_rich_output(built, tmp_path):
+def test_non_utf8_paths_in_json_and_rich_output(built, vocab_npz, tmp_path):
     base = os.fsencode(tmp_path)
     odd = os.path.join(base, b"caf\xe9-\xff")  # Latin-1 bytes: not UTF-8
     os.mkdir(odd)
@@ -421,7 +421,7 @@ def test_non_utf8_paths_in_json_and_rich_output(built, tmp_path):
     copy_fixtures(Path(os.fsdecode(corpus)), ["debian-policy/index.rst"])
     with open(os.path.join(corpus, b"notes.jsonl"), "wb") as f:
         f.write(b'{"text": "fine"}\nnot json\n')
-    r = run_bytes("build-table", corpus, "-o", os.path.join(base, b"t.zarr"), *SMALL_STORE_ARGS, "--json")
+    r = run_bytes("build-table", corpus, "-o", os.path.join(base, b"t.zarr"), *SMALL_STORE_ARGS, "--vocab", vocab_npz, "--json")
     assert r.returncode == 0, r.stderr
     where = json.loads(r.stdout)["corpus"]["skipped_examples"]["JSON line that does not parse"]
     assert where == os.path.join(corpus, b"notes.jsonl").decode("utf-8", "backslashreplace") + ":2"
