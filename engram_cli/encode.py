@@ -1,9 +1,10 @@
 """Tokenization: documents (str) -> compressed ids, one np.ndarray per document.
 
-Documents are tokenized in batches by `tokenizers` itself (`encode_batch_fast`, which
-skips offsets, where the installed version has it; its rayon threads release the GIL),
+Documents are tokenized in batches by the tokenizer's engine (`engines.encode_flat`:
+`fastokens`' flat buffers, or `tokenizers`' `encode_batch_fast`; both release the GIL),
 then mapped to compressed ids with one vectorized `CompressedVocab.lookup` gather per
-batch. `encode_documents(..., background=True)` runs reading and tokenizing in two
+batch. With a fast engine, an `engines.IdentityCheck` re-encodes a sample of the texts
+with the reference and refuses the first difference. `encode_documents(..., background=True)` runs reading and tokenizing in two
 worker threads feeding a bounded queue, so counting in the caller's thread overlaps
 with them and the tokenizer's threads stay busy across batch boundaries.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import time
 import threading
 from typing import Callable, Iterable, Iterator
 
@@ -26,6 +28,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .corpus import ContinuedText
+from .engines import IdentityCheck, encode_flat
 from .ngrams import ContinuedIds
 from .vocab import CompressedVocab, LoadedTokenizer
 
@@ -41,21 +44,19 @@ def batch_chars_for(memory_bytes: int, workers: int = 2) -> int:
 _DONE = object()
 
 
-def _raw_tokenizer(tokenizer: LoadedTokenizer | Tokenizer) -> Tokenizer:
-    return tokenizer.tokenizer if isinstance(tokenizer, LoadedTokenizer) else tokenizer
-
-
-def _batches(documents: Iterable[str], batch_size: int, batch_chars: int) -> Iterator[list[str]]:
+def _batches(documents: Iterable[str], batch_size: int, batch_chars: int) -> Iterator[tuple[int, list[str]]]:
+    """(index of the batch's first text, texts) of at most `batch_size` texts and about `batch_chars` characters."""
     batch: list[str] = []
-    chars = 0
+    chars = first = 0
     for doc in documents:
         batch.append(doc)
         chars += len(doc)
         if len(batch) >= batch_size or chars >= batch_chars:
-            yield batch
+            yield first, batch
+            first += len(batch)
             batch, chars = [], 0
     if batch:
-        yield batch
+        yield first, batch
 
 
 def encode_batch(
@@ -64,20 +65,21 @@ def encode_batch(
     vocab: CompressedVocab | None = None,
     *,
     add_special_tokens: bool = False,
+    check: IdentityCheck | None = None,
+    first: int = 0,
 ) -> list[np.ndarray]:
     """Tokenize `texts` in one parallel call; return per text its (compressed) ids, int64.
 
     The ids of a `ContinuedText` piece come back as `ContinuedIds` (same document).
+    `check` (with a fast engine): the batch's sample is re-encoded by the reference and
+    compared (`first` = the index of texts[0] in the whole stream).
     """
-    tok = _raw_tokenizer(tokenizer)
-    encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch
-    encodings = encode(texts, add_special_tokens=add_special_tokens)
-    id_lists = [e.ids for e in encodings]
-    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-    flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))  # (L,)
-    if vocab is not None:
-        flat = vocab.lookup[flat]  # tokenizer ids are >= 0: the plain gather is `compress`
-    out = np.split(flat, np.cumsum(lengths)[:-1])
+    t0 = time.perf_counter()
+    flat, offsets = encode_flat(tokenizer, texts, add_special_tokens=add_special_tokens)  # (L,), (n+1,)
+    if check is not None and getattr(tokenizer, "fast", None) is not None:
+        check.check(tokenizer, texts, first, flat, offsets, add_special_tokens=add_special_tokens, fast_seconds=time.perf_counter() - t0)
+    flat = vocab.lookup[flat] if vocab is not None else flat.astype(np.int64, copy=False)  # token ids are >= 0: the gather is `compress`
+    out = np.split(flat, offsets[1:-1])
     for i, text in enumerate(texts):
         if isinstance(text, ContinuedText):  # a piece of the document before: say so to the counter
             out[i] = out[i].view(ContinuedIds)
@@ -175,19 +177,23 @@ def encode_documents(
     background: bool = True,
     workers: int = 2,
     prefetch: int = 2,
+    check: IdentityCheck | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield one int64 array of compressed ids per document (tokenizer ids if `vocab` is None), in order.
 
     With `background`, reading `documents` and tokenizing run in `workers` threads,
     `prefetch` batches ahead of the consumer; `progress` may then be called from them.
+    `check` (an `engines.IdentityCheck`): with a fast engine, its sample of the texts is
+    re-encoded by the reference as they go; a difference raises `TokenizerError`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     docs = tokens = 0
     batches = _batches(documents, batch_size, batch_chars)
 
-    def encode(batch: list[str]) -> list[np.ndarray]:
-        return encode_batch(batch, tokenizer, vocab, add_special_tokens=add_special_tokens)
+    def encode(item: tuple[int, list[str]]) -> list[np.ndarray]:
+        first, batch = item
+        return encode_batch(batch, tokenizer, vocab, add_special_tokens=add_special_tokens, check=check, first=first)
 
     encoded = map_in_threads(batches, encode, workers, prefetch) if background else map(encode, batches)
     for ids in encoded:

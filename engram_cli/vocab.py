@@ -18,7 +18,7 @@ import stat
 import zipfile
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -27,14 +27,16 @@ import tokenizers
 from tokenizers import Regex, Tokenizer, normalizers
 
 from .defaults import DEFAULT_VOCAB
+from .engines import load_fast
 from .errors import OutputError, TokenizerError, VocabMismatch
+from .kinds import TokenizerEngine
 
 NORMALIZER_NAME = "engram-reference/nfkc-nfd-stripaccents-lowercase-ws"
 NORMALIZER_VERSION = f"1+tokenizers-{tokenizers.__version__}"
 REPLACEMENT_CHAR = "\ufffd"
 _SENTINEL = "\ue000"
 DEFAULT_TOKENIZER = "deepseek"
-TOKENIZER_ENGINE = "tokenizers"  # the library that encodes text (recorded in a store's tokenizer spec)
+TOKENIZER_ENGINE = TokenizerEngine.HF.library  # the reference library that encodes text (recorded in a store's tokenizer spec)
 
 
 def reference_normalizer() -> normalizers.Normalizer:
@@ -59,7 +61,8 @@ class LoadedTokenizer:
     """A `tokenizers.Tokenizer` with where it came from and the sha256 of its file.
 
     `spec` is what the caller named (`deepseek`, a tokenizer.json or a directory holding
-    one; empty for a tokenizer made in memory), `engine` the library that encodes with it.
+    one; empty for a tokenizer made in memory), `engine` the library that encodes with it
+    (`tokenizers`, or `fastokens` when `fast` holds its tokenizer; engram_cli.engines).
     """
 
     tokenizer: Tokenizer
@@ -68,6 +71,7 @@ class LoadedTokenizer:
     name: str
     spec: str = ""
     engine: str = TOKENIZER_ENGINE
+    fast: object | None = field(default=None, compare=False, repr=False)  # a fastokens.Tokenizer, or None
 
     @property
     def vocab_size(self) -> int:
@@ -115,8 +119,15 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_tokenizer(spec: str | os.PathLike = DEFAULT_TOKENIZER) -> LoadedTokenizer:
-    """Load a tokenizer by name or path; every failure is a `TokenizerError` with a fix."""
+def load_tokenizer(spec: str | os.PathLike = DEFAULT_TOKENIZER, engine: TokenizerEngine | str = TokenizerEngine.HF) -> LoadedTokenizer:
+    """Load a tokenizer by name or path; every failure is a `TokenizerError` with a fix.
+
+    `engine`: `hf` (the reference, `tokenizers`), `fastokens` (refused where it cannot
+    load this tokenizer) or `auto` (fastokens where it loads it, else `tokenizers`). The
+    `tokenizers` tokenizer is always loaded too: the vocabulary is compressed from it and
+    a fast engine is checked against it (`engines.IdentityCheck`).
+    """
+    engine = TokenizerEngine.parse(engine)
     path = resolve_tokenizer_path(spec)
     try:
         raw = path.read_bytes()
@@ -137,7 +148,11 @@ def load_tokenizer(spec: str | os.PathLike = DEFAULT_TOKENIZER) -> LoadedTokeniz
     if tok.get_vocab_size(with_added_tokens=True) == 0:
         raise TokenizerError(f"tokenizer {str(path)!r} has an empty vocabulary")
     name = DEFAULT_TOKENIZER if str(spec) == DEFAULT_TOKENIZER else str(path)
-    return LoadedTokenizer(tokenizer=tok, path=path, sha256=hashlib.sha256(raw).hexdigest(), name=name, spec=str(spec))
+    fast = None if engine is TokenizerEngine.HF else load_fast(raw.decode("utf-8"))
+    if fast is None and engine is TokenizerEngine.FASTOKENS:
+        raise TokenizerError(f"fastokens cannot load tokenizer {str(path)!r}; use --tokenizer-engine hf (or auto)")
+    used = TokenizerEngine.FASTOKENS if fast is not None else TokenizerEngine.HF
+    return LoadedTokenizer(tokenizer=tok, path=path, sha256=hashlib.sha256(raw).hexdigest(), name=name, spec=str(spec), engine=used.library, fast=fast)
 
 
 # -- the compressed vocabulary ---------------------------------------------------
