@@ -42,13 +42,13 @@ def render(report: dict) -> None:
             console.print("  hot-row cache hit rate: " + ", ".join(f"{k} capacity {v:.1%}" for k, v in lay["lookups"]["cache_hit_rate"].items()))
 
 
-def run(state_dict, checkpoints, tables, corpus, as_json: bool) -> None:
+def run(state_dict, checkpoints, tables, corpus, as_json: bool, tokenizer_engine: str = "hf") -> None:
     """`engram eval --state-dict FILE`: refuse checkpoints beside it, audit, render."""
 
     if checkpoints:
         raise CheckpointError(f"--state-dict audits a state dict without a model; drop the checkpoint argument(s) {[str(c) for c in checkpoints]}")
     with progress_reporter(quiet=as_json) as progress:
-        report = audit_state_dict(state_dict, tables or DEFAULT_STORE, corpus=corpus, progress=progress)
+        report = audit_state_dict(state_dict, tables or DEFAULT_STORE, corpus=corpus, tokenizer_engine=tokenizer_engine, progress=progress)
     if as_json:
         print_json(report)
     else:

@@ -25,7 +25,7 @@ from engram_cli.defaults import (
     DEFAULT_VOCAB,
 )
 from engram_cli.execution.ray import check_cluster_options
-from engram_cli.kinds import Compressor, InitKind, TableDtype
+from engram_cli.kinds import Compressor, InitKind, TableDtype, TokenizerEngine
 from engram_cli.pipeline.build import (
     DistributedOptions,
     build_tables,
@@ -98,6 +98,7 @@ def build_table_command(
     corpus: List[Path] = typer.Argument(..., help="Corpus files or directories (text, .jsonl, .parquet, and .gz/.zst of these)."),
     out: Path = typer.Option(Path(DEFAULT_STORE), "-o", "--out", help="The Zarr v3 store to write."),
     tokenizer: str = typer.Option(DEFAULT_TOKENIZER, "--tokenizer", help="A tokenizer.json, a directory holding one, or `deepseek`."),
+    tokenizer_engine: str = typer.Option(TokenizerEngine.AUTO.value, "--tokenizer-engine", callback=TokenizerEngine.option_callback, help="The library that tokenizes: auto (fastokens where it loads the tokenizer, else tokenizers), fastokens, or hf (Hugging Face tokenizers, the reference). A fast engine is checked against the reference on a sample of the corpus (docs/build-table.md, Tokenization engines)."),
     vocab_path: Optional[Path] = typer.Option(None, "--vocab", help="A compressed vocabulary from `engram compress-vocab` (checked against the tokenizer). ", show_default=f"./{DEFAULT_VOCAB} when it matches the tokenizer, else computed"),
     layers: str = typer.Option(",".join(map(str, plan_defaults.DEFAULT_LAYER_IDS)), "--layers", help="Layer ids that get a table, comma-separated."),
     max_ngram: int = typer.Option(plan_defaults.DEFAULT_MAX_NGRAM, "--max-ngram", help="Largest n-gram order (orders 2..N)."),
@@ -143,7 +144,7 @@ def build_table_command(
     check_write_options(init=init, init_std=init_std, compressor=compressor, workers=workers, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes)
     cluster_spec = check_cluster_options(cluster, work_dir=work_dir, resume=resume)  # Ray missing fails here, before any work
 
-    loaded = load_tokenizer(tokenizer)
+    loaded = load_tokenizer(tokenizer, tokenizer_engine)
     vocab = resolve_vocab(loaded, vocab_path, notice=notice)
     plan = plan_tables(
         vocab,

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from engram_cli.defaults import DEFAULT_CHECKPOINT
 from engram_cli.evaluate import evaluate_checkpoint
+from engram_cli.kinds import TokenizerEngine
 
 
 def _f(x, fmt=".4f"):
@@ -79,6 +80,7 @@ def eval_command(
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="Held-out text to score (default: the checkpoint's held-out split of its corpus)."),
     as_json: bool = json_option(),
     state_dict: Optional[Path] = typer.Option(None, "--state-dict", help="Audit a plain state dict (reference layout) against --tables (default tables.zarr) without a model; docs/eval.md."),
+    tokenizer_engine: str = typer.Option(TokenizerEngine.AUTO.value, "--tokenizer-engine", callback=TokenizerEngine.option_callback, help="The library that tokenizes the held-out text: auto (fastokens where it loads the tokenizer, else tokenizers), fastokens, or hf (Hugging Face tokenizers, the reference); the ids are the same."),
 ) -> None:
     """Evaluate checkpoints on held-out text (report fields in docs/eval.md).
 
@@ -89,10 +91,10 @@ def eval_command(
         engram eval --state-dict engram.pt --tables tables.zarr   # no model: tables only
     """
     if state_dict is not None:
-        return run_state_dict(state_dict, checkpoints, tables, corpus, as_json)
+        return run_state_dict(state_dict, checkpoints, tables, corpus, as_json, tokenizer_engine)
     paths = checkpoints or [Path(DEFAULT_CHECKPOINT)]
     with progress_reporter(quiet=as_json) as progress:
-        reports = [evaluate_checkpoint(p, tables=tables, corpus=corpus, progress=progress) for p in paths]
+        reports = [evaluate_checkpoint(p, tables=tables, corpus=corpus, tokenizer_engine=tokenizer_engine, progress=progress) for p in paths]
     if as_json:
         print_json({"checkpoints": reports})
     else:

@@ -21,6 +21,18 @@ from engram_cli.store import TableStore
 from engram_cli.units import format_bytes
 
 
+def identity_text(tok: dict) -> str:
+    """How the engine's ids were checked against the reference, in words."""
+    ident = tok.get("identity")
+    if ident:
+        skipped = f", {ident['skipped_for_time']:,} passed over for time" if ident.get("skipped_for_time") else ""
+        return (f"identity checked: {ident['texts_checked']:,} of {ident['texts']:,} texts ({ident['tokens_checked']:,} tokens) re-encoded by "
+                f"{ident['reference']}, {ident['mismatches']} mismatches{skipped}")
+    if tok["engine"] == "tokenizers":
+        return "the reference engine (no identity check needed)"
+    return "no identity check recorded"
+
+
 def render_inspect(report: dict) -> None:
     plan, size, built = report["plan"], report["size"], report["built"]
     console.print(f"[bold]{report['path']}[/] ({report['store_format']}, plan {plan['fingerprint'][:12]})")
@@ -44,6 +56,9 @@ def render_inspect(report: dict) -> None:
     c = built.get("corpus") or {}
     corpus = f"{c.get('files', 0):,} files, {c.get('documents', 0):,} documents, {format_bytes(c.get('bytes', 0))}, {c.get('tokens', 0):,} tokens" if c else "no corpus"
     console.print(f"Built: {built.get('created')} by engram {built.get('engram_version')}, from {corpus}; init {built.get('init', {}).get('kind')}.")
+    tok = built.get("tokenizer")
+    if tok:
+        console.print(f"Tokenizer: {tok['spec']} (sha256 {(tok['sha256'] or '')[:12]}), encoded by {tok['engine']} {tok.get('engine_version') or ''}".rstrip() + "; " + identity_text(tok) + ".")
     mod = report["modified"]
     if mod["since_build"]:
         last = mod["records"][-1]

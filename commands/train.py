@@ -13,6 +13,7 @@ from engram_cli.commands._output import (
 )
 
 from engram_cli.defaults import DEFAULT_CHECKPOINT, DEFAULT_STORE
+from engram_cli.kinds import TokenizerEngine
 from engram_cli.train import DEFAULT_CORPUS, DEFAULT_STEPS, run_training
 from engram_cli.units import format_bytes
 
@@ -23,6 +24,7 @@ def train_command(
     out: Path = typer.Option(Path(DEFAULT_CHECKPOINT), "-o", "--out", help="Checkpoint to write; trained rows go to NAME.tables.zarr beside it."),
     steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, help="Optimizer steps."),
     no_engram: bool = typer.Option(False, "--no-engram", help="Train the same backbone without Engram memory (the baseline)."),
+    tokenizer_engine: str = typer.Option(TokenizerEngine.AUTO.value, "--tokenizer-engine", callback=TokenizerEngine.option_callback, help="The library that tokenizes the corpus: auto (fastokens where it loads the tokenizer, else tokenizers), fastokens, or hf (Hugging Face tokenizers, the reference); the ids are the same."),
     as_json: bool = json_option(),
 ) -> None:
     """Train the reference model; held-out documents are kept for `engram eval` (docs/train.md).
@@ -33,7 +35,7 @@ def train_command(
         engram train corpus/ --no-engram -o base.ckpt
     """
     with progress_reporter(quiet=as_json) as progress:
-        result = run_training(corpus, tables, out, steps=steps, no_engram=no_engram, progress=progress)
+        result = run_training(corpus, tables, out, steps=steps, no_engram=no_engram, tokenizer_engine=tokenizer_engine, progress=progress)
     if as_json:
         print_json(result)
         return

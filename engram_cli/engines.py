@@ -138,6 +138,16 @@ class IdentityCheck:
             "mismatches": 0,
         }
 
+    def add(self, record: dict | None) -> None:
+        """Fold in another check's record (`to_dict`; e.g. a map task's): its counts are added to these."""
+        if not record:
+            return
+        with self._lock:
+            self.texts += int(record.get("texts", 0))
+            self.texts_checked += int(record.get("texts_checked", 0))
+            self.tokens_checked += int(record.get("tokens_checked", 0))
+            self.skipped += int(record.get("skipped_for_time", 0))
+
     @staticmethod
     def merged(parts: list[dict]) -> dict | None:
         """The records of several map tasks as one (counts summed)."""

@@ -30,7 +30,7 @@ from engram_cli.errors import CheckpointError, StoreError
 from engram_cli.hashing import shift_k
 from engram_cli.kernels import REGISTRY, EngramLookup, available_backends
 from engram_cli.kernels.cache import ChunkCache, top_rows
-from engram_cli.kinds import Backend
+from engram_cli.kinds import Backend, TokenizerEngine
 from engram_cli.model import EngramGPT, ModelConfig, table_lookup
 from engram_cli.ngrams import token_columns
 from engram_cli.store import TableStore, from_storage
@@ -56,8 +56,8 @@ DECILES = 10
 QUANTILES = {"p10": 0.1, "p50": 0.5, "p90": 0.9}
 
 
-def load_model(ckpt: dict, tables: str | None):
-    """The model of a checkpoint (tables not loaded) and its store; refusals for store/plan/shape problems."""
+def load_model(ckpt: dict, tables: str | None, tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF):
+    """The model of a checkpoint (tables not loaded), its store and tokenizer (to encode with `tokenizer_engine`); refusals for store/plan/shape problems."""
     cfg = ModelConfig.from_dict(ckpt["config"])
     model = EngramGPT(cfg)
     store = plan = vocab = None
@@ -67,7 +67,7 @@ def load_model(ckpt: dict, tables: str | None):
             tables = ckpt["extra"].get("initial_tables")
         if tables is None or not Path(tables).exists():
             raise StoreError(f"table store {str(tables)!r} is missing; pass --tables T.zarr or re-run `engram train`")
-        store, plan, vocab, tok = open_tables(tables)
+        store, plan, vocab, tok = open_tables(tables, tokenizer_engine)
         if cfg.engram_layers and ckpt.get("plan_fingerprint") and plan.fingerprint != ckpt["plan_fingerprint"]:
             raise CheckpointError(f"plan fingerprint of {str(tables)!r} ({plan.fingerprint[:12]}) does not match the checkpoint's ({ckpt['plan_fingerprint'][:12]}); pass the tables it was trained with")
         for l in cfg.engram_layers:
@@ -75,7 +75,7 @@ def load_model(ckpt: dict, tables: str | None):
             if got != want:
                 raise CheckpointError(f"table of layer {l} has shape {got}, the model expects {want}; pass the tables it was trained with")
     else:
-        tok = baseline_tokenizer(ckpt)
+        tok = baseline_tokenizer(ckpt, tokenizer_engine)
     try:
         model.load_state_dict(ckpt["weights"])
     except (RuntimeError, KeyError, TypeError) as e:
@@ -85,12 +85,12 @@ def load_model(ckpt: dict, tables: str | None):
     return model, store, plan, vocab, tok
 
 
-def baseline_tokenizer(ckpt: dict):
+def baseline_tokenizer(ckpt: dict, tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF):
     """The tokenizer of a checkpoint without Engram memory: its training store's (`extra.initial_tables`), else the default one."""
     initial = ckpt["extra"].get("initial_tables")
     if initial and Path(initial).exists():
-        return load_store_tokenizer(TableStore.open(initial))
-    return load_tokenizer()
+        return load_store_tokenizer(TableStore.open(initial), tokenizer_engine)
+    return load_tokenizer(engine=tokenizer_engine)
 
 
 def heldout_stream(ckpt: dict, tok, corpus=None, max_tokens: int = MAX_HELDOUT_TOKENS, progress=None) -> np.ndarray:
@@ -118,11 +118,12 @@ def heldout_rows(store, layer_id: int, row_ids: np.ndarray) -> torch.Tensor:
     return lk.gather(ids.view(1, 1, -1), dtype=torch.float32).view(-1, store.head_dim)
 
 
-def evaluate_checkpoint(path, *, tables=None, corpus=None, max_tokens: int = MAX_HELDOUT_TOKENS, batch: int = EVAL_BATCH, progress=None) -> dict:
-    """The per-checkpoint report (docs/eval.md)."""
+def evaluate_checkpoint(path, *, tables=None, corpus=None, max_tokens: int = MAX_HELDOUT_TOKENS, batch: int = EVAL_BATCH,
+                        tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF, progress=None) -> dict:
+    """The per-checkpoint report (docs/eval.md); the held-out text is encoded with `tokenizer_engine`."""
     t_start = time.perf_counter()
     ckpt = load_checkpoint(path)
-    model, store, plan, vocab, tok = load_model(ckpt, tables)
+    model, store, plan, vocab, tok = load_model(ckpt, tables, tokenizer_engine)
     cfg = model.cfg
     tmap = TokenMap(np.asarray(ckpt["extra"]["token_ids"], dtype=np.int64))
     stream = heldout_stream(ckpt, tok, corpus, max_tokens, progress)

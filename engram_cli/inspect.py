@@ -21,6 +21,8 @@ from .errors import EngramError, StoreError
 from .pipeline.report import plan_report
 from .store import TableStore
 from .store.format import ceil_div, chunk_row_range, row_bytes
+from .store.tokenizer import TOKENIZER_ATTR
+from .vocab import TOKENIZER_ENGINE
 
 REPORT_FORMAT = "engram-inspect/1"
 TOP_SHARES = (0.01, 0.10)
@@ -152,6 +154,21 @@ def _read_hits(store: TableStore, arr, layer_id: int, a: int, b: int) -> np.ndar
 
 
 # -- the report ----------------------------------------------------------------------
+def tokenizer_report(spec) -> dict | None:
+    """The store's tokenizer record (`store.tokenizer`) as inspect shows it: spec, sha256, the engine that encoded
+    the corpus, its version and its identity check against the reference (null for the reference itself,
+    and for stores built before engines were recorded); None for a store without the record."""
+    if not isinstance(spec, dict):
+        return None
+    return {
+        "spec": spec.get("spec"),
+        "sha256": spec.get("sha256"),
+        "engine": spec.get("engine", TOKENIZER_ENGINE),
+        "engine_version": spec.get("engine_version"),
+        "identity": spec.get("identity"),
+    }
+
+
 def inspect_store(store: TableStore, profiles: list[HitProfile] | None = None) -> dict:
     """The JSON-safe report of docs/inspect.md (`profiles` from `hit_profiles`)."""
 
@@ -187,6 +204,7 @@ def inspect_store(store: TableStore, profiles: list[HitProfile] | None = None) -
             "corpus": extra.get("corpus"),
             "tokens": (extra.get("stats") or {}).get("tokens"),
             "documents": (extra.get("stats") or {}).get("documents"),
+            "tokenizer": tokenizer_report(attrs.get(TOKENIZER_ATTR)),
         },
         "modified": {"since_build": bool(modified), "records": modified},
         "has_hits": store.has_hits,

@@ -35,7 +35,7 @@ from engram_cli.exchange import (
     open_tensor_file,
 )
 from engram_cli.kernels import EngramLookup, available_backends
-from engram_cli.kinds import Backend
+from engram_cli.kinds import Backend, TokenizerEngine
 from engram_cli.model import row_ids_for
 from engram_cli.store import TableStore, from_storage
 from engram_cli.train import MAX_HELDOUT_TOKENS, open_tables, read_split
@@ -151,18 +151,18 @@ def gather_report(parity: dict, rows_per_token: float, row_bytes: int, cache_hit
     return {"backends": backends, "cache_hit_rate": cache_hit_rate}
 
 
-def _text_ids(tables, corpus, max_tokens: int, progress) -> np.ndarray | None:
-    """Raw tokenizer ids of --corpus (all of it held out, capped), with the tables' tokenizer."""
+def _text_ids(tables, corpus, max_tokens: int, progress, tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF) -> np.ndarray | None:
+    """Raw tokenizer ids of --corpus (all of it held out, capped), with the tables' tokenizer encoding with `tokenizer_engine`."""
     if corpus is None:
         return None
-    _, _, _, tok = open_tables(tables)
+    _, _, _, tok = open_tables(tables, tokenizer_engine)
     _, held = read_split(corpus, tok, share=1.0, max_train=0, max_heldout=max_tokens, progress=progress)
     if not len(held):
         raise CheckpointError(f"corpus {str(corpus)!r} holds no tokens; pass a folder of text with --corpus")
     return held
 
 
-def audit_state_dict(path, tables, *, corpus=None, max_tokens: int | None = None, progress=None) -> dict:
+def audit_state_dict(path, tables, *, corpus=None, max_tokens: int | None = None, tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF, progress=None) -> dict:
     """The `engram eval --state-dict` report (schema: docs/eval.md, "--state-dict")."""
     store = TableStore.open(tables)
     plan, vocab = store.plan, store.vocab
@@ -172,7 +172,7 @@ def audit_state_dict(path, tables, *, corpus=None, max_tokens: int | None = None
     prefixes = find_tables(tf.keys(), plan, source)
     if not prefixes:
         raise CheckpointError(f"{source} holds no Engram table (no key ending in {WEIGHT!r}); pass a state dict of the reference module or `engram export` output")
-    text = _text_ids(tables, corpus, max_tokens or MAX_HELDOUT_TOKENS, progress)
+    text = _text_ids(tables, corpus, max_tokens or MAX_HELDOUT_TOKENS, progress, tokenizer_engine)
     if text is not None:
         n_win = min(PARITY_WINDOWS, max(1, len(text) // PARITY_BLOCK))
         parity_ids = np.resize(text, n_win * PARITY_BLOCK).reshape(n_win, PARITY_BLOCK)

@@ -209,12 +209,16 @@ def train_steps(model, lookups: dict, tmap, stream, *, steps: int, batch: int = 
 
 
 # -- the `engram train` pipeline ------------------------------------------------------
+from contextlib import closing
 from pathlib import Path
 
 from engram_cli.checkpoint import save_checkpoint
 from engram_cli.corpus import iter_documents
 from engram_cli.defaults import TRAINED_STORE_SUFFIX
+from engram_cli.encode import encode_documents
 from engram_cli.errors import CheckpointError, StoreError
+from engram_cli.kinds import TokenizerEngine
+from engram_cli.pipeline.count import identity_check_for
 from engram_cli.model import ModelConfig
 from engram_cli.store import TableStore, from_storage, link_store, staged_output
 from engram_cli.store.output import check_inputs_apart
@@ -227,6 +231,7 @@ HELDOUT_SHARE = 0.1
 SEGMENT_TOKENS = 2048  # held-out unit: a document segment (a few long documents still split)
 MAX_TRAIN_TOKENS = 4_000_000  # training reads at most this many tokens (a TB corpus is sampled, never loaded)
 MAX_HELDOUT_TOKENS = 200_000
+SPLIT_BATCH_CHARS = 1 << 20  # characters per tokenizer batch of `read_split` (a few batches are encoded ahead)
 
 
 def load_layer_table(store, layer_id: int) -> np.ndarray:
@@ -265,36 +270,42 @@ def read_split(corpus, tokenizer, *, share: float = HELDOUT_SHARE, max_train: in
     Documents are cut into segments of SEGMENT_TOKENS tokens; a segment is held out
     when the hash of "document index:segment index" says so (`is_heldout`), so a corpus
     of a few long documents still gets a held-out share. Reading stops once both
-    streams are full.
+    streams are full. Texts are encoded in batches by the tokenizer's engine
+    (`encode.encode_documents`, special tokens added); with a fast engine a sample is
+    checked against the reference (`engines.IdentityCheck`: a difference is a `TokenizerError`).
     """
 
     train, held = [], []
     n_train = n_held = 0
-    for i, doc in enumerate(iter_documents([corpus])):
-        if n_held >= max_heldout and n_train >= max_train:
-            break
-        ids = np.asarray(tokenizer.tokenizer.encode(doc).ids, dtype=np.int64)
-        for j in range(0, len(ids), SEGMENT_TOKENS):
-            seg = ids[j : j + SEGMENT_TOKENS]
-            if is_heldout(f"{i}:{j // SEGMENT_TOKENS}", share):
-                if n_held < max_heldout:
-                    held.append(seg)
-                    n_held += len(seg)
-            elif n_train < max_train:
-                train.append(seg)
-                n_train += len(seg)
-        if progress is not None:
-            progress("tokenize", n_train + n_held, None, f"{i + 1} documents")
+    texts = encode_documents(iter_documents([corpus]), tokenizer=tokenizer, vocab=None, batch_chars=SPLIT_BATCH_CHARS, add_special_tokens=True,
+                             check=identity_check_for(tokenizer))
+    with closing(texts):  # stops the encoding threads when both streams are full
+        for i, ids in enumerate(texts):
+            if n_held >= max_heldout and n_train >= max_train:
+                break
+            ids = np.asarray(ids, dtype=np.int64)
+            for j in range(0, len(ids), SEGMENT_TOKENS):
+                seg = ids[j : j + SEGMENT_TOKENS]
+                if is_heldout(f"{i}:{j // SEGMENT_TOKENS}", share):
+                    if n_held < max_heldout:
+                        held.append(seg)
+                        n_held += len(seg)
+                elif n_train < max_train:
+                    train.append(seg)
+                    n_train += len(seg)
+            if progress is not None:
+                progress("tokenize", n_train + n_held, None, f"{i + 1} documents")
     cat = lambda xs, cap: np.concatenate(xs)[:cap] if xs else np.zeros(0, np.int64)  # noqa: E731
     return cat(train, max_train), cat(held, max_heldout)
 
 
-def open_tables(tables):
-    """The store, its plan and vocab, and the tokenizer it was built with (`store.tokenizer.load_store_tokenizer`, checked by sha256)."""
+def open_tables(tables, tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF):
+    """The store, its plan and vocab, and the tokenizer it was built with (`store.tokenizer.load_store_tokenizer`, checked by sha256),
+    to encode with `tokenizer_engine`."""
 
     store = TableStore.open(tables)
     vocab = store.vocab
-    tok = load_store_tokenizer(store)
+    tok = load_store_tokenizer(store, tokenizer_engine)
     if vocab.tokenizer_sha256 and tok.sha256 != vocab.tokenizer_sha256:
         raise StoreError(f"table store {str(tables)!r} was built with another tokenizer (sha256 {vocab.tokenizer_sha256[:12]}); rebuild it with `engram build-table`")
     return store, store.plan, vocab, tok
@@ -307,7 +318,7 @@ def train_device() -> str:
 
 def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: bool = False, batch: int = DEFAULT_BATCH,
                  block: int = DEFAULT_BLOCK, d_model: int = 128, n_layer: int = 4, lr: float = 3e-3, seed: int = 0,
-                 max_train_tokens: int = MAX_TRAIN_TOKENS, progress=None) -> dict:
+                 max_train_tokens: int = MAX_TRAIN_TOKENS, tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF, progress=None) -> dict:
     """Train the reference model; write the checkpoint `out` and (with Engram) `out`'s trained store.
 
     Each Engram layer's table is loaded once, resident (every batch touches rows all over
@@ -318,7 +329,7 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
     out = Path(out)
     if not out.parent.exists():
         raise CheckpointError(f"folder {str(out.parent)!r} does not exist; create it or pass -o elsewhere")
-    store, plan, vocab, tok = open_tables(tables)
+    store, plan, vocab, tok = open_tables(tables, tokenizer_engine)
     train_ids, held_ids = read_split(corpus, tok, max_train=max_train_tokens, progress=progress)
     if len(train_ids) < block + 2:
         raise CheckpointError(f"corpus {str(corpus)!r} has only {len(train_ids)} training tokens; give at least {block + 2}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +32,7 @@ from ..store.format import DEFAULT_INIT
 from ..store.output import check_inputs_apart
 from ..store.staging import staged_output
 from ..vocab import CompressedVocab, LoadedTokenizer
-from .count import count_corpus
+from .count import count_corpus, identity_check_for
 
 
 def resolve_corpus(paths, summary: CorpusSummary | None = None) -> list[Path]:
@@ -131,6 +131,12 @@ def build_tables(
     resume, map shard bytes, radix partitions), and `memory_limit` is per task. A failed
     scaled-out build keeps its work directory, so a rerun with `options.resume` redoes
     only the missing partials; success removes it (unless `options.keep_work`).
+
+    The corpus is encoded by `tokenizer`'s engine; with a fast one (`tokenizer.fast`) a
+    sample of the texts is re-encoded by the reference (`engines.IdentityCheck`, in each
+    map task when scaled out), a difference stops the build before anything is published
+    (`TokenizerError`), and the check's record goes into the store's `tokenizer`
+    attribute (`identity`; null for the reference engine).
     """
     out = Path(out)
     # Output safety before the corpus is read (docs/build-table.md, "Failure modes"): the
@@ -154,11 +160,13 @@ def build_tables(
                 tasks = dict(executor=ex, work=work, map_bytes=options.map_bytes, partitions=options.partitions, cpus=cpus, resume=options.resume)
             else:
                 tasks = {}
+            check = identity_check_for(tokenizer)
             corpus, stats = count_corpus(
                 list(paths), tokenizer=tokenizer, vocab=vocab, max_ngram_size=plan.max_ngram_size, pad_id=plan.compressed_pad_id,
                 out_dir=staging.partial / "stats", memory_limit=memory_limit, text_field=text_field,
-                add_special_tokens=add_special_tokens, progress=progress, **tasks,
+                add_special_tokens=add_special_tokens, progress=progress, check=check, **tasks,
             )
+            tokenizer = replace(tokenizer, identity=check.to_dict() if check is not None else None)
             plan = replan(stats) if replan is not None else plan
             attrs = {"corpus": corpus.to_dict(), "stats": {k: v for k, v in stats.summary.items() if k != "per_order"}}
             if scaled:

@@ -40,6 +40,7 @@ from ..corpus.shards import (
     plan_shards,
 )
 from ..defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_TEXT_FIELD
+from ..engines import IdentityCheck
 from ..encode import (
     DEFAULT_BATCH_CHARS,
     DEFAULT_BATCH_SIZE,
@@ -68,11 +69,18 @@ from ..ngrams import (
     order_file,
     write_summary,
 )
+from ..kinds import TokenizerEngine
 from ..vocab import CompressedVocab, LoadedTokenizer, load_tokenizer
 
 TOKENIZE_SHARE = 0.125  # of --memory-limit, for the tokenizer batches in flight; the rest counts
 TOK0_SAMPLE_FILE = "tok0_sample.json"  # a map partial's tok_0 quantiles: where the radix partitions cut
 TOK0_SAMPLES = 256  # per order and map partial
+IDENTITY_KEY = "identity"  # a map partial's summary.json: its `engines.IdentityCheck` record (the driver merges them)
+
+
+def identity_check_for(tokenizer) -> IdentityCheck | None:
+    """A fresh `engines.IdentityCheck` when `tokenizer` encodes with a fast engine, else None (the reference needs none)."""
+    return IdentityCheck(engine=tokenizer.engine) if getattr(tokenizer, "fast", None) is not None else None
 
 
 def count_corpus(
@@ -95,6 +103,7 @@ def count_corpus(
     partitions: int | None = None,
     cpus: int = 1,
     resume: bool = False,
+    check: IdentityCheck | None = None,
 ) -> tuple[CorpusSummary, NgramStats]:
     """Read, tokenize, compress and count a corpus: the n-gram statistics of `build-table`.
 
@@ -110,15 +119,22 @@ def count_corpus(
     `memory_limit`, which is then per task, and `cpus`); `resume` reuses finished
     partials. Without one, everything runs here (`spill_dir`, `batch_size` apply).
     The statistics are the same either way, byte for byte.
+
+    With a fast tokenization engine (`tokenizer.fast`), a sample of the texts is
+    re-encoded by the reference (`engines.IdentityCheck`; `check`, the caller's to read
+    its record afterwards, else a fresh one) and the first differing id raises
+    `TokenizerError` before anything is returned. With an executor, each map task checks
+    its own texts and its record is added to `check`.
     """
+    check = check if check is not None else identity_check_for(tokenizer)
     if executor is None:
         return _count_here(paths, tokenizer=tokenizer, vocab=vocab, max_ngram_size=max_ngram_size, pad_id=pad_id, out_dir=out_dir, memory_limit=memory_limit,
-                           text_field=text_field, batch_size=batch_size, add_special_tokens=add_special_tokens, progress=progress, spill_dir=spill_dir)
+                           text_field=text_field, batch_size=batch_size, add_special_tokens=add_special_tokens, progress=progress, spill_dir=spill_dir, check=check)
     if work is None:
         raise ValueError("count_corpus(executor=...) needs work=WorkDir(...): the directory of the map and reduce partials")
     return _count_on(list(paths), out_dir, executor=executor, work=work, tokenizer=tokenizer, vocab=vocab, max_ngram_size=max_ngram_size, pad_id=pad_id,
                      memory_limit=memory_limit, text_field=text_field, add_special_tokens=add_special_tokens, map_bytes=map_bytes, partitions=partitions,
-                     cpus=cpus, resume=resume, progress=progress)
+                     cpus=cpus, resume=resume, progress=progress, check=check)
 
 
 def count_documents(
@@ -136,10 +152,13 @@ def count_documents(
     add_special_tokens: bool = False,
     progress: Progress | None = None,
     spill_dir: str | Path | None = None,
+    check: IdentityCheck | None = None,
 ) -> NgramStats:
     """Tokenize, compress and count `docs` into `out_dir` (`memory_limit`: the counting buffers);
-    the count of a whole corpus and of one map task alike. Sets `summary.tokens`."""
-    ids = encode_documents(docs, tokenizer=tokenizer, vocab=vocab, batch_size=batch_size, batch_chars=batch_chars, add_special_tokens=add_special_tokens, progress=progress)
+    the count of a whole corpus and of one map task alike. Sets `summary.tokens`. `check`:
+    the `engines.IdentityCheck` of a fast engine (a mismatch raises `TokenizerError`)."""
+    ids = encode_documents(docs, tokenizer=tokenizer, vocab=vocab, batch_size=batch_size, batch_chars=batch_chars, add_special_tokens=add_special_tokens,
+                           progress=progress, check=check)
     stats = count_ngrams(ids, max_ngram_size=max_ngram_size, pad_id=pad_id, vocab_size=vocab.compressed_size, out_dir=out_dir,
                          memory_limit=memory_limit, spill_dir=spill_dir, progress=progress)
     summary.tokens = int(stats.summary["tokens"])
@@ -160,6 +179,7 @@ def _count_here(
     add_special_tokens: bool = False,
     progress: Progress | None = None,
     spill_dir: str | Path | None = None,
+    check: IdentityCheck | None = None,
 ) -> tuple[CorpusSummary, NgramStats]:
     """`count_corpus` without an executor: the whole corpus is the one map, counted here into `out_dir` (nothing to reduce).
 
@@ -177,7 +197,7 @@ def _count_here(
     stats = count_documents(
         docs, summary, tokenizer=tokenizer, vocab=vocab, max_ngram_size=max_ngram_size, pad_id=pad_id, out_dir=out_dir,
         memory_limit=memory_limit - tokenize_bytes, batch_size=batch_size, batch_chars=batch_chars_for(tokenize_bytes),
-        add_special_tokens=add_special_tokens, progress=progress, spill_dir=spill_dir,
+        add_special_tokens=add_special_tokens, progress=progress, spill_dir=spill_dir, check=check,
     )
     if summary.tokens == 0:
         for n in stats.orders:
@@ -201,6 +221,7 @@ def count_shard(
     text_field: str = DEFAULT_TEXT_FIELD,
     add_special_tokens: bool = False,
     spill_dir: str | Path | None = None,
+    tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF,
 ) -> NgramStats:
     """Count one corpus shard (a list of files) into `out_dir`: the unit of a distributed build.
 
@@ -209,10 +230,11 @@ def count_shard(
     directory, loaded in the worker so no Rust handle crosses a process boundary) and
     `vocab` a vocab.npz path. `pad_id` is the *compressed* pad id. The shards' results,
     in corpus order, go to `ngrams.merge_stats`, which gives exactly the statistics of
-    counting the files one after the other in one process.
+    counting the files one after the other in one process. `tokenizer_engine` is the
+    engine a spec is loaded with (`vocab.load_tokenizer`).
     """
     if not isinstance(tokenizer, LoadedTokenizer):
-        tokenizer = load_tokenizer(tokenizer)
+        tokenizer = load_tokenizer(tokenizer, tokenizer_engine)
     if not isinstance(vocab, CompressedVocab):
         vocab = CompressedVocab.load(vocab)
     _, stats = count_corpus(
@@ -223,14 +245,14 @@ def count_shard(
 
 
 # -- map: count one group of corpus shards --------------------------------------------------------
-_TOKENIZERS: dict[str, Any] = {}  # per worker process: spec -> LoadedTokenizer, loaded on first use
+_TOKENIZERS: dict[tuple[str, str], Any] = {}  # per worker process: (spec, engine) -> LoadedTokenizer, loaded on first use
 
 
-def _tokenizer_in_process(spec: str, sha256: str):
-    """Load (once per process) the tokenizer named `spec` and check it is the driver's."""
-    tok = _TOKENIZERS.get(spec)
+def _tokenizer_in_process(spec: str, sha256: str, engine: str = TokenizerEngine.HF.library):
+    """Load (once per process) the tokenizer named `spec` with `engine` and check it is the driver's."""
+    tok = _TOKENIZERS.get((spec, engine))
     if tok is None:
-        tok = _TOKENIZERS[spec] = load_tokenizer(spec)
+        tok = _TOKENIZERS[(spec, engine)] = load_tokenizer(spec, engine)
     if tok.sha256 != sha256:
         raise TokenizerError(f"tokenizer {spec!r} on worker {socket.gethostname()} has sha256 {tok.sha256[:12]}, the driver's has {sha256[:12]}; install the same tokenizer on every node")
     return tok
@@ -249,25 +271,29 @@ def count_map_shard(
     memory_limit: int,
     add_special_tokens: bool = False,
     resume: bool = False,
+    tokenizer_engine: str = TokenizerEngine.HF.library,
 ) -> str:
     """Map task: count `pieces` (`shards.Shard`s, read in order) into partial statistics at `out_dir`; returns `out_dir`.
 
     The statistics are what `count_corpus` writes for the pieces' documents (with
     their `CorpusSummary` under "corpus"), but an empty task is not an error here:
     the driver checks the merged corpus. With `resume`, a finished partial of the same
-    fingerprint `fp` is kept as it is.
+    fingerprint `fp` is kept as it is. The tokenizer is loaded with `tokenizer_engine`
+    (the driver's); with a fast engine the task checks a sample of its texts against the
+    reference and records the check under `IDENTITY_KEY` in its summary (null otherwise).
     """
     out = Path(out_dir)
     if resume and is_done(out, fp):
         return str(out)
     with atomic_dir(out, fp) as tmp:
         (tmp / "started.json").write_text(json.dumps({"pid": os.getpid(), "shards": [p.index for p in pieces]}))  # what a kill test looks for
-        tok = _tokenizer_in_process(tokenizer, tokenizer_sha256)
+        tok = _tokenizer_in_process(tokenizer, tokenizer_sha256, tokenizer_engine)
+        check = identity_check_for(tok)
         summary = CorpusSummary()
         docs = (doc for piece in pieces for doc in iter_shard_documents(piece, summary=summary, tmp_dir=tmp))
         stats = count_documents(docs, summary, tokenizer=tok, vocab=vocab, max_ngram_size=max_ngram_size, pad_id=pad_id, out_dir=tmp,
-                                memory_limit=memory_limit, add_special_tokens=add_special_tokens)
-        write_summary(tmp, {**stats.summary, "corpus": summary.to_dict()})
+                                memory_limit=memory_limit, add_special_tokens=add_special_tokens, check=check)
+        write_summary(tmp, {**stats.summary, "corpus": summary.to_dict(), IDENTITY_KEY: check.to_dict() if check is not None else None})
         (tmp / TOK0_SAMPLE_FILE).write_text(json.dumps(tok0_sample(stats)))
         (tmp / "started.json").unlink()
     return str(out)
@@ -364,8 +390,12 @@ def _count_on(
     cpus: int = 1,
     resume: bool = False,
     progress: Progress | None = None,
+    check: IdentityCheck | None = None,
 ):
-    """`count_corpus` on `executor`: map (count shards) and reduce (merge radix partitions) into `stats_out`."""
+    """`count_corpus` on `executor`: map (count shards) and reduce (merge radix partitions) into `stats_out`.
+
+    Each map task loads the tokenizer with the driver's engine and checks its own texts;
+    their records are added to `check` (a partial reused by `resume` adds its own)."""
     first = CorpusSummary()
     files = corpus_files(paths, first)
     map_bytes = map_bytes or DEFAULT_SHARD_BYTES
@@ -382,7 +412,8 @@ def _count_on(
         counter.report(f"{reused} of {len(groups)} shards reused (--resume)")
     calls = [
         (count_map_shard, (g, d), dict(tokenizer=tokenizer.name, tokenizer_sha256=tokenizer.sha256, vocab=vocab_arg, max_ngram_size=max_ngram_size,
-                                        pad_id=pad_id, fp=fp, memory_limit=memory_limit, add_special_tokens=add_special_tokens, resume=resume))
+                                        pad_id=pad_id, fp=fp, memory_limit=memory_limit, add_special_tokens=add_special_tokens, resume=resume,
+                                        tokenizer_engine=tokenizer.engine))
         for g, d, fp in zip(groups, map_dirs, map_fps)
     ]
     run_all(executor, calls, lambda i, _: counter.add(weights[i], groups[i][0].describe() + (f" (+{len(groups[i]) - 1} more)" if len(groups[i]) > 1 else "")))
@@ -390,6 +421,8 @@ def _count_on(
     for d in map_dirs:
         part = NgramStats.open(d)
         corpus = merge_summaries(corpus, [CorpusSummary.from_dict(part.summary["corpus"])])
+        if check is not None:
+            check.add(part.summary.get(IDENTITY_KEY))
         for n in part.orders:
             partial_rows[n] = partial_rows.get(n, 0) + part.distinct(n)
     if corpus.documents == 0 or corpus.tokens == 0:
@@ -417,6 +450,6 @@ def _count_on(
 
 
 __all__ = [
-    "TOK0_SAMPLES", "TOKENIZE_SHARE", "auto_partitions", "count_corpus", "count_documents", "count_map_shard", "count_shard", "merge_partition", "radix_ranges",
-    "tok0_sample", "tok0_weights",
+    "IDENTITY_KEY", "TOK0_SAMPLES", "TOKENIZE_SHARE", "auto_partitions", "count_corpus", "count_documents", "count_map_shard", "count_shard", "identity_check_for",
+    "merge_partition", "radix_ranges", "tok0_sample", "tok0_weights",
 ]

