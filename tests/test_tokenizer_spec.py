@@ -5,6 +5,7 @@ Also the library's ./vocab.npz rule (`vocab.resolve_vocab`).
 """
 
 import hashlib
+import importlib.metadata
 import json
 import shutil
 from pathlib import Path
@@ -53,13 +54,17 @@ def test_the_store_records_the_spec_and_holds_a_copy(built):
     root, original = built
     store = TableStore.open(root / "tables.zarr")
     sha = hashlib.sha256(original).hexdigest()
-    assert store.attrs["tokenizer"] == {
+    recorded = dict(store.attrs["tokenizer"])
+    identity = recorded.pop("identity")  # --tokenizer-engine auto: fastokens loads the tiny BPE, checked against tokenizers
+    assert recorded == {
         "spec": "tok/tiny.json",
         "path": str(root / "build" / "tok" / "tiny.json"),
         "sha256": sha,
-        "engine": "tokenizers",
+        "engine": "fastokens",
+        "engine_version": importlib.metadata.version("fastokens"),
         "file": "tokenizer/tokenizer.json",
     }
+    assert identity["mismatches"] == 0 and 0 < identity["texts_checked"] <= identity["texts"]
     assert (root / "tables.zarr" / TOKENIZER_FILE).read_bytes() == original
     assert store.attrs["tokenizer_sha256"] == store.vocab.tokenizer_sha256 == sha  # the existing digests are unchanged
     tok = load_store_tokenizer(store)
@@ -104,8 +109,11 @@ def test_packaged_and_unrecorded_tokenizers_load_by_name(deepseek_tokenizer, tin
     assert load_store_tokenizer(fake({"tokenizer_sha256": ds})).sha256 == ds  # an old store
     with pytest.raises(StoreError, match="built with another tokenizer"):
         load_store_tokenizer(fake({"tokenizer_sha256": tiny_tokenizer.sha256}))
-    with pytest.raises(StoreError, match="tokenization engine 'fastokens'"):
-        load_store_tokenizer(fake({"tokenizer_sha256": ds, "tokenizer": dict(spec, engine="fastokens")}))
+    # the recorded engine does not bind the reader (every engine gives the reference's ids); an unknown one is refused
+    assert load_store_tokenizer(fake({"tokenizer_sha256": ds, "tokenizer": dict(spec, engine="fastokens")})).engine == "tokenizers"
+    assert load_store_tokenizer(fake({"tokenizer_sha256": ds, "tokenizer": spec}), "fastokens").engine == "fastokens"
+    with pytest.raises(StoreError, match="tokenization engine 'sentencepiece'"):
+        load_store_tokenizer(fake({"tokenizer_sha256": ds, "tokenizer": dict(spec, engine="sentencepiece")}))
     with pytest.raises(StoreError, match="inconsistent"):
         load_store_tokenizer(fake({"tokenizer_sha256": tiny_tokenizer.sha256, "tokenizer": spec}))
 
