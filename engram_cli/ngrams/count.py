@@ -42,6 +42,7 @@ SORTED_BYTES_PER_ROW_OVERHEAD = 4  # sorted runs: run + concat copy + argsort in
 _RUN_ROW_GROUP = 1 << 16  # small row groups in spilled runs: min/max statistics prune key ranges
 _SAMPLES_PER_RUN = 1024
 MAX_BATCH_TOKENS = 1 << 22  # tokens counted per batch at most; longer documents are sliced
+BATCHES_IN_FLIGHT = 2  # one batch counted (a thread per order) while the next is packed
 
 
 class ContinuedIds(np.ndarray):
@@ -392,11 +393,12 @@ def count_ngrams(
     orders = list(range(2, max_ngram_size + 1))
     bits = id_bits(vocab_size)
     layouts = {n: KeyLayout(n, bits) for n in orders}
-    # Memory plan: a batch holds ~(max_n + 2 + words) uint64 arrays of its tokens; each
-    # order's merged partial gets an equal share of what is left.
-    batch_tokens = int(max(1, min(MAX_BATCH_TOKENS, max(1 << 8, memory_limit // (48 * (max_ngram_size + 4))))))
+    # Memory plan: a batch holds ~(max_n + 2 + words) uint64 arrays of its tokens, and
+    # two batches are alive at once (one counted in the order threads while the next is
+    # packed); each order's merged partial gets an equal share of what is left.
+    batch_tokens = int(max(1, min(MAX_BATCH_TOKENS, max(1 << 8, memory_limit // (BATCHES_IN_FLIGHT * 48 * (max_ngram_size + 4))))))
     row_bytes = {n: 8 * (len(layouts[n].words) + 1) for n in orders}
-    share = max(memory_limit - 8 * batch_tokens * (max_ngram_size + 4), memory_limit // 4) // len(orders)
+    share = max(memory_limit - BATCHES_IN_FLIGHT * 8 * batch_tokens * (max_ngram_size + 4), memory_limit // 4) // len(orders)
     budget_rows = {n: max(1 << 6, share // (row_bytes[n] * (SORTED_BYTES_PER_ROW_OVERHEAD if len(layouts[n].words) == 1 else BYTES_PER_ROW_OVERHEAD))) for n in orders}
 
     tmp_root: list[Path] = []
@@ -414,6 +416,17 @@ def count_ngrams(
     counters = {n: _OrderCounter(layouts[n], budget_rows[n], batch_tokens, spill_root, range_rows[n]) for n in orders}
     tokens = 0
     n_docs = 0
+    # One thread per order counts a batch (numpy's sort and merges release the GIL) while
+    # this thread packs the next one: `in_flight` holds the batch being counted.
+    pool = ThreadPoolExecutor(max_workers=len(orders), thread_name_prefix="engram-count")
+    in_flight: list = []
+
+    def settle() -> None:
+        """Wait for the batch being counted (its errors raise here)."""
+        done, in_flight[:] = list(in_flight), []
+        for future in done:
+            future.result()
+
     try:
         # A batch holds pieces of documents, at most `batch_tokens` counted tokens in
         # all: a document longer than what is left of the batch is sliced, and each
@@ -429,8 +442,9 @@ def count_ngrams(
             nonlocal buf, buf_ctx, buf_tokens
             if buf_tokens:
                 keys = _batch_keys(buf, buf_ctx, ctx_len, pad_id, vocab_size, layouts)
-                for n in orders:
-                    counters[n].add_batch(keys[n])
+                settle()
+                in_flight.extend(pool.submit(counters[n].add_batch, keys[n]) for n in orders)
+                del keys
             buf, buf_ctx, buf_tokens = [], [], 0
 
         prev = np.empty(0, dtype=np.int64)  # the last piece counted (its tail is the next piece's context)
@@ -463,6 +477,7 @@ def count_ngrams(
             doc_tokens += doc.size
             prev = ext
         flush()
+        settle()
         if progress is not None:
             progress("counting", tokens, None, f"{n_docs} documents")
 
@@ -487,6 +502,7 @@ def count_ngrams(
             if builders[n].windows != tokens:
                 raise AssertionError(f"order {n} counted {builders[n].windows} windows for {tokens} tokens")
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # no order thread still writes a spill when it is removed
         for root in tmp_root:
             shutil.rmtree(root, ignore_errors=True)
     summary = stats_summary(orders, summaries, {"documents": n_docs, **(extra or {})})
