@@ -9,13 +9,14 @@ size is counted in passes of bounded memory (`count_passes`).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
 
 from .defaults import DEFAULT_MEMORY_LIMIT
 from .encode import map_in_threads
-from .hashing import ngram_row_ids
+from .hashing import ngram_mix, ngram_row_ids
 from .ngrams import NgramStats
 from .plan import TablePlan
 
@@ -54,6 +55,34 @@ def _accumulate(acc: np.ndarray, index: np.ndarray, weights: np.ndarray) -> None
     np.add.at(acc, index, weights.astype(np.uint64, copy=False))
 
 
+def _batch_hits(batch, *, plan: "TablePlan", layer_id: int, order: int, heads: list[int], start: int, rows: int) -> tuple[np.ndarray, int]:
+    """The hits one statistics batch adds to rows [start, start + rows): (rows,) uint64, and its n-grams.
+
+    Head by head, the rows of `hashing.ngram_row_ids` (floor modulo by the head's
+    prime, plus its row offset) counted by np.bincount in float64 where the batch's
+    hits sum below 2**53 (exact), else np.add.at; no (m, K) array is made.
+    """
+    ids, counts = batch
+    m = int(ids.shape[0])
+    mix = ngram_mix(ids, plan.multipliers[layer_id][:order])
+    primes, offsets = plan.order_primes(layer_id, order), plan.order_offsets(layer_id, order)
+    part = np.zeros(rows, dtype=np.uint64)
+    exact = int(counts.max(initial=0)) * m < EXACT_FLOAT_SUM
+    weights = counts.astype(np.float64) if exact else counts.astype(np.uint64)
+    for j in heads:
+        r = mix % primes[j]
+        r += offsets[j] - start
+        w = weights
+        if int(offsets[j]) < start or int(offsets[j] + primes[j]) > start + rows:  # the head straddles the range
+            keep = (r >= 0) & (r < rows)
+            r, w = r[keep], weights[keep]
+        if exact:
+            part += np.bincount(r, weights=w, minlength=rows).astype(np.uint64)
+        else:
+            np.add.at(part, r, w)
+    return part, m
+
+
 def hit_counts(
     plan: "TablePlan",
     layer_id: int,
@@ -77,7 +106,15 @@ def hit_counts(
         first = (order - 2) * plan.heads
         heads = [j for j in range(plan.heads) if offsets[first + j] < stop and offsets[first + j] + sizes[first + j] > start]
         whole = all(offsets[first + j] >= start and offsets[first + j] + sizes[first + j] <= stop for j in heads)
-        batches = stats.iter_batches(order, batch_rows=_stats_batch_rows(order, plan.heads, memory_limit // HASH_IN_FLIGHT))
+        batch_rows = _stats_batch_rows(order, plan.heads, memory_limit // HASH_IN_FLIGHT)
+        batches = stats.iter_batches(order, batch_rows=batch_rows)
+        if acc.size <= BINCOUNT_ROWS_PER_INDEX * batch_rows:  # a small range: each worker counts its batch whole
+            partial = functools.partial(_batch_hits, plan=plan, layer_id=layer_id, order=order, heads=heads, start=start, rows=acc.size)
+            for part, m in map_in_threads(batches, partial, HASH_WORKERS, HASH_IN_FLIGHT - HASH_WORKERS):
+                acc += part
+                if on_batch is not None:
+                    on_batch(m)
+            continue
 
         def rows_of(batch, heads=heads):
             ids, counts = batch
