@@ -156,6 +156,29 @@ def _merge_runs(runs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, 
     return keys[starts], np.add.reduceat(counts, starts)
 
 
+def _project(run: tuple[np.ndarray, np.ndarray], bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """A sorted run of order n+1 -> the sorted run of order n over the same windows.
+
+    The order-n window ending at a position is the low n*`bits` bits of the
+    order-(n+1) key ending there (one packed word, the newest id lowest), so the
+    distinct keys masked, sorted and their counts added are exactly the run that
+    sorting the order-n keys of the batch gives, from the (fewer) distinct keys.
+    """
+    keys, counts = run
+    low = keys & np.uint64((1 << bits) - 1)
+    order = np.argsort(low)
+    low = low[order]
+    counts = counts[order]
+    del order
+    if not low.size:
+        return low, counts
+    first = np.empty(low.size, dtype=bool)
+    first[0] = True
+    np.not_equal(low[1:], low[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    return low[starts], np.add.reduceat(counts, starts)
+
+
 MAX_SORTED_RUNS = 16  # runs held before they are merged into one
 
 
@@ -186,10 +209,28 @@ class _OrderCounter:
         self.runs: list[Path] = []
         self.run_rows = 0
         self.samples: list[tuple[np.ndarray, float]] = []  # (sampled k0 of a run, rows each stands for)
+        self.above: _OrderCounter | None = None  # the sorted order n+1 counted from the same batches just before this one
+        self.keep_run = False  # hold the last batch's run for the order below (`project_below`)
+        self.last_run: tuple[np.ndarray, np.ndarray] | None = None
+
+    def project_below(self, above: "_OrderCounter") -> None:
+        """Count this (sorted) order from the distinct keys of `above` (order + 1), batch by batch (`_project`)."""
+        self.above = above
+        above.keep_run = True
 
     def add_batch(self, keys: list[np.ndarray]) -> None:
         if self.sorted:
-            self._push(_distinct_sorted(np.sort(keys[0])))
+            above = self.above.last_run if self.above is not None else None
+            if above is not None:  # the same batch's windows, one order up: project its distinct keys
+                self.above.last_run = None
+                run = _project(above, self.layout.order * self.layout.bits)
+                if int(run[1].sum()) != keys[0].size:
+                    raise AssertionError(f"order {self.layout.order}: the projected run counts {int(run[1].sum())} windows, the batch has {keys[0].size}")
+            else:
+                run = _distinct_sorted(np.sort(keys[0]))
+            if self.keep_run:
+                self.last_run = run
+            self._push(run)
             return
         frame = pl.DataFrame({name: key for name, key in zip(self.keys, keys)})
         part = frame.lazy().group_by(self.keys).agg(pl.len().cast(pl.UInt64).alias("count")).collect()
@@ -359,6 +400,12 @@ def _batch_keys(pieces: list[np.ndarray], ctx: list[int], ctx_len: int, pad_id: 
     return out
 
 
+def _add_batches(counters: list["_OrderCounter"], keys: list[list[np.ndarray]]) -> None:
+    """One batch into each counter, in order (a chain: each may project the run of the one before)."""
+    for counter, k in zip(counters, keys):
+        counter.add_batch(k)
+
+
 def count_ngrams(
     documents: Iterable[np.ndarray],
     *,
@@ -414,11 +461,18 @@ def count_ngrams(
     # and an output frame: about twice the per-row cost of the counting phase.
     range_rows = {n: max(1 << 6, memory_limit // (row_bytes[n] * 2 * BYTES_PER_ROW_OVERHEAD)) for n in orders}
     counters = {n: _OrderCounter(layouts[n], budget_rows[n], batch_tokens, spill_root, range_rows[n]) for n in orders}
+    # The one-word orders form one chain, counted top down in one task per batch: the
+    # largest is sorted, each one below is projected from the distinct keys above it
+    # (`_project`). Every wider order is a task of its own.
+    sorted_orders = [n for n in reversed(orders) if counters[n].sorted]
+    for upper, lower in zip(sorted_orders, sorted_orders[1:]):
+        counters[lower].project_below(counters[upper])
+    chains = ([sorted_orders] if sorted_orders else []) + [[n] for n in reversed(orders) if not counters[n].sorted]
     tokens = 0
     n_docs = 0
     # One thread per order counts a batch (numpy's sort and merges release the GIL) while
     # this thread packs the next one: `in_flight` holds the batch being counted.
-    pool = ThreadPoolExecutor(max_workers=len(orders), thread_name_prefix="engram-count")
+    pool = ThreadPoolExecutor(max_workers=len(chains), thread_name_prefix="engram-count")
     in_flight: list = []
 
     def settle() -> None:
@@ -443,7 +497,7 @@ def count_ngrams(
             if buf_tokens:
                 keys = _batch_keys(buf, buf_ctx, ctx_len, pad_id, vocab_size, layouts)
                 settle()
-                in_flight.extend(pool.submit(counters[n].add_batch, keys[n]) for n in orders)
+                in_flight.extend(pool.submit(_add_batches, [counters[n] for n in chain], [keys[n] for n in chain]) for chain in chains)
                 del keys
             buf, buf_ctx, buf_tokens = [], [], 0
 
