@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,9 @@ SORTED_BYTES_PER_ROW_OVERHEAD = 4  # sorted runs: run + concat copy + argsort in
 _RUN_ROW_GROUP = 1 << 16  # small row groups in spilled runs: min/max statistics prune key ranges
 _SAMPLES_PER_RUN = 1024
 MAX_BATCH_TOKENS = 1 << 22  # tokens counted per batch at most; longer documents are sliced
-BATCHES_IN_FLIGHT = 2  # one batch counted (a thread per order) while the next is packed
+BATCHES_IN_FLIGHT = 2  # one batch counted (in the order threads) while the next is packed
+COUNT_SPLIT = 2  # the one-word orders of a batch are counted in this many parts, one thread each (numpy's sort is single-threaded)
+COUNT_SPLIT_MIN = 1 << 16  # ... for batches of at least this many windows
 
 
 class ContinuedIds(np.ndarray):
@@ -211,7 +214,8 @@ class _OrderCounter:
         self.samples: list[tuple[np.ndarray, float]] = []  # (sampled k0 of a run, rows each stands for)
         self.above: _OrderCounter | None = None  # the sorted order n+1 counted from the same batches just before this one
         self.keep_run = False  # hold the last batch's run for the order below (`project_below`)
-        self.last_run: tuple[np.ndarray, np.ndarray] | None = None
+        self._thread = threading.local()  # .run: that run; a batch's chain runs in one thread, halves of a batch in two
+        self._lock = threading.Lock()  # the runs held: two halves of a batch are pushed from two threads
 
     def project_below(self, above: "_OrderCounter") -> None:
         """Count this (sorted) order from the distinct keys of `above` (order + 1), batch by batch (`_project`)."""
@@ -220,17 +224,18 @@ class _OrderCounter:
 
     def add_batch(self, keys: list[np.ndarray]) -> None:
         if self.sorted:
-            above = self.above.last_run if self.above is not None else None
+            above = getattr(self.above._thread, "run", None) if self.above is not None else None
             if above is not None:  # the same batch's windows, one order up: project its distinct keys
-                self.above.last_run = None
+                self.above._thread.run = None
                 run = _project(above, self.layout.order * self.layout.bits)
                 if int(run[1].sum()) != keys[0].size:
                     raise AssertionError(f"order {self.layout.order}: the projected run counts {int(run[1].sum())} windows, the batch has {keys[0].size}")
             else:
                 run = _distinct_sorted(np.sort(keys[0]))
             if self.keep_run:
-                self.last_run = run
-            self._push(run)
+                self._thread.run = run
+            with self._lock:
+                self._push(run)
             return
         frame = pl.DataFrame({name: key for name, key in zip(self.keys, keys)})
         part = frame.lazy().group_by(self.keys).agg(pl.len().cast(pl.UInt64).alias("count")).collect()
@@ -472,7 +477,7 @@ def count_ngrams(
     n_docs = 0
     # One thread per order counts a batch (numpy's sort and merges release the GIL) while
     # this thread packs the next one: `in_flight` holds the batch being counted.
-    pool = ThreadPoolExecutor(max_workers=len(chains), thread_name_prefix="engram-count")
+    pool = ThreadPoolExecutor(max_workers=len(chains) - 1 + COUNT_SPLIT, thread_name_prefix="engram-count")
     in_flight: list = []
 
     def settle() -> None:
@@ -497,7 +502,13 @@ def count_ngrams(
             if buf_tokens:
                 keys = _batch_keys(buf, buf_ctx, ctx_len, pad_id, vocab_size, layouts)
                 settle()
-                in_flight.extend(pool.submit(_add_batches, [counters[n] for n in chain], [keys[n] for n in chain]) for chain in chains)
+                for chain in chains:
+                    ks = [keys[n] for n in chain]
+                    size = ks[0][0].size
+                    parts = COUNT_SPLIT if counters[chain[0]].sorted and size >= COUNT_SPLIT_MIN else 1
+                    cuts = [size * i // parts for i in range(parts + 1)]  # windows align across orders: one per counted id
+                    in_flight.extend(pool.submit(_add_batches, [counters[n] for n in chain], [[k[0][a:b]] if len(k) == 1 else k for k in ks])
+                                     for a, b in zip(cuts, cuts[1:]))
                 del keys
             buf, buf_ctx, buf_tokens = [], [], 0
 
