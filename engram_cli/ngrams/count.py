@@ -169,10 +169,18 @@ def _project(run: tuple[np.ndarray, np.ndarray], bits: int) -> tuple[np.ndarray,
     """
     keys, counts = run
     low = keys & np.uint64((1 << bits) - 1)
-    order = np.argsort(low)
-    low = low[order]
-    counts = counts[order]
-    del order
+    count_bits = int(counts.max(initial=0)).bit_length()
+    if bits + count_bits <= 64:  # key and count packed in one word: one plain sort, no argsort and gathers
+        low <<= np.uint64(count_bits)
+        low |= counts
+        low.sort()
+        counts = low & np.uint64((1 << count_bits) - 1)
+        low >>= np.uint64(count_bits)
+    else:
+        order = np.argsort(low)
+        low = low[order]
+        counts = counts[order]
+        del order
     if not low.size:
         return low, counts
     first = np.empty(low.size, dtype=bool)
