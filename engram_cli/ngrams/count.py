@@ -123,6 +123,11 @@ class KeyLayout:
         return ids
 
 
+def _sort(keys: np.ndarray) -> np.ndarray:
+    """`keys` (uint64) in ascending order, by polars' sort: about half the CPU time of np.sort on packed n-gram keys."""
+    return pl.Series(values=keys, dtype=pl.UInt64).sort().to_numpy()
+
+
 def _distinct_sorted(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted keys (L,) -> their distinct values and how often each occurs (uint64)."""
     if not keys.size:
@@ -173,9 +178,10 @@ def _project(run: tuple[np.ndarray, np.ndarray], bits: int) -> tuple[np.ndarray,
     if bits + count_bits <= 64:  # key and count packed in one word: one plain sort, no argsort and gathers
         low <<= np.uint64(count_bits)
         low |= counts
-        low.sort()
-        counts = low & np.uint64((1 << count_bits) - 1)
-        low >>= np.uint64(count_bits)
+        packed = _sort(low)
+        counts = packed & np.uint64((1 << count_bits) - 1)
+        low = packed >> np.uint64(count_bits)
+        del packed
     else:
         order = np.argsort(low)
         low = low[order]
@@ -239,7 +245,7 @@ class _OrderCounter:
                 if int(run[1].sum()) != keys[0].size:
                     raise AssertionError(f"order {self.layout.order}: the projected run counts {int(run[1].sum())} windows, the batch has {keys[0].size}")
             else:
-                run = _distinct_sorted(np.sort(keys[0]))
+                run = _distinct_sorted(_sort(keys[0]))
             if self.keep_run:
                 self._thread.run = run
             with self._lock:
