@@ -143,18 +143,17 @@ def _distinct_sorted(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _merge_runs(runs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """Runs of distinct sorted keys with counts -> one run (the counts of equal keys added).
 
-    One stable argsort of the runs laid end to end (numpy's timsort merges the sorted
-    runs it finds, O(L log k) for k runs), then the counts of equal neighbours summed.
+    The runs laid end to end and sorted by key, counts alongside (polars' sort of the
+    two columns: about half the CPU time of numpy's stable argsort and two gathers),
+    then the counts of equal neighbours summed.
     """
     if len(runs) == 1:
         return runs[0]
-    keys = np.concatenate([k for k, _ in runs])
-    counts = np.concatenate([c for _, c in runs])
+    frame = pl.DataFrame({"k": np.concatenate([k for k, _ in runs]), "c": np.concatenate([c for _, c in runs])})
     runs.clear()  # the caller's list: the runs are let go as soon as they are copied
-    order = np.argsort(keys, kind="stable")
-    keys = keys[order]
-    counts = counts[order]
-    del order
+    frame = frame.sort("k")
+    keys, counts = frame.get_column("k").to_numpy(), frame.get_column("c").to_numpy()
+    del frame
     if not keys.size:
         return keys, counts
     first = np.empty(keys.size, dtype=bool)
