@@ -4,7 +4,9 @@ Beside the hashing it applies (`engram_cli.hashing.ngram_row_ids`): for every or
 and head j, every distinct n-gram with count c adds c to row `offset_j + hash_j(ngram)`.
 Streams the n-gram statistics; holds one row range plus `HASH_IN_FLIGHT` batches (read
 and hashed in `HASH_WORKERS` threads, accumulated in the caller's), so a layer of any
-size is counted in passes of bounded memory (`count_passes`).
+size is counted in passes of bounded memory (`count_passes`). A row range no larger
+than `BINCOUNT_ROWS_PER_INDEX` x a batch is counted whole in the workers
+(`_batch_hits`: per head, np.bincount, exact), each handing back its batch's hits.
 """
 
 from __future__ import annotations

@@ -4,9 +4,14 @@ Counting packs each n-gram into uint64 key columns (ceil(log2 C) bits per id, se
 `KeyLayout`; all orders of a batch by shift-or in one pass, `_batch_keys`) and counts
 every batch (at most `MAX_BATCH_TOKENS` tokens; a longer document is sliced, each slice
 carrying the max-1 tokens before it as context, so the windows are unchanged). An order
-that packs into one key word (orders 2..3 for DeepSeek) is counted by sorting: numpy's
-sort and run lengths per batch, sorted runs merged in memory (`_merge_runs`), already in
-text order at the end; wider orders by a polars group_by per batch. Partials are spilled
+that packs into one key word (orders 2..3 for DeepSeek) is counted by sorting: a sort
+(polars') and run lengths per batch, sorted runs merged in memory (`_merge_runs`),
+already in text order at the end; wider orders by a polars group_by per batch. The
+one-word orders are one chain: only the largest is sorted, each order below is the
+distinct keys above it with their oldest id masked off, re-sorted (`_project`: the
+same windows, far fewer keys). A batch is counted in threads (the chain in
+`COUNT_SPLIT` parts, each wider order apart) while the caller's thread packs the next
+one, so tokenizing, packing and counting overlap on every core. Partials are spilled
 as sorted parquet runs when they outgrow the memory limit; the final merge of spilled
 runs is a polars group_by per key range (row-group statistics skip the rest), so memory
 stays bounded however many distinct n-grams there are. When nothing was spilled, the
