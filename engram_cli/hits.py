@@ -4,23 +4,28 @@ Beside the hashing it applies (`engram_cli.hashing.ngram_row_ids`): for every or
 and head j, every distinct n-gram with count c adds c to row `offset_j + hash_j(ngram)`.
 Streams the n-gram statistics; holds one row range plus `HASH_IN_FLIGHT` batches (read
 and hashed in `HASH_WORKERS` threads, accumulated in the caller's), so a layer of any
-size is counted in passes of bounded memory (`count_passes`).
+size is counted in passes of bounded memory (`count_passes`). A row range no larger
+than `BINCOUNT_ROWS_PER_INDEX` x a batch is counted whole in the workers
+(`_batch_hits`: per head, np.bincount, exact), each handing back its batch's hits.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
 
 from .defaults import DEFAULT_MEMORY_LIMIT
 from .encode import map_in_threads
-from .hashing import ngram_row_ids
+from .hashing import ngram_mix, ngram_row_ids
 from .ngrams import NgramStats
 from .plan import TablePlan
 
 HASH_WORKERS = 2  # threads reading and hashing statistics batches (numpy and polars release the GIL)
 HASH_IN_FLIGHT = 3  # batches held at once (the workers' and one read ahead): each gets 1/3 of the batch memory
+BINCOUNT_ROWS_PER_INDEX = 4  # np.bincount when the accumulator has at most this many rows per index of the batch
+EXACT_FLOAT_SUM = 1 << 53  # float64 sums of integers below this are exact
 
 
 def _stats_batch_rows(order: int, heads: int, memory_limit: int) -> int:
@@ -31,10 +36,53 @@ def _stats_batch_rows(order: int, heads: int, memory_limit: int) -> int:
 def _accumulate(acc: np.ndarray, index: np.ndarray, weights: np.ndarray) -> None:
     """acc[index] += weights (uint64, repeated indices summed), exactly; `weights` broadcasts against `index`.
 
-    np.add.at costs O(len(index)) and no extra memory; np.bincount would cost
-    O(len(acc)) per batch plus two accumulator-sized temporaries.
+    np.bincount is several times faster than np.add.at but costs O(len(acc)) per batch
+    plus two accumulator-sized temporaries, and sums in float64: it is used (one call
+    per head column) when the accumulator is no larger than `BINCOUNT_ROWS_PER_INDEX` x
+    the batch's n-grams and one column's hits sum below 2**53 (every partial sum is then
+    an exact integer); np.add.at (O(len(index)), no extra memory) otherwise.
     """
+    if not index.size:
+        return
+    columns = index.reshape(index.shape[0], -1) if index.ndim else index.reshape(1, 1)  # (m, h): one bincount per head
+    m = columns.shape[0]
+    if acc.size <= BINCOUNT_ROWS_PER_INDEX * m and int(weights.max(initial=0)) * m < EXACT_FLOAT_SUM:
+        weights = np.broadcast_to(weights, index.shape).reshape(columns.shape)
+        shared = weights.strides[1] == 0  # counts broadcast over the heads: converted once
+        as_float = weights[:, 0].astype(np.float64) if shared else None
+        for j in range(columns.shape[1]):
+            w = as_float if shared else weights[:, j].astype(np.float64)
+            acc += np.bincount(columns[:, j], weights=w, minlength=acc.size).astype(np.uint64)
+        return
     np.add.at(acc, index, weights.astype(np.uint64, copy=False))
+
+
+def _batch_hits(batch, *, plan: "TablePlan", layer_id: int, order: int, heads: list[int], start: int, rows: int) -> tuple[np.ndarray, int]:
+    """The hits one statistics batch adds to rows [start, start + rows): (rows,) uint64, and its n-grams.
+
+    Head by head, the rows of `hashing.ngram_row_ids` (floor modulo by the head's
+    prime, plus its row offset) counted by np.bincount in float64 where the batch's
+    hits sum below 2**53 (exact), else np.add.at; no (m, K) array is made.
+    """
+    ids, counts = batch
+    m = int(ids.shape[0])
+    mix = ngram_mix(ids, plan.multipliers[layer_id][:order])
+    primes, offsets = plan.order_primes(layer_id, order), plan.order_offsets(layer_id, order)
+    part = np.zeros(rows, dtype=np.uint64)
+    exact = int(counts.max(initial=0)) * m < EXACT_FLOAT_SUM
+    weights = counts.astype(np.float64) if exact else counts.astype(np.uint64)
+    for j in heads:
+        r = mix % primes[j]
+        r += offsets[j] - start
+        w = weights
+        if int(offsets[j]) < start or int(offsets[j] + primes[j]) > start + rows:  # the head straddles the range
+            keep = (r >= 0) & (r < rows)
+            r, w = r[keep], weights[keep]
+        if exact:
+            part += np.bincount(r, weights=w, minlength=rows).astype(np.uint64)
+        else:
+            np.add.at(part, r, w)
+    return part, m
 
 
 def hit_counts(
@@ -60,7 +108,15 @@ def hit_counts(
         first = (order - 2) * plan.heads
         heads = [j for j in range(plan.heads) if offsets[first + j] < stop and offsets[first + j] + sizes[first + j] > start]
         whole = all(offsets[first + j] >= start and offsets[first + j] + sizes[first + j] <= stop for j in heads)
-        batches = stats.iter_batches(order, batch_rows=_stats_batch_rows(order, plan.heads, memory_limit // HASH_IN_FLIGHT))
+        batch_rows = _stats_batch_rows(order, plan.heads, memory_limit // HASH_IN_FLIGHT)
+        batches = stats.iter_batches(order, batch_rows=batch_rows)
+        if acc.size <= BINCOUNT_ROWS_PER_INDEX * batch_rows:  # a small range: each worker counts its batch whole
+            partial = functools.partial(_batch_hits, plan=plan, layer_id=layer_id, order=order, heads=heads, start=start, rows=acc.size)
+            for part, m in map_in_threads(batches, partial, HASH_WORKERS, HASH_IN_FLIGHT - HASH_WORKERS):
+                acc += part
+                if on_batch is not None:
+                    on_batch(m)
+            continue
 
         def rows_of(batch, heads=heads):
             ids, counts = batch
