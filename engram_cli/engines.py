@@ -127,7 +127,7 @@ class IdentityCheck:
         )
 
     def to_dict(self) -> dict:
-        """What the store records (`tokenizer.identity`)."""
+        """What the store records (its `tokenizer` attribute's `identity`)."""
         return {
             "reference": f"tokenizers {library_version(TokenizerEngine.HF)}",
             "sample": f"the first batch and 1 text in {CHECK_EVERY}, within {CHECK_BUDGET:.0%} of the encoding time",

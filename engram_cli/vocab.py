@@ -63,9 +63,6 @@ class LoadedTokenizer:
     `spec` is what the caller named (`deepseek`, a tokenizer.json or a directory holding
     one; empty for a tokenizer made in memory), `engine` the library that encodes with it
     (`tokenizers`, or `fastokens` when `fast` holds its tokenizer; engram_cli.engines).
-    `identity` is the record of the identity check of the texts a build encoded with it
-    (`engines.IdentityCheck.to_dict`; set by `pipeline.build.build_tables`, recorded in
-    the store by `store.tokenizer.write_store_tokenizer`); None for the reference engine.
     """
 
     tokenizer: Tokenizer
@@ -75,7 +72,6 @@ class LoadedTokenizer:
     spec: str = ""
     engine: str = TOKENIZER_ENGINE
     fast: object | None = field(default=None, compare=False, repr=False)  # a fastokens.Tokenizer, or None
-    identity: dict | None = field(default=None, compare=False, repr=False)
 
     @property
     def vocab_size(self) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -166,13 +166,12 @@ def build_tables(
                 out_dir=staging.partial / "stats", memory_limit=memory_limit, text_field=text_field,
                 add_special_tokens=add_special_tokens, progress=progress, check=check, **tasks,
             )
-            tokenizer = replace(tokenizer, identity=check.to_dict() if check is not None else None)
             plan = replan(stats) if replan is not None else plan
             attrs = {"corpus": corpus.to_dict(), "stats": {k: v for k, v in stats.summary.items() if k != "per_order"}}
             if scaled:
                 attrs["cluster"] = where
             write_tables(staging.partial, plan, vocab, stats=stats, memory_limit=memory_limit, extra_attrs=attrs, progress=progress,
-                         executor=ex, tokenizer=tokenizer, **store_options)
+                         executor=ex, tokenizer=tokenizer, identity=check.to_dict() if check is not None else None, **store_options)
     if work is not None and not options.keep_work:
         work.remove()
     return BuildResult(store=staging.store, corpus=corpus.to_dict())

@@ -48,7 +48,7 @@ def _rebuild_hint(spec: str) -> str:
     return f"rebuild it with `engram build-table --tokenizer {spec} --force`"
 
 
-def write_store_tokenizer(root: str | os.PathLike, tokenizer: LoadedTokenizer, vocab: CompressedVocab) -> dict:
+def write_store_tokenizer(root: str | os.PathLike, tokenizer: LoadedTokenizer, vocab: CompressedVocab, identity: dict | None = None) -> dict:
     """Copy `tokenizer`'s file into the (partial) store at `root` and return the spec to record.
 
     `vocab` must have been made from `tokenizer` (`VocabMismatch` otherwise). The packaged `deepseek` tokenizer is not copied (it is loaded by name and checked
@@ -56,7 +56,7 @@ def write_store_tokenizer(root: str | os.PathLike, tokenizer: LoadedTokenizer, v
     changed since it was loaded is refused (`TokenizerError`) rather than recorded.
     A tokenizer made in memory (no file at its path) is copied as its JSON. `engine`,
     `engine_version` and `identity` record the engine that encoded the corpus and its
-    identity check (`tokenizer.identity`; null for the reference engine).
+    identity check (`identity`: `engines.IdentityCheck.to_dict()`; null for the reference engine).
     """
     vocab.check_tokenizer(tokenizer)
     packaged = tokenizer.name == DEFAULT_TOKENIZER
@@ -67,7 +67,7 @@ def write_store_tokenizer(root: str | os.PathLike, tokenizer: LoadedTokenizer, v
         "sha256": tokenizer.sha256,
         "engine": tokenizer.engine,
         "engine_version": library_version(tokenizer.engine),
-        "identity": tokenizer.identity if tokenizer.engine != TOKENIZER_ENGINE else None,
+        "identity": identity if tokenizer.engine != TOKENIZER_ENGINE else None,
         "file": None if packaged else TOKENIZER_FILE,
     }
     if packaged:

@@ -242,11 +242,13 @@ def create_layout(
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
     extra_attrs: dict | None = None,
     tokenizer: "LoadedTokenizer | None" = None,
+    identity: dict | None = None,
 ) -> StoreLayout:
     """Step 1 of a build: in the empty directory `partial`, write the root metadata
     (`complete: false`), the vocabulary, the statistics (copied in) and every array's
     metadata, but no table data. With `tokenizer` (the one `vocab` was made from), its
-    spec is recorded and its file copied in (`store.tokenizer`). Returns the layout the other steps take.
+    spec is recorded and its file copied in (`store.tokenizer`), with `identity`, the fast
+    engine's identity check (`engines.IdentityCheck.to_dict()`). Returns the layout the other steps take.
     """
 
     partial = Path(partial)
@@ -305,7 +307,7 @@ def create_layout(
         attrs["row_width"] = width
         attrs["fp8"] = dict(FP8_LAYOUT)
     if tokenizer is not None:
-        attrs[TOKENIZER_ATTR] = write_store_tokenizer(partial, tokenizer, vocab)
+        attrs[TOKENIZER_ATTR] = write_store_tokenizer(partial, tokenizer, vocab, identity)
     root.attrs[ROOT_ATTR] = attrs
     _vocab_group(root, vocab)
 
@@ -509,6 +511,7 @@ def write_tables(
     progress: Progress | None = None,
     executor: Executor | None = None,
     tokenizer: "LoadedTokenizer | None" = None,
+    identity: dict | None = None,
 ) -> None:
     """Write every array of the store into `partial`; `complete: true` is written last.
 
@@ -522,13 +525,13 @@ def write_tables(
     """
     check_write_options(init=init, init_std=init_std, compressor=compressor, parallel=parallel, workers=workers, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes)
     with storage_errors(partial):
-        _write_tables(partial, plan, vocab, stats, init, init_std, chunk_bytes, shard_bytes, compressor, workers, parallel, memory_limit, extra_attrs, progress, executor, tokenizer)
+        _write_tables(partial, plan, vocab, stats, init, init_std, chunk_bytes, shard_bytes, compressor, workers, parallel, memory_limit, extra_attrs, progress, executor, tokenizer, identity)
 
 
-def _write_tables(partial, plan, vocab, stats, init, init_std, chunk_bytes, shard_bytes, compressor, workers, parallel, memory_limit, extra_attrs, progress, executor, tokenizer=None) -> None:
+def _write_tables(partial, plan, vocab, stats, init, init_std, chunk_bytes, shard_bytes, compressor, workers, parallel, memory_limit, extra_attrs, progress, executor, tokenizer=None, identity=None) -> None:
     layout = create_layout(
         partial, plan, vocab, stats=stats, init=init, init_std=init_std, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
-        compressor=compressor, memory_limit=memory_limit, extra_attrs=extra_attrs, tokenizer=tokenizer,
+        compressor=compressor, memory_limit=memory_limit, extra_attrs=extra_attrs, tokenizer=tokenizer, identity=identity,
     )
     if layout.has_hits:
         _write_hits(layout, memory_limit, progress, executor)
