@@ -23,6 +23,8 @@ import zarr
 from zarr.core.buffer.cpu import NDBuffer
 
 from ..errors import PlanError, StoreError
+from ..fp8 import FP8RowError, fp8_rows_problem
+from ..kinds import TableDtype
 from ..ngrams import SUMMARY_FILE, NgramStats
 from ..plan import TablePlan
 from ..vocab import CompressedVocab, key_offsets_problem, vocab_array_problem
@@ -399,14 +401,27 @@ class TableStore:
         return chunk_row_range(self.plan, layer_id, chunk_index, self.chunk_rows)
 
     # -- writing in place ("r+") ---------------------------------------------------------
-    def _as_storage(self, values, n: int) -> np.ndarray:
-        """`values` for n rows in the storage representation (float32 values are converted)."""
+    def _as_storage(self, values, n: int, layer_id: int, row_of=lambda i: i) -> np.ndarray:
+        """`values` for n rows in the storage representation (float32 values are converted).
+
+        FP8 stores refuse a row that is not finite or carries a scale byte 0 or 255
+        (`fp8.fp8_rows_problem`): one StoreError naming the layer and the row
+        (`row_of(i)`: the table row of values[i]).
+        """
         values = np.asarray(values)
         width, sdtype = self.stored_row_width, self.storage_dtype
-        if values.dtype == sdtype and values.shape == (n, width):
-            return np.ascontiguousarray(values)
-        if values.dtype == np.float32 and values.shape == (n, self.head_dim):
-            return np.ascontiguousarray(to_storage(values, self.dtype))
+        try:
+            if values.dtype == sdtype and values.shape == (n, width):
+                out = np.ascontiguousarray(values)
+                if self.dtype == TableDtype.FLOAT8_E4M3 and n:
+                    problem = fp8_rows_problem(out, self.head_dim)
+                    if problem is not None:
+                        raise problem
+                return out
+            if values.dtype == np.float32 and values.shape == (n, self.head_dim):
+                return np.ascontiguousarray(to_storage(values, self.dtype))
+        except FP8RowError as e:
+            raise StoreError(f"layer {layer_id} row {row_of(e.row)} of the rows written to {str(self.path)!r} {e.what}; nothing was written") from None
         raise StoreError(
             f"values must be ({n}, {width}) {sdtype} (the stored form of {self.dtype}) or ({n}, {self.head_dim}) float32, "
             f"got {values.shape} {values.dtype}"
@@ -427,7 +442,7 @@ class TableStore:
         """
         arr = self._check_writable(layer_id)
         ids = np.asarray(row_ids, dtype=np.int64).reshape(-1)
-        vals = self._as_storage(values, ids.size)
+        vals = self._as_storage(values, ids.size, layer_id, lambda i: int(ids[i]))
         n = arr.shape[0]
         if ids.size and (ids.min() < 0 or ids.max() >= n):
             bad = ids[(ids < 0) | (ids >= n)][0]
@@ -455,7 +470,7 @@ class TableStore:
         arr = self._check_writable(layer_id)
         values = np.asarray(values)
         m = values.shape[0] if values.ndim == 2 else -1
-        vals = self._as_storage(values, m)
+        vals = self._as_storage(values, m, layer_id, lambda i: int(start) + i)
         start, n = int(start), arr.shape[0]
         if not 0 <= start <= start + m <= n:
             raise StoreError(f"rows [{start}, {start + m}) are out of range for layer {layer_id} ({n} rows)")

@@ -1,0 +1,233 @@
+"""Reliability of the store's readers and writers, import/export and --resume (issue 23, the store side).
+
+In the style of tests/test_hardening.py: real stores built by `engram build-table`, real
+files damaged on disk, the real CLI; every refusal is one `Error: ...` line, exit 2,
+nothing half-written. Values a test compares against (ue8m0 scales, e4m3 values, zip
+CRCs) are computed here by another route, never by the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from engram_cli.cli import app
+from engram_cli.errors import StoreError
+from engram_cli.fp8 import dequantize_fp8_rows
+from engram_cli.store.table_store import TableStore
+
+from cli_checks import copy_fixtures, one_error_line
+
+ENGRAM = [sys.executable, "-m", "engram_cli.cli"]
+runner = CliRunner()
+SMALL = ["--layers", "1", "--heads", "2", "--dim", "64", "--rows-per-head", "101", "--chunk-size", "1KiB", "--shard-size", "4KiB"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def ok(*args):
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("reliability")
+
+
+@pytest.fixture(scope="module")
+def corpus(root) -> Path:
+    return copy_fixtures(root / "corpus")
+
+
+@pytest.fixture(scope="module")
+def fp8_store(root, corpus) -> Path:
+    out = root / "fp8.zarr"
+    ok("build-table", corpus, "-o", out, *SMALL, "--dtype", "float8_e4m3", "--json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def f32_store(root, corpus) -> Path:
+    out = root / "f32.zarr"
+    ok("build-table", corpus, "-o", out, *SMALL, "--json")
+    return out
+
+
+def copy_store(src: Path, tmp_path: Path, name: str = "copy.zarr") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8 : 8 + n]), 8 + n
+
+
+# -- item 7: FP8 ---------------------------------------------------------------------------------
+def e4m3_independent(byte: int) -> float:
+    """e4m3fn from its bits (1 sign, 4 exponent bits biased 7, 3 mantissa bits; S.1111.111 is NaN)."""
+    sign = -1.0 if byte & 0x80 else 1.0
+    exp, man = (byte >> 3) & 0xF, byte & 0x7
+    if exp == 0xF and man == 0x7:
+        return math.nan
+    if exp == 0:
+        return sign * math.ldexp(man / 8, -6)
+    return sign * math.ldexp(1 + man / 8, exp - 7)
+
+
+def ue8m0_independent(byte: int) -> float:
+    """The OCP MX ue8m0 scale: 2**(byte - 127), byte 255 is NaN (byte 0 is 2**-127)."""
+    return math.nan if byte == 255 else math.ldexp(1.0, byte - 127)
+
+
+def test_fp8_rows_in_a_store_decode_as_ue8m0_says(fp8_store):
+    store = TableStore.open(fp8_store)
+    packed = store.load_layer(1)
+    hd = store.head_dim
+    scales = packed[:, hd:]
+    assert scales.min() >= 1 and scales.max() <= 254  # the bytes whose bit-cast and ue8m0 agree
+    want = np.array([[e4m3_independent(int(v)) * ue8m0_independent(int(s)) for v, s in zip(row[:hd], np.repeat(row[hd:], 32))] for row in packed[:64]])
+    got = dequantize_fp8_rows(packed[:64], hd)
+    assert np.array_equal(got.astype(np.float64), want)
+
+
+def test_fp8_write_refuses_a_non_finite_row_naming_layer_and_row(fp8_store, tmp_path):
+    store_path = copy_store(fp8_store, tmp_path)
+    before = snapshot(store_path / "layer_1")
+    store = TableStore.open(store_path, mode="r+")
+    values = np.full((3, store.head_dim), 0.01, dtype=np.float32)
+    values[1, 7] = np.nan
+    with pytest.raises(StoreError, match=r"layer 1 row 40 .*nan at column 7.*must be finite"):
+        store.write_rows(1, [12, 40, 13], values)
+    values[1, 7] = np.inf
+    with pytest.raises(StoreError, match=r"layer 1 row 41 .*inf"):
+        store.write_row_block(1, 40, values)
+    assert snapshot(store_path / "layer_1") == before
+
+
+def test_fp8_import_refuses_inf_and_scale_bytes_0_and_255(fp8_store, tmp_path):
+    exported = tmp_path / "t.safetensors"
+    ok("export", fp8_store, "-o", exported)
+    header, base = safetensors_header(exported)
+    scale = header["layers.1.multi_head_embedding.embedding.weight_scale_ue8m0"]
+    weight = header["layers.1.multi_head_embedding.embedding.weight"]
+    for byte, row, expect in ((0, 5, "scale byte 0"), (255, 9, "scale byte 255")):
+        bad = tmp_path / f"scale{byte}.safetensors"
+        data = bytearray(exported.read_bytes())
+        data[base + scale["data_offsets"][0] + row * scale["shape"][1]] = byte
+        bad.write_bytes(bytes(data))
+        line = one_error_line(invoke("import", bad, "--plan-from", fp8_store, "-o", tmp_path / "out.zarr"))
+        assert f"layer 1 row {row} " in line and expect in line
+    bad = tmp_path / "nanbyte.safetensors"
+    data = bytearray(exported.read_bytes())
+    data[base + weight["data_offsets"][0] + 3 * 32 + 4] = 0x7F  # e4m3 NaN
+    bad.write_bytes(bytes(data))
+    line = one_error_line(invoke("import", bad, "--plan-from", fp8_store, "-o", tmp_path / "out.zarr"))
+    assert "layer 1 row 3 " in line and "NaN" in line
+    # float32 rows with an inf, converted by the importer
+    ref = tmp_path / "t.pt"
+    ok("export", fp8_store, "--format", "reference", "-o", ref)
+    import torch
+
+    sd = torch.load(ref, weights_only=True)
+    sd["layers.1.multi_head_embedding.embedding.weight"][17, 2] = float("inf")
+    torch.save(sd, tmp_path / "inf.pt")
+    line = one_error_line(invoke("import", tmp_path / "inf.pt", "--plan-from", fp8_store, "-o", tmp_path / "out.zarr"))
+    assert "layer 1 row 17 " in line and "inf" in line
+    assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "out.zarr.partial").exists()
+
+
+# -- item 3: zip CRC-32 ---------------------------------------------------------------------------
+def data_member_offset(path: Path, member_suffix: str) -> tuple[int, int]:
+    """(file offset of the first data byte, size) of the zip member whose name ends with member_suffix."""
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(member_suffix))
+    with path.open("rb") as fh:
+        fh.seek(info.header_offset)
+        h = fh.read(30)
+    name_len, extra_len = struct.unpack("<HH", h[26:30])
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def test_a_flipped_byte_in_a_reference_export_is_one_line(f32_store, tmp_path):
+    ref = tmp_path / "t.pt"
+    ok("export", f32_store, "--format", "reference", "-o", ref)
+    with zipfile.ZipFile(ref) as z:
+        weight = max(z.infolist(), key=lambda i: i.file_size)  # the weight is the largest record
+    start, size = data_member_offset(ref, weight.filename)
+    data = bytearray(ref.read_bytes())
+    data[start + size // 2 + 2] ^= 0x40  # one exponent bit of a float32 in the middle of the table
+    ref.write_bytes(bytes(data))
+    line = one_error_line(invoke("import", ref, "--plan-from", f32_store, "-o", tmp_path / "out.zarr"))
+    assert weight.filename in line and "CRC-32" in line
+    assert not (tmp_path / "out.zarr").exists()
+    line = one_error_line(invoke("eval", "--state-dict", ref, "--tables", f32_store, "--json"))
+    assert "CRC-32" in line
+
+
+def test_an_offsets_tensor_declaring_2_31_elements_is_refused_from_the_header(f32_store, tmp_path):
+    exported = tmp_path / "t.safetensors"
+    ok("export", f32_store, "-o", exported)
+    header, base = safetensors_header(exported)
+    body = exported.read_bytes()[base:]
+    key = "layers.1.multi_head_embedding.offsets"
+    n = 1 << 31
+    # the other tensors packed first, then the offsets tensor: 2**31 int64 elements (a 16 GiB sparse hole)
+    data, end = b"", 0
+    for k, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0] if kv[0] != "__metadata__" else -1):
+        if k in ("__metadata__", key):
+            continue
+        a, b = v["data_offsets"]
+        data += body[a:b]
+        v["data_offsets"] = [end, end + b - a]
+        end += b - a
+    header[key] = {"dtype": "I64", "shape": [n], "data_offsets": [end, end + 8 * n]}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    big = tmp_path / "big.safetensors"
+    with big.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(text)) + text + data)
+        fh.truncate(8 + len(text) + end + 8 * n)
+    t0 = time.perf_counter()
+    proc = subprocess.run([*ENGRAM, "import", str(big), "--plan-from", str(f32_store), "-o", str(tmp_path / "out.zarr")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert key in proc.stderr and "(2147483648,)" in proc.stderr
+    assert time.perf_counter() - t0 < 60
+    big.unlink()
+
+
+def test_a_flipped_weight_byte_in_model_ckpt_is_one_line(tmp_path):
+    import torch
+
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"format": "engram-checkpoint/1", "config": {}, "weights": {"wte.weight": torch.full((64, 16), 0.0385)},
+                "tables": None, "plan_fingerprint": None, "heldout": {}, "extra": {}}, ckpt)
+    start, size = data_member_offset(ckpt, "/data/0")
+    data = bytearray(ckpt.read_bytes())
+    data[start + size // 2 + 3] ^= 0x40
+    ckpt.write_bytes(bytes(data))
+    line = one_error_line(invoke("eval", ckpt, "--json"))
+    assert "model.ckpt" in line and "data/0" in line and "CRC-32" in line
