@@ -231,3 +231,31 @@ def test_a_flipped_weight_byte_in_model_ckpt_is_one_line(tmp_path):
     ckpt.write_bytes(bytes(data))
     line = one_error_line(invoke("eval", ckpt, "--json"))
     assert "model.ckpt" in line and "data/0" in line and "CRC-32" in line
+
+
+# -- item 5: --resume fingerprints shards by content ----------------------------------------------
+def rewrite_keeping_size_and_mtime(path: Path, offset: int) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[offset] = ord("X") if data[offset] != ord("X") else ord("Y")
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def test_resume_fingerprint_sees_a_same_size_edit_with_the_mtime_restored(tmp_path):
+    from engram_cli.corpus.shards import plan_shards
+
+    small = tmp_path / "small.txt"
+    small.write_text("a few words of text\n" * 200)
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps({"text": f"line {i} " + "word " * 40}) + "\n" for i in range(4000)))
+    before = plan_shards([small, big], shard_bytes=200 << 10)
+    assert sum(s.path == str(big) for s in before) >= 3  # the big file is split into line ranges
+    rewrite_keeping_size_and_mtime(small, 1234)
+    mid = before[2]  # a line range of the big file: its first sampled window
+    rewrite_keeping_size_and_mtime(big, mid.start + 10)
+    after = plan_shards([small, big], shard_bytes=200 << 10)
+    changed = [a.fingerprint != b.fingerprint for a, b in zip(before, after)]
+    assert changed[0] and changed[2]  # the small file and the edited range are recounted
+    assert not changed[1] and not any(changed[3:])  # the other ranges of the big file keep their partials
