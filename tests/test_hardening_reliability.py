@@ -259,3 +259,35 @@ def test_resume_fingerprint_sees_a_same_size_edit_with_the_mtime_restored(tmp_pa
     changed = [a.fingerprint != b.fingerprint for a, b in zip(before, after)]
     assert changed[0] and changed[2]  # the small file and the edited range are recounted
     assert not changed[1] and not any(changed[3:])  # the other ranges of the big file keep their partials
+
+
+# -- item 4: plan values bounded on open, work proportional to the shards that exist --------------
+def forge_prime(store: Path, prime: int) -> None:
+    """Give layer 1 order 2 head 0 the prime `prime` (the plan's fingerprint recomputed: a self-signed forgery)."""
+    import dataclasses
+
+    plan = TableStore.open(store).plan
+    primes = {k: [list(o) for o in v] for k, v in plan.primes.items()}
+    primes[1][0][0] = prime
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["engram"]["plan"] = dataclasses.replace(plan, primes={k: tuple(tuple(o) for o in v) for k, v in primes.items()}).to_dict()
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+def next_prime(n: int) -> int:
+    from engram_cli.plan import is_prime  # exact Miller-Rabin; the test only needs a prime, not the check under test
+
+    while not is_prime(n):
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("prime, expect", [(next_prime(10**15), "outside [2, 2,199,023,255,552]"), (next_prime((1 << 41) - 10**6), "more; it is not complete")])
+def test_a_plan_with_huge_primes_is_refused_in_time_bounded_by_the_files(f32_store, tmp_path, prime, expect):
+    store = copy_store(f32_store, tmp_path)
+    forge_prime(store, prime)
+    t0 = time.perf_counter()
+    for command in ("inspect", "collisions"):
+        line = one_error_line(invoke(command, store, "--json"))
+        assert expect in line
+    assert time.perf_counter() - t0 < 20
