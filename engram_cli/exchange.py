@@ -52,6 +52,8 @@ from engram_cli.store.output import (
     check_inputs_apart,
     check_output,
     check_output_name,
+    lock_output,
+    notice,
     shown,
 )
 from engram_cli.store.staging import link_store, staged_file, staged_output
@@ -188,6 +190,25 @@ def _temp_path(out: Path, tag: str = "partial") -> Path:
     return out.with_name(f".{out.name}.{os.getpid()}.{tag}")
 
 
+def _remove_stale_temps(out: Path) -> None:
+    """Under the export's lock: remove the temp files an interrupted export of `out` left (`.OUT.<pid>.partial`
+    and its scratch `..OUT.<pid>.partial.<pid>.scratch`), with a notice; nothing else is touched."""
+    mine = re.compile(r"\." + re.escape(out.name) + r"\.\d+\.partial" + r"|\.\." + re.escape(out.name) + r"\.\d+\.partial\.\d+\.scratch")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        names = [n for n in os.listdir(parent) if mine.fullmatch(n)]
+    except OSError:
+        return
+    for name in names:
+        path = parent / name
+        if path.is_file() and not path.is_symlink():
+            try:
+                path.unlink()
+            except OSError as e:
+                raise OutputError(f"cannot remove {shown(path)}, left by an interrupted export: {e.strerror}; remove it by hand") from None
+            notice(f"removed {shown(path)}, left by an interrupted export")
+
+
 # -- export --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ExportResult:
@@ -224,13 +245,16 @@ def export_tables(store_path, out=None, fmt: ExchangeFormat | str = ExchangeForm
     out = check_file_output(out, force)
     meta = export_metadata(store, fmt)
     specs = export_specs(store, fmt, meta)
-    check_free_space(out, sum(s.nbytes for s in specs))
     t0 = time.perf_counter()
-    with staged_file(out, _temp_path(out)) as tmp:
-        if fmt == ExchangeFormat.SAFETENSORS:
-            _write_safetensors(tmp, specs, store, fmt, meta, progress)
-        else:
-            _write_reference(tmp, specs, store, fmt, meta, progress)
+    with lock_output(out):  # one export of FILE at a time; under the lock the temps of a killed one are ours to remove
+        _remove_stale_temps(out)
+        check_file_output(out, force)
+        check_free_space(out, sum(s.nbytes for s in specs))
+        with staged_file(out, _temp_path(out)) as tmp:
+            if fmt == ExchangeFormat.SAFETENSORS:
+                _write_safetensors(tmp, specs, store, fmt, meta, progress)
+            else:
+                _write_reference(tmp, specs, store, fmt, meta, progress)
     seconds = time.perf_counter() - t0
     size = out.stat().st_size
     return ExportResult(path=str(out), format=str(fmt), store=str(store.path), plan_fingerprint=store.plan.fingerprint,

@@ -291,3 +291,33 @@ def test_a_plan_with_huge_primes_is_refused_in_time_bounded_by_the_files(f32_sto
         line = one_error_line(invoke(command, store, "--json"))
         assert expect in line
     assert time.perf_counter() - t0 < 20
+
+
+# -- item 6: --work-dir inside the output, leftovers of a killed export ----------------------------
+@pytest.mark.parametrize("inside", ["OUT", "OUT/work", "OUT.partial/work"])
+def test_work_dir_inside_the_output_is_refused_before_work(corpus, tmp_path, inside):
+    out = tmp_path / "tables.zarr"
+    work = Path(str(tmp_path / inside).replace("OUT", "tables.zarr"))
+    t0 = time.perf_counter()
+    line = one_error_line(invoke("build-table", corpus, "-o", out, *SMALL, "--cluster", "local:1", "--work-dir", work))
+    assert "work directory" in line and "--work-dir" in line
+    assert time.perf_counter() - t0 < 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing started, nothing left to block -o
+
+
+def test_temps_of_a_killed_export_are_removed_by_the_next_export(f32_store, tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pid = dead.pid  # a process that has exited: what `kill -9` leaves behind
+    out = tmp_path / "t.pt"
+    temp = tmp_path / f".t.pt.{pid}.partial"
+    scratch = tmp_path / f"..t.pt.{pid}.partial.{pid}.scratch"
+    temp.write_bytes(b"PK\x03\x04" + bytes(1 << 16))  # a full-size, half-written archive
+    scratch.write_bytes(bytes(1 << 16))
+    other = tmp_path / ".t.pt.notes"  # not a name an export writes: left alone
+    other.write_text("mine")
+    result = invoke("export", f32_store, "--format", "reference", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "interrupted export" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".t.pt.notes", "t.pt"]
+    assert other.read_text() == "mine"
