@@ -321,3 +321,21 @@ def test_temps_of_a_killed_export_are_removed_by_the_next_export(f32_store, tmp_
     assert "interrupted export" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [".t.pt.notes", "t.pt"]
     assert other.read_text() == "mine"
+
+
+# -- item 3: inspect --verify covers the vocabulary; corrupt chunks read by eval/--state-dict --------
+def test_inspect_verify_finds_a_corrupt_vocab_lookup_chunk(f32_store, tmp_path):
+    store = copy_store(f32_store, tmp_path)
+    chunk = store / "vocab" / "lookup" / "c" / "0"
+    size = chunk.stat().st_size
+    data = bytearray(chunk.read_bytes())
+    data[size // 2] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    result = invoke("inspect", store, "--verify", "--json")
+    line = one_error_line(result)
+    assert "vocab" in line and "corrupt chunk" in line
+    assert json.loads(result.stdout)["verify"]["first_bad"]["array"].startswith("vocab")
+    result = invoke("inspect", f32_store, "--verify", "--json")  # the intact store: every array counted
+    assert result.exit_code == 0, result.output
+    v = json.loads(result.stdout)["verify"]
+    assert v["ok"] and v["checked"] == v["chunks"]
