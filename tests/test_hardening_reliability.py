@@ -339,3 +339,16 @@ def test_inspect_verify_finds_a_corrupt_vocab_lookup_chunk(f32_store, tmp_path):
     assert result.exit_code == 0, result.output
     v = json.loads(result.stdout)["verify"]
     assert v["ok"] and v["checked"] == v["chunks"]
+
+
+@pytest.mark.parametrize("array", ["table/c/0/0", "hits/c/0"])
+def test_a_corrupt_table_or_hits_chunk_read_by_state_dict_audit_is_one_line_naming_it(f32_store, tmp_path, array):
+    exported = tmp_path / "t.safetensors"
+    ok("export", f32_store, "-o", exported)
+    store = copy_store(f32_store, tmp_path)
+    path = store / "layer_1" / array
+    data = bytearray(path.read_bytes())
+    data[20] ^= 0x40  # inside the first chunk's bytes: its crc32c no longer matches
+    path.write_bytes(bytes(data))
+    line = one_error_line(invoke("eval", "--state-dict", exported, "--tables", store, "--json"))
+    assert "corrupt" in line and "chunk 0 " in line and f"layer_1/{array}" in line

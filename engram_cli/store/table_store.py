@@ -62,6 +62,79 @@ def _rebuild(path: Path, what: str) -> StoreError:
     return StoreError(f"table store {str(path)!r} {what}; rebuild it with `engram build-table --force`")
 
 
+# What zarr and its codecs raise on a chunk that does not decode: crc32c mismatch (ValueError),
+# zstd/blosc errors (RuntimeError, ValueError), a frame larger than its chunk (codecs.ChunkSizeError).
+CHUNK_ERRORS = (ValueError, RuntimeError, EOFError)
+
+
+class CheckedArray:
+    """A table or hits array whose reads turn a chunk that does not decode into one StoreError naming it.
+
+    Everything but the reads (`[...]`, `get_*_selection`) is the zarr array's own
+    (`shape`, `chunks`, `metadata`, ...). On a failed read the chunks the selection
+    touches are read one by one (rows only: the first axis) to name the first bad one,
+    its rows and its shard file.
+    """
+
+    _READS = ("get_basic_selection", "get_orthogonal_selection", "get_coordinate_selection", "get_block_selection", "get_mask_selection")
+
+    def __init__(self, arr: zarr.Array, store_path: Path, layer_id: int, name: str):
+        self._arr, self._path, self._layer, self._name = arr, store_path, layer_id, name
+
+    def __getattr__(self, attr):
+        value = getattr(self._arr, attr)
+        if attr in self._READS:
+            return lambda selection, *a, **k: self._read(value, selection, *a, **k)
+        return value
+
+    def __getitem__(self, selection):
+        return self._read(self._arr.__getitem__, selection)
+
+    def __len__(self) -> int:
+        return len(self._arr)
+
+    def __repr__(self) -> str:
+        return f"CheckedArray({self._arr!r})"
+
+    def _read(self, fn, selection, *a, **k):
+        try:
+            return fn(selection, *a, **k)
+        except CHUNK_ERRORS as e:
+            raise self._corrupt(selection, e) from None
+
+    def _rows_of(self, selection) -> np.ndarray | range | None:
+        first = selection[0] if isinstance(selection, tuple) and selection else selection
+        n = int(self._arr.shape[0])
+        if isinstance(first, slice):
+            return range(*first.indices(n))
+        if isinstance(first, (int, np.integer)):
+            return range(int(first), int(first) + 1)
+        try:
+            rows = np.asarray(first, dtype=np.int64).ravel()
+        except (TypeError, ValueError):
+            return None
+        return rows[(rows >= 0) & (rows < n)]
+
+    def _corrupt(self, selection, e: BaseException) -> StoreError:
+        why = "crc32c checksum mismatch" if "checksum" in str(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        what = f"layer {self._layer} of {str(self._path)!r} has a corrupt {'hits ' if self._name == 'hits' else ''}chunk"
+        rows = self._rows_of(selection)
+        step = int(self._arr.chunks[0])
+        shard = int(self._arr.shards[0]) if getattr(self._arr, "shards", None) else step
+        chunks = sorted({int(r) // step for r in rows}) if rows is not None and len(rows) else []
+        if isinstance(rows, range) and len(rows):
+            chunks = range(rows.start // step, (rows.stop - 1) // step + 1)
+        for c in chunks:
+            a, b = c * step, min(int(self._arr.shape[0]), (c + 1) * step)
+            try:
+                self._arr[a:b]
+            except CHUNK_ERRORS:
+                key = self._arr.metadata.encode_chunk_key((a // shard,) + (0,) * (self._arr.ndim - 1))
+                return StoreError(f"{what} {c} (rows {a}..{b}, file layer_{self._layer}/{self._name}/{key}: {why}); "
+                                  "rebuild the store or restore it from a copy (`engram inspect --verify` checks every chunk)")
+        return StoreError(f"{what} ({why}); rebuild the store or restore it from a copy (`engram inspect --verify` finds it)")
+
+
 class TableStore:
     """A handle on a complete table store (layout: docs/store.md); `open` it, do not construct it."""
 
@@ -293,10 +366,13 @@ class TableStore:
         except KeyError:
             raise _rebuild(self.path, f"lacks group layer_{layer_id}") from None
 
-    def table(self, layer_id: int) -> zarr.Array:
-        """The layer's table as a zarr array: (layer_rows, stored row width), storage dtype."""
+    def table(self, layer_id: int) -> CheckedArray:
+        """The layer's table as a zarr array: (layer_rows, stored row width), storage dtype.
+
+        Reads of a chunk that does not decode raise one StoreError naming it (`CheckedArray`).
+        """
         try:
-            return self._layer_group(layer_id)["table"]
+            return CheckedArray(self._layer_group(layer_id)["table"], self.path, layer_id, "table")
         except KeyError:
             raise _rebuild(self.path, f"lacks layer_{layer_id}/table") from None
 
@@ -305,7 +381,7 @@ class TableStore:
         if not self.has_hits:
             raise StoreError(f"table store {str(self.path)!r} has no hit counts (built without a corpus); rebuild it with `engram build-table CORPUS`")
         try:
-            return self._layer_group(layer_id)["hits"]
+            return CheckedArray(self._layer_group(layer_id)["hits"], self.path, layer_id, "hits")
         except KeyError:
             raise _rebuild(self.path, f"lacks layer_{layer_id}/hits") from None
 
