@@ -352,3 +352,36 @@ def test_a_corrupt_table_or_hits_chunk_read_by_state_dict_audit_is_one_line_nami
     path.write_bytes(bytes(data))
     line = one_error_line(invoke("eval", "--state-dict", exported, "--tables", store, "--json"))
     assert "corrupt" in line and "chunk 0 " in line and f"layer_1/{array}" in line
+
+
+def test_a_hits_chunk_declaring_3_gib_is_refused_before_decoding(f32_store, tmp_path):
+    import resource
+
+    import google_crc32c
+
+    store = copy_store(f32_store, tmp_path)
+    shard = store / "layer_1" / "hits" / "c" / "0"
+    raw = shard.read_bytes()
+    n = int(TableStore.open(store).hits(1).shards[0]) // int(TableStore.open(store).hits(1).chunks[0])
+    index = np.frombuffer(raw[-(16 * n + 4) : -4], dtype="<u8").reshape(n, 2).copy()
+    off, size = (int(v) for v in index[0])
+    frame = raw[off : off + size - 4]
+    assert int.from_bytes(frame[:4], "little") == 0xFD2FB528
+    fhd = frame[4]
+    pos = 5 + (0 if (fhd >> 5) & 1 else 1) + (0, 1, 2, 4)[fhd & 3]
+    fcs = (1 if (fhd >> 5) & 1 else 0, 2, 4, 8)[fhd >> 6]
+    forged = frame[:4] + bytes([0xE0]) + (3 << 30).to_bytes(8, "little") + frame[pos + fcs :]  # single segment, 8-byte size: 3 GiB
+    chunk = forged + np.array([google_crc32c.value(forged)], dtype="<u4").tobytes()  # its crc32c valid
+    body = bytearray(raw[:off] + chunk + raw[off + size : -(16 * n + 4)])
+    shift = len(chunk) - size
+    index[0, 1] = len(chunk)
+    later = (index[:, 0] > off) & (index[:, 0] != np.iinfo(np.uint64).max)
+    index[later, 0] += shift
+    ib = index.astype("<u8").tobytes()
+    shard.write_bytes(bytes(body) + ib + np.array([google_crc32c.value(ib)], dtype="<u4").tobytes())
+    proc = subprocess.run([*ENGRAM, "inspect", str(store), "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ")
+    assert "declares 3221225472 decoded bytes" in lines[0] and "layer_1/hits/c/0" in lines[0]
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 2 << 20  # KiB: no child came near 3 GiB
