@@ -294,7 +294,7 @@ def test_a_plan_with_huge_primes_is_refused_in_time_bounded_by_the_files(f32_sto
 
 
 # -- item 6: --work-dir inside the output, leftovers of a killed export ----------------------------
-@pytest.mark.parametrize("inside", ["OUT", "OUT/work", "OUT.partial/work"])
+@pytest.mark.parametrize("inside", ["OUT", "OUT/work", "OUT.partial/work", "."])  # ".": the work dir holds OUT
 def test_work_dir_inside_the_output_is_refused_before_work(corpus, tmp_path, inside):
     out = tmp_path / "tables.zarr"
     work = Path(str(tmp_path / inside).replace("OUT", "tables.zarr"))
