@@ -100,7 +100,10 @@ class CheckedArray:
         try:
             return fn(selection, *a, **k)
         except CHUNK_ERRORS as e:
-            raise self._corrupt(selection, e) from None
+            found = self._corrupt(selection, e)
+            if found is None:  # every chunk of the selection reads: not a chunk's fault
+                raise
+            raise found from None
 
     def _rows_of(self, selection) -> np.ndarray | range | None:
         first = selection[0] if isinstance(selection, tuple) and selection else selection
@@ -115,7 +118,8 @@ class CheckedArray:
             return None
         return rows[(rows >= 0) & (rows < n)]
 
-    def _corrupt(self, selection, e: BaseException) -> StoreError:
+    def _corrupt(self, selection, e: BaseException) -> StoreError | None:
+        """The StoreError naming the first chunk of `selection` that does not decode; None when they all do."""
         why = "crc32c checksum mismatch" if "checksum" in str(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
         what = f"layer {self._layer} of {str(self._path)!r} has a corrupt {'hits ' if self._name == 'hits' else ''}chunk"
         rows = self._rows_of(selection)
@@ -132,6 +136,8 @@ class CheckedArray:
                 key = self._arr.metadata.encode_chunk_key((a // shard,) + (0,) * (self._arr.ndim - 1))
                 return StoreError(f"{what} {c} (rows {a}..{b}, file layer_{self._layer}/{self._name}/{key}: {why}); "
                                   "rebuild the store or restore it from a copy (`engram inspect --verify` checks every chunk)")
+        if rows is not None:
+            return None
         return StoreError(f"{what} ({why}); rebuild the store or restore it from a copy (`engram inspect --verify` finds it)")
 
 
