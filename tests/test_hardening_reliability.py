@@ -385,3 +385,27 @@ def test_a_hits_chunk_declaring_3_gib_is_refused_before_decoding(f32_store, tmp_
     assert len(lines) == 1 and lines[0].startswith("Error: ")
     assert "declares 3221225472 decoded bytes" in lines[0] and "layer_1/hits/c/0" in lines[0]
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 2 << 20  # KiB: no child came near 3 GiB
+
+
+def test_kill_9_while_a_store_is_linked_into_staging_leaves_nothing_a_rerun_refuses(f32_store, tmp_path):
+    exported = tmp_path / "t.safetensors"
+    ok("export", f32_store, "-o", exported)
+    out = tmp_path / "new.zarr"
+    script = (
+        "import os, signal\n"
+        "real, n = os.link, [0]\n"
+        "def link(s, d):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 6: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real(s, d)\n"
+        "os.link = link\n"
+        "from engram_cli.exchange import import_tables\n"
+        f"import_tables({str(exported)!r}, {str(f32_store)!r}, {str(out)!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    partial = tmp_path / "new.zarr.partial"
+    assert partial.is_dir() and not out.exists()  # killed in the middle of the copy
+    result = invoke("import", exported, "--plan-from", f32_store, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert not partial.exists() and TableStore.open(out).plan == TableStore.open(f32_store).plan
