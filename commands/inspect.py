@@ -86,8 +86,9 @@ def render_inspect(report: dict) -> None:
             console.print(f"Verify: all {v['chunks']:,} chunks read, crc32c intact ({format_bytes(v['bytes_read'])} decoded).")
         else:
             b = v["first_bad"]
+            where = b["array"] if b["layer_id"] is None else f"layer {b['layer_id']} {b['array']}"
             console.print(
-                f"Verify: [red]FAILED[/] at layer {b['layer_id']} {b['array']} chunk {b['chunk']} (rows {b['rows'][0]:,}..{b['rows'][1]:,}, "
+                f"Verify: [red]FAILED[/] at {where} chunk {b['chunk']} (rows {b['rows'][0]:,}..{b['rows'][1]:,}, "
                 f"shard file {b['shard_file']}) after {v['checked']:,} good chunks of {v['chunks']:,}."
             )
 
@@ -126,7 +127,8 @@ def inspect_command(
             console.print(f"Wrote {plot}.")
     if verify and not report["verify"]["ok"]:
         b = report["verify"]["first_bad"]
-        typer.echo(f"Error: corrupt chunk: layer {b['layer_id']} {b['array']} chunk {b['chunk']} (rows {b['rows'][0]}..{b['rows'][1]}) in {b['shard_file']}; rebuild the store or restore it from a copy", err=True)
+        where = b["array"] if b["layer_id"] is None else f"layer {b['layer_id']} {b['array']}"
+        typer.echo(f"Error: corrupt chunk: {where} chunk {b['chunk']} (rows {b['rows'][0]}..{b['rows'][1]}) in {b['shard_file']}; rebuild the store or restore it from a copy", err=True)
         raise typer.Exit(2)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engram_cli.errors import CheckpointError
+from engram_cli.integrity import check_zip_crc
 
 FORMAT = "engram-checkpoint/1"
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -107,6 +109,8 @@ def load_checkpoint(path) -> dict:
     if _is_safetensors(path):
         obj = _load_safetensors(path)
     else:
+        if zipfile.is_zipfile(path):  # torch.load never checks the records' CRC-32
+            check_zip_crc(path, what="checkpoint", fix="re-run `engram train`")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - every failure is one line

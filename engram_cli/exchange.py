@@ -43,7 +43,8 @@ import torch
 from safetensors import safe_open
 
 from engram_cli.errors import CheckpointError, OutputError
-from engram_cli.fp8 import FP8_BLOCK, dequantize_fp8_rows, quantize_fp8_rows_keeping
+from engram_cli.fp8 import FP8_BLOCK, FP8RowError, dequantize_fp8_rows, fp8_rows_problem, quantize_fp8_rows_keeping
+from engram_cli.integrity import check_zip_crc
 from engram_cli.kinds import ExchangeFormat, TableDtype
 from engram_cli.store import TableStore, to_storage
 from engram_cli.store.output import (
@@ -51,6 +52,8 @@ from engram_cli.store.output import (
     check_inputs_apart,
     check_output,
     check_output_name,
+    lock_output,
+    notice,
     shown,
 )
 from engram_cli.store.staging import link_store, staged_file, staged_output
@@ -187,6 +190,25 @@ def _temp_path(out: Path, tag: str = "partial") -> Path:
     return out.with_name(f".{out.name}.{os.getpid()}.{tag}")
 
 
+def _remove_stale_temps(out: Path) -> None:
+    """Under the export's lock: remove the temp files an interrupted export of `out` left (`.OUT.<pid>.partial`
+    and its scratch `..OUT.<pid>.partial.<pid>.scratch`), with a notice; nothing else is touched."""
+    mine = re.compile(r"\." + re.escape(out.name) + r"\.\d+\.partial" + r"|\.\." + re.escape(out.name) + r"\.\d+\.partial\.\d+\.scratch")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        names = [n for n in os.listdir(parent) if mine.fullmatch(n)]
+    except OSError:
+        return
+    for name in names:
+        path = parent / name
+        if path.is_file() and not path.is_symlink():
+            try:
+                path.unlink()
+            except OSError as e:
+                raise OutputError(f"cannot remove {shown(path)}, left by an interrupted export: {e.strerror}; remove it by hand") from None
+            notice(f"removed {shown(path)}, left by an interrupted export")
+
+
 # -- export --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ExportResult:
@@ -223,13 +245,16 @@ def export_tables(store_path, out=None, fmt: ExchangeFormat | str = ExchangeForm
     out = check_file_output(out, force)
     meta = export_metadata(store, fmt)
     specs = export_specs(store, fmt, meta)
-    check_free_space(out, sum(s.nbytes for s in specs))
     t0 = time.perf_counter()
-    with staged_file(out, _temp_path(out)) as tmp:
-        if fmt == ExchangeFormat.SAFETENSORS:
-            _write_safetensors(tmp, specs, store, fmt, meta, progress)
-        else:
-            _write_reference(tmp, specs, store, fmt, meta, progress)
+    with lock_output(out):  # one export of FILE at a time; under the lock the temps of a killed one are ours to remove
+        _remove_stale_temps(out)
+        check_file_output(out, force)
+        check_free_space(out, sum(s.nbytes for s in specs))
+        with staged_file(out, _temp_path(out)) as tmp:
+            if fmt == ExchangeFormat.SAFETENSORS:
+                _write_safetensors(tmp, specs, store, fmt, meta, progress)
+            else:
+                _write_reference(tmp, specs, store, fmt, meta, progress)
     seconds = time.perf_counter() - t0
     size = out.stat().st_size
     return ExportResult(path=str(out), format=str(fmt), store=str(store.path), plan_fingerprint=store.plan.fingerprint,
@@ -422,6 +447,7 @@ def open_tensor_file(path) -> TensorFile:
 
 
 def _open_torch(path: Path) -> TensorFile:
+    check_zip_crc(path, what="torch file")  # torch.load never checks the records' CRC-32
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - every failure is one line
@@ -512,7 +538,10 @@ def check_table(tf: TensorFile, prefix: str, layer_id: int, plan, source) -> dic
         raise CheckpointError(f"{source}: {key} holds float8_e4m3 values but the file has no {prefix + SCALE}; export the scales with it")
     off = prefix + OFFSETS
     if off in tf:
-        got = tf.rows(off, 0, tf.shape(off)[0]).to(torch.int64).numpy() if tf.shape(off) else np.zeros(0, np.int64)
+        if tf.shape(off) != plan.row_offsets(layer_id).shape:  # from the header, before a byte of it is read
+            raise CheckpointError(f"{source}: {off} has shape {tf.shape(off)}, the plan has {plan.heads_per_layer} head offsets for layer {layer_id}; "
+                                  "it was made for another plan: pass the matching --plan-from/--tables")
+        got = tf.rows(off, 0, tf.shape(off)[0]).to(torch.int64).numpy()
         if got.shape != plan.row_offsets(layer_id).shape or not np.array_equal(got, plan.row_offsets(layer_id)):
             raise CheckpointError(f"{source}: {off} {got.tolist()[:4]}... differs from the plan's head offsets {plan.row_offsets(layer_id).tolist()[:4]}...; "
                                   "it was made for another plan: pass the matching --plan-from/--tables")
@@ -538,6 +567,19 @@ def _storage_block(values: torch.Tensor, scales: torch.Tensor | None, dtype: Tab
             return values.contiguous().view(torch.int16).numpy().view(np.uint16)
         return values.contiguous().numpy()
     return to_storage(values.float().numpy(), dtype)
+
+
+def _checked_block(values: torch.Tensor, scales: torch.Tensor | None, dtype: TableDtype, head_dim: int, source: str, layer: int, s0: int) -> np.ndarray:
+    """`_storage_block`, with FP8 rows the store must not hold refused by name: NaN/inf values, the e4m3 NaN byte,
+    scale bytes 0 or 255 (docs/exchange.md, "Import": refused, not decoded)."""
+    try:
+        block = _storage_block(values, scales, dtype)
+        problem = fp8_rows_problem(block, head_dim) if dtype.fp8 else None
+    except FP8RowError as e:
+        problem = e
+    if problem is not None:
+        raise CheckpointError(f"{source}: layer {layer} row {s0 + problem.row} {problem.what}; fix or re-export the file") from None
+    return block
 
 
 def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -> dict:
@@ -582,7 +624,7 @@ def import_tables(file, plan_from, out, *, force: bool = False, progress=None) -
                 s1 = min(n, s0 + new.shard_rows)
                 vals = tf.rows(c["weight"], s0, s1)
                 scales = tf.rows(c["scale"], s0, s1) if c["scale"] else None
-                new.write_row_block(l, s0, _storage_block(vals, scales, dtype), by="imported")
+                new.write_row_block(l, s0, _checked_block(vals, scales, dtype, plan.head_dim, source, l, s0), by="imported")
                 del vals, scales  # freed before the next shard is read: one shard in memory
                 done += s1 - s0
                 if progress is not None:

@@ -15,6 +15,13 @@ Quantization picks the smallest power-of-two scale that brings the block's absol
 maximum within e4m3's range (448), `e = ceil(log2(amax / 448))` clipped to
 [-126, 127] (so the scale byte is in 1..254 and the scale a normal float32), then
 rounds `x / 2**e` to e4m3 (round to nearest even, torch's cast).
+
+What a store may hold (checked on every write, `fp8_rows_problem`): finite values only
+(a NaN or inf would turn its 31 block neighbours into garbage: `quantize_fp8_rows`
+refuses the row, `FP8RowError`), no e4m3 NaN byte (0x7F, 0xFF), and scale bytes in
+1..254. ue8m0 gives byte 0 the scale 2**-127 and byte 255 NaN, where the bit-cast above
+gives 0.0 and inf; the quantizer never writes either, and rows that carry them (an
+imported file) are refused, so the bit-cast is exactly ue8m0 on every byte a store holds.
 """
 
 from __future__ import annotations
@@ -30,6 +37,44 @@ from engram_cli.errors import PlanError, StoreError
 FP8_BLOCK = 32  # values per scale byte
 FP8_MAX = 448.0  # largest finite e4m3fn value
 _SCALE_BIAS = 127
+
+
+class FP8RowError(StoreError):
+    """A row that cannot be stored as FP8: `row` is its index in the block given, `what` the problem."""
+
+    def __init__(self, row: int, what: str):
+        self.row, self.what = int(row), what
+        super().__init__(f"row {self.row} {what}")
+
+
+E4M3_NAN_BYTES = (0x7F, 0xFF)
+SCALE_BYTES_STORED = (1, 254)  # the scale bytes a store holds (ue8m0 0 = 2**-127 and 255 = NaN are refused)
+
+
+def check_finite_rows(x: np.ndarray) -> None:
+    """`FP8RowError` naming the first row of `x` (n, d) that holds NaN or inf."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        r, c = (int(v) for v in np.argwhere(bad)[0])
+        raise FP8RowError(r, f"holds {float(x[r, c])} at column {c}; FP8 rows must be finite (a NaN or inf spoils its whole 32-value block)")
+
+
+def fp8_rows_problem(packed: np.ndarray, head_dim: int) -> FP8RowError | None:
+    """The first problem of packed rows a store must not hold: an e4m3 NaN value byte, a scale byte 0 or 255."""
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1, packed.shape[-1])
+    values, scales = packed[:, :head_dim], packed[:, head_dim:]
+    bad = (values == E4M3_NAN_BYTES[0]) | (values == E4M3_NAN_BYTES[1])
+    if bad.any():
+        r, c = (int(v) for v in np.argwhere(bad)[0])
+        return FP8RowError(r, f"holds the e4m3 NaN byte 0x{int(values[r, c]):02X} at column {c}; FP8 rows must be finite")
+    lo, hi = SCALE_BYTES_STORED
+    bad = (scales < lo) | (scales > hi)
+    if bad.any():
+        r, b = (int(v) for v in np.argwhere(bad)[0])
+        byte = int(scales[r, b])
+        meaning = "2**-127, below what the spec's quantizer writes" if byte == 0 else "NaN in ue8m0"
+        return FP8RowError(r, f"has scale byte {byte} ({meaning}) in block {b}; FP8 scale bytes must be in {lo}..{hi}")
+    return None
 
 
 def fp8_row_bytes(head_dim: int) -> int:
@@ -111,7 +156,12 @@ def pack_fp8_rows(x: np.ndarray, scale_bytes: np.ndarray) -> np.ndarray:
 
 
 def quantize_fp8_rows(x: np.ndarray) -> np.ndarray:
-    """float32 rows (n, head_dim) -> packed uint8 rows (n, head_dim + head_dim // 32), the spec's scales."""
+    """float32 rows (n, head_dim) -> packed uint8 rows (n, head_dim + head_dim // 32), the spec's scales.
+
+    `FP8RowError` naming the first row that holds NaN or inf (`check_finite_rows`).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    check_finite_rows(x)
     return pack_fp8_rows(x, fp8_scale_bytes(x))
 
 

@@ -34,6 +34,9 @@ DEFAULT_PAD_ID = 2  # a tokenizer id, compressed before use
 # Far above any real table (DeepSeek's ~768 M rows are all heads together), and low
 # enough that primes, row offsets and mix % p stay in int64.
 MAX_ROWS_PER_HEAD = 1 << 40
+# A restored plan's primes are bounded (`check_plan_consistent`): the next unused prime
+# above a request of at most 2**40 rows lies far below 2**41.
+MAX_PRIME = 1 << 41
 
 
 def is_prime(n: int) -> bool:
@@ -290,8 +293,8 @@ def check_plan_consistent(plan: TablePlan) -> None:
     What `make_plan` guarantees and every reader relies on, checked without I/O in time
     linear in the number of heads (each prime by deterministic Miller-Rabin): layer ids
     distinct and >= 0, the same layers in `primes` and `multipliers`; max_ngram_size >= 2,
-    heads >= 1, dim a positive multiple of heads, one rows_per_head per order; per layer
-    and order `heads` primes, each a prime >= its rows_per_head, all distinct across the
+    heads >= 1, dim a positive multiple of heads, one rows_per_head per order, each in
+    [2, 2**40]; per layer and order `heads` primes, each a prime in [rows_per_head, 2**41], all distinct across the
     plan (docs/spec.md, "Primes"); per layer `max_ngram_size` odd multipliers in
     [1, int64_max // compressed_vocab_size] (so id x multiplier cannot overflow);
     0 <= compressed_pad_id < compressed_vocab_size; pad_id >= 0; a known dtype.
@@ -311,6 +314,8 @@ def check_plan_consistent(plan: TablePlan) -> None:
     orders = plan.orders
     if len(plan.rows_per_head) != len(orders):
         raise _inconsistent("rows_per_head", f"has {len(plan.rows_per_head)} values for {len(orders)} orders")
+    if any(not 2 <= r <= MAX_ROWS_PER_HEAD for r in plan.rows_per_head):
+        raise _inconsistent("rows_per_head", f"{list(plan.rows_per_head)} must each be in [2, {MAX_ROWS_PER_HEAD:,}] (2**40)")
     if plan.dtype not in {d.value for d in TableDtype}:
         raise _inconsistent("dtype", f"{plan.dtype!r} is not one of {TableDtype.choices()}")
     if plan.compressed_vocab_size < 1:
@@ -328,6 +333,8 @@ def check_plan_consistent(plan: TablePlan) -> None:
         for n, rows, heads in zip(orders, plan.rows_per_head, per_order):
             for j, p in enumerate(heads):
                 where = f"primes of layer {layer} order {n} head {j}"
+                if not 2 <= p <= MAX_PRIME:
+                    raise _inconsistent(where, f"{p} is outside [2, {MAX_PRIME:,}] (2**41: a head holds at most 2**40 requested rows)")
                 if not is_prime(p):
                     raise _inconsistent(where, f"{p} is not a prime")
                 if p < rows:

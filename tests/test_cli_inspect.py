@@ -129,6 +129,6 @@ def test_store_without_hits(tmp_path, tiny_tokenizer):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["has_hits"] is False and report["hits"] == [] and report["built"]["corpus"] is None
-    assert report["verify"]["ok"] and report["verify"]["chunks"] == len(plan.layer_ids)  # one table chunk per layer, no hits
+    assert report["verify"]["ok"] and report["verify"]["chunks"] == len(plan.layer_ids) + 4  # one table chunk per layer, no hits; 4 vocabulary arrays of one chunk
     human = invoke(bare.path)
     assert "none stored" in human.stdout + human.stderr

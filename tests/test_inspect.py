@@ -95,8 +95,10 @@ def test_verify_finds_a_flipped_byte(copy):
     assert (bad["layer_id"], bad["array"], bad["chunk"]) == (layer, "table", store.shard_rows // store.chunk_rows)
     assert bad["rows"][0] == store.shard_rows
     assert Path(copy / bad["shard_file"]) == store.shard_path(layer, shard)
-    # every chunk before it was read and found intact
-    n_before = sum(-(-store.plan.layer_rows(x) // store.chunk_rows) + 1 for x in store.layer_ids[:-1]) + bad["chunk"]
+    # every chunk before it was read and found intact: the vocabulary's (read first), then the tables' and hits'
+    vocab = store.group["vocab"]
+    n_vocab = sum(-(-vocab[a].shape[0] // vocab[a].chunks[0]) for a in ("lookup", "raw_key", "key_bytes", "key_offsets"))
+    n_before = n_vocab + sum(-(-store.plan.layer_rows(x) // store.chunk_rows) + 1 for x in store.layer_ids[:-1]) + bad["chunk"]
     assert v["checked"] == n_before
 
 

@@ -16,11 +16,18 @@ yields for the same files, because both read through the same reader per format
 
 Only the first shard of a file (`first`: its range starts at 0) counts the file
 (`files`, `skipped_binary`); the others count only their own documents. A shard's `fingerprint` covers the file's
-identity (resolved path, size, mtime), the kind, the range and the text field, so a
-resumed build reuses a partial only for the very same input.
+identity (resolved path, size, mtime), a sampled hash of the bytes it reads (`sample`),
+the kind, the range and the text field, so a resumed build reuses a partial only for the
+very same input, even when a file was changed at the same size and its mtime restored.
 
-Planning reads at most a few KiB per boundary (to find the next newline) and the
-parquet footer (row count and schema); it never reads a file through.
+The sample (`sampled_digest`) is XXH3-128 of the shard's bytes when they are at most
+3 x 64 KiB, else of its first, middle and last 64 KiB (plus the range): planning reads
+at most 192 KiB per shard (a 64 MiB piece: 0.3% of it, about 0.1 ms from the page cache
+with xxhash at ~10 GB/s, one or three seeks from disk). An edit of a large shard outside
+the sampled windows that keeps the size and restores the mtime is not seen.
+
+Planning reads at most a few KiB per boundary (to find the next newline), the sampled
+windows and the parquet footer (row count and schema); it never reads a file through.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
+
+import xxhash
 
 from engram_cli.corpus.files import (
     JSONL_SUFFIXES,
@@ -69,10 +78,11 @@ class Shard:
     size: int = 0  # the file's size in bytes when planned
     mtime_ns: int = 0  # the file's modification time when planned
     text_field: str = DEFAULT_TEXT_FIELD
+    sample: str = ""  # `sampled_digest` of the bytes the shard reads, when planned
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of what the shard reads: file identity, kind, range, text field."""
+        """sha256 of what the shard reads: file identity, sampled content hash, kind, range, text field."""
         ident = {k: v for k, v in asdict(self).items() if k != "index"}
         ident["path"] = str(Path(self.path).resolve())
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
@@ -93,6 +103,31 @@ class Shard:
             return self.path
         unit = "bytes" if self.kind == "lines" else "rows"
         return f"{self.path} [{unit} {self.start}:{self.stop}]"
+
+
+SAMPLE_BYTES = 64 << 10  # each sampled window of `sampled_digest`
+
+
+def sampled_digest(path: str | os.PathLike, start: int = 0, stop: int | None = None) -> str:
+    """XXH3-128 (hex) of bytes [start, stop) of a file: all of them up to 3 x 64 KiB, else the first,
+    middle and last 64 KiB; "" when the file cannot be read (its reader reports that)."""
+    h = xxhash.xxh3_128()
+    try:
+        with open(path, "rb") as f:
+            if stop is None:
+                stop = os.fstat(f.fileno()).st_size
+            n = max(0, stop - start)
+            h.update(f"{start}:{stop}:".encode())
+            if n <= 3 * SAMPLE_BYTES:
+                windows = [(start, n)]
+            else:
+                windows = [(start, SAMPLE_BYTES), (start + (n - SAMPLE_BYTES) // 2, SAMPLE_BYTES), (stop - SAMPLE_BYTES, SAMPLE_BYTES)]
+            for at, size in windows:
+                f.seek(at)
+                h.update(f.read(size))
+    except OSError:
+        return ""
+    return h.hexdigest()
 
 
 def _identity(path: Path) -> tuple[int, int]:
@@ -179,7 +214,13 @@ def plan_shards(
                 pieces = _parquet_shards(path, size, mtime, shard_bytes, text_field)
         if not pieces:
             pieces = [Shard(0, str(path), "file", size=size, mtime_ns=mtime, text_field=text_field)]
-        shards.extend(pieces)
+        whole = None
+        for piece in pieces:
+            if piece.kind == "lines":
+                shards.append(Shard(**{**_fields(piece), "sample": sampled_digest(path, piece.start, piece.stop)}))
+            else:  # a whole file, or parquet rows (not a byte range): the file's sample
+                whole = sampled_digest(path) if whole is None else whole
+                shards.append(Shard(**{**_fields(piece), "sample": whole}))
     return [Shard(**{**_fields(s), "index": i}) for i, s in enumerate(shards)]
 
 

@@ -28,7 +28,7 @@ from ..execution.work import Progress, WorkDir, default_work_dir, fingerprint
 from ..ngrams import NgramStats
 from ..plan import Budget, TablePlan, fit_plan_to_budget, make_plan
 from ..store import TableStore, planned_write_bytes, write_tables
-from ..store.format import DEFAULT_INIT
+from ..store.format import DEFAULT_INIT, partial_path
 from ..store.output import check_inputs_apart
 from ..store.staging import staged_output
 from ..vocab import CompressedVocab, LoadedTokenizer
@@ -150,6 +150,8 @@ def build_tables(
         work = WorkDir(Path(options.work_dir) if options.work_dir else default_work_dir(out),
                        fingerprint("build", tokenizer.sha256, vocab.fingerprint, plan.max_ngram_size, plan.compressed_pad_id, add_special_tokens, text_field))
         check_inputs_apart(work.root, paths, what="work directory", option="--work-dir")
+        # nor the output: a work dir inside it blocks the move into place, an output inside it goes with its cleanup
+        check_inputs_apart(work.root, [out, partial_path(out)], what="work directory", option="--work-dir", source="output")
     with staged_output(out, force, inputs=paths, need=need) as staging:
         if work is not None:
             work.open(options.resume)

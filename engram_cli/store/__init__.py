@@ -24,6 +24,7 @@ is DeepSeek's scale (~768M rows, ~200 GB): nothing holds a whole table in memory
 The option kinds (dtype, init, compressor) live in `engram_cli.kinds`.
 """
 
+from . import codecs as _codecs  # noqa: F401 - registers the bounded zstd/blosc decoders with zarr (store/codecs.py)
 from ..hits import hit_counts
 from .format import (
     DEFAULT_CHUNK_BYTES,

@@ -41,8 +41,9 @@ from .format import FORMAT, PARTIAL_SUFFIX, ROOT_ATTR, STATS_DIR
 
 OLD_INFIX = ".old-"
 LOCK_SUFFIX = ".lock"
-# What a build writes into its staging directory (and nothing else).
-STAGING_ENTRIES = ("zarr.json", "vocab", STATS_DIR)
+# What a build writes into its staging directory (and nothing else); `tokenizer/` holds the
+# copy of a tokenizer file (store/tokenizer.py, TOKENIZER_FILE) and nothing else.
+STAGING_ENTRIES = ("zarr.json", "vocab", STATS_DIR, "tokenizer")
 ROOT_METADATA = "zarr.json"
 
 
@@ -83,8 +84,9 @@ def is_engram_store(path: str | os.PathLike) -> bool:
 def is_engram_staging(path: str | os.PathLike) -> bool:
     """True when `path` is a build's staging directory: empty, or holding only what a build writes there.
 
-    A build writes `stats/` first (while counting), then `zarr.json`, `vocab/` and
-    `layer_<id>/`. Anything else (a file of the user's, a foreign `zarr.json`) makes it
+    A build writes `stats/` first (while counting), then `zarr.json`, `vocab/`,
+    `tokenizer/` and `layer_<id>/`; a hard-linked copy (`staging.link_store`) starts
+    with `zarr.json`. Anything else (a file of the user's, a foreign `zarr.json`) makes it
     not ours.
     """
     path = Path(path)
@@ -99,6 +101,8 @@ def is_engram_staging(path: str | os.PathLike) -> bool:
             return False
     if STATS_DIR in names and not _is_stats_dir(path / STATS_DIR):
         return False
+    if "tokenizer" in names and not _is_tokenizer_dir(path / "tokenizer"):
+        return False
     if ROOT_METADATA in names:
         return _engram_attrs(path) is not None
     return all(n == STATS_DIR for n in names)
@@ -106,6 +110,16 @@ def is_engram_staging(path: str | os.PathLike) -> bool:
 
 # What counting writes into `stats/`: order files, the summary (and its temp), spill and merge folders.
 STATS_PREFIXES = ("order_", "summary.json", ".summary.json", ".engram-spill-", ".engram-merge-")
+
+
+def _is_tokenizer_dir(path: Path) -> bool:
+    """True when `path` is a directory holding nothing but a store's tokenizer copy (`tokenizer.json`)."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    try:
+        return all(e.name == "tokenizer.json" for e in os.scandir(path))
+    except OSError:
+        return False
 
 
 def _is_stats_dir(path: Path) -> bool:

@@ -28,6 +28,7 @@ from ..plan import TablePlan
 from ..vocab import CompressedVocab
 from .format import partial_path
 from .output import (
+    ROOT_METADATA,
     check_free_space,
     check_output,
     lock_output,
@@ -80,7 +81,9 @@ def link_store(src: str | os.PathLike, partial: str | os.PathLike) -> None:
     """Fill the staging directory `partial` with `src`'s files, hard-linked (copied across devices).
 
     Safe because zarr replaces every file it rewrites (temp file + rename): writing
-    to the new store never changes `src`.
+    to the new store never changes `src`. The root `zarr.json` comes first, so a
+    staging directory killed at any point of the copy is recognisably ours
+    (`output.is_engram_staging`) and the next run removes it.
     """
 
     def link_or_copy(s, d):
@@ -89,7 +92,10 @@ def link_store(src: str | os.PathLike, partial: str | os.PathLike) -> None:
         except OSError:
             shutil.copy2(s, d)
 
-    shutil.copytree(src, partial, copy_function=link_or_copy, dirs_exist_ok=True)
+    src, partial = Path(src), Path(partial)
+    link_or_copy(src / ROOT_METADATA, partial / ROOT_METADATA)
+    shutil.copytree(src, partial, copy_function=link_or_copy, dirs_exist_ok=True,
+                    ignore=lambda d, names: [ROOT_METADATA] if Path(d) == src else [])
 
 
 def finalize(partial: str | os.PathLike, out: str | os.PathLike, force: bool) -> TableStore:

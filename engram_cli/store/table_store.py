@@ -23,6 +23,8 @@ import zarr
 from zarr.core.buffer.cpu import NDBuffer
 
 from ..errors import PlanError, StoreError
+from ..fp8 import FP8RowError, fp8_rows_problem
+from ..kinds import TableDtype
 from ..ngrams import SUMMARY_FILE, NgramStats
 from ..plan import TablePlan
 from ..vocab import CompressedVocab, key_offsets_problem, vocab_array_problem
@@ -58,6 +60,85 @@ def _inconsistent(path: Path, field: str, what: str) -> StoreError:
 
 def _rebuild(path: Path, what: str) -> StoreError:
     return StoreError(f"table store {str(path)!r} {what}; rebuild it with `engram build-table --force`")
+
+
+# What zarr and its codecs raise on a chunk that does not decode: crc32c mismatch (ValueError),
+# zstd/blosc errors (RuntimeError, ValueError), a frame larger than its chunk (codecs.ChunkSizeError).
+CHUNK_ERRORS = (ValueError, RuntimeError, EOFError)
+
+
+class CheckedArray:
+    """A table or hits array whose reads turn a chunk that does not decode into one StoreError naming it.
+
+    Everything but the reads (`[...]`, `get_*_selection`) is the zarr array's own
+    (`shape`, `chunks`, `metadata`, ...). On a failed read the chunks the selection
+    touches are read one by one (rows only: the first axis) to name the first bad one,
+    its rows and its shard file.
+    """
+
+    _READS = ("get_basic_selection", "get_orthogonal_selection", "get_coordinate_selection", "get_block_selection", "get_mask_selection")
+
+    def __init__(self, arr: zarr.Array, store_path: Path, layer_id: int, name: str):
+        self._arr, self._path, self._layer, self._name = arr, store_path, layer_id, name
+
+    def __getattr__(self, attr):
+        value = getattr(self._arr, attr)
+        if attr in self._READS:
+            return lambda selection, *a, **k: self._read(value, selection, *a, **k)
+        return value
+
+    def __getitem__(self, selection):
+        return self._read(self._arr.__getitem__, selection)
+
+    def __len__(self) -> int:
+        return len(self._arr)
+
+    def __repr__(self) -> str:
+        return f"CheckedArray({self._arr!r})"
+
+    def _read(self, fn, selection, *a, **k):
+        try:
+            return fn(selection, *a, **k)
+        except CHUNK_ERRORS as e:
+            found = self._corrupt(selection, e)
+            if found is None:  # every chunk of the selection reads: not a chunk's fault
+                raise
+            raise found from None
+
+    def _rows_of(self, selection) -> np.ndarray | range | None:
+        first = selection[0] if isinstance(selection, tuple) and selection else selection
+        n = int(self._arr.shape[0])
+        if isinstance(first, slice):
+            return range(*first.indices(n))
+        if isinstance(first, (int, np.integer)):
+            return range(int(first), int(first) + 1)
+        try:
+            rows = np.asarray(first, dtype=np.int64).ravel()
+        except (TypeError, ValueError):
+            return None
+        return rows[(rows >= 0) & (rows < n)]
+
+    def _corrupt(self, selection, e: BaseException) -> StoreError | None:
+        """The StoreError naming the first chunk of `selection` that does not decode; None when they all do."""
+        why = "crc32c checksum mismatch" if "checksum" in str(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        what = f"layer {self._layer} of {str(self._path)!r} has a corrupt {'hits ' if self._name == 'hits' else ''}chunk"
+        rows = self._rows_of(selection)
+        step = int(self._arr.chunks[0])
+        shard = int(self._arr.shards[0]) if getattr(self._arr, "shards", None) else step
+        chunks = sorted({int(r) // step for r in rows}) if rows is not None and len(rows) else []
+        if isinstance(rows, range) and len(rows):
+            chunks = range(rows.start // step, (rows.stop - 1) // step + 1)
+        for c in chunks:
+            a, b = c * step, min(int(self._arr.shape[0]), (c + 1) * step)
+            try:
+                self._arr[a:b]
+            except CHUNK_ERRORS:
+                key = self._arr.metadata.encode_chunk_key((a // shard,) + (0,) * (self._arr.ndim - 1))
+                return StoreError(f"{what} {c} (rows {a}..{b}, file layer_{self._layer}/{self._name}/{key}: {why}); "
+                                  "rebuild the store or restore it from a copy (`engram inspect --verify` checks every chunk)")
+        if rows is not None:
+            return None
+        return StoreError(f"{what} ({why}); rebuild the store or restore it from a copy (`engram inspect --verify` finds it)")
 
 
 class TableStore:
@@ -291,10 +372,13 @@ class TableStore:
         except KeyError:
             raise _rebuild(self.path, f"lacks group layer_{layer_id}") from None
 
-    def table(self, layer_id: int) -> zarr.Array:
-        """The layer's table as a zarr array: (layer_rows, stored row width), storage dtype."""
+    def table(self, layer_id: int) -> CheckedArray:
+        """The layer's table as a zarr array: (layer_rows, stored row width), storage dtype.
+
+        Reads of a chunk that does not decode raise one StoreError naming it (`CheckedArray`).
+        """
         try:
-            return self._layer_group(layer_id)["table"]
+            return CheckedArray(self._layer_group(layer_id)["table"], self.path, layer_id, "table")
         except KeyError:
             raise _rebuild(self.path, f"lacks layer_{layer_id}/table") from None
 
@@ -303,7 +387,7 @@ class TableStore:
         if not self.has_hits:
             raise StoreError(f"table store {str(self.path)!r} has no hit counts (built without a corpus); rebuild it with `engram build-table CORPUS`")
         try:
-            return self._layer_group(layer_id)["hits"]
+            return CheckedArray(self._layer_group(layer_id)["hits"], self.path, layer_id, "hits")
         except KeyError:
             raise _rebuild(self.path, f"lacks layer_{layer_id}/hits") from None
 
@@ -399,14 +483,27 @@ class TableStore:
         return chunk_row_range(self.plan, layer_id, chunk_index, self.chunk_rows)
 
     # -- writing in place ("r+") ---------------------------------------------------------
-    def _as_storage(self, values, n: int) -> np.ndarray:
-        """`values` for n rows in the storage representation (float32 values are converted)."""
+    def _as_storage(self, values, n: int, layer_id: int, row_of=lambda i: i) -> np.ndarray:
+        """`values` for n rows in the storage representation (float32 values are converted).
+
+        FP8 stores refuse a row that is not finite or carries a scale byte 0 or 255
+        (`fp8.fp8_rows_problem`): one StoreError naming the layer and the row
+        (`row_of(i)`: the table row of values[i]).
+        """
         values = np.asarray(values)
         width, sdtype = self.stored_row_width, self.storage_dtype
-        if values.dtype == sdtype and values.shape == (n, width):
-            return np.ascontiguousarray(values)
-        if values.dtype == np.float32 and values.shape == (n, self.head_dim):
-            return np.ascontiguousarray(to_storage(values, self.dtype))
+        try:
+            if values.dtype == sdtype and values.shape == (n, width):
+                out = np.ascontiguousarray(values)
+                if self.dtype == TableDtype.FLOAT8_E4M3 and n:
+                    problem = fp8_rows_problem(out, self.head_dim)
+                    if problem is not None:
+                        raise problem
+                return out
+            if values.dtype == np.float32 and values.shape == (n, self.head_dim):
+                return np.ascontiguousarray(to_storage(values, self.dtype))
+        except FP8RowError as e:
+            raise StoreError(f"layer {layer_id} row {row_of(e.row)} of the rows written to {str(self.path)!r} {e.what}; nothing was written") from None
         raise StoreError(
             f"values must be ({n}, {width}) {sdtype} (the stored form of {self.dtype}) or ({n}, {self.head_dim}) float32, "
             f"got {values.shape} {values.dtype}"
@@ -427,7 +524,7 @@ class TableStore:
         """
         arr = self._check_writable(layer_id)
         ids = np.asarray(row_ids, dtype=np.int64).reshape(-1)
-        vals = self._as_storage(values, ids.size)
+        vals = self._as_storage(values, ids.size, layer_id, lambda i: int(ids[i]))
         n = arr.shape[0]
         if ids.size and (ids.min() < 0 or ids.max() >= n):
             bad = ids[(ids < 0) | (ids >= n)][0]
@@ -455,7 +552,7 @@ class TableStore:
         arr = self._check_writable(layer_id)
         values = np.asarray(values)
         m = values.shape[0] if values.ndim == 2 else -1
-        vals = self._as_storage(values, m)
+        vals = self._as_storage(values, m, layer_id, lambda i: int(start) + i)
         start, n = int(start), arr.shape[0]
         if not 0 <= start <= start + m <= n:
             raise StoreError(f"rows [{start}, {start + m}) are out of range for layer {layer_id} ({n} rows)")
