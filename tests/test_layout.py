@@ -52,7 +52,7 @@ def imported(mod: str, node: ast.ImportFrom | ast.Import) -> list[str]:
             base = base.rsplit(".", 1)[0]
         target = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
         names = [target, *(f"{target}.{a.name}" for a in node.names)]
-    return [n for n in names if n in MODULES]
+    return [n for n in names if n in MODULES and n != mod]  # `from . import x` in a package names the package itself
 
 
 def imports(mod: str) -> tuple[set[str], list[tuple[int, str, ast.AST]]]:
