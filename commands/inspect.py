@@ -12,6 +12,7 @@ from engram_cli.commands._output import (
     print_json,
     progress_reporter,
 )
+from rich.markup import escape
 from rich.table import Table
 
 from engram_cli.audit import check_plot_support
@@ -35,7 +36,7 @@ def identity_text(tok: dict) -> str:
 
 def render_inspect(report: dict) -> None:
     plan, size, built = report["plan"], report["size"], report["built"]
-    console.print(f"[bold]{report['path']}[/] ({report['store_format']}, plan {plan['fingerprint'][:12]})")
+    console.print(f"[bold]{escape(str(report['path']))}[/] ({report['store_format']}, plan {plan['fingerprint'][:12]})")
     table = Table(title="Plan", title_justify="left")
     for col in ("layer", "order", "heads", "rows", "bytes"):
         table.add_column(col, justify="right")
@@ -58,7 +59,7 @@ def render_inspect(report: dict) -> None:
     console.print(f"Built: {built.get('created')} by engram {built.get('engram_version')}, from {corpus}; init {built.get('init', {}).get('kind')}.")
     tok = built.get("tokenizer")
     if tok:
-        console.print(f"Tokenizer: {tok['spec']} (sha256 {(tok['sha256'] or '')[:12]}), encoded by {tok['engine']} {tok.get('engine_version') or ''}".rstrip() + "; " + identity_text(tok) + ".")
+        console.print(f"Tokenizer: {escape(str(tok['spec']))} (sha256 {(tok['sha256'] or '')[:12]}), encoded by {tok['engine']} {tok.get('engine_version') or ''}".rstrip() + "; " + identity_text(tok) + ".")
     mod = report["modified"]
     if mod["since_build"]:
         last = mod["records"][-1]
@@ -89,7 +90,7 @@ def render_inspect(report: dict) -> None:
             where = b["array"] if b["layer_id"] is None else f"layer {b['layer_id']} {b['array']}"
             console.print(
                 f"Verify: [red]FAILED[/] at {where} chunk {b['chunk']} (rows {b['rows'][0]:,}..{b['rows'][1]:,}, "
-                f"shard file {b['shard_file']}) after {v['checked']:,} good chunks of {v['chunks']:,}."
+                f"shard file {escape(str(b['shard_file']))}) after {v['checked']:,} good chunks of {v['chunks']:,}."
             )
 
 
@@ -124,7 +125,7 @@ def inspect_command(
     else:
         render_inspect(report)
         if plot is not None:
-            console.print(f"Wrote {plot}.")
+            console.print(f"Wrote {escape(str(plot))}.")
     if verify and not report["verify"]["ok"]:
         b = report["verify"]["first_bad"]
         where = b["array"] if b["layer_id"] is None else f"layer {b['layer_id']} {b['array']}"

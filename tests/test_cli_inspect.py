@@ -50,6 +50,15 @@ def test_human_report(built):
         assert words in text, words
 
 
+def test_a_path_with_brackets_is_shown_as_it_is(built, tmp_path):
+    """Paths are printed literally, not read as rich markup (a `[bold]` in a name stays text)."""
+    odd = tmp_path / "t[bold]x[/bold][red].zarr"
+    shutil.copytree(built, odd)
+    result = invoke(odd)
+    assert result.exit_code == 0, result.output
+    assert str(odd) in "".join(result.stdout.split())  # the report may wrap a long path: compare without whitespace
+
+
 def test_default_store_is_tables_zarr(built, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert "does not exist" in one_error_line(invoke())
