@@ -35,13 +35,8 @@ from engram_cli.model import EngramGPT, ModelConfig, table_lookup
 from engram_cli.ngrams import token_columns
 from engram_cli.store import TableStore, from_storage
 from engram_cli.store.tokenizer import load_store_tokenizer
-from engram_cli.train import (
-    HELDOUT_SHARE,
-    MAX_HELDOUT_TOKENS,
-    TokenMap,
-    open_tables,
-    read_split,
-)
+from engram_cli.split import HELDOUT_SHARE, MAX_HELDOUT_TOKENS, pinned_heldout, read_split
+from engram_cli.train import TokenMap, open_tables
 from engram_cli.vocab import load_tokenizer
 
 MiB = 1 << 20
@@ -94,13 +89,20 @@ def baseline_tokenizer(ckpt: dict, tokenizer_engine: TokenizerEngine | str = Tok
 
 
 def heldout_stream(ckpt: dict, tok, corpus=None, max_tokens: int = MAX_HELDOUT_TOKENS, progress=None) -> np.ndarray:
-    """The held-out tokens: the checkpoint's split of its corpus, or all of --corpus."""
+    """The held-out tokens: all of --corpus, or the checkpoint's split of its corpus.
+
+    A checkpoint with a pinned split (`heldout.documents`) gets exactly the recorded
+    documents, read and tokenized alone and checked against the recorded digests
+    (`split.pinned_heldout`); an older one re-derives its split from the whole corpus.
+    """
     if corpus is not None:
         _, held = read_split(corpus, tok, share=1.0, max_train=0, max_heldout=max_tokens, progress=progress)
         return held
     src = ckpt["heldout"].get("corpus")
     if not src or not Path(src).exists():
         raise CheckpointError(f"the training corpus {src!r} of this checkpoint is gone; pass --corpus HELDOUT/")
+    if "documents" in ckpt["heldout"]:
+        return pinned_heldout(ckpt["heldout"], tok, max_tokens=max_tokens, progress=progress)
     _, held = read_split(src, tok, share=ckpt["heldout"].get("share", HELDOUT_SHARE), max_train=0, max_heldout=max_tokens, progress=progress)
     return held
 

@@ -37,9 +37,9 @@ def trained(tmp_path_factory, deepseek_vocab_file):
     r = run("build-table", root / "corpus", "-o", root / "tables.zarr", *TINY, "--vocab", deepseek_vocab_file)
     assert r.exit_code == 0, r.output
     before = tree_digest(root / "tables.zarr")
-    r = run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", root / "mem.ckpt", "--steps", STEPS, "--json")
+    r = run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", root / "mem.ckpt", "--steps", STEPS, "--split", "segment", "--json")
     assert r.exit_code == 0, r.output
-    r2 = run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", root / "base.ckpt", "--steps", STEPS, "--no-engram", "--json")
+    r2 = run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", root / "base.ckpt", "--steps", STEPS, "--no-engram", "--split", "segment", "--json")
     assert r2.exit_code == 0, r2.output
     return root, before, json.loads(r.stdout)
 

