@@ -53,12 +53,17 @@ def split_env(tmp_path_factory, deepseek_vocab_file):
     return root, json.loads(r.stdout)
 
 
-def test_same_seed_same_checkpoint_other_seed_differs(split_env):
+@pytest.fixture(scope="module")
+def seeded(split_env):
+    """Three tiny checkpoints of one config: seeds 0, 0 and 1."""
     root, _ = split_env
     kw = dict(steps=3, split="document", heldout_fraction=float(FRACTION), d_model=32, n_layer=2, block=32, batch=4)
-    a = run_training(root / "corpus", root / "tables.zarr", root / "s0a.ckpt", seed=0, **kw)
-    b = run_training(root / "corpus", root / "tables.zarr", root / "s0b.ckpt", seed=0, **kw)
-    c = run_training(root / "corpus", root / "tables.zarr", root / "s1.ckpt", seed=1, **kw)
+    return [run_training(root / "corpus", root / "tables.zarr", root / n, seed=seed, **kw) for n, seed in (("s0a.ckpt", 0), ("s0b.ckpt", 0), ("s1.ckpt", 1))]
+
+
+def test_same_seed_same_checkpoint_other_seed_differs(split_env, seeded):
+    root, _ = split_env
+    a, b, _ = seeded
     assert a["last_loss"] == b["last_loss"]
     ca, cb, cc = (load_checkpoint(root / n) for n in ("s0a.ckpt", "s0b.ckpt", "s1.ckpt"))
     assert ca["extra"]["seed"] == 0 and cc["extra"]["seed"] == 1 and ca["extra"]["losses"] == cb["extra"]["losses"]
@@ -68,6 +73,23 @@ def test_same_seed_same_checkpoint_other_seed_differs(split_env):
     assert torch.equal(ca["extra"]["touched_rows"]["1"], cb["extra"]["touched_rows"]["1"])
     np.testing.assert_array_equal(TableStore.open(root / "s0a.tables.zarr").table(1)[:], TableStore.open(root / "s0b.tables.zarr").table(1)[:])
     assert ca["heldout"] == cb["heldout"] == cc["heldout"]  # the seed does not move the split
+
+
+def test_seeds_summarised_and_paired(split_env, seeded):
+    """eval of seeds 0, 0, 1: identical checkpoints pair to exactly 0; the three form one seed group."""
+    root, _ = split_env
+    r = run("eval", root / "s0a.ckpt", root / "s0b.ckpt", root / "s1.ckpt", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    a, b, c = out["checkpoints"]
+    assert [x["seed"] for x in (a, b, c)] == [0, 0, 1] and a["loss"] == b["loss"] and a["ablations"] == b["ablations"]
+    same, other = out["paired"]
+    assert same["same_windows"] and same["delta"] == 0 and same["interval"] == [0, 0]
+    assert other["same_windows"] and other["delta"] == pytest.approx(c["loss"] - a["loss"], abs=1e-9)
+    (g,) = out["seed_groups"]
+    assert g["seeds"] == [0, 0, 1] and g["loss"]["n"] == 3
+    assert g["loss"]["mean"] == pytest.approx(np.mean([a["loss"], b["loss"], c["loss"]])) and g["loss"]["std"] == pytest.approx(np.std([a["loss"], b["loss"], c["loss"]], ddof=1))
+    assert set(g["ablation_delta"]) == {"branch_skipped", "initial_rows", "shuffled_rows", "mean_row"}
 
 
 def test_document_split_record(split_env, deepseek_tokenizer):
