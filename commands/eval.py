@@ -48,6 +48,16 @@ def render_layer(name: str, l: str, lay: dict) -> None:
         for n, c in lay["gate_by_collision"].items():
             console.print(f"  {n}-grams: gate {_f(c['clean_head']['gate_mean'], '.3f')} with a clean head ({c['clean_head']['positions']:,} positions), "
                           f"{_f(c['all_heads_collide']['gate_mean'], '.3f')} where all heads collide ({c['all_heads_collide']['positions']:,})")
+    ts = lay.get("training_split")
+    if ts:
+        for n, buckets in ts["by_training_count"].items():
+            cells = [f"{b['min_count']:,}{'' if b['max_count'] == b['min_count'] else '-' + format(b['max_count'], ',')}: gate {_f(b['gate_mean'], '.3f')}, "
+                     f"dloss {_f(b['loss_change'], '+.3f')} ({b['positions']:,})" for b in buckets if b["positions"]]
+            console.print(f"  {n}-grams by training count (0 = never seen in training; dloss = branch skipped - full): " + "; ".join(cells))
+        for n, buckets in ts["by_row_share"].items():
+            cells = [f"{b['share']}: gate {_f(b['gate_mean'], '.3f')}, dloss {_f(b['loss_change'], '+.3f')} ({b['positions']:,})" for b in buckets if b["positions"]]
+            console.print(f"  {n}-grams by share of their row's training hits: " + "; ".join(cells))
+        console.print("  hot-row cache hit rate by training hits: " + ", ".join(f"{v:.1%} at {k} capacity" for k, v in ts["cache_hit_rate"].items()))
     u = lay["usage"]
     console.print(f"  table usage: held-out text touches {u['rows_touched_heldout']:,} of {u['rows']:,} rows; training updated {u['rows_trained']:,}; "
                   f"{u['lookups_on_untrained_rows']:.1%} of {u['lookups']:,} held-out lookups land on rows never updated in training")

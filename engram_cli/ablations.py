@@ -81,14 +81,18 @@ def mean_source(plan, vocab, row_ids: dict, store) -> RowSource:
     return RowSource(lookups, {l: np.zeros(1, dtype=np.int64) for l in row_ids}, zeros)
 
 
-def window_losses(model, tmap, W: np.ndarray, sources: dict, *, batch: int, ablate_branch: bool, gates: dict | None = None, progress=None, name="") -> dict:
+def window_losses(model, tmap, W: np.ndarray, sources: dict, *, batch: int, ablate_branch: bool, gates: dict | None = None, positions: dict | None = None,
+                  progress=None, name="") -> dict:
     """Mean cross-entropy per window (N,) float64 of each variant: `sources` (name -> RowSource, "full" first) and the skipped branch.
 
-    `gates`: layer -> list, filled with the full model's gate per position.
+    `gates`: layer -> list, filled with the full model's gate per position. `positions`
+    (a dict) is filled with the per-position cross-entropy (N, T) of "full" and "branch_skipped".
     """
     layers = list(model.cfg.engram_layers)
     names = list(sources) + (["branch_skipped"] if ablate_branch else [])
     out = {k: np.zeros(len(W), dtype=np.float64) for k in names}
+    if positions is not None:
+        positions.update({k: np.zeros((len(W), W.shape[1] - 1), dtype=np.float32) for k in ("full", "branch_skipped") if k in names})
     mems = model.memories()
     with torch.no_grad():
         for s in range(0, len(W), batch):
@@ -105,6 +109,8 @@ def window_losses(model, tmap, W: np.ndarray, sources: dict, *, batch: int, abla
                 logits = model(x, rows, ablate=k == "branch_skipped")
                 nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view(y.shape)
                 out[k][s : s + len(win)] = nll.double().mean(1).numpy()
+                if positions is not None and k in positions:
+                    positions[k][s : s + len(win)] = nll.numpy()
                 if k == "full" and gates is not None:
                     for l in layers:
                         gates[l].append(model.blocks[l].engram.gate.numpy().ravel())

@@ -41,6 +41,7 @@ from engram_cli.store import TableStore, from_storage
 from engram_cli.store.tokenizer import load_store_tokenizer
 from engram_cli.split import HELDOUT_SHARE, MAX_HELDOUT_TOKENS, ids_digest, pinned_heldout, read_split
 from engram_cli.train import TokenMap, open_tables
+from engram_cli.train_stats import load_stats, training_figures
 from engram_cli.vocab import load_tokenizer
 
 MiB = 1 << 20
@@ -178,8 +179,10 @@ def evaluate_windows(path, *, tables=None, corpus=None, max_tokens: int = MAX_HE
         shuffled = {l: shuffle_row_ids(plan, l, r) for l, r in row_ids.items()}
         sources["shuffled_rows"] = row_source(plan, vocab, shuffled, lambda l, u: heldout_rows(store, l, u))
         sources["mean_row"] = mean_source(plan, vocab, row_ids, store)
-    gates = {l: [] for l in layers}
-    losses = window_losses(model, tmap, W, sources, batch=batch, ablate_branch=bool(layers), gates=gates, progress=progress, name=Path(path).name)
+    gates, per_position = {l: [] for l in layers}, {}
+    losses = window_losses(model, tmap, W, sources, batch=batch, ablate_branch=bool(layers), gates=gates, positions=per_position,
+                           progress=progress, name=Path(path).name)
+    train_stats = load_stats(path) if layers else None
     full = losses["full"]
     ntok = int(W.shape[0] * cfg.block_size)
     loss_m = float(full.mean())
@@ -217,6 +220,9 @@ def evaluate_windows(path, *, tables=None, corpus=None, max_tokens: int = MAX_HE
         lay["row_norms"] = row_norms(store, l, touched)
         lay["lookups"] = lookup_report(store, plan, vocab, l, x_raw[:LOOKUP_BENCH_WINDOWS])
         lay["lookups"]["cache_hit_rate"] = cache_hit_rates(store, l, r)
+        if train_stats is not None:
+            dloss = (per_position["branch_skipped"] - per_position["full"]).ravel()
+            lay["training_split"] = training_figures(train_stats, plan, vocab, l, x_raw, r, g, dloss)
         report["layers"][str(l)] = lay
     report["seconds"] = time.perf_counter() - t_start
     return report, full

@@ -210,6 +210,7 @@ from engram_cli.defaults import TRAINED_STORE_SUFFIX
 from engram_cli.errors import CheckpointError, StoreError
 from engram_cli.kinds import TokenizerEngine
 from engram_cli.model import ModelConfig
+from engram_cli.train_stats import count_training, save_stats, stats_path
 from engram_cli.split import HELDOUT_SHARE, MAX_TRAIN_TOKENS, SPLITS, split_corpus, split_record
 from engram_cli.store import TableStore, from_storage, link_store, staged_output
 from engram_cli.store.output import check_inputs_apart
@@ -330,6 +331,12 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
         del lookups, opts, row_opt
         gc.collect()
         save_trained_store(store.path, trained_store, trained)
+    if cfg.engram_layers:  # eval's frequency, share and cache figures count the training split only (train_stats)
+        if progress is not None:
+            progress("count", 0, None, "training n-grams and row hits")
+        train_stats = save_stats(stats_path(out), count_training(plan, vocab, train_ids, cfg.engram_layers))
+    else:
+        train_stats = None
     save_checkpoint(
         out, model.cpu(),
         tables=str(trained_store) if trained_store else None,
@@ -342,7 +349,8 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
             "steps": steps, "batch": batch, "losses": losses, "no_engram": no_engram, "seed": seed,
         },
     )
-    return {"checkpoint": str(out), "tables": str(trained_store) if trained_store else None, "steps": steps,
+    return {"checkpoint": str(out), "tables": str(trained_store) if trained_store else None,
+            "train_stats": str(train_stats) if train_stats else None, "steps": steps,
             "first_loss": losses[0], "last_loss": losses[-1], "train_tokens": int(len(train_ids)),
             "heldout_tokens": int(len(held_ids)), "heldout_documents": len(held_docs), "split": split, "seed": seed, "seconds": train_s, "tokens_per_s": steps * batch * block / train_s,
             "device": device, "rows_trained": {str(l): int(r.size) for l, r in touched_rows.items()},

