@@ -209,7 +209,7 @@ from engram_cli.checkpoint import save_checkpoint
 from engram_cli.defaults import TRAINED_STORE_SUFFIX
 from engram_cli.errors import CheckpointError, StoreError
 from engram_cli.kinds import TokenizerEngine
-from engram_cli.model import ModelConfig
+from engram_cli.model import ModelConfig, param_matched as matched_config
 from engram_cli.train_stats import count_training, save_stats, stats_path
 from engram_cli.split import HELDOUT_SHARE, MAX_TRAIN_TOKENS, SPLITS, split_corpus, split_record
 from engram_cli.store import TableStore, from_storage, link_store, staged_output
@@ -268,7 +268,7 @@ def train_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: bool = False, batch: int = DEFAULT_BATCH,
+def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: bool = False, param_matched: bool = False, batch: int = DEFAULT_BATCH,
                  block: int = DEFAULT_BLOCK, d_model: int = 128, n_layer: int = 4, lr: float = 3e-3, seed: int = 0,
                  split: str = "document", heldout_fraction: float = HELDOUT_SHARE,
                  max_train_tokens: int = MAX_TRAIN_TOKENS, tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF, progress=None) -> dict:
@@ -282,6 +282,8 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
     out = Path(out)
     if not out.parent.exists():
         raise CheckpointError(f"folder {str(out.parent)!r} does not exist; create it or pass -o elsewhere")
+    if param_matched and not no_engram:
+        raise CheckpointError("--param-matched shapes the --no-engram baseline; pass it with --no-engram")
     if split not in SPLITS:
         raise CheckpointError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
     if not 0 < heldout_fraction < 1:
@@ -301,6 +303,8 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
     # --no-engram keeps the depth the plan needs: the baseline is the same backbone without memory
     n_layer = max(n_layer, max(plan.layer_ids) + 1)
     cfg = ModelConfig.for_plan(None if no_engram else plan, vocab_size=tmap.size, n_layer=n_layer, n_head=4, d_model=d_model, block_size=block)
+    if param_matched:  # the Engram model's dense parameters, the branch's given to the FFN width
+        cfg = matched_config(ModelConfig.for_plan(plan, vocab_size=tmap.size, n_layer=n_layer, n_head=4, d_model=d_model, block_size=block))
     model = EngramGPT(cfg).to(device)
     lookups = {}
     for l in cfg.engram_layers:
@@ -346,7 +350,7 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
             "token_ids": torch.as_tensor(tmap.used),
             "touched_rows": {str(l): torch.as_tensor(r) for l, r in touched_rows.items()},
             "initial_tables": str(Path(store.path).resolve()),
-            "steps": steps, "batch": batch, "losses": losses, "no_engram": no_engram, "seed": seed,
+            "steps": steps, "batch": batch, "losses": losses, "no_engram": no_engram, "param_matched": param_matched, "seed": seed,
         },
     )
     return {"checkpoint": str(out), "tables": str(trained_store) if trained_store else None,

@@ -192,3 +192,20 @@ def test_statistics_exclude_heldout_documents(split_env, seeded, seed_eval, deep
     ids, hits = np.unique(rows, return_counts=True)
     np.testing.assert_array_equal(stats["rows_1"], ids)
     np.testing.assert_array_equal(stats["hits_1"], hits)
+
+
+def test_param_matched_baseline(split_env):
+    """--no-engram --param-matched: the Engram model's dense parameter count (to within half an FFN unit per block), no Engram layer."""
+    from engram_cli.model import EngramGPT, ModelConfig
+
+    root, _ = split_env
+    kw = dict(steps=1, heldout_fraction=float(FRACTION), d_model=32, n_layer=2, block=32, batch=2)
+    run_training(root / "corpus", root / "tables.zarr", root / "pm.ckpt", no_engram=True, param_matched=True, **kw)
+    ck = load_checkpoint(root / "pm.ckpt")
+    cfg = ModelConfig.from_dict(ck["config"])
+    assert cfg.engram_layers == () and cfg.mlp_hidden > 4 * cfg.d_model and ck["extra"]["param_matched"] is True
+    engram = EngramGPT(ModelConfig.for_plan(TableStore.open(root / "tables.zarr").plan, **{k: ck["config"][k] for k in ("vocab_size", "n_layer", "n_head", "d_model", "block_size")}))
+    n_matched = sum(v.numel() for v in ck["weights"].values())
+    n_engram = sum(p.numel() for p in engram.parameters())
+    assert abs(n_matched - n_engram) <= cfg.n_layer * (cfg.d_model + 1)
+    assert "--no-engram" in one_error_line(run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", root / "x.ckpt", "--param-matched", "--json"))
