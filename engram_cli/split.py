@@ -25,7 +25,12 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from engram_cli.corpus import CorpusSummary, corpus_files, empty_corpus_message, read_file
+from engram_cli.corpus import (
+    CorpusSummary,
+    corpus_files,
+    empty_corpus_message,
+    read_file,
+)
 from engram_cli.encode import encode_documents
 from engram_cli.errors import CorpusError, SplitError
 from engram_cli.pipeline.count import identity_check_for

@@ -209,11 +209,18 @@ from engram_cli.checkpoint import save_checkpoint
 from engram_cli.defaults import TRAINED_STORE_SUFFIX
 from engram_cli.errors import CheckpointError, StoreError
 from engram_cli.kinds import TokenizerEngine
-from engram_cli.model import ModelConfig, param_matched as matched_config
-from engram_cli.train_stats import count_training, save_stats, stats_path
-from engram_cli.split import HELDOUT_SHARE, MAX_TRAIN_TOKENS, SPLITS, split_corpus, split_record
+from engram_cli.model import ModelConfig
+from engram_cli.model import param_matched as matched_config
+from engram_cli.split import (
+    HELDOUT_SHARE,
+    MAX_TRAIN_TOKENS,
+    SPLITS,
+    split_corpus,
+    split_record,
+)
 from engram_cli.store import TableStore, from_storage, link_store, staged_output
 from engram_cli.store.output import check_inputs_apart
+from engram_cli.train_stats import count_training, save_stats, stats_path
 
 DEFAULT_CORPUS = "corpus"  # `engram build-table corpus/` reads the same folder
 DEFAULT_STEPS = 150  # the demo: under 5 minutes on 2 CPU cores with the reference plan (16 layers), measured in docs/train.md

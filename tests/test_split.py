@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from cli_checks import FIXTURES, one_error_line
+from typer.testing import CliRunner
 
 from engram_cli.checkpoint import load_checkpoint
 from engram_cli.cli import app
