@@ -76,24 +76,35 @@ def test_same_seed_same_checkpoint_other_seed_differs(split_env, seeded):
 
 @pytest.fixture(scope="module")
 def seed_eval(split_env, seeded) -> dict:
+    """`engram eval s0a.ckpt s1.ckpt --json` (s0b.ckpt is s0a's twin: the determinism test compares their tensors)."""
     root, _ = split_env
-    r = run("eval", root / "s0a.ckpt", root / "s0b.ckpt", root / "s1.ckpt", "--json")
+    r = run("eval", root / "s0a.ckpt", root / "s1.ckpt", "--json")
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
 
 
 def test_seeds_summarised_and_paired(seed_eval):
-    """eval of seeds 0, 0, 1: identical checkpoints pair to exactly 0; the three form one seed group."""
-    out = seed_eval
-    a, b, c = out["checkpoints"]
-    assert [x["seed"] for x in (a, b, c)] == [0, 0, 1] and a["loss"] == b["loss"] and a["ablations"] == b["ablations"]
+    """eval of seeds 0 and 1 of one config: the paired difference and one seed group."""
+    a, c = seed_eval["checkpoints"]
+    assert [a["seed"], c["seed"]] == [0, 1] and a["config_sha256"] == c["config_sha256"] and a["windows_sha256"] == c["windows_sha256"]
+    (p,) = seed_eval["paired"]
+    assert p["same_windows"] and p["delta"] == pytest.approx(c["loss"] - a["loss"], abs=1e-9) and p["interval"][0] <= p["delta"] <= p["interval"][1]
+    (g,) = seed_eval["seed_groups"]
+    assert g["seeds"] == [0, 1] and g["loss"]["n"] == 2
+    assert g["loss"]["mean"] == pytest.approx((a["loss"] + c["loss"]) / 2) and g["loss"]["std"] == pytest.approx(np.std([a["loss"], c["loss"]], ddof=1))
+    assert set(g["ablation_delta"]) == {"branch_skipped", "initial_rows", "shuffled_rows", "mean_row"}
+
+
+def test_paired_difference_of_a_checkpoint_with_itself_is_zero():
+    from engram_cli.intervals import compare
+
+    w = np.random.default_rng(0).normal(3, 0.5, 50)
+    rep = {"checkpoint": "a", "windows_sha256": "x", "config_sha256": "c", "seed": 0, "loss": float(w.mean()), "memory_gain": 0.1, "ablations": {}}
+    out = compare([rep, {**rep, "checkpoint": "b"}, {**rep, "checkpoint": "other", "windows_sha256": "y"}], [w, w.copy(), w])
     same, other = out["paired"]
     assert same["same_windows"] and same["delta"] == 0 and same["interval"] == [0, 0]
-    assert other["same_windows"] and other["delta"] == pytest.approx(c["loss"] - a["loss"], abs=1e-9)
-    (g,) = out["seed_groups"]
-    assert g["seeds"] == [0, 0, 1] and g["loss"]["n"] == 3
-    assert g["loss"]["mean"] == pytest.approx(np.mean([a["loss"], b["loss"], c["loss"]])) and g["loss"]["std"] == pytest.approx(np.std([a["loss"], b["loss"], c["loss"]], ddof=1))
-    assert set(g["ablation_delta"]) == {"branch_skipped", "initial_rows", "shuffled_rows", "mean_row"}
+    assert other["same_windows"] is False and other["delta"] is None and other["interval"] is None
+    assert out["seed_groups"] == []  # one seed
 
 
 def test_document_split_record(split_env, deepseek_tokenizer):
