@@ -185,7 +185,8 @@ def test_statistics_exclude_heldout_documents(split_env, seeded, seed_eval, deep
     W = windows(heldout_stream(ck, deepseek_tokenizer), ck["config"]["block_size"])
     hc = np.asarray(vocab.lookup)[W[:, :-1]]
     for n in plan.orders:
-        grams = [tuple(int(x) for x in ([pad] * (n - 1) + c.tolist())[i : i + n]) for i in range(len(c))]
+        padded = [pad] * (n - 1) + c.tolist()
+        grams = [tuple(padded[i : i + n]) for i in range(len(c))]
         want = Counter(grams)
         got = dict(zip(map(tuple, stats[f"ngrams_{n}"].tolist()), stats[f"counts_{n}"].tolist()))
         assert got == want
