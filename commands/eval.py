@@ -16,7 +16,8 @@ from engram_cli.commands._state_dict import run as run_state_dict
 from rich.table import Table
 
 from engram_cli.defaults import DEFAULT_CHECKPOINT
-from engram_cli.evaluate import evaluate_checkpoint
+from engram_cli.evaluate import evaluate_windows
+from engram_cli.intervals import compare
 from engram_cli.kinds import TokenizerEngine
 
 
@@ -47,6 +48,16 @@ def render_layer(name: str, l: str, lay: dict) -> None:
         for n, c in lay["gate_by_collision"].items():
             console.print(f"  {n}-grams: gate {_f(c['clean_head']['gate_mean'], '.3f')} with a clean head ({c['clean_head']['positions']:,} positions), "
                           f"{_f(c['all_heads_collide']['gate_mean'], '.3f')} where all heads collide ({c['all_heads_collide']['positions']:,})")
+    ts = lay.get("training_split")
+    if ts:
+        for n, buckets in ts["by_training_count"].items():
+            cells = [f"{b['min_count']:,}{'' if b['max_count'] == b['min_count'] else '-' + format(b['max_count'], ',')}: gate {_f(b['gate_mean'], '.3f')}, "
+                     f"dloss {_f(b['loss_change'], '+.3f')} ({b['positions']:,})" for b in buckets if b["positions"]]
+            console.print(f"  {n}-grams by training count (0 = never seen in training; dloss = branch skipped - full): " + "; ".join(cells))
+        for n, buckets in ts["by_row_share"].items():
+            cells = [f"{b['share']}: gate {_f(b['gate_mean'], '.3f')}, dloss {_f(b['loss_change'], '+.3f')} ({b['positions']:,})" for b in buckets if b["positions"]]
+            console.print(f"  {n}-grams by share of their row's training hits: " + "; ".join(cells))
+        console.print("  hot-row cache hit rate by training hits: " + ", ".join(f"{v:.1%} at {k} capacity" for k, v in ts["cache_hit_rate"].items()))
     u = lay["usage"]
     console.print(f"  table usage: held-out text touches {u['rows_touched_heldout']:,} of {u['rows']:,} rows; training updated {u['rows_trained']:,}; "
                   f"{u['lookups_on_untrained_rows']:.1%} of {u['lookups']:,} held-out lookups land on rows never updated in training")
@@ -61,17 +72,50 @@ def render_layer(name: str, l: str, lay: dict) -> None:
         console.print("  hot-row cache hit rate: " + ", ".join(f"{v:.1%} at {k} capacity" for k, v in lk["cache_hit_rate"].items()))
 
 
+def _iv(iv, fmt=".4f") -> str:
+    return "-" if iv is None else f"[{iv[0]:{fmt}}, {iv[1]:{fmt}}]"
+
+
+def render_ablations(r: dict) -> None:
+    console.print(f"[bold]{r['checkpoint']}[/]: table ablations on the same weights")
+    t = Table(title=f"delta = ablated - full loss; 95 % paired bootstrap over {r['windows']:,} windows", title_justify="left")
+    for col in ("ablation", "loss", "delta", "95% interval"):
+        t.add_column(col, justify="right")
+    t.add_row("none (full model)", _f(r["loss"]), "-", _iv(r["loss_interval"]))
+    for k, a in r["ablations"].items():
+        if a is None:
+            t.add_row(k, "-", "-", "(initial store gone)")
+        else:
+            t.add_row(k, _f(a["loss"]), _f(a["delta"], "+.4f"), _iv(a["interval"], "+.4f"))
+    console.print(t)
+
+
 def render(reports: list[dict]) -> None:
     t = Table(title="held-out cross-entropy (nats/token)", title_justify="left")
-    for col in ("checkpoint", "engram", "steps", "tokens", "loss", "ppl", "loss, memory ablated", "ppl ablated", "memory gain"):
+    for col in ("checkpoint", "engram", "seed", "steps", "tokens", "loss", "95% interval", "ppl", "loss, memory ablated", "ppl ablated", "memory gain"):
         t.add_column(col, justify="right")
     for r in reports:
-        t.add_row(r["checkpoint"], "yes" if r["engram"] else "no", str(r["steps"]), f"{r['tokens']:,}", _f(r["loss"]), _f(r["perplexity"], ".2f"),
-                  _f(r["loss_memory_ablated"]), _f(r["perplexity_memory_ablated"], ".2f"), _f(r["memory_gain"], "+.4f"))
+        t.add_row(r["checkpoint"], "yes" if r["engram"] else "no", str(r.get("seed")), str(r["steps"]), f"{r['tokens']:,}", _f(r["loss"]), _iv(r["loss_interval"]),
+                  _f(r["perplexity"], ".2f"), _f(r["loss_memory_ablated"]), _f(r["perplexity_memory_ablated"], ".2f"), _f(r["memory_gain"], "+.4f"))
     console.print(t)
+    for r in reports:
+        if r["ablations"]:
+            render_ablations(r)
     for r in reports:
         for l, lay in r["layers"].items():
             render_layer(r["checkpoint"], l, lay)
+
+
+def render_comparison(c: dict) -> None:
+    for p in c["paired"]:
+        if p["same_windows"]:
+            console.print(f"paired: {p['b']} - {p['a']}: loss {p['delta']:+.4f} nats/token, 95 % interval {_iv(p['interval'], '+.4f')} (same held-out windows)")
+        else:
+            console.print(f"paired: {p['b']} vs {p['a']}: not comparable (different held-out windows)")
+    for g in c["seed_groups"]:
+        l, m = g["loss"], g["memory_gain"]
+        console.print(f"seeds {', '.join(map(str, g['seeds']))} ({len(g['checkpoints'])} checkpoints, same config): loss mean {l['mean']:.4f}, "
+                      f"std {_f(l['std'])}, range {l['min']:.4f}-{l['max']:.4f}; memory gain mean {m['mean']:+.4f}, std {_f(m['std'])}")
 
 
 def eval_command(
@@ -94,11 +138,14 @@ def eval_command(
         return run_state_dict(state_dict, checkpoints, tables, corpus, as_json, tokenizer_engine)
     paths = checkpoints or [Path(DEFAULT_CHECKPOINT)]
     with progress_reporter(quiet=as_json) as progress:
-        reports = [evaluate_checkpoint(p, tables=tables, corpus=corpus, tokenizer_engine=tokenizer_engine, progress=progress) for p in paths]
+        scored = [evaluate_windows(p, tables=tables, corpus=corpus, tokenizer_engine=tokenizer_engine, progress=progress) for p in paths]
+    reports = [r for r, _ in scored]
+    comparison = compare(reports, [w for _, w in scored])
     if as_json:
-        print_json({"checkpoints": reports})
+        print_json({"checkpoints": reports, **comparison})
     else:
         render(reports)
+        render_comparison(comparison)
 
 
 def register(app: typer.Typer) -> None:

@@ -14,6 +14,7 @@ from engram_cli.commands._output import (
 
 from engram_cli.defaults import DEFAULT_CHECKPOINT, DEFAULT_STORE
 from engram_cli.kinds import TokenizerEngine
+from engram_cli.split import HELDOUT_SHARE
 from engram_cli.train import DEFAULT_CORPUS, DEFAULT_STEPS, run_training
 from engram_cli.units import format_bytes
 
@@ -24,6 +25,10 @@ def train_command(
     out: Path = typer.Option(Path(DEFAULT_CHECKPOINT), "-o", "--out", help="Checkpoint to write; trained rows go to NAME.tables.zarr beside it."),
     steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, help="Optimizer steps."),
     no_engram: bool = typer.Option(False, "--no-engram", help="Train the same backbone without Engram memory (the baseline)."),
+    param_matched: bool = typer.Option(False, "--param-matched", help="With --no-engram: give the FFN of every block the dense parameters the Engram branches would add (a parameter-matched baseline)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the model's initialisation and the batch order (recorded; the same seed gives the same checkpoint on the CPU)."),
+    split: str = typer.Option("document", "--split", help="Held-out unit: document (whole documents, by file path and index) or segment (2048-token segments of every document)."),
+    heldout_fraction: float = typer.Option(HELDOUT_SHARE, "--heldout-fraction", help="Share of the documents (or segments) held out for `engram eval`."),
     tokenizer_engine: str = typer.Option(TokenizerEngine.AUTO.value, "--tokenizer-engine", callback=TokenizerEngine.option_callback, help="The library that tokenizes the corpus: auto (fastokens where it loads the tokenizer, else tokenizers), fastokens, or hf (Hugging Face tokenizers, the reference); the ids are the same."),
     as_json: bool = json_option(),
 ) -> None:
@@ -33,9 +38,12 @@ def train_command(
 
         engram train corpus/                      # ./tables.zarr -> model.ckpt + model.tables.zarr
         engram train corpus/ --no-engram -o base.ckpt
+        engram train corpus/ --seed 1 -o seed1.ckpt
+        engram train corpus/ --no-engram --param-matched -o matched.ckpt
     """
     with progress_reporter(quiet=as_json) as progress:
-        result = run_training(corpus, tables, out, steps=steps, no_engram=no_engram, tokenizer_engine=tokenizer_engine, progress=progress)
+        result = run_training(corpus, tables, out, steps=steps, no_engram=no_engram, param_matched=param_matched, seed=seed, split=split,
+                              heldout_fraction=heldout_fraction, tokenizer_engine=tokenizer_engine, progress=progress)
     if as_json:
         print_json(result)
         return

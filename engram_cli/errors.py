@@ -51,6 +51,10 @@ class CheckpointError(EngramError):
     """A model checkpoint that is missing, corrupt, unsafe to load or for other tables."""
 
 
+class SplitError(CheckpointError):
+    """A checkpoint's pinned held-out split that its corpus no longer gives (a held-out document gone or changed)."""
+
+
 # -- hardening (issue 8) ------------------------------------------------------------------
 class OutputBusy(OutputError):
     """An output that another build (named: pid, host, start time) is writing right now."""

@@ -1,4 +1,4 @@
-"""The `engram eval` report: held-out loss with and without memory, gate, table usage, lookups.
+"""The `engram eval` report: held-out loss with intervals, table ablations, gate, table usage, lookups.
 
 Every figure is computed on the checkpoint's held-out documents (or on --corpus, read
 whole as held-out text); the schema is documented in docs/eval.md.
@@ -16,6 +16,8 @@ lookups then decode most chunks per call: the figure says what that path costs).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -25,23 +27,21 @@ import numpy as np
 import polars as pl
 import torch
 
+from engram_cli.ablations import ABLATIONS, mean_source, row_source, shuffle_row_ids, window_losses
 from engram_cli.checkpoint import load_checkpoint
 from engram_cli.errors import CheckpointError, StoreError
 from engram_cli.hashing import shift_k
 from engram_cli.kernels import REGISTRY, EngramLookup, available_backends
 from engram_cli.kernels.cache import ChunkCache, top_rows
+from engram_cli.intervals import bootstrap_interval, paired
 from engram_cli.kinds import Backend, TokenizerEngine
 from engram_cli.model import EngramGPT, ModelConfig, table_lookup
 from engram_cli.ngrams import token_columns
 from engram_cli.store import TableStore, from_storage
 from engram_cli.store.tokenizer import load_store_tokenizer
-from engram_cli.train import (
-    HELDOUT_SHARE,
-    MAX_HELDOUT_TOKENS,
-    TokenMap,
-    open_tables,
-    read_split,
-)
+from engram_cli.split import HELDOUT_SHARE, MAX_HELDOUT_TOKENS, ids_digest, pinned_heldout, read_split
+from engram_cli.train import TokenMap, open_tables
+from engram_cli.train_stats import load_stats, training_figures
 from engram_cli.vocab import load_tokenizer
 
 MiB = 1 << 20
@@ -94,13 +94,20 @@ def baseline_tokenizer(ckpt: dict, tokenizer_engine: TokenizerEngine | str = Tok
 
 
 def heldout_stream(ckpt: dict, tok, corpus=None, max_tokens: int = MAX_HELDOUT_TOKENS, progress=None) -> np.ndarray:
-    """The held-out tokens: the checkpoint's split of its corpus, or all of --corpus."""
+    """The held-out tokens: all of --corpus, or the checkpoint's split of its corpus.
+
+    A checkpoint with a pinned split (`heldout.documents`) gets exactly the recorded
+    documents, read and tokenized alone and checked against the recorded digests
+    (`split.pinned_heldout`); an older one re-derives its split from the whole corpus.
+    """
     if corpus is not None:
         _, held = read_split(corpus, tok, share=1.0, max_train=0, max_heldout=max_tokens, progress=progress)
         return held
     src = ckpt["heldout"].get("corpus")
     if not src or not Path(src).exists():
         raise CheckpointError(f"the training corpus {src!r} of this checkpoint is gone; pass --corpus HELDOUT/")
+    if "documents" in ckpt["heldout"]:
+        return pinned_heldout(ckpt["heldout"], tok, max_tokens=max_tokens, progress=progress)
     _, held = read_split(src, tok, share=ckpt["heldout"].get("share", HELDOUT_SHARE), max_train=0, max_heldout=max_tokens, progress=progress)
     return held
 
@@ -118,9 +125,34 @@ def heldout_rows(store, layer_id: int, row_ids: np.ndarray) -> torch.Tensor:
     return lk.gather(ids.view(1, 1, -1), dtype=torch.float32).view(-1, store.head_dim)
 
 
-def evaluate_checkpoint(path, *, tables=None, corpus=None, max_tokens: int = MAX_HELDOUT_TOKENS, batch: int = EVAL_BATCH,
-                        tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF, progress=None) -> dict:
-    """The per-checkpoint report (docs/eval.md); the held-out text is encoded with `tokenizer_engine`."""
+def config_digest(ckpt: dict) -> str:
+    """sha256 of what makes two checkpoints the same configuration but for the seed: model config, steps, batch, split, --no-engram."""
+    ex, h = ckpt["extra"], ckpt["heldout"]
+    what = {"config": ckpt["config"], "steps": ex.get("steps"), "batch": ex.get("batch"), "no_engram": ex.get("no_engram"),
+            "split": h.get("split"), "share": h.get("share"), "plan": ckpt.get("plan_fingerprint")}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def initial_store(ckpt: dict, plan):
+    """The store training started from (`extra.initial_tables`), or None when it is gone or has another plan."""
+    path = ckpt["extra"].get("initial_tables")
+    if not path or not Path(path).exists():
+        return None
+    try:
+        init = TableStore.open(path)
+    except StoreError:
+        return None
+    return init if init.plan.fingerprint == plan.fingerprint else None
+
+
+def evaluate_checkpoint(path, **kw) -> dict:
+    """The per-checkpoint report (docs/eval.md); keywords as `evaluate_windows`."""
+    return evaluate_windows(path, **kw)[0]
+
+
+def evaluate_windows(path, *, tables=None, corpus=None, max_tokens: int = MAX_HELDOUT_TOKENS, batch: int = EVAL_BATCH,
+                     tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF, progress=None) -> tuple[dict, np.ndarray]:
+    """(the report, the full model's mean loss per held-out window); the held-out text is encoded with `tokenizer_engine`."""
     t_start = time.perf_counter()
     ckpt = load_checkpoint(path)
     model, store, plan, vocab, tok = load_model(ckpt, tables, tokenizer_engine)
@@ -132,47 +164,47 @@ def evaluate_checkpoint(path, *, tables=None, corpus=None, max_tokens: int = MAX
         raise CheckpointError(f"held-out text has {len(stream)} tokens, fewer than one block of {cfg.block_size}; pass a larger --corpus")
     layers = list(cfg.engram_layers)
     x_raw = W[:, :-1]
-    # every held-out lookup's row id, then each layer's touched rows read once (bounded by the held-out text)
-    row_ids, lookups = {}, {}
+    # every held-out lookup's row id, then each variant's rows read once (bounded by the held-out text)
+    row_ids = {}
     for l in layers:
         if progress is not None:
             progress("read rows", 0, None, f"layer {l}")
         row_ids[l] = np.asarray(table_lookup(plan, vocab, l).row_ids(torch.as_tensor(x_raw)))  # (N, T, H)
-        uniq = np.unique(row_ids[l])
-        lookups[l] = table_lookup(plan, vocab, l, heldout_rows(store, l, uniq))
-        model.memories()[l].attach(lookups[l], row_ids=uniq)
         model.blocks[l].engram.keep_gate = True
-    nll = {"memory": 0.0, "ablated": 0.0}
-    ntok = 0
-    gates = {l: [] for l in layers}
-    with torch.no_grad():
-        for s in range(0, len(W), batch):
-            win = W[s : s + batch]
-            x = torch.as_tensor(tmap.local(win[:, :-1]))
-            y = torch.as_tensor(tmap.local(win[:, 1:]))
-            rows = {l: torch.as_tensor(row_ids[l][s : s + batch]) for l in layers} or None
-            _, loss = model(x, rows, targets=y)
-            nll["memory"] += float(loss) * y.numel()
-            for l in layers:
-                gates[l].append(model.blocks[l].engram.gate.numpy().ravel())
-            if layers:  # a model without memory: ablating nothing changes nothing
-                _, loss = model(x, rows, targets=y, ablate=True)
-            nll["ablated"] += float(loss) * y.numel()
-            ntok += y.numel()
-            if progress is not None:
-                progress("eval", min(s + batch, len(W)), len(W), Path(path).name)
-    loss_m, loss_a = nll["memory"] / ntok, nll["ablated"] / ntok
+    sources = {"full": row_source(plan, vocab, row_ids, lambda l, u: heldout_rows(store, l, u))}
+    init = initial_store(ckpt, plan) if layers else None
+    if layers:
+        if init is not None:
+            sources["initial_rows"] = row_source(plan, vocab, row_ids, lambda l, u: heldout_rows(init, l, u))
+        shuffled = {l: shuffle_row_ids(plan, l, r) for l, r in row_ids.items()}
+        sources["shuffled_rows"] = row_source(plan, vocab, shuffled, lambda l, u: heldout_rows(store, l, u))
+        sources["mean_row"] = mean_source(plan, vocab, row_ids, store)
+    gates, per_position = {l: [] for l in layers}, {}
+    losses = window_losses(model, tmap, W, sources, batch=batch, ablate_branch=bool(layers), gates=gates, positions=per_position,
+                           progress=progress, name=Path(path).name)
+    train_stats = load_stats(path) if layers else None
+    full = losses["full"]
+    ntok = int(W.shape[0] * cfg.block_size)
+    loss_m = float(full.mean())
+    ablations = {k: paired(full, losses[k]) if k in losses else None for k in ABLATIONS} if layers else {}
+    loss_a = ablations["branch_skipped"]["loss"] if layers else loss_m  # a model without memory: ablating nothing changes nothing
     report = {
         "checkpoint": str(path),
         "tables": str(store.path) if store is not None and layers else None,
         "engram": bool(layers),
         "steps": ckpt["extra"].get("steps"),
-        "tokens": int(ntok),
+        "seed": ckpt["extra"].get("seed"),
+        "config_sha256": config_digest(ckpt),
+        "tokens": ntok,
+        "windows": int(len(W)),
+        "windows_sha256": ids_digest(W),
         "loss": loss_m,
+        "loss_interval": bootstrap_interval(full),
         "perplexity": math.exp(loss_m),
         "loss_memory_ablated": loss_a,
         "perplexity_memory_ablated": math.exp(loss_a),
         "memory_gain": loss_a - loss_m,
+        "ablations": ablations,
         "layers": {},
     }
     touched_all = ckpt["extra"].get("touched_rows", {})
@@ -188,9 +220,12 @@ def evaluate_checkpoint(path, *, tables=None, corpus=None, max_tokens: int = MAX
         lay["row_norms"] = row_norms(store, l, touched)
         lay["lookups"] = lookup_report(store, plan, vocab, l, x_raw[:LOOKUP_BENCH_WINDOWS])
         lay["lookups"]["cache_hit_rate"] = cache_hit_rates(store, l, r)
+        if train_stats is not None:
+            dloss = (per_position["branch_skipped"] - per_position["full"]).ravel()
+            lay["training_split"] = training_figures(train_stats, plan, vocab, l, x_raw, r, g, dloss)
         report["layers"][str(l)] = lay
     report["seconds"] = time.perf_counter() - t_start
-    return report
+    return report, full
 
 
 # -- the gate -------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class ModelConfig:
     max_ngram_size: int = 3  # dilation of the short conv (the reference uses max_ngram_size)
     conv_kernel: int = 4  # the reference short conv kernel
     eps: float = 1e-6
+    mlp_hidden: int = 0  # FFN width; 0 = 4 * d_model (a parameter-matched baseline widens it: `param_matched`)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -183,7 +184,8 @@ class Block(nn.Module):
         self.ln1 = RMSNorm(cfg.d_model, cfg.eps)
         self.attn = nn.MultiheadAttention(cfg.d_model, cfg.n_head, batch_first=True, bias=False)
         self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
-        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(), nn.Linear(4 * cfg.d_model, cfg.d_model))
+        hidden = cfg.mlp_hidden or 4 * cfg.d_model
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model))
 
     def forward(self, x, row_ids=None, ablate: bool = False):
         if self.engram is not None and not ablate:
@@ -227,6 +229,23 @@ class EngramGPT(nn.Module):
         if targets is None:
             return logits
         return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+
+
+def engram_dense_params(cfg: ModelConfig) -> int:
+    """Dense parameters the Engram branches add (projections, norms, short conv; never the tables)."""
+    return sum(p.numel() for l in cfg.engram_layers for p in Engram(cfg, l).parameters())
+
+
+def param_matched(cfg: ModelConfig) -> ModelConfig:
+    """The same backbone without Engram, its FFN widened in every block by the Engram branches' dense parameters.
+
+    Each unit of FFN width costs 2 * d_model + 1 parameters (in and out weights, one bias),
+    so the widths match to within half a unit per block.
+    """
+    extra = engram_dense_params(cfg)
+    d = cfg.d_model
+    grow = round(extra / cfg.n_layer / (2 * d + 1))
+    return replace(cfg, engram_layers=(), mem_dim=0, head_dim=0, table_rows={}, mlp_hidden=(cfg.mlp_hidden or 4 * d) + grow)
 
 
 def table_lookup(plan: TablePlan, vocab, layer_id: int, table=None, *, backend: Backend | str = Backend.CPU, device=None):

@@ -38,7 +38,8 @@ from engram_cli.kernels import EngramLookup, available_backends
 from engram_cli.kinds import Backend, TokenizerEngine
 from engram_cli.model import row_ids_for
 from engram_cli.store import TableStore, from_storage
-from engram_cli.train import MAX_HELDOUT_TOKENS, open_tables, read_split
+from engram_cli.split import MAX_HELDOUT_TOKENS, read_split
+from engram_cli.train import open_tables
 
 PARITY_WINDOWS = 16  # token windows (of PARITY_BLOCK) hashed and gathered by every backend
 PARITY_BLOCK = 128

@@ -18,17 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import xxhash
 
 from engram_cli.model import EngramGPT, table_lookup
 from engram_cli.store.tokenizer import load_store_tokenizer
 
 TABLE_LR_MULT = 5.0  # the paper: table Adam at 5x the base learning rate, no weight decay
-
-
-def is_heldout(doc_key: str, share: float = 0.1, seed: int = 0) -> bool:
-    """Deterministic held-out membership by a hash of the document key (index or path)."""
-    return xxhash.xxh64_intdigest(doc_key.encode(), seed=seed) % 10_000 < int(share * 10_000)
 
 
 @dataclass
@@ -209,29 +203,29 @@ def train_steps(model, lookups: dict, tmap, stream, *, steps: int, batch: int = 
 
 
 # -- the `engram train` pipeline ------------------------------------------------------
-from contextlib import closing
 from pathlib import Path
 
 from engram_cli.checkpoint import save_checkpoint
-from engram_cli.corpus import iter_documents
 from engram_cli.defaults import TRAINED_STORE_SUFFIX
-from engram_cli.encode import encode_documents
 from engram_cli.errors import CheckpointError, StoreError
 from engram_cli.kinds import TokenizerEngine
-from engram_cli.pipeline.count import identity_check_for
 from engram_cli.model import ModelConfig
+from engram_cli.model import param_matched as matched_config
+from engram_cli.split import (
+    HELDOUT_SHARE,
+    MAX_TRAIN_TOKENS,
+    SPLITS,
+    split_corpus,
+    split_record,
+)
 from engram_cli.store import TableStore, from_storage, link_store, staged_output
 from engram_cli.store.output import check_inputs_apart
+from engram_cli.train_stats import count_training, save_stats, stats_path
 
 DEFAULT_CORPUS = "corpus"  # `engram build-table corpus/` reads the same folder
 DEFAULT_STEPS = 150  # the demo: under 5 minutes on 2 CPU cores with the reference plan (16 layers), measured in docs/train.md
 DEFAULT_BATCH = 8
 DEFAULT_BLOCK = 128
-HELDOUT_SHARE = 0.1
-SEGMENT_TOKENS = 2048  # held-out unit: a document segment (a few long documents still split)
-MAX_TRAIN_TOKENS = 4_000_000  # training reads at most this many tokens (a TB corpus is sampled, never loaded)
-MAX_HELDOUT_TOKENS = 200_000
-SPLIT_BATCH_CHARS = 1 << 20  # characters per tokenizer batch of `read_split` (a few batches are encoded ahead)
 
 
 def load_layer_table(store, layer_id: int) -> np.ndarray:
@@ -264,41 +258,6 @@ def save_trained_store(src: Path, dst: Path, trained: dict[int, tuple[np.ndarray
     return dst
 
 
-def read_split(corpus, tokenizer, *, share: float = HELDOUT_SHARE, max_train: int = MAX_TRAIN_TOKENS, max_heldout: int = MAX_HELDOUT_TOKENS, progress=None):
-    """Tokenize documents in order into (train, heldout) int64 streams, each capped.
-
-    Documents are cut into segments of SEGMENT_TOKENS tokens; a segment is held out
-    when the hash of "document index:segment index" says so (`is_heldout`), so a corpus
-    of a few long documents still gets a held-out share. Reading stops once both
-    streams are full. Texts are encoded in batches by the tokenizer's engine
-    (`encode.encode_documents`, special tokens added); with a fast engine a sample is
-    checked against the reference (`engines.IdentityCheck`: a difference is a `TokenizerError`).
-    """
-
-    train, held = [], []
-    n_train = n_held = 0
-    texts = encode_documents(iter_documents([corpus]), tokenizer=tokenizer, vocab=None, batch_chars=SPLIT_BATCH_CHARS, add_special_tokens=True,
-                             check=identity_check_for(tokenizer))
-    with closing(texts):  # stops the encoding threads when both streams are full
-        for i, ids in enumerate(texts):
-            if n_held >= max_heldout and n_train >= max_train:
-                break
-            ids = np.asarray(ids, dtype=np.int64)
-            for j in range(0, len(ids), SEGMENT_TOKENS):
-                seg = ids[j : j + SEGMENT_TOKENS]
-                if is_heldout(f"{i}:{j // SEGMENT_TOKENS}", share):
-                    if n_held < max_heldout:
-                        held.append(seg)
-                        n_held += len(seg)
-                elif n_train < max_train:
-                    train.append(seg)
-                    n_train += len(seg)
-            if progress is not None:
-                progress("tokenize", n_train + n_held, None, f"{i + 1} documents")
-    cat = lambda xs, cap: np.concatenate(xs)[:cap] if xs else np.zeros(0, np.int64)  # noqa: E731
-    return cat(train, max_train), cat(held, max_heldout)
-
-
 def open_tables(tables, tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF):
     """The store, its plan and vocab, and the tokenizer it was built with (`store.tokenizer.load_store_tokenizer`, checked by sha256),
     to encode with `tokenizer_engine`."""
@@ -316,8 +275,9 @@ def train_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: bool = False, batch: int = DEFAULT_BATCH,
+def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: bool = False, param_matched: bool = False, batch: int = DEFAULT_BATCH,
                  block: int = DEFAULT_BLOCK, d_model: int = 128, n_layer: int = 4, lr: float = 3e-3, seed: int = 0,
+                 split: str = "document", heldout_fraction: float = HELDOUT_SHARE,
                  max_train_tokens: int = MAX_TRAIN_TOKENS, tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF, progress=None) -> dict:
     """Train the reference model; write the checkpoint `out` and (with Engram) `out`'s trained store.
 
@@ -329,16 +289,29 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
     out = Path(out)
     if not out.parent.exists():
         raise CheckpointError(f"folder {str(out.parent)!r} does not exist; create it or pass -o elsewhere")
+    if param_matched and not no_engram:
+        raise CheckpointError("--param-matched shapes the --no-engram baseline; pass it with --no-engram")
+    if split not in SPLITS:
+        raise CheckpointError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+    if not 0 < heldout_fraction < 1:
+        raise CheckpointError(f"--heldout-fraction {heldout_fraction} is not between 0 and 1 (exclusive); 0.1 holds out a tenth")
     store, plan, vocab, tok = open_tables(tables, tokenizer_engine)
-    train_ids, held_ids = read_split(corpus, tok, max_train=max_train_tokens, progress=progress)
+    train_ids, held_ids, held_docs = split_corpus(corpus, tok, split=split, share=heldout_fraction, max_train=max_train_tokens, progress=progress)
     if len(train_ids) < block + 2:
-        raise CheckpointError(f"corpus {str(corpus)!r} has only {len(train_ids)} training tokens; give at least {block + 2}")
+        hint = "; with few documents, try --split segment" if split == "document" else ""
+        raise CheckpointError(f"corpus {str(corpus)!r} has only {len(train_ids)} training tokens; give at least {block + 2}{hint}")
+    if len(held_ids) < block + 1:
+        hint = " or --split segment" if split == "document" else ""
+        raise CheckpointError(f"the held-out split of {str(corpus)!r} ({split}s, {heldout_fraction:.0%}) has only {len(held_ids)} tokens, "
+                              f"fewer than one window of {block + 1}; use a corpus with more documents, a larger --heldout-fraction{hint}")
     tmap = TokenMap.from_ids(np.concatenate([train_ids, held_ids]))
     torch.manual_seed(seed)
     device = train_device()
     # --no-engram keeps the depth the plan needs: the baseline is the same backbone without memory
     n_layer = max(n_layer, max(plan.layer_ids) + 1)
     cfg = ModelConfig.for_plan(None if no_engram else plan, vocab_size=tmap.size, n_layer=n_layer, n_head=4, d_model=d_model, block_size=block)
+    if param_matched:  # the Engram model's dense parameters, the branch's given to the FFN width
+        cfg = matched_config(ModelConfig.for_plan(plan, vocab_size=tmap.size, n_layer=n_layer, n_head=4, d_model=d_model, block_size=block))
     model = EngramGPT(cfg).to(device)
     lookups = {}
     for l in cfg.engram_layers:
@@ -369,22 +342,27 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
         del lookups, opts, row_opt
         gc.collect()
         save_trained_store(store.path, trained_store, trained)
+    if cfg.engram_layers:  # eval's frequency, share and cache figures count the training split only (train_stats)
+        if progress is not None:
+            progress("count", 0, None, "training n-grams and row hits")
+        train_stats = save_stats(stats_path(out), count_training(plan, vocab, train_ids, cfg.engram_layers))
+    else:
+        train_stats = None
     save_checkpoint(
         out, model.cpu(),
         tables=str(trained_store) if trained_store else None,
         plan_fingerprint=plan.fingerprint if cfg.engram_layers else None,
-        heldout={"share": HELDOUT_SHARE, "key": "document index:segment index", "segment_tokens": SEGMENT_TOKENS,
-                 "hash": "xxh64 % 10000 < share*10000", "corpus": str(Path(corpus).resolve()),
-                 "max_heldout_tokens": MAX_HELDOUT_TOKENS},
+        heldout=split_record(corpus, split, heldout_fraction, held_ids, held_docs),
         extra={
             "token_ids": torch.as_tensor(tmap.used),
             "touched_rows": {str(l): torch.as_tensor(r) for l, r in touched_rows.items()},
             "initial_tables": str(Path(store.path).resolve()),
-            "steps": steps, "batch": batch, "losses": losses, "no_engram": no_engram,
+            "steps": steps, "batch": batch, "losses": losses, "no_engram": no_engram, "param_matched": param_matched, "seed": seed,
         },
     )
-    return {"checkpoint": str(out), "tables": str(trained_store) if trained_store else None, "steps": steps,
+    return {"checkpoint": str(out), "tables": str(trained_store) if trained_store else None,
+            "train_stats": str(train_stats) if train_stats else None, "steps": steps,
             "first_loss": losses[0], "last_loss": losses[-1], "train_tokens": int(len(train_ids)),
-            "heldout_tokens": int(len(held_ids)), "seconds": train_s, "tokens_per_s": steps * batch * block / train_s,
+            "heldout_tokens": int(len(held_ids)), "heldout_documents": len(held_docs), "split": split, "seed": seed, "seconds": train_s, "tokens_per_s": steps * batch * block / train_s,
             "device": device, "rows_trained": {str(l): int(r.size) for l, r in touched_rows.items()},
             "optimizer_state_bytes": state_bytes}

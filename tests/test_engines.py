@@ -27,7 +27,7 @@ from engram_cli.kinds import TokenizerEngine
 from engram_cli.pipeline.build import DistributedOptions, build_tables, plan_tables
 from engram_cli.store import TableStore
 from engram_cli.store.tokenizer import load_store_tokenizer
-from engram_cli.train import read_split
+from engram_cli.split import read_split
 from engram_cli.vocab import compress_vocab, load_tokenizer
 
 from cli_checks import copy_fixtures, one_error_line

@@ -37,9 +37,9 @@ def trained(tmp_path_factory, deepseek_vocab_file):
     r = run("build-table", root / "corpus", "-o", root / "tables.zarr", *TINY, "--vocab", deepseek_vocab_file)
     assert r.exit_code == 0, r.output
     before = tree_digest(root / "tables.zarr")
-    r = run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", root / "mem.ckpt", "--steps", STEPS, "--json")
+    r = run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", root / "mem.ckpt", "--steps", STEPS, "--split", "segment", "--json")
     assert r.exit_code == 0, r.output
-    r2 = run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", root / "base.ckpt", "--steps", STEPS, "--no-engram", "--json")
+    r2 = run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", root / "base.ckpt", "--steps", STEPS, "--no-engram", "--split", "segment", "--json")
     assert r2.exit_code == 0, r2.output
     return root, before, json.loads(r.stdout)
 
@@ -60,12 +60,17 @@ def test_train_writes_a_new_store_and_keeps_the_initial_one(trained):
 
 
 @pytest.fixture(scope="module")
-def reports(trained) -> list[dict]:
+def evaluation(trained) -> dict:
     """`engram eval mem.ckpt base.ckpt --json`, run once for the tests that read its report."""
     root, _, _ = trained
     r = run("eval", root / "mem.ckpt", root / "base.ckpt", "--json")
     assert r.exit_code == 0, r.output
-    return json.loads(r.stdout)["checkpoints"]
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def reports(evaluation) -> list[dict]:
+    return evaluation["checkpoints"]
 
 
 def changed_rows(root) -> np.ndarray:
@@ -82,6 +87,17 @@ def test_eval_json_schema_and_memory_helps(reports):
     assert mem["tokens"] == base["tokens"] and mem["steps"] == base["steps"] == int(STEPS)
     assert mem["loss_memory_ablated"] > mem["loss"]
     assert base["engram"] is False and base["loss_memory_ablated"] == base["loss"] and base["layers"] == {} and base["memory_gain"] == 0
+    assert base["ablations"] == {} and mem["windows"] == base["windows"] == mem["tokens"] // 128
+    for rep in (mem, base):
+        lo, hi = rep["loss_interval"]
+        assert lo < rep["loss"] < hi and hi - lo < 1
+    assert list(mem["ablations"]) == ["branch_skipped", "initial_rows", "shuffled_rows", "mean_row"]
+    assert mem["ablations"]["branch_skipped"]["loss"] == mem["loss_memory_ablated"]
+    for a in mem["ablations"].values():
+        assert a["delta"] == pytest.approx(a["loss"] - mem["loss"], abs=1e-9)
+        lo, hi = a["interval"]
+        assert lo <= a["delta"] <= hi
+    assert mem["ablations"]["branch_skipped"]["interval"][0] > 0  # at 40 steps the memory helps beyond the noise of the windows
     lay = mem["layers"]["1"]
     assert 0 < lay["gate_mean"] < 1
     for n in ("2", "3"):
@@ -90,6 +106,11 @@ def test_eval_json_schema_and_memory_helps(reports):
         assert all(a["max_count"] <= b["min_count"] for a, b in zip(dec, dec[1:]))  # deciles by rising frequency
         col = lay["gate_by_collision"][n]
         assert col["clean_head"]["positions"] + col["all_heads_collide"]["positions"] == mem["tokens"]
+    ts = lay["training_split"]  # from mem.train-stats.npz: the training split's counts only
+    assert set(ts) == {"by_training_count", "by_row_share", "cache_hit_rate"} and list(ts["cache_hit_rate"]) == ["1%", "5%", "10%"]
+    for n in ("2", "3"):
+        assert sum(b["positions"] for b in ts["by_training_count"][n]) == sum(b["positions"] for b in ts["by_row_share"][n]) == mem["tokens"]
+        assert ts["by_training_count"][n][0]["max_count"] == 0 and ts["by_row_share"][n][0]["share"] == "unseen"
     u = lay["usage"]
     assert 0 < u["rows_touched_heldout"] <= u["rows"] and u["lookups"] == mem["tokens"] * 4
     assert 0 < u["lookups_on_untrained_rows"] < 1
@@ -97,6 +118,37 @@ def test_eval_json_schema_and_memory_helps(reports):
     assert all(b["bit_exact"] and b["tokens_per_s"] > 0 and b["gb_per_s"] > 0 for b in lay["lookups"]["backends"].values())
     rates = list(lay["lookups"]["cache_hit_rate"].values())
     assert list(lay["lookups"]["cache_hit_rate"]) == ["1%", "5%", "10%"] and rates == sorted(rates) and 0 < rates[0] and rates[-1] <= 1
+
+
+def test_eval_paired_difference(evaluation):
+    """mem vs base on the same held-out windows: the paired delta is the difference of the two losses."""
+    mem, base = evaluation["checkpoints"]
+    (p,) = evaluation["paired"]
+    assert p["a"].endswith("mem.ckpt") and p["b"].endswith("base.ckpt") and p["same_windows"] is True
+    assert mem["windows_sha256"] == base["windows_sha256"]
+    assert p["delta"] == pytest.approx(base["loss"] - mem["loss"], abs=1e-9) and p["interval"][0] <= p["delta"] <= p["interval"][1]
+    assert evaluation["seed_groups"] == []  # one seed of each config
+
+
+def test_ablations_by_independent_routes(trained, reports):
+    """initial_rows = the same checkpoint scored with the initial store as --tables; the shuffle is a permutation of each head; the mean row is the table's."""
+    from engram_cli.ablations import shuffle_row_ids, table_mean_row
+
+    root, _, _ = trained
+    r = run("eval", root / "mem.ckpt", "--tables", root / "tables.zarr", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["checkpoints"][0]["loss"] == pytest.approx(reports[0]["ablations"]["initial_rows"]["loss"], abs=1e-6)
+    store = TableStore.open(root / "mem.tables.zarr")
+    plan = store.plan
+    n, offs, primes = plan.layer_rows(1), plan.row_offsets(1), plan.head_primes(1)
+    heads = np.stack([np.arange(n)] * len(primes), -1)  # every row, as if looked up by every head
+    mapped = shuffle_row_ids(plan, 1, heads)
+    for h, (o, p) in enumerate(zip(offs, primes)):
+        own = np.arange(o, o + p)
+        np.testing.assert_array_equal(np.sort(mapped[o : o + p, h]), own)  # a permutation of the head's rows
+        assert (mapped[o : o + p, h] != own).mean() > 0.99
+    np.testing.assert_array_equal(shuffle_row_ids(plan, 1, heads[:50]), mapped[:50])  # deterministic
+    np.testing.assert_allclose(table_mean_row(store, 1), store.table(1)[:].astype(np.float64).mean(0), rtol=1e-5, atol=1e-7)
 
 
 def test_eval_usage_and_norms_by_an_independent_route(trained, reports, deepseek_tokenizer):
@@ -128,7 +180,7 @@ def test_eval_side_by_side_table(trained):
     mem_line = next(l for l in table.splitlines() if "mem.ckpt" in l)
     base_line = next(l for l in table.splitlines() if "base.ckpt" in l)
     assert " yes " in mem_line and " no " in base_line and "+0.0000" in base_line
-    for what in ("mean gate by n-gram frequency decile", "clean head", "table usage", "row norms", "lookups cpu", "hot-row cache hit rate"):
+    for what in ("table ablations", "full model", "branch_skipped", "initial_rows", "shuffled_rows", "mean_row", "paired: ", "by training count", "by share of their row", "cache hit rate by training hits", "mean gate by n-gram frequency decile", "clean head", "table usage", "row norms", "lookups cpu", "hot-row cache hit rate"):
         assert what in r.stdout, what
 
 

@@ -320,7 +320,7 @@ def model_state_dict(store: TableStore, changes) -> tuple[dict, dict]:
 def test_state_dict_audit_against_its_store(stores, tmp_path, dtype, deepseek_tokenizer):
     from engram_cli.kernels import EngramLookup
     from engram_cli.statedict_audit import audit_state_dict
-    from engram_cli.train import read_split
+    from engram_cli.split import read_split
 
     store = TableStore.open(stores[dtype])
     plan = store.plan

@@ -74,10 +74,10 @@ def test_the_store_records_the_spec_and_holds_a_copy(built):
 def test_train_and_eval_use_the_stores_tokenizer_from_another_directory(built, tmp_path, monkeypatch):
     root, _ = built
     monkeypatch.chdir(tmp_path)  # neither the build's directory nor the tokenizer's
-    r = run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", tmp_path / "mem.ckpt", "--steps", "3", "--json")
+    r = run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", tmp_path / "mem.ckpt", "--steps", "3", "--split", "segment", "--json")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "mem.tables.zarr" / TOKENIZER_FILE).is_file()  # the trained store carries the copy too
-    r = run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", tmp_path / "base.ckpt", "--steps", "3", "--no-engram", "--json")
+    r = run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", tmp_path / "base.ckpt", "--steps", "3", "--no-engram", "--split", "segment", "--json")
     assert r.exit_code == 0, r.output
     r = run("eval", tmp_path / "mem.ckpt", tmp_path / "base.ckpt", "--json")
     assert r.exit_code == 0, r.output

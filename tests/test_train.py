@@ -9,7 +9,8 @@ from engram_cli.checkpoint import load_checkpoint, save_checkpoint
 from engram_cli.errors import CheckpointError
 from engram_cli.model import EngramGPT, ModelConfig, table_lookup
 from engram_cli.plan import make_plan
-from engram_cli.train import RowAdam, TokenMap, is_heldout, train_steps
+from engram_cli.split import is_heldout
+from engram_cli.train import RowAdam, TokenMap, train_steps
 
 import pytest
 
