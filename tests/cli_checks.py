@@ -50,3 +50,18 @@ def flip_byte(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x40
     path.write_bytes(bytes(data))
+
+
+def store_files(root: Path) -> dict[str, bytes]:
+    """Every file of a store, by path relative to its root."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_same_store(a: Path, b: Path, normalized) -> None:
+    """Every file of the two stores byte-identical; the root zarr.json equal after `normalized(raw) -> dict`."""
+    fa, fb = store_files(a), store_files(b)
+    assert sorted(fa) == sorted(fb)
+    differ = [k for k in fa if k != "zarr.json" and fa[k] != fb[k]]
+    assert not differ, f"files differ: {differ[:5]}"
+    assert normalized(fa["zarr.json"]) == normalized(fb["zarr.json"])
+

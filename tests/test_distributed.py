@@ -8,6 +8,7 @@ run in the same test; nothing expected is hard-coded. A local cluster starts in 
 
 from __future__ import annotations
 
+
 import json
 import os
 import signal
@@ -26,6 +27,8 @@ from engram_cli.execution.ray import ClusterSpec, RayExecutor, connect, parse_cl
 from engram_cli.execution.work import atomic_dir, is_done
 from engram_cli.pipeline.build import DistributedOptions, build_tables, plan_tables
 from engram_cli.pipeline.count import radix_ranges
+
+import cli_checks
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "fixtures" / "corpus"
@@ -79,9 +82,6 @@ def single(paths, out, deepseek, plan):
     return build_tables(paths, out, tokenizer=tok, vocab=vocab, plan=plan, workers=1, **STORE)
 
 
-def store_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
 
 def normalized_attrs(raw: bytes) -> dict:
     doc = json.loads(raw)
@@ -91,13 +91,10 @@ def normalized_attrs(raw: bytes) -> dict:
     return doc
 
 
+
 def assert_same_store(a: Path, b: Path) -> None:
-    """Every file byte-identical (root attributes apart from `created` and `cluster`)."""
-    fa, fb = store_files(a), store_files(b)
-    assert sorted(fa) == sorted(fb)
-    differ = [k for k in fa if k != "zarr.json" and fa[k] != fb[k]]
-    assert not differ, f"files differ: {differ[:5]}"
-    assert normalized_attrs(fa["zarr.json"]) == normalized_attrs(fb["zarr.json"])
+    """Every file byte-identical, the root attributes after `normalized_attrs`."""
+    cli_checks.assert_same_store(a, b, normalized_attrs)
 
 
 # -- parsing and bootstrap --------------------------------------------------------------------

@@ -30,7 +30,8 @@ from engram_cli.store.tokenizer import load_store_tokenizer
 from engram_cli.split import read_split
 from engram_cli.vocab import compress_vocab, load_tokenizer
 
-from cli_checks import copy_fixtures, one_error_line
+import cli_checks
+from cli_checks import copy_fixtures, one_error_line, store_files
 
 SMALL_FILES = ["debian-policy/ap-license.rst", "debian-policy/index.rst", "developers-reference/scope.rst"]
 # 1 layer x orders 2..3 x 4 heads, rows of 16 float32
@@ -98,9 +99,6 @@ def built(tmp_path_factory, deepseek_vocab_file):
     return {"corpus": corpus, "vocab": vocab_file, **out}
 
 
-def store_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
 
 def build_information_removed(raw: bytes) -> dict:
     doc = json.loads(raw)
@@ -111,12 +109,10 @@ def build_information_removed(raw: bytes) -> dict:
     return doc
 
 
+
 def assert_same_store(a: Path, b: Path) -> None:
-    fa, fb = store_files(a), store_files(b)
-    assert sorted(fa) == sorted(fb)
-    differ = [k for k in fa if k != "zarr.json" and fa[k] != fb[k]]
-    assert not differ, f"files differ: {differ[:5]}"
-    assert build_information_removed(fa["zarr.json"]) == build_information_removed(fb["zarr.json"])
+    """Every file byte-identical, the root attributes after `build_information_removed`."""
+    cli_checks.assert_same_store(a, b, build_information_removed)
 
 
 # -- (b) byte-identical stores, (e) the record ------------------------------------------------

@@ -133,16 +133,29 @@ def _sort(keys: np.ndarray) -> np.ndarray:
     return pl.Series(values=keys, dtype=pl.UInt64).sort().to_numpy()
 
 
+def _run_starts(keys: np.ndarray) -> np.ndarray:
+    """Sorted keys (L,), L > 0 -> the index where each run of equal keys starts."""
+    first = np.empty(keys.size, dtype=bool)
+    first[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    return np.flatnonzero(first)
+
+
 def _distinct_sorted(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted keys (L,) -> their distinct values and how often each occurs (uint64)."""
     if not keys.size:
         return keys, np.empty(0, dtype=np.uint64)
-    first = np.empty(keys.size, dtype=bool)
-    first[0] = True
-    np.not_equal(keys[1:], keys[:-1], out=first[1:])
-    starts = np.flatnonzero(first)
+    starts = _run_starts(keys)
     counts = np.diff(starts, append=keys.size).astype(np.uint64)
     return keys[starts], counts
+
+
+def _sum_sorted(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted keys with counts -> the distinct keys and each one's summed count."""
+    if not keys.size:
+        return keys, counts
+    starts = _run_starts(keys)
+    return keys[starts], np.add.reduceat(counts, starts)
 
 
 def _merge_runs(runs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -159,13 +172,7 @@ def _merge_runs(runs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, 
     frame = frame.sort("k")
     keys, counts = frame.get_column("k").to_numpy(), frame.get_column("c").to_numpy()
     del frame
-    if not keys.size:
-        return keys, counts
-    first = np.empty(keys.size, dtype=bool)
-    first[0] = True
-    np.not_equal(keys[1:], keys[:-1], out=first[1:])
-    starts = np.flatnonzero(first)
-    return keys[starts], np.add.reduceat(counts, starts)
+    return _sum_sorted(keys, counts)
 
 
 def _project(run: tuple[np.ndarray, np.ndarray], bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -191,13 +198,7 @@ def _project(run: tuple[np.ndarray, np.ndarray], bits: int) -> tuple[np.ndarray,
         low = low[order]
         counts = counts[order]
         del order
-    if not low.size:
-        return low, counts
-    first = np.empty(low.size, dtype=bool)
-    first[0] = True
-    np.not_equal(low[1:], low[:-1], out=first[1:])
-    starts = np.flatnonzero(first)
-    return low[starts], np.add.reduceat(counts, starts)
+    return _sum_sorted(low, counts)
 
 
 MAX_SORTED_RUNS = 16  # runs held before they are merged into one
