@@ -128,7 +128,7 @@ def count_corpus(
     """
     check = check if check is not None else identity_check_for(tokenizer)
     if executor is None:
-        return _count_here(paths, tokenizer=tokenizer, vocab=vocab, max_ngram_size=max_ngram_size, pad_id=pad_id, out_dir=out_dir, memory_limit=memory_limit,
+        return _count_here(paths, out_dir, tokenizer=tokenizer, vocab=vocab, max_ngram_size=max_ngram_size, pad_id=pad_id, memory_limit=memory_limit,
                            text_field=text_field, batch_size=batch_size, add_special_tokens=add_special_tokens, progress=progress, spill_dir=spill_dir, check=check)
     if work is None:
         raise ValueError("count_corpus(executor=...) needs work=WorkDir(...): the directory of the map and reduce partials")
@@ -167,19 +167,19 @@ def count_documents(
 
 def _count_here(
     paths: list[str | os.PathLike],
+    out_dir: str | Path,
     *,
     tokenizer: LoadedTokenizer,
     vocab: CompressedVocab,
     max_ngram_size: int,
     pad_id: int,
-    out_dir: str | Path,
-    memory_limit: int = DEFAULT_MEMORY_LIMIT,
-    text_field: str = DEFAULT_TEXT_FIELD,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    add_special_tokens: bool = False,
-    progress: Progress | None = None,
-    spill_dir: str | Path | None = None,
-    check: IdentityCheck | None = None,
+    memory_limit: int,
+    text_field: str,
+    batch_size: int,
+    add_special_tokens: bool,
+    progress: Progress | None,
+    spill_dir: str | Path | None,
+    check: IdentityCheck | None,
 ) -> tuple[CorpusSummary, NgramStats]:
     """`count_corpus` without an executor: the whole corpus is the one map, counted here into `out_dir` (nothing to reduce).
 
