@@ -1,7 +1,9 @@
 """The `engram` typer app: registers one module per subcommand from `engram_cli.commands`.
 
 Library errors (`EngramError`) become one line on stderr and exit code 2, here and
-nowhere else.
+nowhere else. `main()` imports only the module of the command it runs (`engram
+build-table` never pays for torch's ~1 s import); `--help`, an unknown name and
+`engram_cli.cli.app` (for tests and embedding) register them all.
 """
 
 from __future__ import annotations
@@ -73,24 +75,12 @@ class EngramGroup(TyperGroup):
             raise typer.Exit(130) from None
 
 
-app = typer.Typer(
-    name="engram",
-    cls=EngramGroup,
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
-    context_settings={"show_default": True},
-)
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"engram {__version__}")
         raise typer.Exit()
 
 
-@app.callback()
 def main_callback(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
@@ -109,13 +99,41 @@ def main_callback(
     """
 
 
-for _name in COMMAND_MODULES:
-    import_module(f"engram_cli.commands.{_name}").register(app)
+def command_module(name: str) -> str | None:
+    """The module in `COMMAND_MODULES` that registers command `name` (`build-table` -> `build_table`), or None."""
+    module = "import_tables" if name == "import" else name.replace("-", "_")
+    return module if module in COMMAND_MODULES else None
+
+
+def make_app(modules: tuple[str, ...] = COMMAND_MODULES) -> typer.Typer:
+    """The typer app with the commands of `modules` registered (all of them by default)."""
+    app = typer.Typer(
+        name="engram",
+        cls=EngramGroup,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode="rich",
+        context_settings={"show_default": True},
+    )
+    app.callback()(main_callback)
+    for name in modules:
+        import_module(f"engram_cli.commands.{name}").register(app)
+    return app
+
+
+def __getattr__(name: str):
+    """`engram_cli.cli.app`: the app with every command, built on first use."""
+    if name == "app":
+        globals()["app"] = make_app()
+        return globals()["app"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: registers only the command named on the command line."""
+    module = command_module(sys.argv[1]) if len(sys.argv) > 1 else None
+    make_app((module,) if module else COMMAND_MODULES)()
 
 
 if __name__ == "__main__":  # pragma: no cover

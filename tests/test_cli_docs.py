@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
-from engram_cli.cli import app
+from engram_cli.cli import COMMAND_MODULES, app, command_module
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 COMMANDS = typer.main.get_command(app).commands  # name -> click command, as registered
@@ -67,3 +69,20 @@ def test_top_level_help_shows_the_typical_run():
     out = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
     for line in ("engram compress-vocab", "engram build-table corpus/", "engram collisions --heads 8", "engram inspect", "engram train corpus/", "engram eval model.ckpt"):
         assert line in out, line
+
+
+
+def test_every_command_name_maps_to_its_module():
+    assert sorted(command_module(name) for name in COMMANDS) == sorted(COMMAND_MODULES)
+    assert command_module("no-such-command") is None
+
+
+def test_main_imports_only_the_command_it_runs():
+    """`engram build-table` imports its own command module and not torch (~1 s of start-up)."""
+    probe = (
+        "import sys; from engram_cli.cli import main; sys.argv = ['engram', 'build-table', '--help']\n"
+        "try: main()\nexcept SystemExit as e: assert e.code == 0, e.code\n"
+        "print(sorted(m for m in sys.modules if m.startswith('engram_cli.commands.') and '._' not in m), 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "['engram_cli.commands.build_table'] False"
