@@ -87,8 +87,14 @@ class RowHasher:
     def heads(self) -> int:
         return len(self.orders) * self.K
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.lookup_ids.shape[0])
+
     def compress(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lookup_ids[ids]
+        """Raw ids -> compressed ids; negative ids pass through (docs/spec.md, "Ids outside the
+        vocabulary"; ids >= the vocabulary size are refused before this, by EngramLookup)."""
+        return torch.where(ids >= 0, self.lookup_ids[ids.clamp(min=0)], ids)
 
     def reference(self, ids: torch.Tensor) -> torch.Tensor:
         """The spec's loop in plain torch: shifts, one mix per order, one floor modulo per head."""

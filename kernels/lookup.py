@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from engram_cli.errors import BackendError, PlanError
+from engram_cli.hashing import check_token_ids
 from engram_cli.kernels.cache import ChunkCache, HotRowCache, read_rows
 from engram_cli.kernels.gather import dequant_into, gather_into, output_dtype
 from engram_cli.kernels.hash import RowHasher
@@ -136,7 +137,13 @@ class EngramLookup:
 
     # ---------------------------------------------------------------- row ids
     def _ids(self, token_ids, device) -> torch.Tensor:
-        ids = torch.as_tensor(token_ids, dtype=torch.int64, device=device)
+        """Raw ids as int64 (B, T) on `device`, checked where they are given (docs/spec.md, "Ids
+        outside the vocabulary"): an id >= the vocabulary size is a TokenIdError before any
+        kernel runs (ids already on a GPU cost one reduction and a scalar read there)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.int64)
+        if ids.numel():
+            check_token_ids(int(ids.max()), self.hasher.vocab_size)
+        ids = ids.to(device)
         return ids[None] if ids.ndim == 1 else ids
 
     def row_ids(self, token_ids) -> torch.Tensor:

@@ -38,7 +38,8 @@ def _engram_lookup_kernel(
     for k in tl.static_range(MAX_N):
         ok = live & (t >= k)
         raw = tl.load(ids_ptr + pos - k, mask=ok, other=0)
-        x = tl.load(lookup_ptr + raw, mask=ok, other=0)
+        x = tl.load(lookup_ptr + raw, mask=ok & (raw >= 0), other=0)  # negative ids pass through
+        x = tl.where(raw >= 0, x, raw)
         x = tl.where(ok, x, pad).to(tl.int64)
         m = tl.load(mult_ptr + k)
         term = x * m
