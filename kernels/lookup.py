@@ -179,7 +179,7 @@ class EngramLookup:
         if self.hot is not None:
             dequant_into(self.hot.gather(flat, H), self.head_dim, self.fp8, flat_out)
         elif isinstance(self.table, torch.Tensor):
-            gather_into(self.table, flat, self.head_dim, self.fp8, flat_out)
+            gather_into(self.table, flat, self.head_dim, self.fp8, flat_out, fast=not self.impl.reference)
         else:
             dequant_into(read_rows(self.table, flat), self.head_dim, self.fp8, flat_out)
         if final is not None:  # an `out` on the device: the host rows copied into it

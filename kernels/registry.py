@@ -6,8 +6,9 @@
 device; a device it can run on). `available_backends(device)` is derived from it, so a
 new backend is one entry here.
 
-- `torch`: the plain reference, int64 torch ops per order and head (`RowHasher.reference`).
-- `cpu`: the fast CPU path (`RowHasher.fast`).
+- `torch`: the plain reference, int64 torch ops per order and head (`RowHasher.reference`),
+  rows by `index_select`.
+- `cpu`: the fast CPU path: kernels/cpu.py's fused numba hash (`RowHasher.fast`) and gather.
 - `triton`: the fused kernel (kernels/triton_lookup.py); CUDA, or CPU tensors under
   TRITON_INTERPRET=1. Imported on first use: triton is an optional extra, and importing
   it before TRITON_INTERPRET=1 is set would fix the process to compiled mode.
@@ -78,10 +79,11 @@ class BackendImpl:
     resident_only: bool = False  # needs the whole table on the device (no bounded chunk cache)
     usable: Callable[[torch.device], bool] = _always
     unusable: str = ""  # the BackendError when it cannot run on a device
+    reference: bool = False  # gathers with the torch reference ops only (index_select), not kernels/cpu.py
 
 
 REGISTRY: dict[Backend, BackendImpl] = {
-    Backend.TORCH: BackendImpl(_reference_row_ids, _gather_lookup),
+    Backend.TORCH: BackendImpl(_reference_row_ids, _gather_lookup, reference=True),
     Backend.CPU: BackendImpl(_fast_row_ids, _gather_lookup),
     Backend.TRITON: BackendImpl(_triton_row_ids, _triton_lookup, resident_only=True, usable=_triton_usable,
                                 unusable="the triton backend needs a CUDA device or TRITON_INTERPRET=1 set before start; use --backend cpu"),
