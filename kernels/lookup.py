@@ -84,6 +84,16 @@ class EngramLookup:
             self.table = t
         self.stats = {"lookups": 0}
         self.hot = None
+        self._device_hasher = None
+
+    def device_hasher(self) -> RowHasher:
+        """The hash constants on this lookup's device (the offload backend hashes on the host,
+        except on its UVA path, where the kernel runs on the device)."""
+        if self.hasher.device == self.device:
+            return self.hasher
+        if self._device_hasher is None:
+            self._device_hasher = RowHasher(self.plan, self.hasher.host["lookup"], self.layer_id, self.device)
+        return self._device_hasher
 
     @property
     def fp8(self) -> bool:
