@@ -4,9 +4,9 @@
   -> row ids (B*T, H), every head of every order in one pass over the positions: per
   position the compressed ids are read once (negative ids pass through, docs/spec.md "Ids
   outside the vocabulary"), each order's mix is the previous order's XOR one more
-  product, and each head's floor modulo is computed in registers and written straight
-  into the output (no temporaries per head or per order). The heads loop is what the
-  compiler vectorizes (8 int64 lanes with AVX-512).
+  product, and each head's floor modulo is computed in registers, LANES (8) heads at a
+  time as explicit LLVM vector code (`_floor_mod_lanes`: one AVX-512 register of int64),
+  and written straight into the output (no temporaries per head or per order).
 - `gather_rows_into(table, rows, out)`: rows of a (R, row bytes) uint8 view of any table
   into a (N, row bytes) uint8 view of the output, with software prefetch of the rows a
   few iterations ahead (the gather is bound by DRAM latency, not bandwidth); row ids
@@ -15,13 +15,14 @@
   float32 while gathered: `e4m3 LUT[byte] * bitcast_f32(scale byte << 23)`, bit-identical
   to engram_cli/fp8.py (both factors come from 256-entry tables built from it).
 
-`floor_mod` (why it is exact): for an int64 mix m and a prime p >= 2, d = float64(m) is
+The floor modulo (why it is exact): for an int64 mix m and a prime p >= 2, d = float64(m) is
 within 2^9 of m, 1/p is rounded to within 2^-53 relative, and the product to within
 2^-53 relative, so d * (1/p) is within (2^9 + 2^10 + 2^10)/p = 2560/p of m/p. For
 p >= FAST_MOD_MIN_PRIME (4096) that is under 1: q = floor(d * (1/p)) is the true quotient
 or one off, so r = m - q*p (wrapping int64, exact because the true value is small) lies in
 [-p, 2p) and one add or subtract of p makes it the floor modulo. For smaller primes (tiny
 test plans) the same step runs twice (the second on |r| < 2^12 + 2p, exact in float64).
+q fits int64 (|m/p| <= 2^62); the products q*p wrap, but the difference is exact.
 
 Compiled on first use and cached on disk next to this file (numba `cache=True`); the
 torch reference (`RowHasher.reference`, `index_select`) stays beside these in hash.py and
@@ -30,7 +31,8 @@ gather.py, and tests/kernels checks them against it bit for bit.
 
 from __future__ import annotations
 
-import math
+import os
+from contextlib import contextmanager
 
 import numba
 import numpy as np
@@ -41,11 +43,32 @@ from numba.extending import intrinsic
 
 from engram_cli.fp8 import FP8_BLOCK, e4m3_to_float32_table
 
+# numba's work-queue threads sleep between kernels; OpenMP's spin, which on a machine shared with
+# other jobs (or with torch's own OpenMP pool) turns a 0.3 ms kernel into a 10 ms wait for a
+# descheduled thread. NUMBA_THREADING_LAYER still overrides this.
+if not os.environ.get("NUMBA_THREADING_LAYER"):
+    numba.config.THREADING_LAYER = "workqueue"
+
 FAST_MOD_MIN_PRIME = 4096  # floor_mod's single step is exact for primes from here up (module docstring)
 CHUNK_POSITIONS = 2048  # positions per parallel task of the hash
 CHUNK_ROWS = 2048  # rows per parallel task of the gathers
 PREFETCH_AHEAD = 12  # rows prefetched ahead of the copy (about 3 KB of float32 rows in flight per core)
 CACHE_LINE = 64
+PARALLEL_MIN_ITEMS = 1 << 15  # below this many outputs (ids or rows) a kernel runs on the calling thread only
+
+
+@contextmanager
+def _threads_for(items: int):
+    """All of numba's threads for large inputs, the calling thread alone for small ones (no hand-off)."""
+    if items >= PARALLEL_MIN_ITEMS:
+        yield
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 @intrinsic
@@ -65,30 +88,83 @@ def _prefetch(typingctx, arr, row, col):
     return types.void(arr, row, col), codegen
 
 
-@njit(inline="always")
-def floor_mod(m, p, inv, two_step):
-    """Floor modulo of int64 `m` by `p` (inv = 1.0 / p): exact, see the module docstring."""
-    r = m - np.int64(math.floor(np.float64(m) * inv)) * p
-    if two_step:
-        r = r - np.int64(math.floor(np.float64(r) * inv)) * p
-    r = r + p if r < 0 else r
-    return r - p if r >= p else r
+def _floor_mod_lanes(two_step: bool, vector_mix: bool):
+    """An intrinsic writing `out[pos, h0 : h0+count]` = floor_mod(mix, primes[h]) + offsets[h] for up to
+    LANES heads at once, as explicit <8 x i64> / <8 x double> LLVM vector code (masked loads and
+    stores for count < LANES). mix: one int64 for all lanes, or (vector_mix) an int64 array read
+    at h0.. (heads of different orders in one group). two_step: the second reduction step for
+    primes below FAST_MOD_MIN_PRIME (module docstring)."""
+
+    @intrinsic
+    def floor_mod_lanes(typingctx, mix, primes, inv, offsets, out, pos, h0, count):
+        def codegen(context, builder, sig, args):
+            i64, f64, i32, i8p = ir.IntType(64), ir.DoubleType(), ir.IntType(32), ir.IntType(8).as_pointer()
+            v8i, v8d = ir.VectorType(i64, LANES), ir.VectorType(f64, LANES)
+            v8b = ir.VectorType(ir.IntType(1), LANES)
+
+            def ptr(k, idx):
+                ary = context.make_array(sig.args[k])(context, builder, args[k])
+                return builder.bitcast(cgutils.get_item_pointer(context, builder, sig.args[k], ary, idx, wraparound=False), i8p)
+
+            def splat(x, vty):
+                v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
+                return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
+
+            def fn(name, ret, argtys):
+                return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, argtys), name)
+
+            pos_, h0_, count_ = args[5], args[6], args[7]
+            mask = builder.icmp_signed("<", ir.Constant(v8i, list(range(LANES))), splat(count_, v8i))
+            load_i = fn(f"llvm.masked.load.v{LANES}i64.p0", v8i, [i8p, i32, v8b, v8i])
+            load_d = fn(f"llvm.masked.load.v{LANES}f64.p0", v8d, [i8p, i32, v8b, v8d])
+            store = fn(f"llvm.masked.store.v{LANES}i64.p0", ir.VoidType(), [v8i, i8p, i32, v8b])
+            floor = fn(f"llvm.floor.v{LANES}f64", v8d, [v8d])
+            one_i, one_d = ir.Constant(v8i, [1] * LANES), ir.Constant(v8d, [1.0] * LANES)  # masked-off lanes: p = 1
+            m = builder.call(load_i, [ptr(0, [h0_]), ir.Constant(i32, 8), mask, one_i]) if vector_mix else splat(args[0], v8i)
+            p = builder.call(load_i, [ptr(1, [h0_]), ir.Constant(i32, 8), mask, one_i])
+            iv = builder.call(load_d, [ptr(2, [h0_]), ir.Constant(i32, 8), mask, one_d])
+            off = builder.call(load_i, [ptr(3, [h0_]), ir.Constant(i32, 8), mask, one_i])
+
+            def step(x):  # x - floor(float(x) * (1/p)) * p, in wrapping int64
+                q = builder.fptosi(builder.call(floor, [builder.fmul(builder.sitofp(x, v8d), iv)]), v8i)
+                return builder.sub(x, builder.mul(q, p))
+
+            r = step(m)
+            if two_step:
+                r = step(r)
+            r = builder.select(builder.icmp_signed("<", r, ir.Constant(v8i, [0] * LANES)), builder.add(r, p), r)
+            r = builder.select(builder.icmp_signed(">=", r, p), builder.sub(r, p), r)
+            builder.call(store, [builder.add(r, off), ptr(4, [pos_, h0_]), ir.Constant(i32, 8), mask])
+            return context.get_dummy_value()
+
+        return types.void(mix, primes, inv, offsets, out, pos, h0, count), codegen
+
+    return floor_mod_lanes
+
+
+LANES = 8  # heads per vector (8 int64: one AVX-512 register, two AVX2 ones)
+_fm = _floor_mod_lanes(False, False)
+_fm_two = _floor_mod_lanes(True, False)
+_fm_vec = _floor_mod_lanes(False, True)
+_fm_vec_two = _floor_mod_lanes(True, True)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _row_ids_kernel(ids, lookup, pad, mult, primes, inv, offsets, head_order, two_step, out):
+def _row_ids_kernel(ids, lookup, pad, mult, primes, inv, offsets, head_order, group_order, two_step, out):
     B, T = ids.shape
     N = mult.shape[0]
     H = primes.shape[0]
     V = lookup.shape[0]
-    n_pos = B * T
+    G = group_order.shape[0]
+    per_row = (T + CHUNK_POSITIONS - 1) // CHUNK_POSITIONS
     bad = 0
-    for c in prange((n_pos + CHUNK_POSITIONS - 1) // CHUNK_POSITIONS):
+    for c in prange(B * per_row):
+        b = c // per_row
+        t0 = (c - b * per_row) * CHUNK_POSITIONS
         mixes = np.empty(N, np.int64)
         mh = np.empty(H, np.int64)
-        for pos in range(c * CHUNK_POSITIONS, min(n_pos, (c + 1) * CHUNK_POSITIONS)):
-            b = pos // T
-            t = pos - b * T
+        for t in range(t0, min(T, t0 + CHUNK_POSITIONS)):
+            pos = b * T + t
             mix = np.int64(0)
             for k in range(N):
                 x = pad
@@ -101,18 +177,34 @@ def _row_ids_kernel(ids, lookup, pad, mult, primes, inv, offsets, head_order, tw
                         x = lookup[x]
                 mix ^= x * mult[k]
                 mixes[k] = mix
-            for h in range(H):
-                mh[h] = mixes[head_order[h] - 1]
-            for h in range(H):
-                out[pos, h] = floor_mod(mh[h], primes[h], inv[h], two_step) + offsets[h]
+            for g in range(G):  # LANES heads at a time
+                h0 = g * LANES
+                cnt = min(LANES, H - h0)
+                o = group_order[g]
+                if o >= 0:  # the group's heads share one order: its mix broadcast
+                    if two_step:
+                        _fm_two(mixes[o - 1], primes, inv, offsets, out, pos, h0, cnt)
+                    else:
+                        _fm(mixes[o - 1], primes, inv, offsets, out, pos, h0, cnt)
+                else:
+                    for h in range(h0, h0 + cnt):
+                        mh[h] = mixes[head_order[h] - 1]
+                    if two_step:
+                        _fm_vec_two(mh, primes, inv, offsets, out, pos, h0, cnt)
+                    else:
+                        _fm_vec(mh, primes, inv, offsets, out, pos, h0, cnt)
     return bad
 
 
 @njit(cache=True, nogil=True)
-def _floor_mod_kernel(mix, primes, inv, two_step, out):
+def _floor_mod_kernel(mix, primes, inv, offsets, two_step, out):
+    H = primes.shape[0]
     for i in range(mix.shape[0]):
-        for h in range(primes.shape[0]):
-            out[i, h] = floor_mod(mix[i], primes[h], inv[h], two_step)
+        for h0 in range(0, H, LANES):
+            if two_step:
+                _fm_two(mix[i], primes, inv, offsets, out, i, h0, min(LANES, H - h0))
+            else:
+                _fm(mix[i], primes, inv, offsets, out, i, h0, min(LANES, H - h0))
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -171,12 +263,18 @@ def mod_constants(primes: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
     return primes, 1.0 / primes.astype(np.float64), bool(primes.size and int(primes.min()) < FAST_MOD_MIN_PRIME)
 
 
+def group_orders(head_order: np.ndarray) -> np.ndarray:
+    """Per group of LANES heads: the order they share, or -1 when the group spans orders (K % LANES != 0)."""
+    g = [head_order[i : i + LANES] for i in range(0, len(head_order), LANES)]
+    return np.array([int(x[0]) if (x == x[0]).all() else -1 for x in g], dtype=np.int64)
+
+
 def floor_mod_heads(mix: np.ndarray, primes) -> np.ndarray:
     """floor_mod of each int64 mix (M,) by each prime (K,): (M, K) int64 (what the hash kernel computes per head)."""
     p, inv, two = mod_constants(primes)
     mix = np.ascontiguousarray(mix, dtype=np.int64)
     out = np.empty((mix.shape[0], p.shape[0]), dtype=np.int64)
-    _floor_mod_kernel(mix, p, inv, two, out)
+    _floor_mod_kernel(mix, p, inv, np.zeros_like(p), two, out)
     return out
 
 
@@ -184,7 +282,8 @@ def row_ids_into(ids: np.ndarray, lookup: np.ndarray, pad: int, mult: np.ndarray
                  head_order: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Raw ids (B, T) int64 -> row ids written into `out` (B*T, H) int64 (ids >= len(lookup): IndexError)."""
     p, inv, two = mod_constants(primes)
-    bad = _row_ids_kernel(ids, lookup, np.int64(pad), mult, p, inv, offsets, head_order, two, out)
+    with _threads_for(out.size):
+        bad = _row_ids_kernel(ids, lookup, np.int64(pad), mult, p, inv, offsets, head_order, group_orders(head_order), two, out)
     if bad:
         raise IndexError(f"{bad} token ids are outside the vocabulary of {lookup.shape[0]} ids")
     return out
@@ -192,7 +291,8 @@ def row_ids_into(ids: np.ndarray, lookup: np.ndarray, pad: int, mult: np.ndarray
 
 def gather_rows_into(table: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
     """uint8 rows (R, W) at `rows` (N,) int64 -> `out` (N, W) uint8."""
-    bad = _gather_kernel(table, rows, out)
+    with _threads_for(rows.shape[0]):
+        bad = _gather_kernel(table, rows, out)
     if bad:
         raise IndexError(f"{bad} row ids are outside the table's {table.shape[0]} rows")
     return out
@@ -200,7 +300,8 @@ def gather_rows_into(table: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np
 
 def gather_fp8_into(table: np.ndarray, rows: np.ndarray, head_dim: int, out: np.ndarray) -> np.ndarray:
     """Packed FP8 rows (R, head_dim + head_dim//32) uint8 at `rows` -> float32 `out` (N, head_dim)."""
-    bad = _gather_fp8_kernel(table, rows, np.int64(head_dim), _VLUT, _SLUT, out)
+    with _threads_for(rows.shape[0]):
+        bad = _gather_fp8_kernel(table, rows, np.int64(head_dim), _VLUT, _SLUT, out)
     if bad:
         raise IndexError(f"{bad} row ids are outside the table's {table.shape[0]} rows")
     return out
