@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _harness import measure, print_rows, record  # noqa: E402
+from _lookup_inputs import store_like  # noqa: E402
 from engram_cli.fp8 import quantize_fp8_rows  # noqa: E402
 from engram_cli.kernels.cpu import threads  # noqa: E402
 from engram_cli.kernels.gather import gather_into  # noqa: E402
@@ -41,7 +42,7 @@ def main() -> None:
     n_rows, hd = a.rows_per_head * a.heads, a.head_dim
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.standard_normal((n_rows, hd), dtype=np.float32))
-    tables = {"float32": (x, False), "bfloat16": (x.to(torch.bfloat16), False),
+    tables = {"float32": (x, False), "bfloat16": (store_like(x.to(torch.bfloat16)), False),  # numpy memory, as a store load gives
               "float8_e4m3": (torch.from_numpy(quantize_fp8_rows(x.numpy())), True)}
     del x
     heads = torch.arange(a.heads) * a.rows_per_head

@@ -3,7 +3,8 @@
     python benchmarks/bench_lookup.py [--batch 8] [--seq 4096] [--rows-per-head 200003] [--rounds 3]
 
 The reference plan's layer 1 shape (orders 2..3, 8 heads each, head_dim 64) with
-`--rows-per-head` rows per head, float32 and bfloat16 tables. Baseline, side by side:
+`--rows-per-head` rows per head, float32 and bfloat16 tables in numpy-allocated memory (as
+a store load gives: transparent huge pages; `_lookup_inputs.store_like`). Baseline, side by side:
 `dst.copy_(src)` of the same number of bytes as the lookup returns, into a reused `dst`;
 the lookup likewise writes into a reused output (`lk(ids, out=out)`); `fresh_output_*`
 is the same lookup allocating its output each call (134 MB of new pages: page faults
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _harness import measure, print_rows, record  # noqa: E402
-from _lookup_inputs import reference_inputs  # noqa: E402
+from _lookup_inputs import reference_inputs, store_like  # noqa: E402
 from engram_cli.kernels import EngramLookup  # noqa: E402
 from engram_cli.kernels.cpu import threads  # noqa: E402
 
@@ -42,7 +43,8 @@ def main() -> None:
     rph = a.rows_per_head
     _, vocab, plan, ids = reference_inputs(a.batch, a.seq, rows_per_head=(rph, rph))
     x = torch.randn(plan.layer_rows(1), plan.head_dim)
-    tables = {"float32": x, "bfloat16": x.to(torch.bfloat16)}
+    tables = {"float32": store_like(x), "bfloat16": store_like(x.to(torch.bfloat16))}  # memory as a store load gives
+    del x
     rows = []
     for r in range(a.rounds):
         for name, table in tables.items():

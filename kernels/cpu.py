@@ -208,14 +208,14 @@ def _floor_mod_kernel(mix, primes, inv, offsets, two_step, out):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _gather_kernel(table, rows, out):
+def _gather_kernel(table, rows, out, ahead):
     R, W = table.shape
     N = rows.shape[0]
     bad = 0
     for c in prange((N + CHUNK_ROWS - 1) // CHUNK_ROWS):
         e = min(N, (c + 1) * CHUNK_ROWS)
         for i in range(c * CHUNK_ROWS, e):
-            j = i + PREFETCH_AHEAD
+            j = i + ahead
             if j < e:
                 rp = rows[j]
                 if rp >= 0 and rp < R:
@@ -231,14 +231,14 @@ def _gather_kernel(table, rows, out):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _gather_fp8_kernel(table, rows, head_dim, vlut, slut, out):
+def _gather_fp8_kernel(table, rows, head_dim, vlut, slut, out, ahead):
     R, W = table.shape
     N = rows.shape[0]
     bad = 0
     for c in prange((N + CHUNK_ROWS - 1) // CHUNK_ROWS):
         e = min(N, (c + 1) * CHUNK_ROWS)
         for i in range(c * CHUNK_ROWS, e):
-            j = i + PREFETCH_AHEAD
+            j = i + ahead
             if j < e:
                 rp = rows[j]
                 if rp >= 0 and rp < R:
@@ -292,7 +292,7 @@ def row_ids_into(ids: np.ndarray, lookup: np.ndarray, pad: int, mult: np.ndarray
 def gather_rows_into(table: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
     """uint8 rows (R, W) at `rows` (N,) int64 -> `out` (N, W) uint8."""
     with _threads_for(rows.shape[0]):
-        bad = _gather_kernel(table, rows, out)
+        bad = _gather_kernel(table, rows, out, PREFETCH_AHEAD)
     if bad:
         raise IndexError(f"{bad} row ids are outside the table's {table.shape[0]} rows")
     return out
@@ -301,7 +301,7 @@ def gather_rows_into(table: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np
 def gather_fp8_into(table: np.ndarray, rows: np.ndarray, head_dim: int, out: np.ndarray) -> np.ndarray:
     """Packed FP8 rows (R, head_dim + head_dim//32) uint8 at `rows` -> float32 `out` (N, head_dim)."""
     with _threads_for(rows.shape[0]):
-        bad = _gather_fp8_kernel(table, rows, np.int64(head_dim), _VLUT, _SLUT, out)
+        bad = _gather_fp8_kernel(table, rows, np.int64(head_dim), _VLUT, _SLUT, out, PREFETCH_AHEAD)
     if bad:
         raise IndexError(f"{bad} row ids are outside the table's {table.shape[0]} rows")
     return out

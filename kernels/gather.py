@@ -74,7 +74,7 @@ def gather_rows(table: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | Non
     if out is None:
         out = torch.empty((rows.shape[0],) + tuple(table.shape[1:]), dtype=table.dtype, device=table.device)
     src, dst = (_host_bytes(table), _host_bytes(out)) if fast else (None, None)
-    if src is not None and dst is not None and out.dtype == table.dtype and out.shape[0] == rows.shape[0]:
+    if src is not None and dst is not None and out.dtype == table.dtype and dst.shape == (rows.shape[0], src.shape[1]):
         gather_rows_into(src, rows.contiguous().numpy(), dst)
         return out
     return torch.index_select(table, 0, rows, out=out)
@@ -103,7 +103,7 @@ def gather_into(table: torch.Tensor, rows: torch.Tensor, head_dim: int, fp8: boo
     backend). Other storage kinds add their branch here."""
     if fast and fp8 and out.dtype == torch.float32:
         src, dst = _host_bytes(table), (out.numpy() if out.device.type == "cpu" and out.is_contiguous() else None)
-        if src is not None and dst is not None:
+        if src is not None and dst is not None and dst.shape == (rows.shape[0], head_dim) and src.shape[1] == head_dim + head_dim // FP8_BLOCK:
             gather_fp8_into(src, rows.to(table.device).contiguous().numpy(), head_dim, dst)
             return out
     if not fp8 and out.dtype == table.dtype and out.device == table.device:
