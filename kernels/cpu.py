@@ -1,6 +1,6 @@
 """The CPU kernels (numba, both cores): a layer's row ids in one fused pass, and the row gather (+ FP8 dequant).
 
-- `row_ids_into(ids, lookup, pad, mult, primes, offsets, head_order, out)`: raw ids (B, T)
+- `row_ids_into(ids, hash_constants(lookup, pad, mult, primes, offsets, head_order), out)`: raw ids (B, T)
   -> row ids (B*T, H), every head of every order in one pass over the positions: per
   position the compressed ids are read once (negative ids pass through, docs/spec.md "Ids
   outside the vocabulary"), each order's mix is the previous order's XOR one more
@@ -89,22 +89,26 @@ def _prefetch(typingctx, arr, row, col):
 
 
 def _floor_mod_lanes(two_step: bool, vector_mix: bool):
-    """An intrinsic writing `out[pos, h0 : h0+count]` = floor_mod(mix, primes[h]) + offsets[h] for up to
-    LANES heads at once, as explicit <8 x i64> / <8 x double> LLVM vector code (masked loads and
-    stores for count < LANES). mix: one int64 for all lanes, or (vector_mix) an int64 array read
-    at h0.. (heads of different orders in one group). two_step: the second reduction step for
-    primes below FAST_MOD_MIN_PRIME (module docstring)."""
+    """An intrinsic writing `out[pos, h0 : h0+count]` = floor_mod(mix, p_h) + offset_h for up to LANES
+    heads at once, as explicit <8 x i64> / <8 x double> LLVM vector code (a masked store for
+    count < LANES). The heads' constants come as LANES-tuples (primes, 1/p, offsets): values, so
+    the compiler builds their vectors once outside the loop over positions. mix: one int64 for
+    all lanes, or (vector_mix) an int64 array holding one mix per lane (a group of heads of
+    different orders). two_step: the second reduction step for primes below FAST_MOD_MIN_PRIME
+    (module docstring)."""
 
     @intrinsic
-    def floor_mod_lanes(typingctx, mix, primes, inv, offsets, out, pos, h0, count):
+    def floor_mod_lanes(typingctx, mix, pt, it, ot, out, pos, h0, count):
         def codegen(context, builder, sig, args):
             i64, f64, i32, i8p = ir.IntType(64), ir.DoubleType(), ir.IntType(32), ir.IntType(8).as_pointer()
             v8i, v8d = ir.VectorType(i64, LANES), ir.VectorType(f64, LANES)
             v8b = ir.VectorType(ir.IntType(1), LANES)
 
-            def ptr(k, idx):
-                ary = context.make_array(sig.args[k])(context, builder, args[k])
-                return builder.bitcast(cgutils.get_item_pointer(context, builder, sig.args[k], ary, idx, wraparound=False), i8p)
+            def vec(tup, vty):
+                v = ir.Constant(vty, ir.Undefined)
+                for j in range(LANES):
+                    v = builder.insert_element(v, builder.extract_value(tup, j), ir.Constant(i32, j))
+                return v
 
             def splat(x, vty):
                 v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
@@ -113,17 +117,17 @@ def _floor_mod_lanes(two_step: bool, vector_mix: bool):
             def fn(name, ret, argtys):
                 return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, argtys), name)
 
-            pos_, h0_, count_ = args[5], args[6], args[7]
-            mask = builder.icmp_signed("<", ir.Constant(v8i, list(range(LANES))), splat(count_, v8i))
-            load_i = fn(f"llvm.masked.load.v{LANES}i64.p0", v8i, [i8p, i32, v8b, v8i])
-            load_d = fn(f"llvm.masked.load.v{LANES}f64.p0", v8d, [i8p, i32, v8b, v8d])
-            store = fn(f"llvm.masked.store.v{LANES}i64.p0", ir.VoidType(), [v8i, i8p, i32, v8b])
+            def ptr(k, idx):
+                ary = context.make_array(sig.args[k])(context, builder, args[k])
+                return builder.bitcast(cgutils.get_item_pointer(context, builder, sig.args[k], ary, idx, wraparound=False), i8p)
+
             floor = fn(f"llvm.floor.v{LANES}f64", v8d, [v8d])
-            one_i, one_d = ir.Constant(v8i, [1] * LANES), ir.Constant(v8d, [1.0] * LANES)  # masked-off lanes: p = 1
-            m = builder.call(load_i, [ptr(0, [h0_]), ir.Constant(i32, 8), mask, one_i]) if vector_mix else splat(args[0], v8i)
-            p = builder.call(load_i, [ptr(1, [h0_]), ir.Constant(i32, 8), mask, one_i])
-            iv = builder.call(load_d, [ptr(2, [h0_]), ir.Constant(i32, 8), mask, one_d])
-            off = builder.call(load_i, [ptr(3, [h0_]), ir.Constant(i32, 8), mask, one_i])
+            store = fn(f"llvm.masked.store.v{LANES}i64.p0", ir.VoidType(), [v8i, i8p, i32, v8b])
+            p, iv, off = vec(args[1], v8i), vec(args[2], v8d), vec(args[3], v8i)
+            if vector_mix:
+                m = builder.load(builder.bitcast(ptr(0, [ir.Constant(i64, 0)]), v8i.as_pointer()), align=8)
+            else:
+                m = splat(args[0], v8i)
 
             def step(x):  # x - floor(float(x) * (1/p)) * p, in wrapping int64
                 q = builder.fptosi(builder.call(floor, [builder.fmul(builder.sitofp(x, v8d), iv)]), v8i)
@@ -134,10 +138,11 @@ def _floor_mod_lanes(two_step: bool, vector_mix: bool):
                 r = step(r)
             r = builder.select(builder.icmp_signed("<", r, ir.Constant(v8i, [0] * LANES)), builder.add(r, p), r)
             r = builder.select(builder.icmp_signed(">=", r, p), builder.sub(r, p), r)
-            builder.call(store, [builder.add(r, off), ptr(4, [pos_, h0_]), ir.Constant(i32, 8), mask])
+            mask = builder.icmp_signed("<", ir.Constant(v8i, list(range(LANES))), splat(args[7], v8i))
+            builder.call(store, [builder.add(r, off), ptr(4, [args[5], args[6]]), ir.Constant(i32, 8), mask])
             return context.get_dummy_value()
 
-        return types.void(mix, primes, inv, offsets, out, pos, h0, count), codegen
+        return types.void(mix, pt, it, ot, out, pos, h0, count), codegen
 
     return floor_mod_lanes
 
@@ -149,11 +154,16 @@ _fm_vec = _floor_mod_lanes(False, True)
 _fm_vec_two = _floor_mod_lanes(True, True)
 
 
+@njit(inline="always")
+def _lanes(a, h0):
+    """a[h0 : h0+8] as a tuple (a is padded to a multiple of LANES)."""
+    return (a[h0], a[h0 + 1], a[h0 + 2], a[h0 + 3], a[h0 + 4], a[h0 + 5], a[h0 + 6], a[h0 + 7])
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def _row_ids_kernel(ids, lookup, pad, mult, primes, inv, offsets, head_order, group_order, two_step, out):
+def _row_ids_kernel(ids, lookup, pad, mult, primes8, inv8, offsets8, head_order8, group_order, H, two_step, out):
     B, T = ids.shape
     N = mult.shape[0]
-    H = primes.shape[0]
     V = lookup.shape[0]
     G = group_order.shape[0]
     per_row = (T + CHUNK_POSITIONS - 1) // CHUNK_POSITIONS
@@ -161,10 +171,11 @@ def _row_ids_kernel(ids, lookup, pad, mult, primes, inv, offsets, head_order, gr
     for c in prange(B * per_row):
         b = c // per_row
         t0 = (c - b * per_row) * CHUNK_POSITIONS
-        mixes = np.empty(N, np.int64)
-        mh = np.empty(H, np.int64)
-        for t in range(t0, min(T, t0 + CHUNK_POSITIONS)):
-            pos = b * T + t
+        n = min(T, t0 + CHUNK_POSITIONS) - t0
+        mixes = np.empty((N, CHUNK_POSITIONS), np.int64)  # each order's mix at each position of the chunk
+        mh = np.empty(LANES, np.int64)
+        for i in range(n):
+            t = t0 + i
             mix = np.int64(0)
             for k in range(N):
                 x = pad
@@ -176,35 +187,40 @@ def _row_ids_kernel(ids, lookup, pad, mult, primes, inv, offsets, head_order, gr
                     elif x >= 0:  # negative ids pass through
                         x = lookup[x]
                 mix ^= x * mult[k]
-                mixes[k] = mix
-            for g in range(G):  # LANES heads at a time
-                h0 = g * LANES
-                cnt = min(LANES, H - h0)
-                o = group_order[g]
-                if o >= 0:  # the group's heads share one order: its mix broadcast
-                    if two_step:
-                        _fm_two(mixes[o - 1], primes, inv, offsets, out, pos, h0, cnt)
-                    else:
-                        _fm(mixes[o - 1], primes, inv, offsets, out, pos, h0, cnt)
+                mixes[k, i] = mix
+        base = b * T + t0
+        for g in range(G):  # LANES heads at a time, their constants held in registers over the chunk
+            h0 = g * LANES
+            cnt = min(LANES, H - h0)
+            pt, it, ot = _lanes(primes8, h0), _lanes(inv8, h0), _lanes(offsets8, h0)
+            o = group_order[g] - 1
+            if o >= 0:  # the group's heads share one order: its mix broadcast
+                if two_step:
+                    for i in range(n):
+                        _fm_two(mixes[o, i], pt, it, ot, out, base + i, h0, cnt)
                 else:
-                    for h in range(h0, h0 + cnt):
-                        mh[h] = mixes[head_order[h] - 1]
+                    for i in range(n):
+                        _fm(mixes[o, i], pt, it, ot, out, base + i, h0, cnt)
+            else:
+                for i in range(n):
+                    for j in range(LANES):
+                        mh[j] = mixes[head_order8[h0 + j] - 1, i]
                     if two_step:
-                        _fm_vec_two(mh, primes, inv, offsets, out, pos, h0, cnt)
+                        _fm_vec_two(mh, pt, it, ot, out, base + i, h0, cnt)
                     else:
-                        _fm_vec(mh, primes, inv, offsets, out, pos, h0, cnt)
+                        _fm_vec(mh, pt, it, ot, out, base + i, h0, cnt)
     return bad
 
 
 @njit(cache=True, nogil=True)
-def _floor_mod_kernel(mix, primes, inv, offsets, two_step, out):
-    H = primes.shape[0]
-    for i in range(mix.shape[0]):
-        for h0 in range(0, H, LANES):
+def _floor_mod_kernel(mix, primes8, inv8, offsets8, H, two_step, out):
+    for h0 in range(0, H, LANES):
+        pt, it, ot = _lanes(primes8, h0), _lanes(inv8, h0), _lanes(offsets8, h0)
+        for i in range(mix.shape[0]):
             if two_step:
-                _fm_two(mix[i], primes, inv, offsets, out, i, h0, min(LANES, H - h0))
+                _fm_two(mix[i], pt, it, ot, out, i, h0, min(LANES, H - h0))
             else:
-                _fm(mix[i], primes, inv, offsets, out, i, h0, min(LANES, H - h0))
+                _fm(mix[i], pt, it, ot, out, i, h0, min(LANES, H - h0))
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -257,35 +273,54 @@ _VLUT = e4m3_to_float32_table().astype(np.float32)
 _SLUT = (np.arange(256, dtype=np.uint32) << np.uint32(23)).view(np.float32)  # bitcast_f32(byte << 23)
 
 
+def _padded(a: np.ndarray, fill, dtype) -> np.ndarray:
+    """`a` padded with `fill` to a multiple of LANES entries (the kernels read whole groups)."""
+    n = -(-len(a) // LANES) * LANES
+    out = np.full(n, fill, dtype=dtype)
+    out[: len(a)] = a
+    return out
+
+
 def mod_constants(primes: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(int64 primes, float64 1/p, two_step) for `floor_mod`."""
-    primes = np.ascontiguousarray(primes, dtype=np.int64)
-    return primes, 1.0 / primes.astype(np.float64), bool(primes.size and int(primes.min()) < FAST_MOD_MIN_PRIME)
+    """(int64 primes, float64 1/p, two_step), padded to a multiple of LANES (padding: p = 1)."""
+    primes = np.asarray(primes, dtype=np.int64)
+    p = _padded(primes, 1, np.int64)
+    return p, 1.0 / p.astype(np.float64), bool(primes.size and int(primes.min()) < FAST_MOD_MIN_PRIME)
 
 
 def group_orders(head_order: np.ndarray) -> np.ndarray:
     """Per group of LANES heads: the order they share, or -1 when the group spans orders (K % LANES != 0)."""
-    g = [head_order[i : i + LANES] for i in range(0, len(head_order), LANES)]
+    g = [np.asarray(head_order[i : i + LANES]) for i in range(0, len(head_order), LANES)]
     return np.array([int(x[0]) if (x == x[0]).all() else -1 for x in g], dtype=np.int64)
 
 
 def floor_mod_heads(mix: np.ndarray, primes) -> np.ndarray:
-    """floor_mod of each int64 mix (M,) by each prime (K,): (M, K) int64 (what the hash kernel computes per head)."""
+    """floor_mod of each int64 mix (M,) by each prime (K,): (M, K) int64, by the hash kernel's vector code."""
+    k = len(primes)
     p, inv, two = mod_constants(primes)
     mix = np.ascontiguousarray(mix, dtype=np.int64)
-    out = np.empty((mix.shape[0], p.shape[0]), dtype=np.int64)
-    _floor_mod_kernel(mix, p, inv, np.zeros_like(p), two, out)
+    out = np.empty((mix.shape[0], k), dtype=np.int64)
+    _floor_mod_kernel(mix, p, inv, np.zeros_like(p), np.int64(k), two, out)
     return out
 
 
-def row_ids_into(ids: np.ndarray, lookup: np.ndarray, pad: int, mult: np.ndarray, primes: np.ndarray, offsets: np.ndarray,
-                 head_order: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Raw ids (B, T) int64 -> row ids written into `out` (B*T, H) int64 (ids >= len(lookup): IndexError)."""
+def hash_constants(lookup: np.ndarray, pad: int, mult: np.ndarray, primes: np.ndarray, offsets: np.ndarray,
+                   head_order: np.ndarray) -> tuple:
+    """A layer's constants in the form `row_ids_into` passes to the kernel (built once per RowHasher)."""
+    H = len(primes)
     p, inv, two = mod_constants(primes)
+    off, order = _padded(offsets, 0, np.int64), _padded(head_order, head_order[-1] if H else 2, np.int64)
+    return (np.ascontiguousarray(lookup, dtype=np.int64), np.int64(pad), np.ascontiguousarray(mult, dtype=np.int64),
+            p, inv, off, order, group_orders(head_order), np.int64(H), two)
+
+
+def row_ids_into(ids: np.ndarray, consts: tuple, out: np.ndarray) -> np.ndarray:
+    """Raw ids (B, T) int64 -> row ids written into `out` (B*T, H) int64, with `hash_constants`
+    (ids >= the vocabulary size: IndexError; EngramLookup refuses them before this)."""
     with _threads_for(out.size):
-        bad = _row_ids_kernel(ids, lookup, np.int64(pad), mult, p, inv, offsets, head_order, group_orders(head_order), two, out)
+        bad = _row_ids_kernel(ids, *consts, out)
     if bad:
-        raise IndexError(f"{bad} token ids are outside the vocabulary of {lookup.shape[0]} ids")
+        raise IndexError(f"{bad} token ids are outside the vocabulary of {consts[0].shape[0]} ids")
     return out
 
 

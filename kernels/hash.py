@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engram_cli.kernels.cpu import row_ids_into
+from engram_cli.kernels.cpu import hash_constants, row_ids_into
 
 
 class RowHasher:
@@ -38,6 +38,8 @@ class RowHasher:
             # per head: its order n (the Triton and CPU kernels mix per head)
             "head_order": np.array([n for n in self.orders for _ in range(self.K)], dtype=np.int64),
         }
+        h = self.host
+        self.cpu_constants = hash_constants(h["lookup"], self.pad, h["mult"], h["primes"], h["offsets"], h["head_order"])
         t = {k: torch.from_numpy(v).to(self.device) for k, v in self.host.items()}
         self.lookup_ids, self.mult, self.primes, self.offsets, self.head_order = (
             t["lookup"], t["mult"], t["primes"], t["offsets"], t["head_order"])
@@ -84,7 +86,5 @@ class RowHasher:
             return res.to(ids.device) if out is None else out.copy_(res)
         if out is None:
             out = torch.empty((B, T, self.heads), dtype=torch.int64)
-        h = self.host
-        row_ids_into(ids.contiguous().numpy(), h["lookup"], self.pad, h["mult"], h["primes"], h["offsets"], h["head_order"],
-                     out.view(B * T, self.heads).numpy())
+        row_ids_into(ids.contiguous().numpy(), self.cpu_constants, out.view(B * T, self.heads).numpy())
         return out
