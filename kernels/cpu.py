@@ -1,10 +1,10 @@
 """The CPU kernels (numba, both cores): a layer's row ids in one fused pass, and the row gather (+ FP8 dequant).
 
 - `row_ids_into(ids, hash_constants(lookup, pad, mult, primes, offsets, head_order), out)`: raw ids (B, T)
-  -> row ids (B*T, H), every head of every order in one pass over the positions: per
-  position the compressed ids are read once (negative ids pass through, docs/spec.md "Ids
+  -> row ids (B*T, H), every head of every order in one pass over chunks of positions: per
+  chunk the compressed ids are read once (negative ids pass through, docs/spec.md "Ids
   outside the vocabulary"), each order's mix is the previous order's XOR one more
-  product, and each head's floor modulo is computed in registers, LANES (8) heads at a
+  product (vectorized over the positions), and each head's floor modulo is computed in registers, LANES (8) heads at a
   time as explicit LLVM vector code (`_floor_mod_lanes`: one AVX-512 register of int64),
   and written straight into the output (no temporaries per head or per order).
 - `gather_rows_into(table, rows, out)`: rows of a (R, row bytes) uint8 view of any table
@@ -174,20 +174,25 @@ def _row_ids_kernel(ids, lookup, pad, mult, primes8, inv8, offsets8, head_order8
         n = min(T, t0 + CHUNK_POSITIONS) - t0
         mixes = np.empty((N, CHUNK_POSITIONS), np.int64)  # each order's mix at each position of the chunk
         mh = np.empty(LANES, np.int64)
-        for i in range(n):
-            t = t0 + i
-            mix = np.int64(0)
-            for k in range(N):
-                x = pad
-                if t >= k:
-                    x = ids[b, t - k]
-                    if x >= V:
-                        bad += 1
-                        x = pad
-                    elif x >= 0:  # negative ids pass through
-                        x = lookup[x]
-                mix ^= x * mult[k]
-                mixes[k, i] = mix
+        xs = np.empty(CHUNK_POSITIONS + N, np.int64)  # compressed ids of positions t0-(N-1) .. t0+n-1
+        for i in range(n + N - 1):
+            t = t0 + i - (N - 1)
+            x = pad
+            if t >= 0:
+                x = ids[b, t]
+                if x >= V:
+                    bad += 1
+                    x = pad
+                elif x >= 0:  # negative ids pass through
+                    x = lookup[x]
+            xs[i] = x
+        m0 = mult[0]
+        for i in range(n):  # vectorized over positions
+            mixes[0, i] = xs[i + N - 1] * m0
+        for k in range(1, N):
+            mk = mult[k]
+            for i in range(n):
+                mixes[k, i] = mixes[k - 1, i] ^ (xs[i + N - 1 - k] * mk)
         base = b * T + t0
         for g in range(G):  # LANES heads at a time, their constants held in registers over the chunk
             h0 = g * LANES
