@@ -1,12 +1,12 @@
 """The CPU kernels (numba, both cores): a layer's row ids in one fused pass, and the row gather (+ FP8 dequant).
 
-- `row_ids_into(ids, hash_constants(lookup, pad, mult, primes, offsets, head_order), out)`: raw ids (B, T)
-  -> row ids (B*T, H), every head of every order in one pass over chunks of positions: per
-  chunk the compressed ids are read once (negative ids pass through, docs/spec.md "Ids
-  outside the vocabulary"), each order's mix is the previous order's XOR one more
-  product (vectorized over the positions), and each head's floor modulo is computed in registers, LANES (8) heads at a
+- `row_ids_into(ids, hash_constants(...), out)`: raw ids (B, T) -> row ids (B*T, H), every
+  head of every order in one pass over chunks of positions: per chunk the compressed ids
+  are read once (negative ids pass through, docs/spec.md "Ids outside the vocabulary"),
+  each order's mix is the previous order's XOR one more product (vectorized over the
+  positions), and each head's floor modulo is computed in registers, LANES (8) heads at a
   time as explicit LLVM vector code (`_floor_mod_lanes`: one AVX-512 register of int64),
-  and written straight into the output (no temporaries per head or per order).
+  written straight into the output (no temporaries per head or per order).
 - `gather_rows_into(table, rows, out)`: rows of a (R, row bytes) uint8 view of any table
   into a (N, row bytes) uint8 view of the output, with software prefetch of the rows a
   few iterations ahead (the gather is bound by DRAM latency, not bandwidth); row ids
