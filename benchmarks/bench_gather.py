@@ -5,13 +5,17 @@
 Row ids of the reference plan's layer 1 shape (16 heads, head_dim 64) with `--rows-per-head`
 rows per head, table float32 / bfloat16 / float8_e4m3 (random values). Baseline, side by
 side: `dst.copy_(src)` of as many bytes as the gather writes (torch's multi-threaded
-contiguous copy). Compared: gather_into (index_select(out=) straight into the output;
-FP8: gather of the packed rows + dequant to float32). ratio = copy time / gather time.
+contiguous copy). Compared: gather_into (kernels/cpu.py's numba gather straight into the
+output, both cores, prefetched; FP8: dequantized to float32 while gathered) and the torch
+reference (`fast=False`: index_select(out=); FP8: gather of the packed rows + dequant).
+ratio = copy time / gather time; `load_1min` is the load average after the round (2 cores:
+above 2, other jobs share them).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +25,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _harness import measure, print_rows, record  # noqa: E402
+from _lookup_inputs import store_like  # noqa: E402
 from engram_cli.fp8 import quantize_fp8_rows  # noqa: E402
+from engram_cli.kernels.cpu import threads  # noqa: E402
 from engram_cli.kernels.gather import gather_into  # noqa: E402
 
 
@@ -36,7 +42,7 @@ def main() -> None:
     n_rows, hd = a.rows_per_head * a.heads, a.head_dim
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.standard_normal((n_rows, hd), dtype=np.float32))
-    tables = {"float32": (x, False), "bfloat16": (x.to(torch.bfloat16), False),
+    tables = {"float32": (x, False), "bfloat16": (store_like(x.to(torch.bfloat16)), False),  # numpy memory, as a store load gives
               "float8_e4m3": (torch.from_numpy(quantize_fp8_rows(x.numpy())), True)}
     del x
     heads = torch.arange(a.heads) * a.rows_per_head
@@ -51,8 +57,10 @@ def main() -> None:
             dst = torch.empty_like(src)
             cp = measure(lambda: dst.copy_(src), repeat=5)["best_s"]
             g = measure(lambda: gather_into(table, rows, hd, fp8, out), repeat=5)["best_s"]
+            ref = measure(lambda: gather_into(table, rows, hd, fp8, out, fast=False), repeat=3)["best_s"]
             out_rows.append({"case": "gather", "round": r, "dtype": name, "bytes": nbytes, "copy_GBps": nbytes / cp / 1e9,
-                             "gather_GBps": nbytes / g / 1e9, "gather_vs_copy": cp / g, "threads": torch.get_num_threads()})
+                             "gather_GBps": nbytes / g / 1e9, "gather_vs_copy": cp / g, "torch_ref_vs_copy": cp / ref,
+                             "threads": threads(), "load_1min": os.getloadavg()[0]})
     print_rows("row gather (CPU)", out_rows)
     record("gather", out_rows, tokens=a.tokens, rows_per_head=a.rows_per_head)
 

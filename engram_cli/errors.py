@@ -47,6 +47,10 @@ class BackendError(EngramError):
     """A lookup backend that was asked for by name but cannot run here."""
 
 
+class TokenIdError(EngramError):
+    """Token ids at or past the tokenizer's vocabulary size (ids of another tokenizer), refused before a lookup."""
+
+
 class CheckpointError(EngramError):
     """A model checkpoint that is missing, corrupt, unsafe to load or for other tables."""
 

@@ -11,6 +11,10 @@ Two views of the same function:
 All arithmetic is wrapping int64, and the modulo is floor modulo (numpy `%`): the mix
 may be negative, the hash is always in [0, p).
 
+`compress_ids` is the id rule (docs/spec.md, "Ids outside the vocabulary"): negative ids
+pass through compression unchanged, ids >= the vocabulary size are refused
+(`check_token_ids`, a `TokenIdError`); every lookup backend follows it.
+
 `shift` / `shift_k` (one batch row per sequence) is the reference's shift. The families
 are `engram_cli.kinds.HashFamily`; the `xxh3` family (XXH3_64 of the little-endian
 uint32 ids, seeded per head by `xxh3_seed`) is what `engram collisions --hash xxh3` audits.
@@ -25,9 +29,28 @@ import numpy as np
 import xxhash
 
 from . import xxh3
+from .errors import TokenIdError
 from .plan import TablePlan
 
 TWO64 = 1 << 64
+
+
+def check_token_ids(max_id: int, vocab_size: int) -> None:
+    """Refuse ids >= the vocabulary size (the largest id given): one `TokenIdError` line."""
+    if int(max_id) >= int(vocab_size):
+        raise TokenIdError(f"token id {int(max_id)} is outside the tokenizer's vocabulary of {int(vocab_size)} ids "
+                           f"(ids 0..{int(vocab_size) - 1}; negative ids are padding): were these ids made by another tokenizer?")
+
+
+def compress_ids(lookup: np.ndarray, ids) -> np.ndarray:
+    """Raw tokenizer ids -> compressed ids: negative ids pass through, ids >= len(lookup) are refused."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size:
+        check_token_ids(ids.max(), len(lookup))
+    out = ids.copy()
+    ok = ids >= 0
+    out[ok] = np.asarray(lookup)[ids[ok]]
+    return out
 
 
 def ngram_mix(ngrams: np.ndarray, multipliers) -> np.ndarray:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from engram_cli.errors import BackendError, PlanError
+from engram_cli.hashing import check_token_ids
 from engram_cli.kernels.cache import ChunkCache, HotRowCache, read_rows
 from engram_cli.kernels.gather import dequant_into, gather_into, output_dtype
 from engram_cli.kernels.hash import RowHasher
@@ -83,6 +84,16 @@ class EngramLookup:
             self.table = t
         self.stats = {"lookups": 0}
         self.hot = None
+        self._device_hasher = None
+
+    def device_hasher(self) -> RowHasher:
+        """The hash constants on this lookup's device (the offload backend hashes on the host,
+        except on its UVA path, where the kernel runs on the device)."""
+        if self.hasher.device == self.device:
+            return self.hasher
+        if self._device_hasher is None:
+            self._device_hasher = RowHasher(self.plan, self.hasher.host["lookup"], self.layer_id, self.device)
+        return self._device_hasher
 
     @property
     def fp8(self) -> bool:
@@ -136,7 +147,13 @@ class EngramLookup:
 
     # ---------------------------------------------------------------- row ids
     def _ids(self, token_ids, device) -> torch.Tensor:
-        ids = torch.as_tensor(token_ids, dtype=torch.int64, device=device)
+        """Raw ids as int64 (B, T) on `device`, checked where they are given (docs/spec.md, "Ids
+        outside the vocabulary"): an id >= the vocabulary size is a TokenIdError before any
+        kernel runs (ids already on a GPU cost one reduction and a scalar read there)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.int64)
+        if ids.numel():
+            check_token_ids(int(ids.max()), self.hasher.vocab_size)
+        ids = ids.to(device)
         return ids[None] if ids.ndim == 1 else ids
 
     def row_ids(self, token_ids) -> torch.Tensor:
@@ -172,7 +189,7 @@ class EngramLookup:
         if self.hot is not None:
             dequant_into(self.hot.gather(flat, H), self.head_dim, self.fp8, flat_out)
         elif isinstance(self.table, torch.Tensor):
-            gather_into(self.table, flat, self.head_dim, self.fp8, flat_out)
+            gather_into(self.table, flat, self.head_dim, self.fp8, flat_out, fast=not self.impl.reference)
         else:
             dequant_into(read_rows(self.table, flat), self.head_dim, self.fp8, flat_out)
         if final is not None:  # an `out` on the device: the host rows copied into it

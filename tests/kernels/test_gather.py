@@ -74,3 +74,42 @@ def test_lookup_into_out(backend, dtype, deepseek_vocab):
         got = lk(ids, out=out)
         assert got.data_ptr() == out.data_ptr()
         assert torch.equal(out, EngramLookup(plan, deepseek_vocab, 1, stored, backend="torch", device=DEVICE)(ids))
+
+
+@pytest.mark.parametrize("n", [1, 5, 40_000])  # 40,000 rows: over the kernels' parallel threshold (both cores)
+@pytest.mark.parametrize("dtype,width", [(torch.float32, 64), (torch.float32, 3), (torch.float16, 96), (torch.bfloat16, 64),
+                                         (torch.bfloat16, 33), (torch.uint8, 66)])
+def test_cpu_gather_matches_index_select(dtype, width, n):
+    """kernels/cpu.py's gather (gather_rows on the CPU) against index_select, the torch reference: bit for bit."""
+    from engram_cli.kernels.gather import gather_rows
+
+    g = torch.Generator().manual_seed(width)
+    table = torch.randint(0, 256, (1009, width * (1 if dtype == torch.uint8 else torch.finfo(dtype).bits // 8)), generator=g,
+                          dtype=torch.uint8).view(dtype)
+    rows = torch.randint(0, 1009, (n,), generator=g)
+    rows[:3] = torch.tensor([0, 1008, 0])[: min(3, n)]
+    want = table.index_select(0, rows)
+    out = torch.full_like(want, 7) if dtype == torch.uint8 else torch.empty_like(want)
+    assert gather_rows(table, rows, out=out) is out
+    assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(gather_rows(table, rows, fast=False).view(torch.uint8), want.view(torch.uint8))
+    with pytest.raises(IndexError):
+        gather_rows(table, torch.tensor([0, 1009]), out=torch.empty((2, table.shape[1]), dtype=dtype))
+
+
+@pytest.mark.parametrize("n", [7, 40_000])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_cpu_fp8_gather_matches_reference(head_dim, n):
+    """FP8 rows dequantized while gathered (kernels/cpu.py) == fp8_dequant_torch of index_select, bit for bit."""
+    from engram_cli.kernels.gather import gather_into
+
+    rng = np.random.default_rng(head_dim)
+    x = (rng.standard_normal((500, head_dim)) * rng.choice([1e-3, 1.0, 300.0], size=(500, 1))).astype(np.float32)
+    packed = torch.from_numpy(quantize_fp8_rows(x))
+    rows = torch.from_numpy(rng.integers(0, 500, n))
+    want = fp8_dequant_torch(packed.index_select(0, rows), head_dim)
+    out = torch.empty((n, head_dim))
+    assert gather_into(packed, rows, head_dim, True, out) is out
+    assert torch.equal(out, want)
+    ref = torch.empty((n, head_dim))
+    assert torch.equal(gather_into(packed, rows, head_dim, True, ref, fast=False), want)

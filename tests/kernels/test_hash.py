@@ -1,5 +1,6 @@
-"""Row ids (kernels/hash.py and the Triton kernel): every backend against the numpy oracle
-engram_cli.hashing.position_row_ids, and the division-free floor modulo against torch.remainder."""
+"""Row ids (kernels/hash.py, kernels/cpu.py and the Triton kernel): every backend against the numpy
+oracle engram_cli.hashing.position_row_ids, and the CPU kernel's division-free floor modulo against
+torch.remainder."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _common import BACKENDS, DEVICE, edge_ids, plan_for
-from engram_cli.hashing import position_row_ids
+from engram_cli.hashing import compress_ids, position_row_ids
 from engram_cli.kernels import EngramLookup
-from engram_cli.kernels.hash import EXACT_FLOAT_PRIME_LIMIT, ModConstants, floor_mod_exact
+from engram_cli.kernels.cpu import FAST_MOD_MIN_PRIME, floor_mod_heads
 from engram_cli.plan import make_plan
 
 SPEC_POS0 = [417694, 153810, 631746, 619567, 19819, 4616, 64500, 103595, 142458, 557886, 379397, 606178, 191641, 26676, 195389, 29662]
@@ -77,43 +78,34 @@ def test_row_ids_v41_sizes(backend, deepseek_vocab):
     assert int(got.max()) < plan.layer_rows(1)
 
 
-PRIMES = st.integers(2, EXACT_FLOAT_PRIME_LIMIT - 1)  # any modulus works; the plan's are primes
+PRIMES = st.integers(2, 2**40)  # any modulus works (the plan's are primes): small ones take the two-step path
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=64), st.lists(PRIMES, min_size=1, max_size=8))
-def test_floor_mod_exact_matches_remainder(mixes, moduli):
-    """The float64 floor modulo equals torch.remainder for every int64 and modulus < 2^24,
-    extremes included."""
+def test_floor_mod_matches_remainder(mixes, moduli):
+    """The float64-quotient floor modulo equals torch.remainder for every int64 and modulus, extremes included."""
     mix = torch.tensor(mixes + [-(2**63), 2**63 - 1, -1, 0, 1], dtype=torch.int64)
     p = torch.tensor(moduli, dtype=torch.int64)
-    off = torch.arange(p.numel(), dtype=torch.int64) * 1000
-    out = torch.empty((mix.numel(), p.numel()), dtype=torch.int64)
-    floor_mod_exact(mix, ModConstants(p), off, out)
-    assert torch.equal(out, torch.remainder(mix[:, None], p) + off)
+    assert torch.equal(torch.from_numpy(floor_mod_heads(mix.numpy(), p.numpy())), torch.remainder(mix[:, None], p))
 
 
-def test_floor_mod_multiples_and_large_primes():
-    """Exact multiples (the quotient's rounding edge) and primes past the float limit (remainder fallback)."""
-    p = torch.tensor([16_777_213, 9_999_991, 3], dtype=torch.int64)
+def test_floor_mod_multiples_and_prime_sizes():
+    """Exact multiples and their neighbours (the quotient's rounding edge), for primes around the
+    single-step limit, the reference plan's, V4.1's and past 2^24."""
+    p = torch.tensor([FAST_MOD_MIN_PRIME - 3, FAST_MOD_MIN_PRIME + 3, 646_403, 16_000_057, 2**31 - 1, 3], dtype=torch.int64)
     k = torch.tensor([-(2**39), -7, -1, 0, 1, 5, 2**39], dtype=torch.int64)
-    mix = torch.cat([k * p[0], k * p[1], k * p[0] + 1, k * p[1] - 1])
-    out = torch.empty((mix.numel(), 3), dtype=torch.int64)
-    floor_mod_exact(mix, ModConstants(p), torch.zeros(3, dtype=torch.int64), out)
-    assert torch.equal(out, torch.remainder(mix[:, None], p))
-    big = torch.tensor([2**31 - 1], dtype=torch.int64)
-    assert not ModConstants(big).exact
-    out1 = torch.empty((mix.numel(), 1), dtype=torch.int64)
-    floor_mod_exact(mix, ModConstants(big), torch.zeros(1, dtype=torch.int64), out1)
-    assert torch.equal(out1, torch.remainder(mix[:, None], big))
+    mix = torch.cat([k * q + e for q in p[:5] for e in (-1, 0, 1)])
+    want = torch.remainder(mix[:, None], p)
+    assert torch.equal(torch.from_numpy(floor_mod_heads(mix.numpy(), p.numpy())), want)
+    assert torch.equal(torch.from_numpy(floor_mod_heads(mix.numpy(), p[2:5].numpy())), want[:, 2:5])  # single-step path only
 
 
-def test_fast_path_chunks(monkeypatch, deepseek_vocab):
-    """Chunking of the fast path over positions does not change the ids."""
-    import engram_cli.kernels.hash as kh
-
-    plan = plan_for(deepseek_vocab, max_n=4, heads=3, dim=96)
-    ids = edge_ids(deepseek_vocab, 3, 50, seed=2)
-    want = position_row_ids(plan, 1, deepseek_vocab.compress(ids))
-    monkeypatch.setattr(kh, "CHUNK_POSITIONS", 7)
+@pytest.mark.parametrize("B,T", [(1, 5000), (3, 1500), (64, 3)])
+def test_fast_path_chunks(B, T, deepseek_vocab):
+    """Positions split across the CPU kernel's parallel chunks (2048 positions) give the same ids."""
+    plan = plan_for(deepseek_vocab, max_n=4, heads=3, dim=96, rows=(5003, 7001, 9001))
+    ids = edge_ids(deepseek_vocab, B, T, seed=2)
+    ids[0, ::7] = -1
+    want = position_row_ids(plan, 1, compress_ids(deepseek_vocab.lookup, ids))
     np.testing.assert_array_equal(row_ids(plan, deepseek_vocab, "cpu", ids), want)
