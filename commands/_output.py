@@ -190,6 +190,8 @@ def format_count(stage: str, value: float | None, unit: bool = False) -> str:
     if stage in BYTE_STAGES:
         return format_bytes(int(value))
     name = STAGE_UNITS.get(stage) if unit else None
+    if name and int(value) == 1 and name.endswith("s"):
+        name = name[:-1]  # 1 part, 1 step
     return f"{int(value):,}" + (f" {name}" if name else "")
 
 
