@@ -171,6 +171,23 @@ def tokenizer_report(spec) -> dict | None:
     }
 
 
+def disk_split(path) -> tuple[int, int]:
+    """(bytes of files written for this store alone, bytes of files hard-linked with another store) under `path`.
+
+    `engram train` links the initial store's files into its output and rewrites the
+    shards that hold trained rows: the first figure is what training added on disk.
+    """
+    new = linked = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            st = os.stat(os.path.join(root, name))
+            if st.st_nlink > 1:
+                linked += st.st_size
+            else:
+                new += st.st_size
+    return new, linked
+
+
 def modification_operations(records: list[dict]) -> list[dict]:
     """The modification records grouped by operation: a run of records written `by` the same
     operation (an import or a training run writes one record per layer or shard) is one

@@ -1,0 +1,135 @@
+"""A newcomer's session, read with redirected output (issue 24): units, periodic training
+lines, the saturation notice, one meaning of "document", disk and next-step hints.
+
+The session runs once (module fixture) as real subprocesses, stdout and stderr in files,
+on a part of the fixture corpus chosen so that the held-out split is one short document
+(eval scores ~20 windows) while one long document is read as several 256 KiB pieces:
+debian-reference (878 KB, 4 pieces) and three short debian-policy files. The plan is
+tiny (`--budget 2MiB --layers 1`, a 4-layer model, `--steps 3`), so it is saturated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engram_cli.audit.saturation import SATURATION_THRESHOLD, saturation_verdict
+from engram_cli.pipeline.build import plan_tables
+from engram_cli.store import TableStore
+from engram_cli.vocab import CompressedVocab
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures" / "corpus"
+# 4 documents read as 7 pieces; at the default 10% only ap-pkg-sourcepkg.rst is held out (by its key's hash).
+PART = ["debian-reference/debian-reference.en.txt", "debian-policy/ap-pkg-sourcepkg.rst", "debian-policy/ap-license.rst", "debian-policy/ap-flowcharts.rst"]
+SMALL = ["--budget", "2MiB", "--layers", "1"]
+SESSION = [
+    ("build-table", ["build-table", "corpus/", *SMALL]),
+    ("collisions", ["collisions", "--heads", "8"]),
+    ("inspect", ["inspect"]),
+    ("train", ["train", "corpus/", "--steps", "3"]),
+    ("baseline", ["train", "corpus/", "--steps", "3", "--no-engram", "-o", "base.ckpt"]),
+    ("eval", ["eval", "model.ckpt"]),
+]
+
+
+def run(cwd: Path, args: list[str], name: str, env: dict | None = None) -> tuple[str, str]:
+    out, err = cwd / f"{name}.out", cwd / f"{name}.err"
+    with out.open("w") as o, err.open("w") as e:
+        rc = subprocess.run([sys.executable, "-m", "engram_cli.cli", *args], cwd=cwd, stdout=o, stderr=e, timeout=600, env=env).returncode
+    assert rc == 0, f"engram {' '.join(args)} exited {rc}: {err.read_text()}"
+    return out.read_text(encoding="utf-8"), err.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory, deepseek_vocab_file) -> dict[str, tuple[str, str]]:
+    root = tmp_path_factory.mktemp("newcomer")
+    for rel in PART:
+        (root / "corpus" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(FIXTURES / rel, root / "corpus" / rel)
+    shutil.copy(deepseek_vocab_file, root / "vocab.npz")  # what `engram compress-vocab` writes (test_readme runs it)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "ENGRAM_PROGRESS_SECONDS"}
+    printed = {name: run(root, args, name, env) for name, args in SESSION}
+    printed["root"] = root
+    return printed
+
+
+def done_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if re.match(r"^[a-z][a-z -]*: done\b", line)]
+
+
+def test_every_stage_names_its_unit_and_none_is_reported_twice(session):
+    for name, _ in SESSION:
+        err = session[name][1]
+        assert "\x1b[" not in err and "\r" not in err  # no live frames in a file
+        lines = done_lines(err)
+        assert lines or name in ("inspect",), (name, err)
+        for line in lines:
+            assert not re.search(r": done, 0\b", line), line  # nothing uncounted shown as 0
+            m = re.match(r"^[a-z -]+: done, ([\d,.]+) (\S+)", line)
+            if m:  # a count: followed by its unit, never by "(" or "in"
+                assert m.group(2) not in ("in",) and not m.group(2).startswith("("), line
+        stripped = [re.sub(r" in [^ ]+ (s|min .*|h .*)$", "", line) for line in lines]
+        assert len(stripped) == len(set(stripped)), (name, lines)  # no stage reported twice
+    build_err = session["build-table"][1]
+    assert re.search(r"^tokenizing: done, [\d,]+ tokens \(4 documents\)", build_err, re.M), build_err
+    assert re.search(r"^hit counts: done, [\d,]+ n-grams in ", build_err, re.M), build_err
+
+
+def test_training_prints_periodic_lines_with_the_loss_and_time_left(session):
+    err = session["train"][1]
+    running = re.findall(r"^train: (\d)/3 steps \(loss \d+\.\d+ .*\), .* so far, about .* left$", err, re.M)
+    assert running == ["1", "2"], err
+    assert re.search(r"^train: done, 3 steps \(loss ", err, re.M)
+    assert re.search(r"^load table: done \(layer 1\) in ", err, re.M)  # no "done, 0 (layer 1)"
+    assert re.search(r"^eval: done, \d+ windows \(model.ckpt\) in ", session["eval"][1], re.M)
+
+
+def test_document_counts_agree(session):
+    build = re.search(r"Corpus: 4 files, (\d+) documents", session["build-table"][0])
+    assert build and build.group(1) == "4"
+    for name in ("train", "baseline"):
+        assert re.search(r"^tokenize: done, [\d,]+ tokens \(4 documents, read as 7 pieces of up to 256 KiB\)", session[name][1], re.M), session[name][1]
+        assert "held out for engram eval: 1 pieces" in session[name][0]
+    assert re.search(r"^tokenize held-out: done, 1 held-out piece \(model.ckpt\)", session["eval"][1], re.M), session["eval"][1]
+    assert "4 documents" in " ".join(session["inspect"][0].split())
+
+
+def test_saturation_notice_for_a_tiny_plan_and_not_for_the_reference_plan(session):
+    root = session["root"]
+    notice = "Saturated plan: 2-grams 100.00% in shared buckets per head"
+    assert notice in session["build-table"][1] and notice not in session["build-table"][0]  # a notice, on stderr
+    assert notice in session["collisions"][0] and notice in session["inspect"][0]  # the same verdict in the reports
+    assert "--rows-per-head " in session["build-table"][1]
+    store = TableStore.open(root / "tables.zarr")
+    distinct = {n: store.stats.distinct(n) for n in store.plan.orders}
+    reference = plan_tables(CompressedVocab.load(root / "vocab.npz"))  # the default plan, 646,400 rows per head
+    assert saturation_verdict(reference, distinct)["saturated"] == []
+    # the whole fixture corpus (108,757 distinct 2-grams, 237,837 3-grams, docs/collisions.md) under the reference plan: not saturated either
+    verdict = saturation_verdict(reference, {2: 108_757, 3: 237_837})
+    assert verdict["notice"] is None and verdict["threshold"] == SATURATION_THRESHOLD
+
+
+def test_disk_what_if_and_next_step_hints(session):
+    train_out, train_err = session["train"]
+    assert re.search(r"^Training writes model.ckpt and model.tables.zarr: up to [\d.]+ (KiB|MiB) of rewritten shards", train_err, re.M), train_err
+    assert re.search(r"on disk: model.tables.zarr added [\d.]+ (KiB|MiB) \(rewritten shards\), [\d.]+ (B|KiB|MiB) hard-linked from tables.zarr", train_out)
+    assert "next: engram eval model.ckpt base.ckpt" in session["baseline"][0]
+    assert "is the stored plan's audit, not a what-if" in session["collisions"][0] or "not a what-if" in " ".join(session["collisions"][0].split())
+    assert "Modified since build: no." in session["inspect"][0]
+
+
+def test_json_reports_carry_the_verdict(session):
+    root = session["root"]
+    out, _ = run(root, ["inspect", "--json"], "inspect-json")
+    report = json.loads(out)
+    assert [s["order"] for s in report["saturation"]["saturated"]] == [2, 3]
+    out, _ = run(root, ["inspect", "model.tables.zarr", "--json"], "inspect-trained")
+    ops = json.loads(out)["modified"]["operations"]
+    assert [op["by"] for op in ops] == ["trained"] and ops[0]["writes"] >= 1  # one training run = one operation
