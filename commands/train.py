@@ -55,7 +55,9 @@ def train_command(
         return
     console.print(f"[bold]{result['checkpoint']}[/]: {result['steps']} steps, loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, "
                   f"{result['tokens_per_s']:,.0f} tokens/s, {result['seconds']:.1f} s")
-    unit = "segments" if result["split"] == "segment" else "pieces (documents, long ones as 256 KiB pieces)"
+    n = result["heldout_documents"]
+    unit = ("segment" if result["split"] == "segment" else "piece") + ("" if n == 1 else "s")
+    unit += "" if result["split"] == "segment" else " (documents, long ones as 256 KiB pieces)"
     console.print(f"held out for engram eval: {result['heldout_documents']:,} {unit}, {result['heldout_tokens']:,} tokens")
     if result["tables"]:
         rows = sum(result["rows_trained"].values())

@@ -113,7 +113,7 @@ def test_document_counts_agree(session):
     assert build and build.group(1) == "4"
     for name in ("train", "baseline"):
         assert re.search(r"^tokenize: done, [\d,]+ tokens \(4 documents, read as 5 pieces of up to 256 KiB\)", session[name][1], re.M), session[name][1]
-        assert "held out for engram eval: 1 pieces" in session[name][0]
+        assert "held out for engram eval: 1 piece (documents, long ones as 256 KiB pieces)" in session[name][0]
     assert re.search(r"^tokenize held-out: done, 1 held-out piece \(model.ckpt\)", session["eval"][1], re.M), session["eval"][1]
     assert "4 documents" in " ".join(session["inspect"][0].split())
 
