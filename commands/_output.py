@@ -247,7 +247,7 @@ class ProgressReporter:
     layer) reopens.
 
     On redirected stderr a running stage also prints a line every `progress_seconds()`
-    (30 s) and, for the long loops (`LOOP_STAGES`: training, eval, audits), at every
+    (30 s, from a ticker thread, so also between two reports) and, for the long loops (`LOOP_STAGES`: training, eval, audits), at every
     tenth of its total: its count, its detail (the loss), the time so far and an
     estimate of the time left.
     """
@@ -303,10 +303,14 @@ class ProgressReporter:
         now = time.monotonic()
         tenth = int(10 * s.done / s.total) if s.total else 0
         due = now - s.last_line >= self._every or (stage in LOOP_STAGES and tenth > s.last_tenth)
-        if not due or not s.counted:
+        if not due:
             return
         s.last_line, s.last_tenth = now, max(s.last_tenth, tenth)
         elapsed = now - s.started
+        if not s.counted:  # a stage that counts nothing: that it still runs, and for how long
+            detail = f" ({', '.join(s.details)})" if s.details else ""
+            notices.print(f"{stage}: running{detail}, {format_seconds(elapsed)} so far", markup=False, highlight=False, soft_wrap=True)
+            return
         count = format_count(stage, s.done) if s.total is None else f"{format_count(stage, s.done)}/{format_count(stage, s.total, unit=True)}"
         if s.total is None and stage not in BYTE_STAGES:
             count = format_count(stage, s.done, unit=True)
@@ -330,7 +334,27 @@ class ProgressReporter:
                 line = f"{stage}: done{detail}"
             notices.print(f"{line} in {format_seconds(seconds)}", markup=False, highlight=False, soft_wrap=True)
 
+    def tick(self) -> None:
+        """Print the line of every running stage that is due (`_maybe_line`), reports or not: a
+        step that takes minutes between two reports still shows every `progress_seconds()`."""
+        with self._lock:
+            for name, s in self.stages.items():
+                if not s.finished:
+                    self._maybe_line(name, s)
+
+    def start_ticker(self) -> None:
+        """On redirected stderr: a daemon thread calling `tick` every second until `close`."""
+        self._stop = threading.Event()
+
+        def run() -> None:
+            while not self._stop.wait(1.0):
+                self.tick()
+
+        threading.Thread(target=run, name="engram-progress", daemon=True).start()
+
     def close(self) -> None:
+        if getattr(self, "_stop", None) is not None:
+            self._stop.set()
         with self._lock:
             for name, s in self.stages.items():
                 if not s.finished:
@@ -342,6 +366,8 @@ def progress_reporter(quiet: bool = False):
     """A `ProgressReporter` for a command's run; every stage is closed at the end."""
     if quiet or not notices.is_terminal:
         reporter = ProgressReporter(None, quiet=quiet)
+        if not quiet:
+            reporter.start_ticker()
         try:
             yield reporter
         finally:

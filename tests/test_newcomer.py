@@ -102,7 +102,7 @@ def test_every_stage_names_its_unit_and_none_is_reported_twice(session):
 def test_training_prints_periodic_lines_with_the_loss_and_time_left(session):
     err = session["train"][1]
     running = re.findall(r"^train: (\d)/3 steps \(loss \d+\.\d+ .*\), .* so far, about .* left$", err, re.M)
-    assert running == ["1", "2"], err
+    assert sorted(set(running)) == ["1", "2"], err  # each tenth of 3 steps (a slow step may add a 30 s line)
     assert re.search(r"^train: done, 3 steps \(loss ", err, re.M)
     assert re.search(r"^load table: done \(layer 1\) in ", err, re.M)  # no "done, 0 (layer 1)"
     assert re.search(r"^eval: done, \d+ windows \(model.ckpt\) in ", session["eval"][1], re.M)
