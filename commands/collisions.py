@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import List, Optional
 
@@ -43,8 +44,8 @@ MEMBERS_SHOWN = 4
 def _pct(x: Optional[float]) -> str:
     if x is None:
         return "-"
-    if x and abs(x) < 1e-4:  # still a percentage, to two significant figures: 0.00042%
-        return f"{x * 100:.2g}%"
+    if x and abs(x) < 1e-4:  # still a percentage, never an exponent: two significant figures, 0.00042%
+        return f"{x * 100:.{1 - math.floor(math.log10(abs(x) * 100))}f}%"
     return f"{x:.2%}"
 
 

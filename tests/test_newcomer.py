@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from engram_cli.commands.collisions import _pct
 from typer.testing import CliRunner
 
 from engram_cli.audit.saturation import SATURATION_THRESHOLD, saturation_verdict
@@ -34,6 +35,7 @@ from engram_cli.plan import (
     DEFAULT_SEED,
 )
 from engram_cli.store import TableStore
+from engram_cli.units import format_bytes
 from engram_cli.vocab import CompressedVocab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,3 +151,8 @@ def test_inspect_reports_the_verdict_and_one_training_run_as_one_operation(sessi
     assert [s["order"] for s in report["saturation"]["saturated"]] == [2, 3]
     ops = inspect_store(TableStore.open(root / "model.tables.zarr"))["modified"]["operations"]
     assert [op["by"] for op in ops] == ["trained"] and ops[0]["writes"] >= 1 and ops[0]["complete"]
+
+
+def test_numbers_formatted_for_their_column():
+    assert [_pct(x) for x in (4.23e-06, 1e-9, 0.5)] == ["0.00042%", "0.00000010%", "50.00%"]  # never 4.23e-06 among percentages
+    assert [format_bytes(n) for n in (1023 << 20, 1000 << 20, 3 << 29)] == ["1023 MiB", "1000 MiB", "1.5 GiB"]  # never 1.02e+03 MiB
