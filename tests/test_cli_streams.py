@@ -74,7 +74,7 @@ def test_off_a_terminal_long_loops_print_a_line_with_the_time_left(stderr_file, 
     assert "read hits: 100/1,000 rows (layer 1 order 2), " in stderr_file()
     report("load table", 0, None, "layer 15")
     report.tick()  # between reports (the ticker thread's call): an uncounted stage says it still runs
-    assert re.search(r"^load table: running \(layer 15\), [\d.]+ s so far$", stderr_file(), re.M)
+    assert re.search(r"^load table: running \(layer 15\), [\d.]+ s so far$", stderr_file(), re.MULTILINE)
 
 
 def test_on_a_terminal_a_finished_stage_stops():

@@ -97,26 +97,26 @@ def test_every_stage_names_its_unit_and_none_is_reported_twice(session):
         stripped = [re.sub(r" in [^ ]+ (s|min .*|h .*)$", "", line) for line in lines]
         assert len(stripped) == len(set(stripped)), (name, lines)  # no stage reported twice
     build_err = session["build-table"][1]
-    assert re.search(r"^tokenizing: done, [\d,]+ tokens \(4 documents\)", build_err, re.M), build_err
-    assert re.search(r"^hit counts: done, [\d,]+ n-grams in ", build_err, re.M), build_err
+    assert re.search(r"^tokenizing: done, [\d,]+ tokens \(4 documents\)", build_err, re.MULTILINE), build_err
+    assert re.search(r"^hit counts: done, [\d,]+ n-grams in ", build_err, re.MULTILINE), build_err
 
 
 def test_training_prints_periodic_lines_with_the_loss_and_time_left(session):
     err = session["train"][1]
-    running = re.findall(r"^train: (\d)/3 steps \(loss \d+\.\d+ .*\), .* so far, about .* left$", err, re.M)
+    running = re.findall(r"^train: (\d)/3 steps \(loss \d+\.\d+ .*\), .* so far, about .* left$", err, re.MULTILINE)
     assert sorted(set(running)) == ["1", "2"], err  # each tenth of 3 steps (a slow step may add a 30 s line)
-    assert re.search(r"^train: done, 3 steps \(loss ", err, re.M)
-    assert re.search(r"^load table: done \(layer 1\) in ", err, re.M)  # no "done, 0 (layer 1)"
-    assert re.search(r"^eval: done, \d+ windows \(model.ckpt\) in ", session["eval"][1], re.M)
+    assert re.search(r"^train: done, 3 steps \(loss ", err, re.MULTILINE)
+    assert re.search(r"^load table: done \(layer 1\) in ", err, re.MULTILINE)  # no "done, 0 (layer 1)"
+    assert re.search(r"^eval: done, \d+ windows \(model.ckpt\) in ", session["eval"][1], re.MULTILINE)
 
 
 def test_document_counts_agree(session):
     build = re.search(r"Corpus: 4 files, (\d+) documents", session["build-table"][0])
     assert build and build.group(1) == "4"
     for name in ("train", "baseline"):
-        assert re.search(r"^tokenize: done, [\d,]+ tokens \(4 documents, read as 5 pieces of up to 256 KiB\)", session[name][1], re.M), session[name][1]
+        assert re.search(r"^tokenize: done, [\d,]+ tokens \(4 documents, read as 5 pieces of up to 256 KiB\)", session[name][1], re.MULTILINE), session[name][1]
         assert "held out for engram eval: 1 piece (documents, long ones as 256 KiB pieces)" in session[name][0]
-    assert re.search(r"^tokenize held-out: done, 1 held-out piece \(model.ckpt\)", session["eval"][1], re.M), session["eval"][1]
+    assert re.search(r"^tokenize held-out: done, 1 held-out piece \(model.ckpt\)", session["eval"][1], re.MULTILINE), session["eval"][1]
     assert "4 documents" in " ".join(session["inspect"][0].split())
 
 
@@ -138,7 +138,7 @@ def test_saturation_notice_for_a_tiny_plan_and_not_for_the_reference_plan(sessio
 
 def test_disk_what_if_and_next_step_hints(session):
     train_out, train_err = session["train"]
-    assert re.search(r"^Training writes model.ckpt and model.tables.zarr: up to [\d.]+ (KiB|MiB) of rewritten shards", train_err, re.M), train_err
+    assert re.search(r"^Training writes model.ckpt and model.tables.zarr: up to [\d.]+ (KiB|MiB) of rewritten shards", train_err, re.MULTILINE), train_err
     assert re.search(r"on disk: model.tables.zarr added [\d.]+ (KiB|MiB) \(rewritten shards\), [\d.]+ (B|KiB|MiB) hard-linked from tables.zarr", train_out)
     assert "next: engram eval model.ckpt base.ckpt" in session["baseline"][0]
     assert "--heads 8 gives the stored plan itself: this is the stored plan's audit, not a what-if" in session["collisions"][0]
