@@ -265,7 +265,7 @@ class ProgressReporter:
             s = self.stages.get(stage)
             started_now = not done and total is None  # "this begins now": the uncounted stages before it are over
             if s is None or (s.finished and (total is None or done < (s.total or 0) or done < s.done)):
-                if s is None and (total is not None or started_now):
+                if total is not None or started_now:  # new, or reopened for the next checkpoint or layer
                     for other_name, other in self.stages.items():
                         if not other.finished and other.total is None:
                             self._finish(other_name, other)

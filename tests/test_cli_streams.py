@@ -58,6 +58,20 @@ def test_off_a_terminal_uncounted_stages_print_no_count_and_end_when_the_next_be
     assert lines[3].startswith("save rows: done (model.tables.zarr) in ")
 
 
+def test_off_a_terminal_a_reopened_stage_ends_the_uncounted_ones_before_it(stderr_file):
+    report = ProgressReporter(None)  # eval of two checkpoints: the first one's audit ends when the second one's tokenizing begins
+    for name in ("model.ckpt", "base.ckpt"):
+        report("tokenize held-out", 1, 2, name)
+        report("tokenize held-out", 2, 2, name)
+        report("eval", 0, 2, name)
+        report("eval", 2, 2, name)
+        report("audit", 0, None, "layer 1")
+    report.close()
+    stages = [(l.split(":")[0], l.split("(")[1].split(")")[0]) for l in stderr_file().splitlines()]
+    assert stages == [("tokenize held-out", "model.ckpt"), ("eval", "model.ckpt"), ("audit", "layer 1"),
+                      ("tokenize held-out", "base.ckpt"), ("eval", "base.ckpt"), ("audit", "layer 1")]
+
+
 def test_off_a_terminal_long_loops_print_a_line_with_the_time_left(stderr_file, monkeypatch):
     report = ProgressReporter(None)
     for step in range(1, 11):
