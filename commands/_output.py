@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import typer
 from rich.console import Console
@@ -95,7 +96,38 @@ console = Console(file=_EscapingStream("stdout"), highlight=False, width=None if
 notices = Console(file=_EscapingStream("stderr"), highlight=False)
 
 # Stages whose counts are bytes (corpus reading, shard writing): shown as 1.2 GiB, not raw integers.
-BYTE_STAGES = frozenset({"reading", "writing"})
+BYTE_STAGES = frozenset({"reading", "writing", "map shards"})
+# The unit of every other stage's count, named on every line ("472,748 tokens"). A stage
+# reported only as started (done 0, no total) counts nothing: its line has no count.
+STAGE_UNITS = {
+    "tokenizing": "tokens", "counting": "tokens", "tokenize": "tokens", "tokenize held-out": "held-out pieces",
+    "merging": "parts", "merge partitions": "partitions", "hit counts": "n-grams",
+    "hash n-grams": "n-grams", "audit": "layer-orders", "audit shuffle": "tasks", "audit bucket ranges": "tasks",
+    "audit row ranges": "tasks", "audit sizing": "tasks", "read hits": "rows", "verify chunks": "chunks",
+    "train": "steps", "eval": "windows", "importing": "rows", "auditing": "rows",
+}
+# Redirected stderr: a running stage prints a line at least this often (seconds;
+# ENGRAM_PROGRESS_SECONDS overrides), and the long loops below also at every tenth of their total.
+PROGRESS_SECONDS = 30.0
+LOOP_STAGES = frozenset({"train", "eval", "audit", "auditing", "hash n-grams", "verify chunks"})
+
+
+def progress_seconds() -> float:
+    """Seconds between a running stage's lines on redirected stderr (`ENGRAM_PROGRESS_SECONDS`, default 30)."""
+    try:
+        return float(os.environ.get("ENGRAM_PROGRESS_SECONDS", PROGRESS_SECONDS))
+    except ValueError:
+        return PROGRESS_SECONDS
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration as `42 s`, `3 min 05 s` or `2 h 07 min`."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
 def notice(message: str) -> None:
@@ -150,11 +182,17 @@ def ngram_text(tokens) -> str:
     return NGRAM_SEPARATOR.join(visible(t) for t in tokens)
 
 
-def format_count(stage: str, value: float | None) -> str:
-    """A stage's count in its unit: bytes in human units, other counts with separators."""
+def format_count(stage: str, value: float | None, unit: bool = False) -> str:
+    """A stage's count in its unit: bytes in human units, other counts with separators
+    (and, with `unit`, the stage's unit from `STAGE_UNITS`: `472,748 tokens`)."""
     if value is None:
         return "?"
-    return format_bytes(int(value)) if stage in BYTE_STAGES else f"{int(value):,}"
+    if stage in BYTE_STAGES:
+        return format_bytes(int(value))
+    name = STAGE_UNITS.get(stage) if unit else None
+    if name and int(value) == 1 and name.endswith("s"):
+        name = name[:-1]  # 1 part, 1 step
+    return f"{int(value):,}" + (f" {name}" if name else "")
 
 
 class _CountColumn(ProgressColumn):
@@ -190,6 +228,10 @@ class _Stage:
     detail: str = ""
     finished: bool = False
     task: TaskID | None = None
+    counted: bool = False  # reported a count (done > 0 or a total): its line names the count in its unit
+    details: list = field(default_factory=list)  # an uncounted stage's details, in order (`load table`: layer 1, layer 15)
+    last_line: float = 0.0  # when its last line was printed (redirected stderr)
+    last_tenth: int = 0  # the last tenth of its total a line was printed at
 
 
 class ProgressReporter:
@@ -197,9 +239,17 @@ class ProgressReporter:
 
     A stage ends when its count reaches its total, when a later stage with a known
     total starts (streaming stages such as tokenizing and counting have no total of
-    their own), or when the command ends. An ended stage shows done, its final count
-    and its time: its bar stops on a terminal; elsewhere it is one line on stderr.
-    A finished stage that reports again (the same stage for the next layer) reopens.
+    their own), when a stage is reported as just started (done 0, no total: the
+    stages before it without a total have ended), or when the command ends. An ended
+    stage shows done, its final count in its unit (`STAGE_UNITS`; none for a stage that
+    counted nothing) and its time: its bar stops on a terminal; elsewhere it is one
+    line on stderr. A finished stage that reports again (the same stage for the next
+    layer) reopens.
+
+    On redirected stderr a running stage also prints a line every `progress_seconds()`
+    (30 s, from a ticker thread, so also between two reports) and, for the long loops (`LOOP_STAGES`: training, eval, audits), at every
+    tenth of its total: its count, its detail (the loss), the time so far and an
+    estimate of the time left.
     """
 
     def __init__(self, progress: Progress | None, quiet: bool = False):
@@ -208,12 +258,14 @@ class ProgressReporter:
         self.stages: dict[str, _Stage] = {}
         self._lock = threading.Lock()
         self._idle_since = time.monotonic()  # when the last stage ended (or the command began)
+        self._every = progress_seconds()
 
     def __call__(self, stage: str, done: float, total: float | None = None, detail: str = "") -> None:
         with self._lock:
             s = self.stages.get(stage)
+            started_now = not done and total is None  # "this begins now": the uncounted stages before it are over
             if s is None or (s.finished and (total is None or done < (s.total or 0) or done < s.done)):
-                if s is None and total is not None:
+                if total is not None or started_now:  # new, or reopened for the next checkpoint or layer
                     for other_name, other in self.stages.items():
                         if not other.finished and other.total is None:
                             self._finish(other_name, other)
@@ -221,16 +273,22 @@ class ProgressReporter:
             if s.finished:  # a late report of an ended stage (the same final count) changes nothing
                 return
             s.done, s.total, s.detail = done, total, detail
+            s.counted = s.counted or bool(done) or total is not None
+            if detail and (not s.details or s.details[-1] != detail):
+                s.details.append(detail)
             if s.task is not None:
                 self.progress.update(s.task, completed=done, total=total, detail=detail)
             if total is not None and done >= total and not s.finished:
                 self._finish(stage, s)
+            elif self.progress is None and not self.quiet:
+                self._maybe_line(stage, s)
 
     def _open(self, stage: str, previous: _Stage | None) -> _Stage:
         # A stage reports only after some work; it began with the stages still running
         # beside it (a streaming pipeline), else when the last stage ended.
         running = [o.started for o in self.stages.values() if not o.finished]
         s = _Stage(started=min(running) if running else self._idle_since)
+        s.last_line = time.monotonic()
         if self.progress is not None:
             s.task = previous.task if previous is not None and previous.task is not None else self.progress.add_task(stage, total=None, detail="")
             if previous is not None:
@@ -240,6 +298,26 @@ class ProgressReporter:
         self.stages[stage] = s
         return s
 
+    def _maybe_line(self, stage: str, s: _Stage) -> None:
+        """A running stage's line on redirected stderr: every `_every` seconds, and at each tenth of a long loop's total."""
+        now = time.monotonic()
+        tenth = int(10 * s.done / s.total) if s.total else 0
+        due = now - s.last_line >= self._every or (stage in LOOP_STAGES and tenth > s.last_tenth)
+        if not due:
+            return
+        s.last_line, s.last_tenth = now, max(s.last_tenth, tenth)
+        elapsed = now - s.started
+        if not s.counted:  # a stage that counts nothing: that it still runs, and for how long
+            detail = f" ({', '.join(s.details)})" if s.details else ""
+            notices.print(f"{stage}: running{detail}, {format_seconds(elapsed)} so far", markup=False, highlight=False, soft_wrap=True)
+            return
+        count = format_count(stage, s.done) if s.total is None else f"{format_count(stage, s.done)}/{format_count(stage, s.total, unit=True)}"
+        if s.total is None and stage not in BYTE_STAGES:
+            count = format_count(stage, s.done, unit=True)
+        left = f", about {format_seconds(elapsed * (s.total - s.done) / s.done)} left" if s.total and s.done else ""
+        detail = f" ({s.detail})" if s.detail else ""
+        notices.print(f"{stage}: {count}{detail}, {format_seconds(elapsed)} so far{left}", markup=False, highlight=False, soft_wrap=True)
+
     def _finish(self, stage: str, s: _Stage) -> None:
         s.finished = True
         self._idle_since = time.monotonic()
@@ -248,10 +326,35 @@ class ProgressReporter:
             self.progress.update(s.task, total=s.done, completed=s.done, detail="done")
             self.progress.stop_task(s.task)
         elif not self.quiet:
-            detail = f" ({s.detail})" if s.detail and s.detail != "done" else ""
-            notices.print(f"{stage}: done, {format_count(stage, s.done)}{detail} in {seconds:.1f} s", markup=False, highlight=False, soft_wrap=True)
+            if s.counted:
+                detail = f" ({s.detail})" if s.detail and s.detail != "done" else ""
+                line = f"{stage}: done, {format_count(stage, s.done, unit=True)}{detail}"
+            else:
+                detail = f" ({', '.join(s.details)})" if s.details else ""
+                line = f"{stage}: done{detail}"
+            notices.print(f"{line} in {format_seconds(seconds)}", markup=False, highlight=False, soft_wrap=True)
+
+    def tick(self) -> None:
+        """Print the line of every running stage that is due (`_maybe_line`), reports or not: a
+        step that takes minutes between two reports still shows every `progress_seconds()`."""
+        with self._lock:
+            for name, s in self.stages.items():
+                if not s.finished:
+                    self._maybe_line(name, s)
+
+    def start_ticker(self) -> None:
+        """On redirected stderr: a daemon thread calling `tick` every second until `close`."""
+        self._stop = threading.Event()
+
+        def run() -> None:
+            while not self._stop.wait(1.0):
+                self.tick()
+
+        threading.Thread(target=run, name="engram-progress", daemon=True).start()
 
     def close(self) -> None:
+        if getattr(self, "_stop", None) is not None:
+            self._stop.set()
         with self._lock:
             for name, s in self.stages.items():
                 if not s.finished:
@@ -263,6 +366,8 @@ def progress_reporter(quiet: bool = False):
     """A `ProgressReporter` for a command's run; every stage is closed at the end."""
     if quiet or not notices.is_terminal:
         reporter = ProgressReporter(None, quiet=quiet)
+        if not quiet:
+            reporter.start_ticker()
         try:
             yield reporter
         finally:

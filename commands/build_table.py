@@ -18,6 +18,7 @@ from engram_cli.commands._sizes import render_plan_size
 from rich.table import Table
 
 from engram_cli import plan as plan_defaults
+from engram_cli.audit.saturation import saturation_verdict
 from engram_cli.defaults import (
     DEFAULT_MEMORY_LIMIT,
     DEFAULT_STORE,
@@ -188,6 +189,13 @@ def build_table_command(
     elif not as_json:
         render_plan(planned, out)
         render_plan_size(footprint)
+    verdict = {}
+
+    def on_counted(final_plan, stats):  # the saturation notice, after counting and before the tables are written
+        verdict.update(saturation_verdict(final_plan, {n: stats.distinct(n) for n in final_plan.orders}))
+        if verdict["notice"] and not as_json:
+            notice(verdict["notice"])
+
     with progress_reporter(quiet=as_json) as progress:
         result = build_tables(
             list(corpus),
@@ -209,6 +217,7 @@ def build_table_command(
             compressor=compressor,
             workers=workers,
             replan=replan,
+            on_counted=on_counted,
         )
     report = {
         "plan": planned,
@@ -217,6 +226,7 @@ def build_table_command(
         "corpus": result.corpus,
         "stats": stats_report(result.store.stats, vocab),
         "store": result.store.summary(),
+        "saturation": verdict,
     }
     if as_json:
         print_json(report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import List, Optional
 
@@ -27,6 +28,7 @@ from engram_cli.audit import (
     what_if_plan,
 )
 from engram_cli.audit.partitioned import audit_collisions_distributed
+from engram_cli.audit.saturation import saturation_verdict
 from engram_cli.defaults import DEFAULT_STORE
 from engram_cli.errors import PlanError, StoreError
 from engram_cli.execution.ray import check_cluster_options
@@ -42,8 +44,8 @@ MEMBERS_SHOWN = 4
 def _pct(x: Optional[float]) -> str:
     if x is None:
         return "-"
-    if x and abs(x) < 1e-4:
-        return f"{x:.2e}"
+    if x and abs(x) < 1e-4:  # still a percentage, never an exponent: two significant figures, 0.00042%
+        return f"{x * 100:.{1 - math.floor(math.log10(abs(x) * 100))}f}%"
     return f"{x:.2%}"
 
 
@@ -223,7 +225,8 @@ def collisions_command(
             report = audit_collisions_distributed(store_path, plan, cluster=cluster_spec, families=families, layers=layer_ids, target=target, sweep=spec, top=top, progress=progress)
         else:
             report = audit_collisions(plan, stats, families=families, layers=layer_ids, target=target, sweep=spec, vocab_keys=keys, top=top, progress=progress)
-    report = {"store": str(store_path), "what_if": plan is not stored, "stored_plan": None if plan is stored else {"heads": stored.heads, "rows_per_head": list(stored.rows_per_head), "dim": stored.dim, "total_bytes": stored.total_bytes}, "notes": notes, **report}
+    verdict = saturation_verdict(stored, {n: stats.distinct(n) for n in stored.orders})  # the stored plan's, as build-table and inspect give it
+    report = {"store": str(store_path), "what_if": plan is not stored, "saturation": verdict, "stored_plan": None if plan is stored else {"heads": stored.heads, "rows_per_head": list(stored.rows_per_head), "dim": stored.dim, "total_bytes": stored.total_bytes}, "notes": notes, **report}
     if plot is not None:
         plot_sweep(report["sweep"], plot)
         report["plot"] = str(plot)
@@ -231,6 +234,8 @@ def collisions_command(
         print_json(report)
     else:
         render(report, details=details)
+        if verdict["notice"]:  # part of the audit: on stdout with the report
+            console.print(verdict["notice"], markup=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

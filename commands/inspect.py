@@ -27,7 +27,7 @@ def identity_text(tok: dict) -> str:
     ident = tok.get("identity")
     if ident:
         skipped = f", {ident['skipped_for_time']:,} passed over for time" if ident.get("skipped_for_time") else ""
-        return (f"identity checked: {ident['texts_checked']:,} of {ident['texts']:,} texts ({ident['tokens_checked']:,} tokens) re-encoded by "
+        return (f"identity checked: {ident['texts_checked']:,} of {ident['texts']:,} texts ({ident['tokens_checked']:,} tokens; a text is a document or a 256 KiB piece of a long one) re-encoded by "
                 f"{ident['reference']}, {ident['mismatches']} mismatches{skipped}")
     if tok["engine"] == "tokenizers":
         return "the reference engine (no identity check needed)"
@@ -62,13 +62,18 @@ def render_inspect(report: dict) -> None:
         console.print(f"Tokenizer: {escape(str(tok['spec']))} (sha256 {(tok['sha256'] or '')[:12]}), encoded by {tok['engine']} {tok.get('engine_version') or ''}".rstrip() + "; " + identity_text(tok) + ".")
     mod = report["modified"]
     if mod["since_build"]:
-        last = mod["records"][-1]
-        console.print(
-            f"Modified since build: [bold]yes[/], {len(mod['records'])} time(s); last by {last.get('by')} at {last.get('at')} "
-            f"({last.get('rows', 0):,} rows, layers {last.get('layers')}){'' if last.get('complete') else ' [red]INCOMPLETE[/]'}."
-        )
+        ops = mod["operations"]
+        console.print(f"Modified since build: [bold]yes[/], {len(ops)} operation(s), oldest first:")
+        for op in ops:
+            when = op["first_at"] if op["first_at"] == op["last_at"] else f"{op['first_at']} .. {op['last_at']}"
+            console.print(
+                f"  by {escape(str(op['by']))} at {when}: {op['rows']:,} rows, layers {', '.join(map(str, op['layers']))} "
+                f"({op['writes']:,} write(s)){'' if op['complete'] else ' [red]INCOMPLETE[/]'}"
+            )
     else:
         console.print("Modified since build: no.")
+    if report.get("saturation") and report["saturation"]["notice"]:
+        console.print(report["saturation"]["notice"], markup=False, soft_wrap=True)
     if report["hits"]:
         hits = Table(title="Row hits per layer and order (top 1%/10%: share of all hits on the most-hit 1%/10% of rows)", title_justify="left")
         for col in ("layer", "order", "rows", "hit", "never", "hits", "top 1%", "top 10%"):

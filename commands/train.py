@@ -8,13 +8,17 @@ import typer
 from engram_cli.commands._output import (
     console,
     json_option,
+    notice,
     print_json,
     progress_reporter,
 )
 
-from engram_cli.defaults import DEFAULT_CHECKPOINT, DEFAULT_STORE
+from engram_cli.defaults import DEFAULT_CHECKPOINT, DEFAULT_STORE, TRAINED_STORE_SUFFIX
+from engram_cli.errors import EngramError
+from engram_cli.inspect import disk_split
 from engram_cli.kinds import TokenizerEngine
 from engram_cli.split import HELDOUT_SHARE
+from engram_cli.store import TableStore
 from engram_cli.train import DEFAULT_CORPUS, DEFAULT_STEPS, run_training
 from engram_cli.units import format_bytes
 
@@ -41,6 +45,8 @@ def train_command(
         engram train corpus/ --seed 1 -o seed1.ckpt
         engram train corpus/ --no-engram --param-matched -o matched.ckpt
     """
+    if not as_json:
+        notice(write_estimate(tables, out, no_engram))
     with progress_reporter(quiet=as_json) as progress:
         result = run_training(corpus, tables, out, steps=steps, no_engram=no_engram, param_matched=param_matched, seed=seed, split=split,
                               heldout_fraction=heldout_fraction, tokenizer_engine=tokenizer_engine, progress=progress)
@@ -49,11 +55,35 @@ def train_command(
         return
     console.print(f"[bold]{result['checkpoint']}[/]: {result['steps']} steps, loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, "
                   f"{result['tokens_per_s']:,.0f} tokens/s, {result['seconds']:.1f} s")
+    n = result["heldout_documents"]
+    unit = ("segment" if result["split"] == "segment" else "piece") + ("" if n == 1 else "s")
+    unit += "" if result["split"] == "segment" else " (documents, long ones as 256 KiB pieces)"
+    console.print(f"held out for engram eval: {result['heldout_documents']:,} {unit}, {result['heldout_tokens']:,} tokens")
     if result["tables"]:
         rows = sum(result["rows_trained"].values())
+        new, linked = disk_split(result["tables"])
         console.print(f"trained rows: {rows:,} in {result['tables']}  (the initial {tables} is unchanged); "
                       f"table optimizer state {format_bytes(result['optimizer_state_bytes'])}")
-    console.print("next: engram eval " + result["checkpoint"])
+        console.print(f"on disk: {result['tables']} added {format_bytes(new)} (rewritten shards), {format_bytes(linked)} hard-linked from {tables}")
+    other = Path(DEFAULT_CHECKPOINT)
+    if no_engram and Path(result["checkpoint"]).resolve() != other.resolve() and other.exists():
+        console.print(f"next: engram eval {other} {result['checkpoint']}  (memory vs baseline, side by side)")
+    else:
+        console.print("next: engram eval " + result["checkpoint"])
+
+
+def write_estimate(tables: Path, out: Path, no_engram: bool) -> str:
+    """The notice before training: what it will write, and at most how much."""
+    if no_engram:
+        return f"Training writes {out} (the model only; no tables)."
+    try:
+        size = TableStore.open(tables).summary()
+    except EngramError:  # run_training says what is wrong with it, after its own checks
+        return f"Training writes {out} and its trained tables."
+    table_disk = sum(layer["bytes_on_disk"] for layer in size["layers"])
+    trained = out.with_name(out.name.removesuffix(".ckpt").removesuffix(".safetensors") + TRAINED_STORE_SUFFIX)
+    return (f"Training writes {out} and {trained}: up to {format_bytes(table_disk)} of rewritten shards (every shard holding a trained row; "
+            f"most of them on a whole corpus), the rest hard-linked from {tables} ({format_bytes(size['bytes_on_disk'])} on disk).")
 
 
 def register(app: typer.Typer) -> None:

@@ -95,6 +95,8 @@ def window_losses(model, tmap, W: np.ndarray, sources: dict, *, batch: int, abla
         positions.update({k: np.zeros((len(W), W.shape[1] - 1), dtype=np.float32) for k in ("full", "branch_skipped") if k in names})
     mems = model.memories()
     with torch.no_grad():
+        if progress is not None:  # the stage begins here (the stages before it have ended)
+            progress("eval", 0, len(W), name)
         for s in range(0, len(W), batch):
             win = W[s : s + batch]
             x = torch.as_tensor(tmap.local(win[:, :-1]))

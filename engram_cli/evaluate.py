@@ -158,7 +158,8 @@ def evaluate_windows(path, *, tables=None, corpus=None, max_tokens: int = MAX_HE
     model, store, plan, vocab, tok = load_model(ckpt, tables, tokenizer_engine)
     cfg = model.cfg
     tmap = TokenMap(np.asarray(ckpt["extra"]["token_ids"], dtype=np.int64))
-    stream = heldout_stream(ckpt, tok, corpus, max_tokens, progress)
+    named = None if progress is None else (lambda stage, done, total=None, detail="": progress(stage, done, total, detail or Path(path).name))
+    stream = heldout_stream(ckpt, tok, corpus, max_tokens, named)  # one line per checkpoint, named
     W = windows(stream, cfg.block_size)
     if len(W) == 0:
         raise CheckpointError(f"held-out text has {len(stream)} tokens, fewer than one block of {cfg.block_size}; pass a larger --corpus")

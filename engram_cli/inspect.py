@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .audit import save_figure
+from .audit.saturation import saturation_verdict
 from .errors import EngramError, StoreError
 from .pipeline.report import plan_report
 from .store import TableStore
@@ -170,6 +171,43 @@ def tokenizer_report(spec) -> dict | None:
     }
 
 
+def disk_split(path) -> tuple[int, int]:
+    """(bytes of files written for this store alone, bytes of files hard-linked with another store) under `path`.
+
+    `engram train` links the initial store's files into its output and rewrites the
+    shards that hold trained rows: the first figure is what training added on disk.
+    """
+    new = linked = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            st = os.stat(os.path.join(root, name))
+            if st.st_nlink > 1:
+                linked += st.st_size
+            else:
+                new += st.st_size
+    return new, linked
+
+
+def modification_operations(records: list[dict]) -> list[dict]:
+    """The modification records grouped by operation: a run of records written `by` the same
+    operation (an import or a training run writes one record per layer or shard) is one
+    operation, with its rows and writes summed, its layers joined and its first and last times."""
+    ops: list[dict] = []
+    for r in records:
+        by = r.get("by")
+        if ops and ops[-1]["by"] == by:
+            op = ops[-1]
+        else:
+            op = {"by": by, "first_at": r.get("at"), "last_at": r.get("at"), "rows": 0, "layers": [], "writes": 0, "complete": True}
+            ops.append(op)
+        op["rows"] += int(r.get("rows", 0))
+        op["writes"] += 1
+        op["last_at"] = r.get("at")
+        op["layers"] += [int(x) for x in r.get("layers") or [] if int(x) not in op["layers"]]
+        op["complete"] = op["complete"] and bool(r.get("complete"))
+    return ops
+
+
 def inspect_store(store: TableStore, profiles: list[HitProfile] | None = None) -> dict:
     """The JSON-safe report of docs/inspect.md (`profiles` from `hit_profiles`)."""
 
@@ -179,6 +217,10 @@ def inspect_store(store: TableStore, profiles: list[HitProfile] | None = None) -
     modified = store.modified
     plan = store.plan
     hits_bytes = plan.total_rows * 8 if store.has_hits else 0
+    try:
+        stats = store.stats
+    except StoreError:  # built without a corpus: no counts, no verdict
+        stats = None
     return {
         "format": REPORT_FORMAT,
         "path": str(store.path),
@@ -207,7 +249,8 @@ def inspect_store(store: TableStore, profiles: list[HitProfile] | None = None) -
             "documents": (extra.get("stats") or {}).get("documents"),
             "tokenizer": tokenizer_report(attrs.get(TOKENIZER_ATTR)),
         },
-        "modified": {"since_build": bool(modified), "records": modified},
+        "modified": {"since_build": bool(modified), "records": modified, "operations": modification_operations(modified)},
+        "saturation": saturation_verdict(plan, {n: stats.distinct(n) for n in plan.orders}) if stats is not None else None,
         "has_hits": store.has_hits,
         "hits": [p.to_dict() for p in profiles or []],
         "verify": None,

@@ -31,8 +31,10 @@ from engram_cli.corpus import (
     empty_corpus_message,
     read_file,
 )
+from engram_cli.corpus.readers import TEXT_PIECE_BYTES
 from engram_cli.encode import encode_documents
 from engram_cli.errors import CorpusError, SplitError
+from engram_cli.ngrams import ContinuedIds
 from engram_cli.pipeline.count import identity_check_for
 
 HELDOUT_SHARE = 0.1
@@ -102,9 +104,11 @@ def split_corpus(corpus, tokenizer, *, split: str = "document", share: float = H
     n_train = n_held = 0
     keys: list = []
     with closing(_encode(keyed_documents(corpus, keys), tokenizer)) as texts:  # stops the encoding threads when both streams are full
+        n_docs = 0  # documents as build-table counts them (a file of text, a record); long ones are read as several pieces
         for i, ids in enumerate(texts):
             if n_held >= max_heldout and n_train >= max_train:
                 break
+            n_docs += not isinstance(ids, ContinuedIds)
             ids = np.asarray(ids, dtype=np.int64)
             rel, j = keys[i]
             if split == "document":
@@ -123,7 +127,7 @@ def split_corpus(corpus, tokenizer, *, split: str = "document", share: float = H
                     train.append(piece)
                     n_train += len(piece)
             if progress is not None:
-                progress("tokenize", n_train + n_held, None, f"{i + 1} documents")
+                progress("tokenize", n_train + n_held, None, f"{n_docs} documents" + (f", read as {i + 1} pieces of up to {TEXT_PIECE_BYTES >> 10} KiB" if i + 1 != n_docs else ""))
     cat = lambda xs, cap: np.concatenate(xs)[:cap] if xs else np.zeros(0, np.int64)  # noqa: E731
     return cat(train, max_train), cat(held, max_heldout), entries
 
@@ -184,7 +188,7 @@ def pinned_heldout(record: dict, tokenizer, corpus=None, max_tokens: int | None 
         for k, ids in zip(order, enc):
             docs[k] = np.asarray(ids, dtype=np.int64)
             if progress is not None:
-                progress("tokenize", len(docs), len(order), "held-out documents")
+                progress("tokenize held-out", len(docs), len(order), "")
     held = []
     for e in entries:
         ids = docs[(e["file"], e["document"])]

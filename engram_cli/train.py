@@ -324,6 +324,8 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
         if progress is not None:
             progress("train", step + 1, steps, f"loss {loss:.3f}  {tps:,.0f} tokens/s")
 
+    if progress is not None:  # training begins: the table loading before it has ended
+        progress("train", 0, steps, "")
     t0 = time.perf_counter()
     losses, opts = train_steps(model, lookups, tmap, train_ids, steps=steps, batch=batch, lr=lr, seed=seed, device=device, on_step=on_step)
     train_s = time.perf_counter() - t0

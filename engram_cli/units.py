@@ -27,7 +27,8 @@ def format_bytes(n: float) -> str:
     n = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+            text = f"{n:.3g}"
+            return f"{n:.0f} {unit}" if unit == "B" or "e" in text else f"{text} {unit}"  # 1,000-1,023 of a unit: no exponent
         n /= 1024
     raise AssertionError("unreachable")
 

@@ -76,7 +76,7 @@ def test_report_carries_build_and_size(built):
     assert report["size"]["on_disk"] == on_disk
     assert report["built"]["corpus"]["files"] == len(SMALL_FILES)
     assert report["built"]["engram_version"] == store.attrs["toolkit_version"]
-    assert report["modified"] == {"since_build": False, "records": []}
+    assert report["modified"] == {"since_build": False, "records": [], "operations": []}
 
 
 def test_verify_passes_an_intact_store(built):

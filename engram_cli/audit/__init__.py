@@ -38,6 +38,8 @@ Modules, each one job, imports pointing down the list:
   sized to a target rate (shared with `build-table --rows-per-head auto`);
 - `report`  — the whole audit of a plan: `audit_collisions`, `audit_report`;
 - `plot`    — the --sweep image and the figure writer (matplotlib, imported lazily).
+- `saturation` — the saturation verdict (orders over 50% shared per head, and the rows
+  that bring them to 25%) that build-table, collisions and inspect print.
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ def check_plot_path(path) -> None:
         raise OutputError(f"--plot {str(path)!r}: {str(parent)!r} is not a directory")
 
 
+PLOT_FLOOR = 1e-9  # where a rate of 0 is drawn on the log axes (labelled "0" on the plot)
+
+
 def plot_sweep(sweep: dict, path) -> None:
     """Draw the sweep grid (rates vs bytes, one line per head count) to an image file."""
     check_plot_path(path)
@@ -47,12 +50,17 @@ def plot_sweep(sweep: dict, path) -> None:
         raise EngramError(MATPLOTLIB_MISSING) from None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for ax, key, title in ((axes[0], "token_weighted", "token-weighted collision rate"), (axes[1], "all_heads_weighted", "all-heads (indistinguishable) share of tokens")):
+        floored = False
         for fam in dict.fromkeys(c["family"] for c in sweep["grid"]):
             for K in sweep["heads"]:
                 pts = sorted((c["bytes"], c[key]) for c in sweep["grid"] if c["family"] == fam and c["heads"] == K)
-                ax.plot([p[0] for p in pts], [max(p[1], 1e-9) for p in pts], marker="o", label=f"{fam} K={K}")
+                floored = floored or any(p[1] <= 0 for p in pts)
+                ax.plot([p[0] for p in pts], [max(p[1], PLOT_FLOOR) for p in pts], marker="o", label=f"{fam} K={K}")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        if floored:  # a log axis has no 0: zeros sit on a labelled floor line
+            ax.axhline(PLOT_FLOOR, color="grey", linestyle=":", linewidth=1)
+            ax.annotate(f"0 (drawn at {PLOT_FLOOR:g})", (0.01, PLOT_FLOOR), xycoords=("axes fraction", "data"), fontsize=8, color="grey", va="bottom")
         ax.set_xlabel("table bytes")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)

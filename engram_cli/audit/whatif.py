@@ -56,6 +56,8 @@ def what_if_plan(stored: TablePlan, *, heads: int | None = None, rows_per_head=N
     else:
         plan = stored.remade(heads=K, dim=dim, rows_per_head=stored.rows_per_head if rows_per_head is None else rows_per_head)
     if plan.fingerprint == stored.fingerprint:  # e.g. `--heads 8` on an 8-head store
+        given = " ".join(f"{f} {v if f != '--rows-per-head' else ','.join(map(str, v))}" for f, v in (("--heads", heads), ("--rows-per-head", rows_per_head)) if v is not None) or "--budget"
+        notes.append(f"{given} gives the stored plan itself: this is the stored plan's audit, not a what-if")
         return stored, notes
     return plan, notes
 

@@ -115,6 +115,7 @@ def build_tables(
     add_special_tokens: bool = False,
     progress: Progress | None = None,
     replan: Callable[[NgramStats], TablePlan] | None = None,
+    on_counted: Callable[[TablePlan, NgramStats], None] | None = None,
     **store_options,
 ) -> BuildResult:
     """Count `paths`, write the plan's tables and statistics to `out` (atomically).
@@ -122,7 +123,8 @@ def build_tables(
     `replan` (for `--rows-per-head auto`) is called with the counted statistics and
     returns the plan to write (same layers, orders and hash; e.g.
     `sizing.size_plan_to_target`); it runs after counting and before any table is
-    written, so the caller can print the plan it made. `store_options` go to
+    written, so the caller can print the plan it made. `on_counted(plan, stats)` runs
+    then too, with the plan to write (the saturation notice). `store_options` go to
     `store.write_tables` (init, init_std, chunk_bytes, shard_bytes, compressor, workers).
 
     With `executor` (any `concurrent.futures.Executor`, not shut down here) or
@@ -169,6 +171,8 @@ def build_tables(
                 add_special_tokens=add_special_tokens, progress=progress, check=check, **tasks,
             )
             plan = replan(stats) if replan is not None else plan
+            if on_counted is not None:
+                on_counted(plan, stats)
             attrs = {"corpus": corpus.to_dict(), "stats": {k: v for k, v in stats.summary.items() if k != "per_order"}}
             if scaled:
                 attrs["cluster"] = where
