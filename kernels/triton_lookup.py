@@ -16,6 +16,7 @@ import triton.language as tl
 
 from engram_cli.errors import BackendError
 from engram_cli.fp8 import FP8_BLOCK, e4m3_to_float32_table
+from engram_cli.kernels.triton_dequant import triton_gather_lookup
 
 
 @triton.jit
@@ -111,4 +112,8 @@ def triton_row_ids(lk, ids: torch.Tensor) -> torch.Tensor:
 
 
 def triton_lookup(lk, ids: torch.Tensor, *, dtype=None) -> torch.Tensor:
+    if lk.dtype_name.integer or getattr(lk, "kept", None) is not None:  # int8/int4 or pruned rows: kernels/triton_dequant.py
+        if lk.table is None:
+            raise BackendError("this EngramLookup has no table; pass table= or use EngramLookup.from_store")
+        return triton_gather_lookup(lk, triton_row_ids(lk, ids), dtype=dtype)
     return _launch(lk, ids, gather=True, dtype=dtype)
