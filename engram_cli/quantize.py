@@ -33,6 +33,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from engram_cli.errors import StoreError
+from engram_cli.int_rows import INT_LAYOUT
 from engram_cli.kinds import TableDtype
 from engram_cli.store import (
     ROOT_ATTR,
@@ -50,8 +51,13 @@ from engram_cli.store import (
     to_storage,
     write_shard,
 )
-from engram_cli.store.format import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, FORMAT, FORMAT_2, FP8_LAYOUT
-from engram_cli.int_rows import INT_LAYOUT
+from engram_cli.store.format import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_SHARD_BYTES,
+    FORMAT,
+    FORMAT_2,
+    FP8_LAYOUT,
+)
 
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "float8_e4m3", "e4m3": "float8_e4m3"}
 PRUNE_BY = ("hits", "change")

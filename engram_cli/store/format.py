@@ -25,7 +25,12 @@ from ..fp8 import (
     fp8_row_bytes,
     quantize_fp8_rows,
 )
-from ..int_rows import check_int_head_dim, dequantize_int_rows, int_row_bytes, quantize_int_rows
+from ..int_rows import (
+    check_int_head_dim,
+    dequantize_int_rows,
+    int_row_bytes,
+    quantize_int_rows,
+)
 from ..kinds import Compressor, InitKind, ParallelKind, TableDtype
 
 FORMAT = "engram-tables/1"
