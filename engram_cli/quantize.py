@@ -201,7 +201,7 @@ def write_derived(src_path, out, *, dtype: TableDtype | str | None = None, kept:
         attrs = dict(root.attrs.asdict()[ROOT_ATTR])
         attrs["complete"] = False
         root.attrs[ROOT_ATTR] = attrs
-        codecs = None
+        codecs, done = None, 0
         for l in plan.layer_ids:
             g = root[f"layer_{l}"]
             old_table = dict(g["table"].attrs.asdict())
@@ -216,11 +216,12 @@ def write_derived(src_path, out, *, dtype: TableDtype | str | None = None, kept:
             codecs = codecs or table.metadata.to_dict()["codecs"]
             ids = kept[l] if kept is not None else None
             for s in range(-(-stored[l] // shard_rows)):
+                done += (min(stored[l], (s + 1) * shard_rows) - s * shard_rows) * width * sdtype.itemsize
                 a, b = s * shard_rows, min(stored[l], (s + 1) * shard_rows)
                 key = table.metadata.encode_chunk_key((s, 0))
                 write_shard(partial / f"layer_{l}" / "table" / key, _blocks(src, l, dtype, ids, a, b, chunk_rows), chunk_rows, shard_rows // chunk_rows, src.compressor)
                 if progress is not None:
-                    progress("writing", s + 1, -(-stored[l] // shard_rows), f"layer {l}")
+                    progress("writing", done, need, f"layer {l} shard {s}")
             if ids is not None:
                 k = zarr.create_array(store=str(partial / f"layer_{l}" / "kept"), shape=(ids.size,), dtype="int64",
                                       chunks=(max(1, min(ids.size, KEPT_CHUNK)),), compressors=[ZstdCodec(level=1), Crc32cCodec()],
@@ -262,3 +263,24 @@ def prune_store(src, out, *, keep_top: float | None = None, min_hits: float | No
     source = "change" if by == "change" else ("training-split hits" if train_stats is not None else "store hits")
     record = {"by": "prune", "prune": {"kept_by": source, "keep_top": keep_top, "min_hits": min_hits}}
     return write_derived(src, out, dtype=parse_dtype(dtype) if dtype else None, kept=kept, derived=record, force=force, progress=progress)
+
+
+# -- sizes -----------------------------------------------------------------------------------
+def store_size(store: TableStore) -> dict:
+    """Rows and bytes a store's tables take: stored rows, bytes per stored row (+ 8 for a kept-map entry), table bytes, bytes on disk."""
+    plan = store.plan
+    stored = sum(store.stored_rows(l) for l in plan.layer_ids)
+    per_row = store.stored_row_width * store.storage_dtype.itemsize
+    kept_bytes = 8 * stored if store.pruned is not None else 0
+    tables = [store.path / f"layer_{l}" / name for l in plan.layer_ids for name in ("table", "kept")]
+    disk = sum(f.stat().st_size for t in tables if t.exists() for f in t.rglob("*") if f.is_file())
+    return {"path": str(store.path), "dtype": store.dtype, "rows": plan.total_rows, "rows_stored": stored, "bytes_per_row": per_row,
+            "bytes_per_logical_row": (stored * per_row + kept_bytes) / max(plan.total_rows, 1),
+            "table_bytes": stored * per_row + kept_bytes, "table_bytes_on_disk": disk, "pruned": store.pruned is not None}
+
+
+def derived_report(src, new: TableStore) -> dict:
+    """What `engram quantize` / `engram prune` print: the source's and the new store's sizes."""
+    a, b = store_size(TableStore.open(src)), store_size(new)
+    return {"source": a, "output": b, "table_bytes_ratio": b["table_bytes"] / max(a["table_bytes"], 1), "derived": new.attrs.get("derived"),
+            "pruned": new.pruned}
