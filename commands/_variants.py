@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from engram_cli.commands._output import console, notice, print_json, progress_reporter
 from rich.table import Table
 
-from engram_cli.commands._output import console, notice, print_json, progress_reporter
 from engram_cli.audit.plot import check_plot_support
 from engram_cli.variants import gate_report, plot_gate
 

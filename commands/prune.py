@@ -7,7 +7,12 @@ from typing import Optional
 
 import numpy as np
 import typer
-from engram_cli.commands._output import console, json_option, print_json, progress_reporter
+from engram_cli.commands._output import (
+    console,
+    json_option,
+    print_json,
+    progress_reporter,
+)
 
 from engram_cli.errors import StoreError
 from engram_cli.quantize import derived_report, prune_store

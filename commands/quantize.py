@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from engram_cli.commands._output import console, json_option, print_json, progress_reporter
+from engram_cli.commands._output import (
+    console,
+    json_option,
+    print_json,
+    progress_reporter,
+)
 
 from engram_cli.quantize import derived_report, quantize_store
 

@@ -28,7 +28,15 @@ from engram_cli.ablations import row_source, window_losses
 from engram_cli.audit.plot import MATPLOTLIB_MISSING, check_plot_path
 from engram_cli.checkpoint import load_checkpoint
 from engram_cli.errors import CheckpointError, EngramError
-from engram_cli.evaluate import EVAL_BATCH, LOOKUP_BENCH_WINDOWS, heldout_rows, heldout_stream, load_model, lookup_report, windows
+from engram_cli.evaluate import (
+    EVAL_BATCH,
+    LOOKUP_BENCH_WINDOWS,
+    heldout_rows,
+    heldout_stream,
+    load_model,
+    lookup_report,
+    windows,
+)
 from engram_cli.intervals import bootstrap_interval, paired
 from engram_cli.kernels import EngramLookup
 from engram_cli.kinds import Backend, TableDtype, TokenizerEngine
