@@ -16,7 +16,7 @@ bit-exact on every backend (numpy here, torch and Triton in `engram_cli.kernels`
 fits float32's 24-bit significand unless it underflows). Quantization: per block,
 `scale = amax / QMAX` (QMAX 127 for int8, 7 for int4) rounded UP to bfloat16 (so no value
 clips by more than the rounding), then `q = clip(rint(x / scale), -QMAX, QMAX)`, half to
-even. The error of a value is at most scale / 2 = amax * (1 + 2**-8) / (2 * QMAX): 0.39 %
+even. The error of a value is at most scale / 2 <= amax * (1 + 2**-7) / (2 * QMAX): 0.40 %
 of its block's absolute maximum for int8, 7.2 % for int4. An all-zero block has scale 0
 and reads back as zeros.
 

@@ -496,7 +496,7 @@ class TableStore:
         float32/float16 tables come back as stored; bfloat16 and float8_e4m3 tables as
         float32 (exact: the dequantized value), or as stored with `as_stored=True`. Each
         chunk touched is read once. Row ids are the plan's: in a pruned store a dropped row
-        reads as zeros (stored form: zero bytes, which every dtype decodes as 0.0).
+        reads as +0.0 (stored form: a zero row encoded in the store's dtype).
         """
         arr = self.table(layer_id)
         ids = np.asarray(row_ids, dtype=np.int64)
@@ -509,7 +509,8 @@ class TableStore:
         if kept is not None:  # stored rows of the kept ids; the dropped ones read as zero bytes
             pos = np.minimum(np.searchsorted(kept, uniq), max(kept.size - 1, 0))
             hit = kept[pos] == uniq if kept.size else np.zeros(uniq.shape, dtype=bool)
-            got = np.zeros((uniq.size, arr.shape[1]), dtype=arr.dtype)
+            got = np.empty((uniq.size, arr.shape[1]), dtype=arr.dtype)
+            got[:] = to_storage(np.zeros((1, self.head_dim), np.float32), self.dtype)  # the stored form of a zero row
             if hit.any():
                 got[hit] = np.asarray(arr.get_orthogonal_selection((pos[hit], slice(None))))
             out = got[inverse].reshape(*ids.shape, arr.shape[1])
