@@ -164,3 +164,45 @@ INT_LAYOUT = {
     "int4": "[value bytes (head_dim // 2): value 2i = low nibble - 8, value 2i+1 = high nibble - 8 | bfloat16 scale words, little-endian (head_dim // 32)]",
     "dequantize": "float32(q) * bitcast_f32(uint32(scale_word) << 16)",
 }
+
+
+def pack_int_rows(q: np.ndarray, words: np.ndarray, kind: str) -> np.ndarray:
+    """Integer values q (n, head_dim) int8 and scale words (n, head_dim // 32) uint16 -> packed uint8 rows."""
+    q = np.asarray(q, dtype=np.int8)
+    n, d = q.shape
+    vb = value_bytes(d, kind)
+    out = np.empty((n, vb + SCALE_BYTES * (d // INT_BLOCK)), dtype=np.uint8)
+    if kind == "int8":
+        out[:, :vb] = q.view(np.uint8)
+    else:
+        nib = (q.astype(np.int16) + 8).astype(np.uint8)
+        out[:, :vb] = nib[:, 0::2] | (nib[:, 1::2] << np.uint8(4))
+    out[:, vb:] = np.asarray(words, dtype=np.uint16).astype("<u2").view(np.uint8).reshape(n, -1)
+    return out
+
+
+def quantize_int_rows_keeping(x: np.ndarray, kind: str, words: np.ndarray | None) -> np.ndarray:
+    """`quantize_int_rows`, except that a block keeps its given scale word where that scale reproduces
+    the block's float32 values exactly (int rows dequantized, e.g. a reference-format export, coming back)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    packed = quantize_int_rows(x, kind)
+    if words is None:
+        return packed
+    n, d = x.shape
+    nb = d // INT_BLOCK
+    words = np.asarray(words, dtype=np.uint16).reshape(n, nb)
+    s = words_to_float32(words)
+    q = np.zeros((n, nb, INT_BLOCK), dtype=np.float32)
+    np.divide(x.reshape(n, nb, INT_BLOCK), s[:, :, None], out=q, where=s[:, :, None] > 0)
+    qm = QMAX[kind]
+    qi = np.clip(np.rint(q), -qm - 1, qm).astype(np.int8)
+    given = pack_int_rows(qi.reshape(n, d), words, kind)
+    back = dequantize_int_rows(given, kind, d)
+    ok = (back.reshape(n, nb, INT_BLOCK).view(np.uint32) == x.reshape(n, nb, INT_BLOCK).view(np.uint32)).all(axis=2) & (int_rows_problem(given, d, kind) is None)
+    if ok.any():
+        mine, theirs = unpack_values(packed, d, kind).reshape(n, nb, INT_BLOCK), qi
+        mine[ok] = theirs[ok]
+        w = unpack_scales(packed, d, kind)
+        w[ok] = words[ok]
+        packed = pack_int_rows(mine.reshape(n, d), w, kind)
+    return packed
