@@ -131,7 +131,10 @@ def test_sizes_and_what_the_stores_record(trained):
     assert p["rows_stored"] == -(-rows // 10) and p["table_bytes"] == p["rows_stored"] * (128 + 8)
     assert p["table_bytes_on_disk"] < 0.2 * src["table_bytes_on_disk"]
     assert out["prune_int4"]["output"]["rows_stored"] == -(-rows // 2) and out["prune_int4"]["output"]["bytes_per_row"] == 18
+    source = TableStore.open(root / "m.tables.zarr")  # hard-linked into every copy, never modified
+    assert source.dtype == "float32" and "derived" not in source.attrs and source.pruned is None
     s = TableStore.open(root / "p10.zarr")
+    assert s.attrs["derived"]["from_plan_fingerprint"] == source.plan.fingerprint and s.plan.fingerprint == source.plan.fingerprint
     assert s.attrs["format"] == "engram-tables/2" and s.pruned["kept_by"] == "training-split hits" and s.pruned["fallback"] == "zeros"
     assert TableStore.open(root / "bfloat16.zarr").attrs["format"] == "engram-tables/1"
     # kept by training-split hits: every kept row was hit in training at least as often as any dropped row
