@@ -162,10 +162,10 @@ def plot_gate(report: dict, path) -> None:
     except ImportError:
         raise EngramError(MATPLOTLIB_MISSING) from None
     fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
-    for r in report["variants"]:
+    for i, r in enumerate(v for v in report["variants"] if v["variant"] != BASELINE):  # the baseline is 0 by definition
         x, y, (lo, hi) = r["bytes_per_logical_row"], r["loss_change"], r["loss_change_interval"]
         ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", capsize=3)
-        ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 4 if i % 2 else -11), fontsize=8)  # alternate: neighbours do not overlap
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("bytes per row (log; pruned: stored bytes incl. the kept-row map, per row of the plan)")
