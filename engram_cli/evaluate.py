@@ -36,8 +36,8 @@ from engram_cli.kernels.cache import ChunkCache, top_rows
 from engram_cli.intervals import bootstrap_interval, paired
 from engram_cli.kinds import Backend, TokenizerEngine
 from engram_cli.model import EngramGPT, ModelConfig, table_lookup
-from engram_cli.quantize import same_addresses
 from engram_cli.ngrams import token_columns
+from engram_cli.quantize import same_addresses
 from engram_cli.store import TableStore, from_storage
 from engram_cli.store.tokenizer import load_store_tokenizer
 from engram_cli.split import HELDOUT_SHARE, MAX_HELDOUT_TOKENS, ids_digest, pinned_heldout, read_split
