@@ -689,7 +689,7 @@ class TableStore:
                     "bytes_on_disk": _disk_bytes(ldir),
                 }
             )
-        return {
+        out = {
             "path": str(self.path),
             "format": self._attrs["format"],
             "toolkit_version": self._attrs.get("toolkit_version"),
@@ -709,6 +709,9 @@ class TableStore:
             "has_hits": self.has_hits,
             "has_stats": (self.path / STATS_DIR).is_dir(),
         }
+        if self.pruned is not None:  # layers' rows and bytes above are the kept rows (docs/spec.md "Pruned tables")
+            out["pruned"] = dict(self.pruned)
+        return out
 
     def __repr__(self) -> str:
         return f"TableStore({str(self.path)!r}, layers={list(self.layer_ids)}, dtype={self.dtype}, mode={self.mode!r})"
