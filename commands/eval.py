@@ -13,9 +13,11 @@ from engram_cli.commands._output import (
     progress_reporter,
 )
 from engram_cli.commands._state_dict import run as run_state_dict
+from engram_cli.commands._variants import run as run_variants
 from rich.table import Table
 
 from engram_cli.defaults import DEFAULT_CHECKPOINT
+from engram_cli.errors import EngramError
 from engram_cli.evaluate import evaluate_windows
 from engram_cli.intervals import compare
 from engram_cli.kinds import TokenizerEngine
@@ -124,6 +126,8 @@ def eval_command(
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="Held-out text to score (default: the checkpoint's held-out split of its corpus)."),
     as_json: bool = json_option(),
     state_dict: Optional[Path] = typer.Option(None, "--state-dict", help="Audit a plain state dict (reference layout) against --tables (default tables.zarr) without a model; docs/eval.md."),
+    variants: Optional[str] = typer.Option(None, "--variants", help="Gate smaller tables: score the checkpoint with each variant of its trained table, e.g. float32,bf16,fp8,int8,int4,prune:0.5,prune:0.1 (docs/quantize.md)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="With --variants: draw loss change against bytes per row (log x) to this image file."),
     tokenizer_engine: str = typer.Option(TokenizerEngine.AUTO.value, "--tokenizer-engine", callback=TokenizerEngine.option_callback, help="The library that tokenizes the held-out text: auto (fastokens where it loads the tokenizer, else tokenizers), fastokens, or hf (Hugging Face tokenizers, the reference); the ids are the same."),
 ) -> None:
     """Evaluate checkpoints on held-out text (report fields in docs/eval.md).
@@ -133,10 +137,18 @@ def eval_command(
         engram eval                               # ./model.ckpt on its held-out split
         engram eval model.ckpt base.ckpt --json   # side by side
         engram eval --state-dict engram.pt --tables tables.zarr   # no model: tables only
+        engram eval model.ckpt --tables int8.zarr          # a quantized or pruned copy in place of its own
+        engram eval model.ckpt --variants int8,int4,prune:0.1 --plot gate.png
     """
     if state_dict is not None:
         return run_state_dict(state_dict, checkpoints, tables, corpus, as_json, tokenizer_engine)
     paths = checkpoints or [Path(DEFAULT_CHECKPOINT)]
+    if variants is not None:
+        if len(paths) != 1 or tables is not None:
+            raise EngramError("--variants gates one checkpoint's own trained table: pass one MODEL.ckpt and no --tables")
+        return run_variants(paths[0], variants, corpus, as_json, tokenizer_engine, plot)
+    if plot is not None:
+        raise EngramError("--plot draws the --variants table; pass --variants too")
     with progress_reporter(quiet=as_json) as progress:
         scored = [evaluate_windows(p, tables=tables, corpus=corpus, tokenizer_engine=tokenizer_engine, progress=progress) for p in paths]
     reports = [r for r, _ in scored]

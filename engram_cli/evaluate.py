@@ -37,6 +37,7 @@ from engram_cli.intervals import bootstrap_interval, paired
 from engram_cli.kinds import Backend, TokenizerEngine
 from engram_cli.model import EngramGPT, ModelConfig, table_lookup
 from engram_cli.ngrams import token_columns
+from engram_cli.quantize import same_addresses
 from engram_cli.store import TableStore, from_storage
 from engram_cli.store.tokenizer import load_store_tokenizer
 from engram_cli.split import HELDOUT_SHARE, MAX_HELDOUT_TOKENS, ids_digest, pinned_heldout, read_split
@@ -68,10 +69,10 @@ def load_model(ckpt: dict, tables: str | None, tokenizer_engine: TokenizerEngine
         if tables is None or not Path(tables).exists():
             raise StoreError(f"table store {str(tables)!r} is missing; pass --tables T.zarr or re-run `engram train`")
         store, plan, vocab, tok = open_tables(tables, tokenizer_engine)
-        if cfg.engram_layers and ckpt.get("plan_fingerprint") and plan.fingerprint != ckpt["plan_fingerprint"]:
+        if cfg.engram_layers and ckpt.get("plan_fingerprint") and not same_addresses(plan, ckpt["plan_fingerprint"]):
             raise CheckpointError(f"plan fingerprint of {str(tables)!r} ({plan.fingerprint[:12]}) does not match the checkpoint's ({ckpt['plan_fingerprint'][:12]}); pass the tables it was trained with")
         for l in cfg.engram_layers:
-            got, want = tuple(store.table(l).shape[:1]) + (store.head_dim,), (cfg.table_rows[str(l)], cfg.head_dim)
+            got, want = (store.plan.layer_rows(l), store.head_dim), (cfg.table_rows[str(l)], cfg.head_dim)
             if got != want:
                 raise CheckpointError(f"table of layer {l} has shape {got}, the model expects {want}; pass the tables it was trained with")
     else:
@@ -323,7 +324,8 @@ def row_norms(store, layer_id: int, touched: np.ndarray) -> dict:
     for a, b in ranges:
         block = np.asarray(from_storage(store.load_layer(layer_id, rows=(a, b)), store.dtype), dtype=np.float32)
         norms = np.linalg.norm(block, axis=1)
-        mask = np.isin(np.arange(a, b), touched[(touched >= a) & (touched < b)], assume_unique=True)
+        ids = np.arange(a, b) if store.kept_rows(layer_id) is None else store.kept_rows(layer_id)[a:b]  # a pruned store: its kept rows
+        mask = np.isin(ids, touched[(touched >= ids[0]) & (touched <= ids[-1])], assume_unique=True)
         trained.append(norms[mask])
         untouched.append(norms[~mask])
         chunks_read += -(-(b - a) // cr)
@@ -377,7 +379,7 @@ def lookup_report(store, plan, vocab, layer_id: int, x_raw: np.ndarray, device=N
 
     def make(backend):
         if resident:
-            return EngramLookup(plan, vocab, layer_id, table, backend=backend, device=device)
+            return EngramLookup(plan, vocab, layer_id, table, backend=backend, device=device, kept=store.kept_rows(layer_id))
         return EngramLookup.from_store(store, layer_id, backend=backend, device=device, max_resident_bytes=ROW_READ_BYTES)
 
     ref = make(Backend.TORCH)

@@ -44,6 +44,7 @@ from safetensors import safe_open
 
 from engram_cli.errors import CheckpointError, OutputError
 from engram_cli.fp8 import FP8_BLOCK, FP8RowError, dequantize_fp8_rows, fp8_rows_problem, quantize_fp8_rows_keeping
+from engram_cli.int_rows import INT_BLOCK, IntRowError, dequantize_int_rows, int_rows_problem, quantize_int_rows_keeping, unpack_scales, value_bytes
 from engram_cli.integrity import check_zip_crc
 from engram_cli.kinds import ExchangeFormat, TableDtype
 from engram_cli.store import TableStore, to_storage
@@ -62,6 +63,7 @@ FORMAT_TAG = "engram-tables/1"
 WEIGHT = "multi_head_embedding.embedding.weight"
 OFFSETS = "multi_head_embedding.offsets"
 SCALE = "multi_head_embedding.embedding.weight_scale_ue8m0"
+SCALE_BF16 = "multi_head_embedding.embedding.weight_scale_bf16"  # int8/int4 rows: one bfloat16 scale per 32 values
 LAYER_PREFIX = "layers.{}."
 METADATA_TENSOR = "engram_metadata"  # reference format: the metadata as UTF-8 JSON in a uint8 tensor
 KEY = LAYER_PREFIX + WEIGHT  # layers.{id}.multi_head_embedding.embedding.weight
@@ -69,7 +71,7 @@ KEY = LAYER_PREFIX + WEIGHT  # layers.{id}.multi_head_embedding.embedding.weight
 
 # safetensors dtype names <-> torch dtypes (the ones tables use)
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
-             "U8": torch.uint8, "I64": torch.int64}
+             "U8": torch.uint8, "I8": torch.int8, "I64": torch.int64}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 TABLE_TORCH_DTYPES = tuple(d.torch_dtype for d in TableDtype)  # what a file's table may hold
 
@@ -78,7 +80,7 @@ def weight_dtype(dtype: str, fmt: ExchangeFormat) -> torch.dtype:
     """The torch dtype of a store's rows in `fmt`: the store's (FP8: the e4m3 values; the scales are a
     separate U8 tensor), except FP8 rows in the reference format, which are dequantized to float32."""
     dtype = TableDtype.parse(dtype)
-    return torch.float32 if dtype.fp8 and fmt == ExchangeFormat.REFERENCE else dtype.torch_dtype
+    return torch.float32 if dtype.packed and fmt == ExchangeFormat.REFERENCE else dtype.torch_dtype
 
 
 def table_key(layer_id: int, name: str = WEIGHT) -> str:
@@ -107,9 +109,12 @@ def export_specs(store, fmt: ExchangeFormat, metadata: dict) -> list[TensorSpec]
     for l in plan.layer_ids:
         rows = plan.layer_rows(l)
         specs.append(TensorSpec(table_key(l, OFFSETS), torch.int64, (plan.heads_per_layer,), l, "offsets"))
-        specs.append(TensorSpec(table_key(l, WEIGHT), weight_dtype(store.dtype, fmt), (rows, plan.head_dim), l, "weight"))
+        packed4 = store.dtype == TableDtype.INT4 and fmt == ExchangeFormat.SAFETENSORS  # two int4 values a byte
+        specs.append(TensorSpec(table_key(l, WEIGHT), weight_dtype(store.dtype, fmt), (rows, plan.head_dim // (2 if packed4 else 1)), l, "weight"))
         if fp8:
             specs.append(TensorSpec(table_key(l, SCALE), torch.uint8, (rows, plan.head_dim // FP8_BLOCK), l, "scale"))
+        if TableDtype.parse(store.dtype).integer:
+            specs.append(TensorSpec(table_key(l, SCALE_BF16), torch.bfloat16, (rows, plan.head_dim // INT_BLOCK), l, "scale"))
     if fmt == ExchangeFormat.REFERENCE:
         specs.append(TensorSpec(METADATA_TENSOR, torch.uint8, (len(_metadata_bytes(metadata)),), None, "metadata"))
     return specs
@@ -127,6 +132,10 @@ def export_metadata(store, fmt: ExchangeFormat) -> dict:
             "plan": json.dumps(plan.to_dict(), sort_keys=True)}
     if store.dtype == TableDtype.FLOAT8_E4M3:
         meta["scale"] = f"{SCALE}: one ue8m0 byte s per 32 values, scale 2**(s-127)"
+    if TableDtype.parse(store.dtype).integer:
+        meta["scale"] = f"{SCALE_BF16}: one bfloat16 scale per 32 values, value = q * scale (docs/spec.md, Integer rows)"
+    if store.pruned is not None:
+        meta["pruned"] = "the plan's whole table: rows the store dropped are zeros"
     return meta
 
 
@@ -134,8 +143,20 @@ def export_metadata(store, fmt: ExchangeFormat) -> dict:
 def _layer_blocks(store, layer_id: int, fmt: ExchangeFormat, block_rows: int):
     """(start, weight block as a numpy array of the export bytes, scale bytes or None), chunk by chunk."""
     hd = store.plan.head_dim
-    for start, block in store.iter_row_blocks(layer_id, block_rows):
-        if store.dtype != TableDtype.FLOAT8_E4M3:
+    dtype = TableDtype.parse(store.dtype)
+    if store.pruned is not None:  # the plan's whole table (dropped rows: zeros), block by block
+        n = store.plan.layer_rows(layer_id)
+        blocks = ((a, store.read_rows(layer_id, np.arange(a, min(n, a + block_rows)), as_stored=True)) for a in range(0, n, block_rows))
+    else:
+        blocks = store.iter_row_blocks(layer_id, block_rows)
+    for start, block in blocks:
+        if dtype.integer:  # values (int8, or int4 two a byte) and bfloat16 scale words; reference: dequantized to float32
+            words = np.ascontiguousarray(unpack_scales(block, hd, dtype.value))
+            if fmt == ExchangeFormat.SAFETENSORS:
+                yield start, np.ascontiguousarray(block[:, : value_bytes(hd, dtype.value)]), words
+            else:
+                yield start, dequantize_int_rows(block, dtype.value, hd), words
+        elif store.dtype != TableDtype.FLOAT8_E4M3:
             yield start, block, None  # float32 / float16 / bfloat16 words: the bytes as stored
         elif fmt == ExchangeFormat.SAFETENSORS:
             yield start, np.ascontiguousarray(block[:, :hd]), np.ascontiguousarray(block[:, hd:])
@@ -167,7 +188,7 @@ def _fill(fh, positions: dict[str, int], specs: list[TensorSpec], store, fmt: Ex
             for start, values, scales in _layer_blocks(store, s.layer, fmt, store.chunk_rows):
                 put(s.name, start * w_row, memoryview(np.ascontiguousarray(values)).cast("B"))
                 if scale is not None:
-                    put(scale.name, start * scales.shape[1], memoryview(scales).cast("B"))
+                    put(scale.name, start * (scale.nbytes // max(scale.shape[0], 1)), memoryview(scales).cast("B"))
     return crc
 
 
@@ -525,6 +546,8 @@ def check_table(tf: TensorFile, prefix: str, layer_id: int, plan, source) -> dic
     """Shape, dtype and offsets of one layer's table against the plan; returns {weight, scale, dtype}."""
     key = prefix + WEIGHT
     want = (plan.layer_rows(layer_id), plan.head_dim)
+    if plan.dtype == TableDtype.INT4 and tf.dtype(key) == torch.uint8:  # int4 values, two a byte
+        want = (want[0], plan.head_dim // 2)
     if tf.shape(key) != want:
         raise CheckpointError(f"{source}: {key} has shape {tf.shape(key)}, the plan needs {want} for layer {layer_id}; "
                               "it was made for another plan: pass the matching --plan-from/--tables")
@@ -532,6 +555,10 @@ def check_table(tf: TensorFile, prefix: str, layer_id: int, plan, source) -> dic
     if dtype not in TABLE_TORCH_DTYPES:
         raise CheckpointError(f"{source}: {key} has dtype {str(dtype).removeprefix('torch.')}; tables are float32, bfloat16, float16 or float8_e4m3fn")
     scale = prefix + SCALE if (prefix + SCALE) in tf else None
+    if TableDtype.parse(plan.dtype).integer:
+        scale = prefix + SCALE_BF16 if (prefix + SCALE_BF16) in tf else None
+        if dtype != torch.float32 and scale is None:
+            raise CheckpointError(f"{source}: {key} holds {plan.dtype} values but the file has no {prefix + SCALE_BF16}; export the scales with it")
     if scale is not None and tf.shape(scale) != (want[0], plan.head_dim // FP8_BLOCK):
         raise CheckpointError(f"{source}: {scale} has shape {tf.shape(scale)}, the plan needs {(want[0], plan.head_dim // FP8_BLOCK)}")
     if dtype == torch.float8_e4m3fn and scale is None:
@@ -562,6 +589,11 @@ def _storage_block(values: torch.Tensor, scales: torch.Tensor | None, dtype: Tab
         if values.dtype == torch.float8_e4m3fn:
             return np.concatenate([values.contiguous().view(torch.uint8).numpy(), scales.numpy()], axis=1)
         return quantize_fp8_rows_keeping(values.float().numpy(), None if scales is None else scales.numpy())
+    if dtype.integer:  # int values + bfloat16 scale words, or float32 rows (keeping the file's scales where they reproduce them)
+        words = None if scales is None else scales.contiguous().view(torch.int16).numpy().view(np.uint16)
+        if values.dtype != torch.float32:
+            return np.concatenate([values.contiguous().view(torch.uint8).numpy(), words.astype("<u2").view(np.uint8)], axis=1)
+        return quantize_int_rows_keeping(values.numpy(), dtype.value, words)
     if values.dtype == dtype.torch_dtype:
         if dtype == TableDtype.BFLOAT16:
             return values.contiguous().view(torch.int16).numpy().view(np.uint16)
@@ -574,8 +606,8 @@ def _checked_block(values: torch.Tensor, scales: torch.Tensor | None, dtype: Tab
     scale bytes 0 or 255 (docs/exchange.md, "Import": refused, not decoded)."""
     try:
         block = _storage_block(values, scales, dtype)
-        problem = fp8_rows_problem(block, head_dim) if dtype.fp8 else None
-    except FP8RowError as e:
+        problem = fp8_rows_problem(block, head_dim) if dtype.fp8 else (int_rows_problem(block, head_dim, dtype.value) if dtype.integer else None)
+    except (FP8RowError, IntRowError) as e:
         problem = e
     if problem is not None:
         raise CheckpointError(f"{source}: layer {layer} row {s0 + problem.row} {problem.what}; fix or re-export the file") from None

@@ -75,17 +75,22 @@ class TableDtype(Kind):
     """Logical dtype of a table's rows (`--dtype`).
 
     float8_e4m3 rows are stored packed as uint8: head_dim e4m3 value bytes, then one ue8m0
-    scale byte per 32 values (engram_cli.fp8, docs/spec.md "FP8 rows").
+    scale byte per 32 values (engram_cli.fp8, docs/spec.md "FP8 rows"); int8 and int4 rows
+    too: int8 or two-per-byte int4 values, then one bfloat16 scale per 32 values
+    (engram_cli.int_rows, docs/spec.md "Integer rows").
     """
 
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
     FLOAT8_E4M3 = "float8_e4m3"
+    INT8 = "int8"
+    INT4 = "int4"
 
     @property
     def bytes_per_value(self) -> int:
-        """Bytes of one value (float8_e4m3 rows also carry head_dim // 32 scale bytes)."""
+        """Bytes of one value (float8_e4m3 rows also carry head_dim // 32 scale bytes, int8/int4 rows
+        head_dim // 16; int4 counts a whole byte here: sizing by budget is conservative)."""
         return _BYTES_PER_VALUE[self]
 
     @property
@@ -95,7 +100,8 @@ class TableDtype(Kind):
 
     @property
     def torch_dtype(self):
-        """The torch dtype of the values (float8_e4m3: torch.float8_e4m3fn; the scales are separate bytes).
+        """The torch dtype of the values (float8_e4m3: torch.float8_e4m3fn, int8: torch.int8, int4: torch.uint8 (two
+        values a byte); the scales are separate bytes).
 
         torch is imported here, not at module top: plan, hashing, store.format and the
         scale-out map tasks import this module, and none of them needs torch's ~1 s import.
@@ -108,10 +114,22 @@ class TableDtype(Kind):
     def fp8(self) -> bool:
         return self is TableDtype.FLOAT8_E4M3
 
+    @property
+    def integer(self) -> bool:
+        """int8 or int4 rows (packed uint8 with bfloat16 block scales)."""
+        return self in (TableDtype.INT8, TableDtype.INT4)
 
-_BYTES_PER_VALUE = {TableDtype.FLOAT32: 4, TableDtype.FLOAT16: 2, TableDtype.BFLOAT16: 2, TableDtype.FLOAT8_E4M3: 1}
-_STORAGE = {TableDtype.FLOAT32: "float32", TableDtype.FLOAT16: "float16", TableDtype.BFLOAT16: "uint16", TableDtype.FLOAT8_E4M3: "uint8"}
-_TORCH = {TableDtype.FLOAT32: "float32", TableDtype.FLOAT16: "float16", TableDtype.BFLOAT16: "bfloat16", TableDtype.FLOAT8_E4M3: "float8_e4m3fn"}
+    @property
+    def packed(self) -> bool:
+        """Rows stored as packed uint8 bytes that a lookup dequantizes (float8_e4m3, int8, int4)."""
+        return self.fp8 or self.integer
+
+
+_BYTES_PER_VALUE = {TableDtype.FLOAT32: 4, TableDtype.FLOAT16: 2, TableDtype.BFLOAT16: 2, TableDtype.FLOAT8_E4M3: 1, TableDtype.INT8: 1, TableDtype.INT4: 1}
+_STORAGE = {TableDtype.FLOAT32: "float32", TableDtype.FLOAT16: "float16", TableDtype.BFLOAT16: "uint16", TableDtype.FLOAT8_E4M3: "uint8",
+            TableDtype.INT8: "uint8", TableDtype.INT4: "uint8"}
+_TORCH = {TableDtype.FLOAT32: "float32", TableDtype.FLOAT16: "float16", TableDtype.BFLOAT16: "bfloat16", TableDtype.FLOAT8_E4M3: "float8_e4m3fn",
+          TableDtype.INT8: "int8", TableDtype.INT4: "uint8"}
 
 
 # -- store options -----------------------------------------------------------------------------

@@ -27,7 +27,8 @@ import torch
 from engram_cli.errors import BackendError, PlanError
 from engram_cli.hashing import check_token_ids
 from engram_cli.kernels.cache import ChunkCache, HotRowCache, read_rows
-from engram_cli.kernels.gather import dequant_into, gather_into, output_dtype
+from engram_cli.kernels.dequant import int_dequant_into, remap_rows, zero_dropped
+from engram_cli.kernels.gather import dequant_into, gather_into, gather_rows, output_dtype
 from engram_cli.kernels.hash import RowHasher
 from engram_cli.kernels.offload import OffloadPrefetcher
 from engram_cli.kernels.registry import REGISTRY, resolve_backend
@@ -49,14 +50,14 @@ def _table_dtype(plan, table) -> TableDtype:
     """The logical dtype: the plan's; a bare uint8 table (head_dim + head_dim//32 wide, e.g.
     one built by hand in a test) is read as packed FP8 rows."""
     if table is not None and str(getattr(table, "dtype", "")).endswith("uint8"):
-        return TableDtype.FLOAT8_E4M3
+        return TableDtype.parse(plan.dtype) if TableDtype.parse(plan.dtype).integer else TableDtype.FLOAT8_E4M3
     return TableDtype.parse(plan.dtype)
 
 
 class EngramLookup:
     """Row ids and rows of one layer's Engram table for raw tokenizer ids (B, T)."""
 
-    def __init__(self, plan, vocab, layer_id: int, table=None, *, backend: Backend | str = Backend.AUTO, device=None):
+    def __init__(self, plan, vocab, layer_id: int, table=None, *, backend: Backend | str = Backend.AUTO, device=None, kept=None):
         if layer_id not in plan.layer_ids:
             raise PlanError(f"layer {layer_id} is not in the plan's layers {list(plan.layer_ids)}; pick one of them")
         self.plan, self.vocab, self.layer_id = plan, vocab, int(layer_id)
@@ -84,6 +85,9 @@ class EngramLookup:
             self.table = t
         self.stats = {"lookups": 0}
         self.hot = None
+        # a pruned table (docs/spec.md "Pruned tables"): `table` holds the rows `kept` (sorted
+        # global row ids) only; a lookup of any other row reads zeros
+        self.kept = None if kept is None else torch.as_tensor(kept, dtype=torch.int64).to("cpu" if self.host else self.device)
         self._device_hasher = None
 
     def device_hasher(self) -> RowHasher:
@@ -112,6 +116,10 @@ class EngramLookup:
             n_rows = self.plan.layer_rows(self.layer_id)
             starts = [int(self.plan.order_offsets(self.layer_id, n)[0]) for n in self.orders] + [n_rows]
             keep = [(starts[i], starts[i + 1]) for i, n in enumerate(self.orders) if n in set(orders)]
+        if self.kept is not None:  # a pruned table: hits and ranges of the kept rows, in its own row numbers
+            kept = self.kept.cpu().numpy()
+            hits = np.asarray(hits.get_orthogonal_selection(kept) if hasattr(hits, "get_orthogonal_selection") else np.asarray(hits)[kept])
+            keep = None if keep is None else [tuple(int(v) for v in np.searchsorted(kept, r)) for r in keep]
         self.hot = HotRowCache(self.table, hits, capacity, device=self.device, refresh_every=refresh_every, keep=keep)
         return self
 
@@ -136,10 +144,10 @@ class EngramLookup:
             named = Backend.parse(backend)
             if REGISTRY[resolve_backend(named, device) if named is Backend.AUTO else named].resident_only:
                 raise BackendError("the triton backend needs the table on the device; drop max_resident_bytes or use backend offload")
-            lk = cls(store.plan, store.vocab, layer_id, None, backend=backend, device=device)
+            lk = cls(store.plan, store.vocab, layer_id, None, backend=backend, device=device, kept=store.kept_rows(layer_id))
             lk.table = ChunkCache(store.table(layer_id), store.chunk_rows, max_resident_bytes)
         else:
-            lk = cls(store.plan, store.vocab, layer_id, store.load_layer(layer_id), backend=backend, device=device)
+            lk = cls(store.plan, store.vocab, layer_id, store.load_layer(layer_id), backend=backend, device=device, kept=store.kept_rows(layer_id))
         lk.store = store
         if cache_rows:
             lk.use_hot_cache(store.hits(layer_id), int(cache_rows))
@@ -171,13 +179,16 @@ class EngramLookup:
             raise BackendError("this EngramLookup has no table; pass table= or use EngramLookup.from_store")
         B, T, H = rows.shape
         flat = rows.reshape(-1)
-        if self.fp8:
+        dropped = None
+        if self.kept is not None:  # a pruned table: its own row numbers, dropped rows zeroed below
+            flat, dropped = remap_rows(self.kept, flat.to(self.kept.device))
+        if self.dtype_name.packed:
             table_dtype = torch.uint8
         elif isinstance(self.table, torch.Tensor):
             table_dtype = self.table.dtype
         else:  # ChunkCache: the rows' torch dtype (bfloat16 stored as uint16 words, read as bfloat16)
             table_dtype = self.dtype_name.torch_dtype
-        odt = output_dtype(table_dtype, self.fp8, dtype)
+        odt = output_dtype(table_dtype, self.dtype_name.packed, dtype)
         on_host = self.host or self.hot is not None or not isinstance(self.table, torch.Tensor)
         where = torch.device("cpu") if on_host and self.hot is None else self.device
         pin = where.type == "cpu" and self.device.type == "cuda"
@@ -186,12 +197,20 @@ class EngramLookup:
         if out is None or out.device != where or out.shape != shape or out.dtype != odt or not out.is_contiguous():
             final, out = out, torch.empty(shape, dtype=odt, device=where, pin_memory=pin)
         flat_out = out.view(B * T * H, self.head_dim)
-        if self.hot is not None:
+        if self.dtype_name.integer:  # int8/int4 rows (kernels/dequant.py)
+            if self.hot is not None:
+                g = self.hot.gather(flat, H)
+            else:
+                g = gather_rows(self.table, flat) if isinstance(self.table, torch.Tensor) else read_rows(self.table, flat)
+            int_dequant_into(g, self.head_dim, self.dtype_name.value, flat_out)
+        elif self.hot is not None:
             dequant_into(self.hot.gather(flat, H), self.head_dim, self.fp8, flat_out)
         elif isinstance(self.table, torch.Tensor):
             gather_into(self.table, flat, self.head_dim, self.fp8, flat_out, fast=not self.impl.reference)
         else:
             dequant_into(read_rows(self.table, flat), self.head_dim, self.fp8, flat_out)
+        if dropped is not None:
+            zero_dropped(flat_out, dropped)
         if final is not None:  # an `out` on the device: the host rows copied into it
             return final.copy_(out, non_blocking=True)
         return out.to(self.device, non_blocking=True)

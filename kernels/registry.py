@@ -75,11 +75,12 @@ def _triton_lookup(lk, ids: torch.Tensor, dtype, out) -> torch.Tensor:
 def offload_uva(lk) -> bool:
     """Whether the offload backend takes its UVA path: the fused Triton kernel on a CUDA device
     reading the whole table from pinned host memory (no host gather, no staging copy). Else
-    (no CUDA or triton, a chunk cache, a hot-row cache, a head_dim Triton cannot tile) the
-    host path: hashed and gathered on the host, then copied."""
+    (no CUDA or triton, a chunk cache, a hot-row cache, a head_dim Triton cannot tile, int8/int4
+    or pruned rows) the host path: hashed and gathered on the host, then copied."""
     t = lk.table
     return (lk.device.type == "cuda" and isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_pinned()
-            and lk.hot is None and not (lk.head_dim & (lk.head_dim - 1)) and _triton_usable(lk.device))
+            and lk.hot is None and not lk.dtype_name.integer and getattr(lk, "kept", None) is None
+            and not (lk.head_dim & (lk.head_dim - 1)) and _triton_usable(lk.device))
 
 
 def _offload_row_ids(lk, ids: torch.Tensor) -> torch.Tensor:

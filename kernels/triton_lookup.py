@@ -22,6 +22,7 @@ import triton.language as tl
 
 from engram_cli.errors import BackendError
 from engram_cli.kernels.gather import e4m3_lut
+from engram_cli.kernels.triton_dequant import triton_gather_lookup
 
 
 @triton.jit
@@ -124,6 +125,11 @@ def triton_row_ids(lk, ids: torch.Tensor) -> torch.Tensor:
 
 
 def triton_lookup(lk, ids: torch.Tensor, *, dtype=None, out=None) -> torch.Tensor:
+    if lk.dtype_name.integer or getattr(lk, "kept", None) is not None:  # int8/int4 or pruned rows: kernels/triton_dequant.py
+        if lk.table is None:
+            raise BackendError("this EngramLookup has no table; pass table= or use EngramLookup.from_store")
+        rows = triton_gather_lookup(lk, triton_row_ids(lk, ids), dtype=dtype)
+        return rows if out is None else out.copy_(rows)
     return _launch(lk, lk.hasher, ids, gather=True, dtype=dtype, out=out)
 
 

@@ -17,7 +17,7 @@ from engram_cli.plan import TablePlan
 @pytest.mark.parametrize(
     "kind, bad, error, line",
     [
-        (TableDtype, "int8", PlanError, "unknown --dtype 'int8'; choose one of float32, float16, bfloat16, float8_e4m3"),
+        (TableDtype, "int2", PlanError, "unknown --dtype 'int2'; choose one of float32, float16, bfloat16, float8_e4m3, int8, int4"),
         (InitKind, "bogus", StoreError, "unknown --init 'bogus'; choose one of normal, zeros"),
         (Compressor, "gzip", StoreError, "unknown --compressor 'gzip'; choose one of none, lz4, zstd"),
         (ParallelKind, "fibers", StoreError, "unknown --parallel 'fibers'; choose one of threads, processes"),
@@ -43,11 +43,13 @@ def test_members_are_their_strings(kind):
 
 def test_table_dtype_properties():
     want = {"float32": (4, "float32", torch.float32), "float16": (2, "float16", torch.float16),
-            "bfloat16": (2, "uint16", torch.bfloat16), "float8_e4m3": (1, "uint8", torch.float8_e4m3fn)}
+            "bfloat16": (2, "uint16", torch.bfloat16), "float8_e4m3": (1, "uint8", torch.float8_e4m3fn),
+            "int8": (1, "uint8", torch.int8), "int4": (1, "uint8", torch.uint8)}
     assert [d.value for d in TableDtype] == list(want)
     for d in TableDtype:
         assert (d.bytes_per_value, d.storage_dtype, d.torch_dtype) == (want[d][0], np.dtype(want[d][1]), want[d][2])
         assert d.fp8 == (d is TableDtype.FLOAT8_E4M3)
+        assert d.packed == (d in (TableDtype.FLOAT8_E4M3, TableDtype.INT8, TableDtype.INT4))
 
 
 def test_hash_family_names_and_aliases():

@@ -25,9 +25,20 @@ from ..fp8 import (
     fp8_row_bytes,
     quantize_fp8_rows,
 )
+from ..int_rows import (
+    check_int_head_dim,
+    dequantize_int_rows,
+    int_row_bytes,
+    quantize_int_rows,
+)
 from ..kinds import Compressor, InitKind, ParallelKind, TableDtype
 
 FORMAT = "engram-tables/1"
+# A store that only this version reads (int8/int4 rows, or a kept-row map: docs/spec.md
+# "Pruned tables") records FORMAT_2, so an older engram refuses it by its format line
+# instead of misreading it; every other store stays FORMAT, byte for byte.
+FORMAT_2 = "engram-tables/2"
+FORMATS = (FORMAT, FORMAT_2)
 ROOT_ATTR = "engram"
 STATS_DIR = "stats"
 PARTIAL_SUFFIX = ".partial"
@@ -75,14 +86,19 @@ def storage_dtype(dtype: str) -> np.dtype:
 
 
 def row_width(head_dim: int, dtype: str) -> int:
-    """Stored elements per row: head_dim, or head_dim + head_dim // 32 bytes for float8_e4m3."""
-    return fp8_row_bytes(head_dim) if TableDtype.parse(dtype).fp8 else int(head_dim)
+    """Stored elements per row: head_dim, or head_dim + head_dim // 32 bytes for float8_e4m3 (int8/int4: `int_row_bytes`)."""
+    dtype = TableDtype.parse(dtype)
+    if dtype.integer:
+        return int_row_bytes(head_dim, dtype.value)
+    return fp8_row_bytes(head_dim) if dtype.fp8 else int(head_dim)
 
 
 def check_dtype_geometry(head_dim: int, dtype: str) -> None:
     """PlanError when rows of `head_dim` cannot be stored as `dtype` (float8_e4m3: a multiple of 32)."""
     if TableDtype.parse(dtype).fp8:
         check_fp8_head_dim(head_dim)
+    if TableDtype.parse(dtype).integer:
+        check_int_head_dim(head_dim, dtype)
 
 
 def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
@@ -115,16 +131,22 @@ def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == TableDtype.FLOAT8_E4M3:
         x = np.asarray(x, dtype=np.float32)
         return quantize_fp8_rows(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], fp8_row_bytes(x.shape[-1]))
+    if dtype in (TableDtype.INT8, TableDtype.INT4):
+        x = np.asarray(x, dtype=np.float32)
+        kind = TableDtype.parse(dtype).value
+        return quantize_int_rows(x.reshape(-1, x.shape[-1]), kind).reshape(*x.shape[:-1], int_row_bytes(x.shape[-1], kind))
     TableDtype.parse(dtype)  # raises PlanError
     raise AssertionError(dtype)
 
 
 def from_storage(words: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored values -> numpy values: float32/float16 as stored, bfloat16 and float8_e4m3 as float32."""
+    """Stored values -> numpy values: float32/float16 as stored, bfloat16, float8_e4m3, int8 and int4 as float32."""
     if dtype == TableDtype.BFLOAT16:
         return bfloat16_bits_to_float32(words)
     if dtype == TableDtype.FLOAT8_E4M3:
         return dequantize_fp8_rows(words)
+    if dtype in (TableDtype.INT8, TableDtype.INT4):
+        return dequantize_int_rows(words, TableDtype.parse(dtype).value)
     return np.asarray(words)
 
 

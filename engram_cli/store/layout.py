@@ -87,14 +87,21 @@ def verify_layout(path: str | os.PathLike) -> None:
     if not isinstance(shard_rows, int) or shard_rows < 1:
         raise StoreError(f"store {shown(path)} records shard_rows {shard_rows!r}, not a positive integer; rebuild it with `engram build-table --force`")
     zeros = (attrs.get("init") or {}).get("kind") == InitKind.ZEROS
+    kept = (attrs.get("pruned") or {}).get("kept_rows") or {}  # a pruned store: rows stored per layer (docs/spec.md "Pruned tables")
     absent: list[str] = []  # shard files, found in time proportional to the files that exist
     n_absent = 0
     for layer_id in plan.layer_ids:
         need += [f"layer_{layer_id}/zarr.json", f"layer_{layer_id}/table/zarr.json"]
         if attrs.get("has_hits"):
             need.append(f"layer_{layer_id}/hits/zarr.json")
+        stored = plan.layer_rows(layer_id)
+        if attrs.get("pruned"):
+            need.append(f"layer_{layer_id}/kept/zarr.json")
+            stored = kept.get(str(layer_id))
+            if not isinstance(stored, int) or not 0 <= stored <= plan.layer_rows(layer_id):
+                raise StoreError(f"store {shown(path)} records {stored!r} kept rows for layer {layer_id}, not a row count; rebuild it with `engram prune --force`")
         if not zeros:
-            first, count = _missing_shards(path / f"layer_{layer_id}" / "table", ceil_div(plan.layer_rows(layer_id), shard_rows))
+            first, count = _missing_shards(path / f"layer_{layer_id}" / "table", ceil_div(stored, shard_rows))
             absent += [f"layer_{layer_id}/table/c/{s}/0" for s in first]
             n_absent += count
     if attrs.get("has_hits"):

@@ -24,12 +24,13 @@ from zarr.core.buffer.cpu import NDBuffer
 
 from ..errors import PlanError, StoreError
 from ..fp8 import FP8RowError, fp8_rows_problem
+from ..int_rows import IntRowError, int_rows_problem
 from ..kinds import TableDtype
 from ..ngrams import SUMMARY_FILE, NgramStats
 from ..plan import TablePlan
 from ..vocab import CompressedVocab, key_offsets_problem, vocab_array_problem
 from .format import (
-    FORMAT,
+    FORMATS,
     ROOT_ATTR,
     STATS_DIR,
     ceil_div,
@@ -184,8 +185,8 @@ class TableStore:
         attrs = group.attrs.asdict().get(ROOT_ATTR)
         if not isinstance(attrs, dict):
             raise _open_error(path, f"the root group has no {ROOT_ATTR!r} attributes")
-        if attrs.get("format") != FORMAT:
-            raise StoreError(f"{str(path)!r} has store format {attrs.get('format')!r}, this engram reads {FORMAT!r}; rebuild it with `engram build-table --force`")
+        if attrs.get("format") not in FORMATS:
+            raise StoreError(f"{str(path)!r} has store format {attrs.get('format')!r}, this engram reads {' or '.join(map(repr, FORMATS))}; rebuild it with `engram build-table --force`")
         if attrs.get("complete") is not True:
             raise StoreError(f"table store {str(path)!r} is incomplete (its build was interrupted); rebuild it with `engram build-table --force`")
         store = cls(path, group, attrs, mode)
@@ -251,13 +252,13 @@ class TableStore:
         width = row_width(plan.head_dim, self.dtype)
         for layer_id in plan.layer_ids:
             arr = self.table(layer_id)
-            want = (plan.layer_rows(layer_id), width)
+            want = (self.stored_rows(layer_id), width)
             if tuple(arr.shape) != want or arr.dtype != sdtype:
                 raise _rebuild(self.path, f"has layer_{layer_id}/table of shape {tuple(arr.shape)} {arr.dtype}, its plan needs {want} {sdtype}")
             if self.has_hits:
                 hits = self.hits(layer_id)
-                if tuple(hits.shape) != (want[0],):
-                    raise _rebuild(self.path, f"has layer_{layer_id}/hits of shape {tuple(hits.shape)}, its plan needs ({want[0]},)")
+                if tuple(hits.shape) != (plan.layer_rows(layer_id),):
+                    raise _rebuild(self.path, f"has layer_{layer_id}/hits of shape {tuple(hits.shape)}, its plan needs ({plan.layer_rows(layer_id)},)")
 
     # -- metadata ------------------------------------------------------------------
     @property
@@ -298,6 +299,42 @@ class TableStore:
         """Stored elements per row of a layer's table (the same for every layer)."""
         self._layer_group(layer_id)
         return self.stored_row_width
+
+    # -- pruned tables (docs/spec.md "Pruned tables") -----------------------------------
+    @property
+    def pruned(self) -> dict | None:
+        """The kept-row record of a pruned store ({"kept_rows": {layer: rows}, "fallback", "by", ...}), None otherwise."""
+        p = self._attrs.get("pruned")
+        return p if isinstance(p, dict) else None
+
+    def stored_rows(self, layer_id: int) -> int:
+        """Rows the layer's table array holds: the plan's rows, or a pruned store's kept rows."""
+        if self.pruned is None:
+            return self.plan.layer_rows(layer_id)
+        n = (self.pruned.get("kept_rows") or {}).get(str(layer_id))
+        if not isinstance(n, int) or not 0 <= n <= self.plan.layer_rows(layer_id):
+            raise _rebuild(self.path, f"records {n!r} kept rows for layer {layer_id}, not a row count")
+        return n
+
+    def kept_rows(self, layer_id: int) -> np.ndarray | None:
+        """A pruned store's kept rows of a layer: sorted global row ids (int64, one per stored row); None when not pruned.
+
+        Stored row i of the table is global row kept[i]; any other row reads as zeros.
+        Checked on read: strictly increasing, within the layer, one per stored row.
+        """
+        if self.pruned is None:
+            return None
+        cache = self.__dict__.setdefault("_kept", {})
+        if layer_id not in cache:
+            try:
+                kept = np.asarray(self._layer_group(layer_id)["kept"][:], dtype=np.int64)
+            except KeyError:
+                raise _rebuild(self.path, f"lacks layer_{layer_id}/kept") from None
+            n = self.plan.layer_rows(layer_id)
+            if kept.shape != (self.stored_rows(layer_id),) or (kept.size and (kept[0] < 0 or kept[-1] >= n or (np.diff(kept) <= 0).any())):
+                raise _rebuild(self.path, f"has a layer_{layer_id}/kept map that is not {self.stored_rows(layer_id)} increasing row ids below {n}")
+            cache[layer_id] = kept
+        return cache[layer_id]
 
     @property
     def chunk_rows(self) -> int:
@@ -404,7 +441,7 @@ class TableStore:
             raise self._checksum_error(layer_id, e) from None
 
     def _row_range(self, layer_id: int, rows) -> tuple[int, int]:
-        n = self.plan.layer_rows(layer_id)
+        n = self.stored_rows(layer_id)
         if rows is None:
             return 0, n
         try:
@@ -448,7 +485,7 @@ class TableStore:
         """
         if int(block_rows) < 1:
             raise StoreError(f"block_rows must be at least 1, got {block_rows}")
-        n = self.plan.layer_rows(layer_id)
+        n = self.stored_rows(layer_id)
         self.table(layer_id)
         for start in range(0, n, int(block_rows)):
             yield start, self.load_layer(layer_id, rows=(start, min(n, start + int(block_rows))))
@@ -458,15 +495,26 @@ class TableStore:
 
         float32/float16 tables come back as stored; bfloat16 and float8_e4m3 tables as
         float32 (exact: the dequantized value), or as stored with `as_stored=True`. Each
-        chunk touched is read once.
+        chunk touched is read once. Row ids are the plan's: in a pruned store a dropped row
+        reads as +0.0 (stored form: a zero row encoded in the store's dtype).
         """
         arr = self.table(layer_id)
         ids = np.asarray(row_ids, dtype=np.int64)
-        rows = arr.shape[0]
+        rows = self.plan.layer_rows(layer_id)
         if ids.size and (ids.min() < 0 or ids.max() >= rows):
             bad = ids[(ids < 0) | (ids >= rows)][0]
             raise StoreError(f"row {int(bad)} is out of range for layer {layer_id} ({rows} rows)")
         uniq, inverse = np.unique(ids.ravel(), return_inverse=True)
+        kept = self.kept_rows(layer_id)
+        if kept is not None:  # stored rows of the kept ids; the dropped ones read as zero bytes
+            pos = np.minimum(np.searchsorted(kept, uniq), max(kept.size - 1, 0))
+            hit = kept[pos] == uniq if kept.size else np.zeros(uniq.shape, dtype=bool)
+            got = np.empty((uniq.size, arr.shape[1]), dtype=arr.dtype)
+            got[:] = to_storage(np.zeros((1, self.head_dim), np.float32), self.dtype)  # the stored form of a zero row
+            if hit.any():
+                got[hit] = np.asarray(arr.get_orthogonal_selection((pos[hit], slice(None))))
+            out = got[inverse].reshape(*ids.shape, arr.shape[1])
+            return out if as_stored else from_storage(out, self.dtype)
         try:
             got = arr.get_orthogonal_selection((uniq, slice(None))) if uniq.size else np.empty((0, arr.shape[1]), arr.dtype)
         except ValueError as e:
@@ -499,10 +547,14 @@ class TableStore:
                     problem = fp8_rows_problem(out, self.head_dim)
                     if problem is not None:
                         raise problem
+                if TableDtype.parse(self.dtype).integer and n:
+                    problem = int_rows_problem(out, self.head_dim, self.dtype)
+                    if problem is not None:
+                        raise problem
                 return out
             if values.dtype == np.float32 and values.shape == (n, self.head_dim):
                 return np.ascontiguousarray(to_storage(values, self.dtype))
-        except FP8RowError as e:
+        except (FP8RowError, IntRowError) as e:
             raise StoreError(f"layer {layer_id} row {row_of(e.row)} of the rows written to {str(self.path)!r} {e.what}; nothing was written") from None
         raise StoreError(
             f"values must be ({n}, {width}) {sdtype} (the stored form of {self.dtype}) or ({n}, {self.head_dim}) float32, "
@@ -512,6 +564,8 @@ class TableStore:
     def _check_writable(self, layer_id: int) -> zarr.Array:
         if self.mode != "r+":
             raise StoreError(f"table store {str(self.path)!r} is open read-only; open it with TableStore.open(path, mode='r+') to write rows")
+        if self.pruned is not None:
+            raise StoreError(f"table store {str(self.path)!r} is pruned (it holds only its kept rows); write rows to the store it was pruned from")
         return self.table(layer_id)
 
     def write_rows(self, layer_id: int, row_ids, values, *, by: str = "write_rows") -> None:
@@ -622,7 +676,7 @@ class TableStore:
         plan = self.plan
         layers = []
         for layer_id in plan.layer_ids:
-            rows = plan.layer_rows(layer_id)
+            rows = self.stored_rows(layer_id)
             ldir = self.path / f"layer_{layer_id}" / "table"
             layers.append(
                 {
@@ -635,7 +689,7 @@ class TableStore:
                     "bytes_on_disk": _disk_bytes(ldir),
                 }
             )
-        return {
+        out = {
             "path": str(self.path),
             "format": self._attrs["format"],
             "toolkit_version": self._attrs.get("toolkit_version"),
@@ -655,6 +709,9 @@ class TableStore:
             "has_hits": self.has_hits,
             "has_stats": (self.path / STATS_DIR).is_dir(),
         }
+        if self.pruned is not None:  # layers' rows and bytes above are the kept rows (docs/spec.md "Pruned tables")
+            out["pruned"] = dict(self.pruned)
+        return out
 
     def __repr__(self) -> str:
         return f"TableStore({str(self.path)!r}, layers={list(self.layer_ids)}, dtype={self.dtype}, mode={self.mode!r})"

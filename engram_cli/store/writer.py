@@ -43,6 +43,7 @@ from ..defaults import DEFAULT_MEMORY_LIMIT
 from ..errors import OutputError, StoreError, VocabMismatch
 from ..execution.work import StageCounter, run_all
 from ..hits import count_passes, hit_counts, orders_touching, per_order_sums
+from ..int_rows import INT_LAYOUT
 from ..kinds import Compressor, InitKind, ParallelKind, TableDtype
 from ..ngrams import NgramStats
 from ..plan import TablePlan, check_stats_cover
@@ -55,6 +56,7 @@ from .format import (
     DEFAULT_PARALLEL,
     DEFAULT_SHARD_BYTES,
     FORMAT,
+    FORMAT_2,
     FP8_LAYOUT,
     INIT_RNG,
     ROOT_ATTR,
@@ -306,6 +308,10 @@ def create_layout(
     if plan.dtype == TableDtype.FLOAT8_E4M3:
         attrs["row_width"] = width
         attrs["fp8"] = dict(FP8_LAYOUT)
+    if TableDtype.parse(plan.dtype).integer:  # rows older readers cannot read: the second format
+        attrs["format"] = FORMAT_2
+        attrs["row_width"] = width
+        attrs["int_rows"] = dict(INT_LAYOUT)
     if tokenizer is not None:
         attrs[TOKENIZER_ATTR] = write_store_tokenizer(partial, tokenizer, vocab, identity)
     root.attrs[ROOT_ATTR] = attrs
@@ -328,6 +334,8 @@ def create_layout(
         }
         if plan.dtype == TableDtype.FLOAT8_E4M3:
             table_attrs["fp8"] = dict(FP8_LAYOUT, head_dim=plan.head_dim)
+        if TableDtype.parse(plan.dtype).integer:
+            table_attrs["int_rows"] = dict(INT_LAYOUT, head_dim=plan.head_dim)
         table = g.create_array(
             "table",
             shape=(rows, width),

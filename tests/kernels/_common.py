@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from engram_cli.fp8 import dequantize_fp8_rows, quantize_fp8_rows
+from engram_cli.int_rows import dequantize_int_rows, quantize_int_rows
 from engram_cli.kernels.registry import REGISTRY
 from engram_cli.kinds import TableDtype
 from engram_cli.plan import make_plan
@@ -39,6 +40,9 @@ def table_for(plan, dtype, seed=0):
     if dtype == "float8_e4m3":
         packed = quantize_fp8_rows(x)
         return packed, dequantize_fp8_rows(packed, plan.head_dim)
+    if dtype in ("int8", "int4"):  # packed int rows, one bfloat16 scale per 32 values (engram_cli/int_rows.py)
+        packed = quantize_int_rows(x, dtype)
+        return packed, dequantize_int_rows(packed, dtype, plan.head_dim)
     if dtype == "bfloat16":
         t = torch.from_numpy(x).to(torch.bfloat16)
         return t.view(torch.int16).numpy().view(np.uint16), t.float().numpy()

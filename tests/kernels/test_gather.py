@@ -13,7 +13,7 @@ from engram_cli.hashing import position_row_ids
 from engram_cli.kernels import EngramLookup
 from engram_cli.kernels.gather import fp8_dequant_reference, fp8_dequant_torch
 
-OUT_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float8_e4m3": torch.float32}
+OUT_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float8_e4m3": torch.float32, "int8": torch.float32, "int4": torch.float32}
 
 
 @pytest.mark.parametrize("B,T,max_n,heads", [(1, 1, 2, 1), (2, 3, 4, 2), (3, 5, 3, 16)])
