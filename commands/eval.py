@@ -19,6 +19,7 @@ from engram_cli.defaults import DEFAULT_CHECKPOINT
 from engram_cli.evaluate import evaluate_windows
 from engram_cli.intervals import compare
 from engram_cli.kinds import TokenizerEngine
+from engram_cli.store.output import read_locks
 
 
 def _f(x, fmt=".4f"):
@@ -137,7 +138,7 @@ def eval_command(
     if state_dict is not None:
         return run_state_dict(state_dict, checkpoints, tables, corpus, as_json, tokenizer_engine)
     paths = checkpoints or [Path(DEFAULT_CHECKPOINT)]
-    with progress_reporter(quiet=as_json) as progress:
+    with progress_reporter(quiet=as_json) as progress, read_locks():  # no store it reads is replaced meanwhile
         scored = [evaluate_windows(p, tables=tables, corpus=corpus, tokenizer_engine=tokenizer_engine, progress=progress) for p in paths]
     reports = [r for r, _ in scored]
     comparison = compare(reports, [w for _, w in scored])

@@ -28,7 +28,7 @@ import polars as pl
 import torch
 
 from engram_cli.ablations import ABLATIONS, mean_source, row_source, shuffle_row_ids, window_losses
-from engram_cli.checkpoint import load_checkpoint
+from engram_cli.checkpoint import check_unit, load_checkpoint
 from engram_cli.errors import CheckpointError, StoreError
 from engram_cli.hashing import shift_k
 from engram_cli.kernels import REGISTRY, EngramLookup, available_backends
@@ -156,6 +156,7 @@ def evaluate_windows(path, *, tables=None, corpus=None, max_tokens: int = MAX_HE
     t_start = time.perf_counter()
     ckpt = load_checkpoint(path)
     model, store, plan, vocab, tok = load_model(ckpt, tables, tokenizer_engine)
+    check_unit(path, ckpt, store=store, stats=load_stats(path) if store is not None else None)  # one train's checkpoint, store and statistics
     cfg = model.cfg
     tmap = TokenMap(np.asarray(ckpt["extra"]["token_ids"], dtype=np.int64))
     stream = heldout_stream(ckpt, tok, corpus, max_tokens, progress)
