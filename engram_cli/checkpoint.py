@@ -34,9 +34,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from engram_cli.checkpoint_schema import check_checkpoint_dict, check_declared_bytes
+from engram_cli.checkpoint_schema import (
+    check_checkpoint_dict,
+    check_declared_bytes,
+    check_extra,
+)
 from engram_cli.errors import CheckpointError, OutputError
 from engram_cli.integrity import check_zip_crc
+from engram_cli.model import ModelConfig
 from engram_cli.store.output import check_inputs_apart, check_output_name, notice, shown
 from engram_cli.store.staging import staged_file
 
@@ -125,14 +130,15 @@ def remove_stale_temps(out) -> None:
 
 
 def check_unit(path, ckpt: dict, *, store=None, stats: dict | None = None) -> None:
-    """`CheckpointError` when the trained store or the statistics beside checkpoint `path` come from another train.
+    """`CheckpointError` when checkpoint `path` lacks what eval reads, or its trained store or statistics come from another train.
 
     Compares the checkpoint's `extra.generation` with the store's root attribute
     `generation` and the statistics' `generation` entry (a checkpoint from before
     generations, or a store passed with --tables that is not the checkpoint's own: not
     checked).
     """
-    gen = ckpt.get("extra", {}).get("generation")
+    check_extra(path, ckpt["extra"], ModelConfig.from_dict(ckpt["config"]), complete=True)
+    gen = ckpt["extra"].get("generation")
     if not gen:
         return
     if store is not None and ckpt.get("tables") and Path(store.path).resolve() == Path(ckpt["tables"]).resolve():
@@ -148,12 +154,10 @@ def check_unit(path, ckpt: dict, *, store=None, stats: dict | None = None) -> No
                                   "come from different trains; re-run `engram train`")
 
 
-def save_checkpoint(path, model, *, tables: str | None, plan_fingerprint: str | None, heldout: dict, extra: dict | None = None) -> Path:
-    """Write the checkpoint through a temp file of this process, renamed into place; the tables stay in their store.
+def checkpoint_bytes(path, model, *, tables: str | None, plan_fingerprint: str | None, heldout: dict, extra: dict | None = None):
+    """The bytes of the checkpoint file `path` (torch zip, or safetensors for a `.safetensors` name), made in memory.
 
     `tables` is stored relative to the checkpoint's folder, so the pair moves together.
-    The bytes are made in memory and written by Python (a disk-full or size-limit error
-    is then an `OSError`, one line through `staged_file`); call under `out`'s lock.
     """
     path = Path(path)
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -169,16 +173,40 @@ def save_checkpoint(path, model, *, tables: str | None, plan_fingerprint: str | 
     }
     if path.suffix == SAFETENSORS_SUFFIX:
         meta, tensors = _split(obj, "")
-        data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata={"engram": json.dumps(meta)})
-    else:
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        data = buf.getbuffer()
-    with staged_file(path, _temp_path(path)) as tmp:
+        return safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata={"engram": json.dumps(meta)})
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getbuffer()
+
+
+def write_temp(path, data) -> Path:
+    """Write `data` to this process's temp file of `path` (`.NAME.<pid>.partial`), synced; returns the temp (the caller renames it).
+
+    Written by Python, so a disk-full or file-size-limit error is an `OSError` (torch's own
+    writer reports it as a RuntimeError); the temp is removed on failure.
+    """
+    tmp = _temp_path(Path(path))
+    try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def save_checkpoint(path, model, *, tables: str | None, plan_fingerprint: str | None, heldout: dict, extra: dict | None = None) -> Path:
+    """Write the checkpoint through a temp file of this process, renamed into place; the tables stay in their store.
+
+    A disk-full or permission error is one line (`staging.staged_file`). `engram train`
+    writes its checkpoint with the rest of its unit instead (`train.publish_unit`).
+    """
+    path = Path(path)
+    data = checkpoint_bytes(path, model, tables=tables, plan_fingerprint=plan_fingerprint, heldout=heldout, extra=extra)
+    with staged_file(path, _temp_path(path)):
+        write_temp(path, data)  # the temp staged_file renames into place
     return path
 
 

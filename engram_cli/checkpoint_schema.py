@@ -146,21 +146,23 @@ def check_heldout(path, h) -> None:
                 raise _fail(path, f"heldout lists documents but lacks {k!r}")
 
 
-def check_extra(path, ex, cfg: ModelConfig) -> None:
-    """The keys of `extra` that eval reads: token ids (one per output id but 0), touched rows within the tables, scalars."""
+def check_extra(path, ex, cfg: ModelConfig, *, complete: bool = False) -> None:
+    """The keys of `extra` that eval reads, by type; `complete`: present, token ids one per output id but 0, touched rows within the tables."""
     _typed(path, "extra", ex, dict, "a dict")
     if "token_ids" not in ex:
-        raise _fail(path, "extra lacks 'token_ids'")
-    ids = _tensor_1d(path, "extra.token_ids", ex["token_ids"], 0, (1 << 31) - 1)
-    if ids.size + 1 != cfg.vocab_size:
-        raise _fail(path, f"extra.token_ids has {ids.size} ids, config.vocab_size {cfg.vocab_size} needs {cfg.vocab_size - 1}")
-    if ids.size > 1 and not (np.diff(ids) > 0).all():
-        raise _fail(path, "extra.token_ids is not sorted and unique")
+        if complete:
+            raise _fail(path, "extra lacks 'token_ids'")
+    else:
+        ids = _tensor_1d(path, "extra.token_ids", ex["token_ids"], 0, (1 << 31) - 1)
+        if complete and ids.size + 1 != cfg.vocab_size:
+            raise _fail(path, f"extra.token_ids has {ids.size} ids, config.vocab_size {cfg.vocab_size} needs {cfg.vocab_size - 1}")
+        if ids.size > 1 and not (np.diff(ids) > 0).all():
+            raise _fail(path, "extra.token_ids is not sorted and unique")
     touched = _typed(path, "extra.touched_rows", ex.get("touched_rows", {}), dict, "a dict")
     for k, v in touched.items():
-        if str(k) not in cfg.table_rows:
+        if complete and str(k) not in cfg.table_rows:
             raise _fail(path, f"extra.touched_rows names layer {k!r}, not an Engram layer of the config")
-        _tensor_1d(path, f"extra.touched_rows[{k!r}]", v, 0, cfg.table_rows[str(k)] - 1)
+        _tensor_1d(path, f"extra.touched_rows[{k!r}]", v, 0, cfg.table_rows.get(str(k), 1 << 62) - 1)
     for k in ("initial_tables", "generation"):
         if ex.get(k) is not None:
             _typed(path, f"extra.{k}", ex[k], str, "a string")
@@ -211,8 +213,12 @@ def check_weights(path, weights, cfg: ModelConfig) -> None:
         raise _fail(path, f"weights lacks {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
-def check_checkpoint_dict(path, obj: dict) -> None:
-    """`CheckpointError` (one line, naming the key) unless `obj` is a well-formed checkpoint dict."""
+def check_checkpoint_dict(path, obj: dict, *, complete: bool = False) -> None:
+    """`CheckpointError` (one line, naming the key) unless `obj` is a well-formed checkpoint dict.
+
+    `complete` (eval): also what a checkpoint of `engram train` always has, the token
+    ids of its output layer and touched rows of its own Engram layers.
+    """
     unknown = sorted(str(k) for k in obj if k not in TOP_KEYS)
     if unknown:
         raise _fail(path, f"unknown top-level key(s) {', '.join(map(repr, unknown[:5]))}")
@@ -226,14 +232,14 @@ def check_checkpoint_dict(path, obj: dict) -> None:
     if cfg.engram_layers and not obj["plan_fingerprint"]:
         raise _fail(path, "has Engram layers but no plan_fingerprint")
     check_heldout(path, obj["heldout"])
-    check_extra(path, obj["extra"], cfg)
+    check_extra(path, obj["extra"], cfg, complete=complete)
     check_weights(path, obj["weights"], cfg)
 
 
 def check_declared_bytes(path, tensors: dict) -> None:
     """`CheckpointError` when the tensors a file declares ({name: (shape, dtype)}, from its header) exceed the file or the RAM."""
     total = 0
-    for name, (shape, dtype) in tensors.items():
+    for shape, dtype in tensors.values():
         total += math.prod(shape) * _WIDTH.get(dtype, 8)
     size = Path(path).stat().st_size
     if total > available_ram():

@@ -204,11 +204,13 @@ def train_steps(model, lookups: dict, tmap, stream, *, steps: int, batch: int = 
 
 # -- the `engram train` pipeline ------------------------------------------------------
 import functools
+import io
+import os
 import zipfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from engram_cli.checkpoint import check_checkpoint_output, new_generation, remove_stale_temps, save_checkpoint
+from engram_cli.checkpoint import check_checkpoint_output, checkpoint_bytes, new_generation, remove_stale_temps, write_temp
 from engram_cli.defaults import TRAINED_STORE_SUFFIX
 from engram_cli.errors import CheckpointError, OutputError, StoreError
 from engram_cli.kinds import TokenizerEngine
@@ -234,7 +236,7 @@ from engram_cli.store.output import (
     storage_errors,
 )
 from engram_cli.store.format import ROOT_ATTR
-from engram_cli.train_stats import count_training, save_stats, stats_path
+from engram_cli.train_stats import count_training, stats_path
 
 DEFAULT_CORPUS = "corpus"  # `engram build-table corpus/` reads the same folder
 DEFAULT_STEPS = 150  # the demo: under 5 minutes on 2 CPU cores with the reference plan (16 layers), measured in docs/train.md
@@ -274,6 +276,44 @@ def save_trained_store(src: Path, dst: Path, trained: dict[int, tuple[np.ndarray
         if generation is not None:
             store.group.attrs[ROOT_ATTR] = {**store.attrs, "generation": generation}
     return dst
+
+
+def publish_unit(out, data, *, src, trained: dict | None, stats: dict | None, force: bool, generation: str) -> None:
+    """Publish one train's unit: statistics and checkpoint written to temps first, then the trained store, then the renames.
+
+    Every write that can fail for space or a size limit (the checkpoint's bytes `data`,
+    the statistics, the store's rows) happens before anything is replaced: such a failure
+    leaves the previous checkpoint, store and statistics as they were. The trained store
+    moves in first (`staged_output`, tagged `generation`), then the statistics, the
+    checkpoint last; a failure of those renames leaves a checkpoint whose generation no
+    longer matches, which eval refuses by name (`checkpoint.check_unit`). Call under the
+    locks of `claimed_outputs`.
+    """
+    out = Path(out)
+    temps: list[tuple[Path, Path]] = []
+    try:
+        with storage_errors(out):
+            if stats is not None:
+                buf = io.BytesIO()
+                np.savez(buf, **stats, generation=np.array(generation))
+                temps.append((write_temp(stats_path(out), buf.getbuffer()), stats_path(out)))
+            temps.append((write_temp(out, data), out))
+            for _, dst in temps:  # an immutable or read-only old file would fail its rename after the store moved in
+                if dst.exists() and not os.access(dst, os.W_OK):
+                    raise OutputError(f"cannot replace {shown(dst)}: it is read-only or immutable; nothing was replaced; "
+                                      "fix the permissions (or `chattr -i`) or choose another -o/--out")
+            if trained is not None:
+                save_trained_store(src, trained_store_path(out), trained, force=force, generation=generation)
+        for tmp, dst in temps:
+            try:
+                os.replace(tmp, dst)
+            except OSError as e:
+                store = f"its trained store {shown(trained_store_path(out))} was replaced, so `engram eval` refuses the old one; " if trained is not None else ""
+                raise OutputError(f"cannot move {shown(dst)} into place: {e.strerror}; {store}"
+                                  "fix the permissions (or `chattr -i`) and train again with --force") from None
+    finally:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
 
 
 def trained_store_path(out) -> Path:
@@ -317,6 +357,7 @@ def claimed_outputs(corpus, tables, out, force: bool):
             lock_output(path)
             stack.callback(release_output, path)
         remove_stale_temps(out)
+        remove_stale_temps(stats_path(out))
         check_train_outputs(corpus, tables, out, force)
         stack.enter_context(read_locks())
         yield
@@ -415,10 +456,10 @@ def run_training(corpus, tables, out, *, force: bool = False, steps: int = DEFAU
     row_opt = opts[-1] if cfg.engram_layers else None
     touched_rows = {l: row_opt.touched(l) for l in cfg.engram_layers}
     state_bytes = row_opt.state_bytes() if row_opt is not None else 0
-    trained_store = None
     generation = new_generation()
+    trained_store = trained_store_path(out) if cfg.engram_layers else None
+    trained = stats = None
     if cfg.engram_layers:
-        trained_store = trained_store_path(out)
         if progress is not None:
             progress("save rows", 0, None, str(trained_store))
         trained = {l: (r, lookups[l].table[torch.as_tensor(r, device=device)].cpu().numpy()) for l, r in touched_rows.items()}
@@ -427,15 +468,11 @@ def run_training(corpus, tables, out, *, force: bool = False, steps: int = DEFAU
             m.lookup = None
         del lookups, opts, row_opt
         gc.collect()
-        save_trained_store(store.path, trained_store, trained, force=force, generation=generation)
-    if cfg.engram_layers:  # eval's frequency, share and cache figures count the training split only (train_stats)
+        # eval's frequency, share and cache figures count the training split only (train_stats)
         if progress is not None:
             progress("count", 0, None, "training n-grams and row hits")
-        with storage_errors(out):
-            train_stats = save_stats(stats_path(out), {**count_training(plan, vocab, train_ids, cfg.engram_layers), "generation": np.array(generation)})
-    else:
-        train_stats = None
-    save_checkpoint(
+        stats = count_training(plan, vocab, train_ids, cfg.engram_layers)
+    data = checkpoint_bytes(
         out, model.cpu(),
         tables=str(trained_store) if trained_store else None,
         plan_fingerprint=plan.fingerprint if cfg.engram_layers else None,
@@ -447,6 +484,8 @@ def run_training(corpus, tables, out, *, force: bool = False, steps: int = DEFAU
             "steps": steps, "batch": batch, "losses": losses, "no_engram": no_engram, "param_matched": param_matched, "seed": seed,
         },
     )
+    publish_unit(out, data, src=store.path, trained=trained, stats=stats, force=force, generation=generation)
+    train_stats = stats_path(out) if stats is not None else None
     return {"checkpoint": str(out), "tables": str(trained_store) if trained_store else None,
             "train_stats": str(train_stats) if train_stats else None, "steps": steps,
             "first_loss": losses[0], "last_loss": losses[-1], "train_tokens": int(len(train_ids)),
