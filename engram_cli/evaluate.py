@@ -115,7 +115,7 @@ def heldout_stream(ckpt: dict, tok, corpus=None, max_tokens: int = MAX_HELDOUT_T
 def windows(stream: np.ndarray, block: int) -> np.ndarray:
     """Non-overlapping (N, block+1) windows (sharing one boundary token)."""
     n = (len(stream) - 1) // block
-    return np.stack([stream[i * block : i * block + block + 1] for i in range(n)]) if n else np.zeros((0, block + 1), np.int64)
+    return np.stack([stream[i * block : i * block + block + 1] for i in range(n)]) if n > 0 else np.zeros((0, block + 1), np.int64)
 
 
 def heldout_rows(store, layer_id: int, row_ids: np.ndarray) -> torch.Tensor:
