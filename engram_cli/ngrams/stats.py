@@ -206,7 +206,8 @@ class NgramStats:
         want = (self.checksums or {}).get(path.name)
         if want is not None:  # a store built before checksums has none to compare
             got = file_checksum(path)
-            if not isinstance(want, dict) or got != {"bytes": want.get("bytes"), "xxh3_128": want.get("xxh3_128")}:
+            want = want if isinstance(want, dict) else {}
+            if got != {"bytes": want.get("bytes"), "xxh3_128": want.get("xxh3_128")}:
                 raise StoreError(f"n-gram statistics file {str(path)!r} is corrupt: its bytes differ from those recorded when the store was built "
                                  f"(xxh3-128 {got['xxh3_128'][:16]}, {got['bytes']} bytes; recorded {str(want.get('xxh3_128'))[:16]}, {want.get('bytes')} bytes); "
                                  "rebuild with `engram build-table --force`")
