@@ -38,6 +38,7 @@ from engram_cli.kinds import Backend, TokenizerEngine
 from engram_cli.model import EngramGPT, ModelConfig, table_lookup
 from engram_cli.ngrams import token_columns
 from engram_cli.store import TableStore, from_storage
+from engram_cli.store.output import hold_read
 from engram_cli.store.tokenizer import load_store_tokenizer
 from engram_cli.split import HELDOUT_SHARE, MAX_HELDOUT_TOKENS, ids_digest, pinned_heldout, read_split
 from engram_cli.train import TokenMap, open_tables
@@ -138,6 +139,7 @@ def initial_store(ckpt: dict, plan):
     path = ckpt["extra"].get("initial_tables")
     if not path or not Path(path).exists():
         return None
+    hold_read(path)  # inside `read_locks()` (the command): not replaced while the ablation reads it
     try:
         init = TableStore.open(path)
     except StoreError:

@@ -229,13 +229,14 @@ from engram_cli.store.output import (
     check_no_readers,
     check_output,
     hold_read,
+    is_engram_staging,
     lock_output,
     read_locks,
     release_output,
     shown,
     storage_errors,
 )
-from engram_cli.store.format import ROOT_ATTR
+from engram_cli.store.format import ROOT_ATTR, partial_path
 from engram_cli.train_stats import count_training, stats_path
 
 DEFAULT_CORPUS = "corpus"  # `engram build-table corpus/` reads the same folder
@@ -339,6 +340,9 @@ def check_train_outputs(corpus, tables, out, force: bool) -> tuple[Path, Path]:
     if stats.exists() or stats.is_symlink():
         if stats.is_symlink() or not stats.is_file() or not zipfile.is_zipfile(stats):
             raise OutputError(f"{shown(stats)} is in the way of the training statistics and is not one; move it away or choose another -o/--out")
+    partial = partial_path(trained)
+    if (partial.exists() or partial.is_symlink()) and not is_engram_staging(partial):
+        raise OutputError(f"{shown(partial)} exists and is not an engram staging directory; move it away or choose another -o/--out")
     check_no_readers(trained)
     return out, trained
 
