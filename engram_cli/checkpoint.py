@@ -31,6 +31,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
@@ -173,7 +174,8 @@ def checkpoint_bytes(path, model, *, tables: str | None, plan_fingerprint: str |
     }
     if path.suffix == SAFETENSORS_SUFFIX:
         meta, tensors = _split(obj, "")
-        return safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata={"engram": json.dumps(meta)})
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        return safetensors_bytes(tensors, metadata={"engram": json.dumps(meta), DIGEST_KEY: tensors_digest(tensors)})
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getbuffer()
@@ -208,6 +210,19 @@ def save_checkpoint(path, model, *, tables: str | None, plan_fingerprint: str | 
     with staged_file(path, _temp_path(path)):
         write_temp(path, data)  # the temp staged_file renames into place
     return path
+
+
+DIGEST_KEY = "engram_xxh3_128"  # safetensors metadata: XXH3-128 of every tensor's bytes, by sorted name (`tensors_digest`)
+
+
+def tensors_digest(tensors: dict) -> str:
+    """XXH3-128 over each tensor's name and raw bytes, in sorted name order (the safetensors form's checksum)."""
+    h = xxhash.xxh3_128()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(k.encode() + b"\0")
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _split(obj, prefix: str):
@@ -248,6 +263,9 @@ def _load_safetensors(path: Path) -> dict:
             shapes = {k: f.get_slice(k) for k in f.keys()}
             check_declared_bytes(path, {k: (s.get_shape(), s.get_dtype()) for k, s in shapes.items()})  # from the header, before reading
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+            want = (f.metadata() or {}).get(DIGEST_KEY)
+        if want is not None and tensors_digest(tensors) != want:  # safetensors has no checksum of its own
+            raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its tensors' XXH3-128 differs from the one recorded when it was written; re-run `engram train`")
         return _join(json.loads(meta), tensors)
     except CheckpointError:
         raise

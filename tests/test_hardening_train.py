@@ -24,9 +24,10 @@ import torch
 from typer.testing import CliRunner
 
 from cli_checks import FIXTURES, one_error_line
-from engram_cli.checkpoint import check_unit, load_checkpoint
+from engram_cli.checkpoint import check_unit, load_checkpoint, save_checkpoint
 from engram_cli.cli import app
 from engram_cli.errors import CheckpointError
+from engram_cli.model import EngramGPT, ModelConfig
 from engram_cli.store import TableStore
 from engram_cli.store.output import hold_read, lock_path, read_locks, readers_path
 from engram_cli.train_stats import load_stats, stats_path
@@ -171,12 +172,33 @@ def test_a_failed_checkpoint_write_leaves_the_previous_unit_whole(unit):
     out = unit["out"]
     files = [out, stats_path(out), out.with_name("m.tables.zarr")]
     before = {str(p): digest(p) for p in files}
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # the pid of a process that has exited: what a `kill -9` of a train leaves behind
+    for name in (f".m.ckpt.{dead.pid}.partial", f".m.train-stats.npz.{dead.pid}.partial"):
+        (out.parent / name).write_bytes(b"PK\x03\x04" + bytes(4096))  # its half-written temps
     proc = engram_process(["train", unit["corpus"], "--tables", unit["store"], "-o", out, *TRAIN, "--seed", "1", "--force"], cwd=unit["root"],
                           prefix=f"ulimit -f {out.stat().st_size // 2048}")  # KiB: half the checkpoint's size, more than the statistics'
     line = assert_one_error_line(proc)
     assert "m.ckpt" in line and "File too large" in line and "nothing was replaced" in line
     assert {str(p): digest(p) for p in files} == before
-    assert beside(out) == []
+    assert beside(out) == []  # the killed train's temps removed under the lock, the failed write's own too
+
+
+def test_a_flipped_byte_in_a_safetensors_checkpoint_is_one_line(unit, tmp_path):
+    ck = load_checkpoint(unit["out"])
+    model = EngramGPT(ModelConfig.from_dict(ck["config"]))
+    model.load_state_dict(ck["weights"])
+    st = save_checkpoint(unit["root"] / "st.safetensors", model, tables=ck["tables"], plan_fingerprint=ck["plan_fingerprint"],
+                         heldout=ck["heldout"], extra=ck["extra"])
+    try:
+        assert load_checkpoint(st)["config"] == ck["config"]
+        data = bytearray(st.read_bytes())
+        data[len(data) // 2] ^= 0x40  # inside a weight
+        st.write_bytes(bytes(data))
+        line = one_error_line(invoke("eval", st, "--json"))
+        assert "st.safetensors" in line and "XXH3-128" in line
+    finally:
+        st.unlink()
 
 
 def test_eval_refuses_a_checkpoint_whose_store_or_statistics_come_from_another_train(unit, tmp_path):
