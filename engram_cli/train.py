@@ -323,16 +323,19 @@ def trained_store_path(out) -> Path:
     return out.with_name(out.name.removesuffix(".ckpt").removesuffix(".safetensors") + TRAINED_STORE_SUFFIX)
 
 
-def check_train_outputs(corpus, tables, out, force: bool) -> tuple[Path, Path]:
+def check_train_outputs(corpus, tables, out, force: bool, *, engram: bool = True) -> tuple[Path, Path]:
     """Before any work: the checkpoint `out`, its trained store and statistics may be written (`OutputError` otherwise).
 
     The checkpoint by `checkpoint.check_checkpoint_output`; the trained store apart from
     the corpus and the input store (training into its own input store is refused) and
     replacing only an engram store, only with --force; the statistics file replacing
-    only a statistics file (an .npz archive); no other process reading the trained store.
+    only a statistics file (an .npz archive); no other process reading the trained store
+    (those two only when `engram`: a --no-engram train writes neither).
     """
     out = check_checkpoint_output(out, force, inputs=[corpus], tables=tables)
     trained = trained_store_path(out)
+    if not engram:
+        return out, trained
     check_inputs_apart(trained, [tables], what="trained store", source="table store")
     check_output(trained, force, inputs=[corpus])
     stats = stats_path(out)
@@ -348,21 +351,21 @@ def check_train_outputs(corpus, tables, out, force: bool) -> tuple[Path, Path]:
 
 
 @contextmanager
-def claimed_outputs(corpus, tables, out, force: bool):
+def claimed_outputs(corpus, tables, out, force: bool, *, engram: bool = True):
     """Checks (`check_train_outputs`), then the locks of the checkpoint and its trained store held for the block, checked again under them.
 
     A second train to the same -o is refused at once naming this one (`OutputBusy`);
     temps a killed train left are removed. Stores read inside the block are read-locked
     (`output.read_locks`).
     """
-    check_train_outputs(corpus, tables, out, force)
+    check_train_outputs(corpus, tables, out, force, engram=engram)
     with ExitStack() as stack:
         for path in (Path(out), trained_store_path(out)):
             lock_output(path)
             stack.callback(release_output, path)
         remove_stale_temps(out)
         remove_stale_temps(stats_path(out))
-        check_train_outputs(corpus, tables, out, force)
+        check_train_outputs(corpus, tables, out, force, engram=engram)
         stack.enter_context(read_locks())
         yield
 
@@ -374,7 +377,7 @@ def _claiming_outputs(fn):
     def run(corpus, tables, out, *args, force: bool = False, **kw):
         if not Path(out).parent.exists():  # the missing-folder refusal stays the run's own
             return fn(corpus, tables, out, *args, force=force, **kw)
-        with claimed_outputs(corpus, tables, out, force):
+        with claimed_outputs(corpus, tables, out, force, engram=not kw.get("no_engram", False)):
             return fn(corpus, tables, out, *args, force=force, **kw)
 
     return run
