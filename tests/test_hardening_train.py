@@ -1,16 +1,18 @@
 """Reliability of `engram train`'s outputs and of checkpoint reads (issue 23, the checkpoint side).
 
 In the style of tests/test_hardening.py: real stores, real processes (SIGSTOP to force two
-trains and a rebuild to meet, `ulimit -f` to fail the checkpoint write), real files
-damaged on disk. Every refusal is one `Error: ...` line, exit 2, nothing of the user's
-overwritten, and a checkpoint never evaluated against another train's table. One
-training (a subprocess, 1 step on a 60 kB corpus) serves the module.
+trains and a rebuild to meet; the file-size limit of `ulimit -f`, RLIMIT_FSIZE, to fail
+the checkpoint write), real files damaged on disk. Every refusal is one `Error: ...`
+line, exit 2, nothing of the user's overwritten, and a checkpoint never evaluated against
+another train's table. One training (a subprocess, 1 step on a 60 kB corpus) serves the
+module; the failed write is a second one, in this process.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -21,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_checks import FIXTURES, one_error_line
 from typer.testing import CliRunner
 
-from cli_checks import FIXTURES, one_error_line
 from engram_cli.checkpoint import check_unit, load_checkpoint, save_checkpoint
 from engram_cli.cli import app
 from engram_cli.errors import CheckpointError
@@ -42,22 +44,10 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def engram_process(args, cwd, prefix: str = "") -> subprocess.Popen:
-    """`engram ARGS` as a real process of this checkout (through bash when `prefix` sets a limit first)."""
+def engram_process(args, cwd) -> subprocess.Popen:
+    """`engram ARGS` as a real process of this checkout."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "engram_cli.cli", *map(str, args)]
-    if prefix:
-        cmd = ["bash", "-c", f"{prefix}; exec \"$@\"", "bash", *cmd]
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def assert_one_error_line(proc: subprocess.Popen) -> str:
-    _, err = proc.communicate(timeout=600)
-    text = err.decode()
-    assert proc.returncode == 2 and "Traceback" not in text, text
-    lines = [l for l in text.strip().splitlines() if l.startswith("Error: ") or "Traceback" in l or "engram:" in l]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), text
-    return lines[0]
+    return subprocess.Popen([sys.executable, "-m", "engram_cli.cli", *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def digest(root: Path) -> dict:
@@ -176,9 +166,13 @@ def test_a_failed_checkpoint_write_leaves_the_previous_unit_whole(unit):
     dead.wait()  # the pid of a process that has exited: what a `kill -9` of a train leaves behind
     for name in (f".m.ckpt.{dead.pid}.partial", f".m.train-stats.npz.{dead.pid}.partial"):
         (out.parent / name).write_bytes(b"PK\x03\x04" + bytes(4096))  # its half-written temps
-    proc = engram_process(["train", unit["corpus"], "--tables", unit["store"], "-o", out, *TRAIN, "--seed", "1", "--force"], cwd=unit["root"],
-                          prefix=f"ulimit -f {out.stat().st_size // 2048}")  # KiB: half the checkpoint's size, more than the statistics'
-    line = assert_one_error_line(proc)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (out.stat().st_size // 2, hard))  # `ulimit -f`: half the checkpoint, more than the statistics
+    try:
+        result = invoke("train", unit["corpus"], "--tables", unit["store"], "-o", out, *TRAIN, "--seed", "1", "--force")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    line = one_error_line(result)
     assert "m.ckpt" in line and "File too large" in line and "nothing was replaced" in line
     assert {str(p): digest(p) for p in files} == before
     assert beside(out) == []  # the killed train's temps removed under the lock, the failed write's own too
