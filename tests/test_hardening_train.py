@@ -172,8 +172,11 @@ def test_a_failed_checkpoint_write_leaves_the_previous_unit_whole(unit):
         result = invoke("train", unit["corpus"], "--tables", unit["store"], "-o", out, *TRAIN, "--seed", "1", "--force")
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    line = one_error_line(result)
-    assert "m.ckpt" in line and "File too large" in line and "nothing was replaced" in line
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    errors = [l for l in result.stderr.splitlines() if l.startswith("Error: ")]  # after the progress lines and notices of a whole run
+    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0])
+    assert "m.ckpt" in errors[0] and "File too large" in errors[0] and "nothing was replaced" in errors[0]
+    assert result.stderr.count("left by an interrupted train") == 2
     assert {str(p): digest(p) for p in files} == before
     assert beside(out) == []  # the killed train's temps removed under the lock, the failed write's own too
 
