@@ -202,15 +202,15 @@ def check_weights(path, weights, cfg: ModelConfig) -> None:
         raise _fail(path, f"its config implies {_gib(need)} of weights, more than the {_gib(available_ram())} of RAM available")
     for k, v in weights.items():
         if k not in want:
-            raise _fail(path, f"weights has {str(k)[:60]!r}, which the config does not have")
+            raise _fail(path, f"weights do not match its config: weights has {str(k)[:60]!r}, which the config does not have")
         _typed(path, f"weights[{k!r}]", v, torch.Tensor, "a tensor")
         if tuple(v.shape) != want[k]:
-            raise _fail(path, f"weights[{k!r}] has shape {tuple(v.shape)}, the config implies {want[k]}")
+            raise _fail(path, f"weights do not match its config: weights[{k!r}] has shape {tuple(v.shape)}, the config implies {want[k]}")
         if not v.is_floating_point():
             raise _fail(path, f"weights[{k!r}] is {v.dtype}, not a floating-point tensor")
     missing = [k for k in want if k not in weights]
     if missing:
-        raise _fail(path, f"weights lacks {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise _fail(path, f"weights do not match its config: weights lacks {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
 def check_checkpoint_dict(path, obj: dict, *, complete: bool = False) -> None:
