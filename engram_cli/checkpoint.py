@@ -260,9 +260,10 @@ def _load_safetensors(path: Path) -> dict:
             meta = (f.metadata() or {}).get("engram")
             if meta is None:
                 raise CheckpointError(f"{path} is a safetensors file without engram metadata (a bare state dict?); make a checkpoint with `engram train -o NAME.safetensors`")
-            shapes = {k: f.get_slice(k) for k in f.keys()}
+            names = f.keys()
+            shapes = {k: f.get_slice(k) for k in names}
             check_declared_bytes(path, {k: (s.get_shape(), s.get_dtype()) for k, s in shapes.items()})  # from the header, before reading
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in names}
             want = (f.metadata() or {}).get(DIGEST_KEY)
         if want is not None and tensors_digest(tensors) != want:  # safetensors has no checksum of its own
             raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its tensors' XXH3-128 differs from the one recorded when it was written; re-run `engram train`")

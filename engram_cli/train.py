@@ -210,7 +210,13 @@ import zipfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from engram_cli.checkpoint import check_checkpoint_output, checkpoint_bytes, new_generation, remove_stale_temps, write_temp
+from engram_cli.checkpoint import (
+    check_checkpoint_output,
+    checkpoint_bytes,
+    new_generation,
+    remove_stale_temps,
+    write_temp,
+)
 from engram_cli.defaults import TRAINED_STORE_SUFFIX
 from engram_cli.errors import CheckpointError, OutputError, StoreError
 from engram_cli.kinds import TokenizerEngine
@@ -224,6 +230,7 @@ from engram_cli.split import (
     split_record,
 )
 from engram_cli.store import TableStore, from_storage, link_store, staged_output
+from engram_cli.store.format import ROOT_ATTR, partial_path
 from engram_cli.store.output import (
     check_inputs_apart,
     check_no_readers,
@@ -236,7 +243,6 @@ from engram_cli.store.output import (
     shown,
     storage_errors,
 )
-from engram_cli.store.format import ROOT_ATTR, partial_path
 from engram_cli.train_stats import count_training, stats_path
 
 DEFAULT_CORPUS = "corpus"  # `engram build-table corpus/` reads the same folder
@@ -340,9 +346,8 @@ def check_train_outputs(corpus, tables, out, force: bool, *, engram: bool = True
     check_output(trained, force, inputs=[corpus])
     stats = stats_path(out)
     check_inputs_apart(stats, [corpus, tables], what="training statistics file")
-    if stats.exists() or stats.is_symlink():
-        if stats.is_symlink() or not stats.is_file() or not zipfile.is_zipfile(stats):
-            raise OutputError(f"{shown(stats)} is in the way of the training statistics and is not one; move it away or choose another -o/--out")
+    if (stats.exists() or stats.is_symlink()) and (stats.is_symlink() or not stats.is_file() or not zipfile.is_zipfile(stats)):
+        raise OutputError(f"{shown(stats)} is in the way of the training statistics and is not one; move it away or choose another -o/--out")
     partial = partial_path(trained)
     if (partial.exists() or partial.is_symlink()) and not is_engram_staging(partial):
         raise OutputError(f"{shown(partial)} exists and is not an engram staging directory; move it away or choose another -o/--out")
