@@ -26,7 +26,7 @@ import torch
 from cli_checks import FIXTURES, one_error_line
 from typer.testing import CliRunner
 
-from engram_cli.checkpoint import check_unit, load_checkpoint, save_checkpoint
+from engram_cli.checkpoint import check_unit, load_checkpoint, remove_stale_temps, save_checkpoint
 from engram_cli.cli import app
 from engram_cli.errors import CheckpointError
 from engram_cli.model import EngramGPT, ModelConfig
@@ -222,6 +222,50 @@ def test_eval_refuses_a_checkpoint_whose_store_or_statistics_come_from_another_t
     np.savez(stats_path(out), **{**stats, "generation": np.array("1" * 32)})
     with pytest.raises(CheckpointError, match=r"training statistics \(generation 111111111111\)"):
         check_unit(out, ck, store=None, stats=load_stats(out))
+
+
+KILL_IN_PUBLISH = """
+import os, signal, sys
+import numpy as np
+from engram_cli.checkpoint import checkpoint_bytes, load_checkpoint, new_generation
+from engram_cli.model import EngramGPT, ModelConfig
+from engram_cli.store import TableStore
+from engram_cli.train import publish_unit
+from engram_cli.train_stats import load_stats
+out, src = sys.argv[1], sys.argv[2]
+ck = load_checkpoint(out)
+model = EngramGPT(ModelConfig.from_dict(ck["config"]))
+model.load_state_dict(ck["weights"])
+gen = new_generation()
+data = checkpoint_bytes(out, model, tables=ck["tables"], plan_fingerprint=ck["plan_fingerprint"], heldout=ck["heldout"], extra={**ck["extra"], "generation": gen})
+stats = {k: v for k, v in load_stats(out).items() if k != "generation"}
+layer = ck["config"]["engram_layers"][0]
+rows = (np.array([0, 1]), np.ones((2, TableStore.open(src).head_dim), np.float32))
+real = os.replace
+def replace(a, b):
+    if os.fspath(b) == out:  # the checkpoint's rename, the last step of publishing
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(a, b)
+os.replace = replace
+publish_unit(out, data, src=src, trained={layer: rows}, stats=stats, force=True, generation=gen)
+"""
+
+
+def test_kill_9_before_the_checkpoint_moves_in_leaves_a_pair_eval_refuses(unit, tmp_path):
+    for name in ("m.ckpt", "m.tables.zarr", "m.train-stats.npz"):
+        src = unit["root"] / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    out = tmp_path / "m.ckpt"
+    old = out.read_bytes()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_PUBLISH, str(out), str(unit["store"])], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    assert out.read_bytes() == old  # the old checkpoint, beside the new store and statistics
+    assert [n.name for n in tmp_path.iterdir() if n.name.startswith(".m.ckpt.")] != []  # the killed writer's temp
+    line = one_error_line(invoke("eval", out, "--json"))
+    assert "m.ckpt" in line and "m.tables.zarr" in line and "different trains" in line
+    remove_stale_temps(out)  # what the next train of -o does under its lock
+    assert beside(out) == []
 
 
 def test_a_store_an_eval_reads_is_not_replaced_by_a_train(unit):
