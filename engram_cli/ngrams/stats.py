@@ -103,7 +103,6 @@ class NgramStats:
     root: Path
     summary: dict
     verify: bool = False  # check each order file against the summary's checksum before its first read
-    checksums: dict | None = None  # summary.json's `checksums` (kept apart from the figures of `summary`)
     _verified: set = field(default_factory=set, compare=False, repr=False)
 
     @classmethod
@@ -128,10 +127,10 @@ class NgramStats:
             got = summary.get("format") if isinstance(summary, dict) else type(summary).__name__
             raise StoreError(f"{str(summary_path)!r} has format {got!r}, expected {STATS_FORMAT!r}; rebuild with `engram build-table`")
         _check_summary(summary, summary_path)
-        checksums = summary.pop("checksums", None)
+        checksums = summary.get("checksums")
         if checksums is not None and not isinstance(checksums, dict):
             raise StoreError(f"n-gram statistics summary {str(summary_path)!r} is malformed (checksums is {type(checksums).__name__}); rebuild with `engram build-table --force`")
-        stats = cls(root=root, summary=summary, verify=verify, checksums=checksums)
+        stats = cls(root=root, summary=summary, verify=verify)
         for n in stats.orders:
             if not order_file(root, n).is_file():
                 raise StoreError(f"n-gram statistics for order {n} are missing ({order_file(root, n)}); rebuild with `engram build-table`")
@@ -203,7 +202,7 @@ class NgramStats:
         if not self.verify or order in self._verified:
             return
         path = order_file(self.root, order)
-        want = (self.checksums or {}).get(path.name)
+        want = (self.summary.get("checksums") or {}).get(path.name)
         if want is not None:  # a store built before checksums has none to compare
             got = file_checksum(path)
             want = want if isinstance(want, dict) else {}
@@ -358,9 +357,14 @@ def file_checksum(path: Path) -> dict:
 
 
 def write_summary(root: Path, summary: dict) -> None:
-    """Write a stats directory's summary.json atomically (temp file + rename), with the checksum of each order file it lists."""
+    """Write a stats directory's summary.json atomically (temp file + rename).
+
+    Sets `summary["checksums"]` (in place, so the caller's handle matches the file): the
+    size and XXH3-128 of each order file it lists, as they are now.
+    """
     files = [order_file(root, int(n)) for n in summary.get("orders", ())]
-    summary = {**summary, "checksums": {f.name: file_checksum(f) for f in files if f.is_file()}}
+    summary.pop("checksums", None)  # always the last key, whatever the caller's dict held
+    summary["checksums"] = {f.name: file_checksum(f) for f in files if f.is_file()}
     tmp = root / f".{SUMMARY_FILE}.partial"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, root / SUMMARY_FILE)
