@@ -7,6 +7,7 @@ from engram_cli.commands._output import console, print_json, progress_reporter
 from engram_cli.defaults import DEFAULT_STORE
 from engram_cli.errors import CheckpointError
 from engram_cli.statedict_audit import audit_state_dict
+from engram_cli.store.output import read_locks
 
 
 def _share(x) -> str:
@@ -47,7 +48,7 @@ def run(state_dict, checkpoints, tables, corpus, as_json: bool, tokenizer_engine
 
     if checkpoints:
         raise CheckpointError(f"--state-dict audits a state dict without a model; drop the checkpoint argument(s) {[str(c) for c in checkpoints]}")
-    with progress_reporter(quiet=as_json) as progress:
+    with progress_reporter(quiet=as_json) as progress, read_locks():  # the store is not replaced while it is audited
         report = audit_state_dict(state_dict, tables or DEFAULT_STORE, corpus=corpus, tokenizer_engine=tokenizer_engine, progress=progress)
     if as_json:
         print_json(report)

@@ -21,6 +21,7 @@ from engram_cli.errors import EngramError
 from engram_cli.evaluate import evaluate_windows
 from engram_cli.intervals import compare
 from engram_cli.kinds import TokenizerEngine
+from engram_cli.store.output import read_locks
 
 
 def _f(x, fmt=".4f"):
@@ -146,10 +147,11 @@ def eval_command(
     if variants is not None:
         if len(paths) != 1 or tables is not None:
             raise EngramError("--variants gates one checkpoint's own trained table: pass one MODEL.ckpt and no --tables")
-        return run_variants(paths[0], variants, corpus, as_json, tokenizer_engine, plot)
+        with read_locks():
+            return run_variants(paths[0], variants, corpus, as_json, tokenizer_engine, plot)
     if plot is not None:
         raise EngramError("--plot draws the --variants table; pass --variants too")
-    with progress_reporter(quiet=as_json) as progress:
+    with progress_reporter(quiet=as_json) as progress, read_locks():  # no store it reads is replaced meanwhile
         scored = [evaluate_windows(p, tables=tables, corpus=corpus, tokenizer_engine=tokenizer_engine, progress=progress) for p in paths]
     reports = [r for r, _ in scored]
     comparison = compare(reports, [w for _, w in scored])

@@ -34,6 +34,7 @@ def train_command(
     split: str = typer.Option("document", "--split", help="Held-out unit: document (whole documents, by file path and index) or segment (2048-token segments of every document)."),
     heldout_fraction: float = typer.Option(HELDOUT_SHARE, "--heldout-fraction", help="Share of the documents (or segments) held out for `engram eval`."),
     tokenizer_engine: str = typer.Option(TokenizerEngine.AUTO.value, "--tokenizer-engine", callback=TokenizerEngine.option_callback, help="The library that tokenizes the corpus: auto (fastokens where it loads the tokenizer, else tokenizers), fastokens, or hf (Hugging Face tokenizers, the reference); the ids are the same."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing checkpoint (only a checkpoint) and its trained store NAME.tables.zarr."),
     as_json: bool = json_option(),
 ) -> None:
     """Train the reference model; held-out documents are kept for `engram eval` (docs/train.md).
@@ -44,11 +45,12 @@ def train_command(
         engram train corpus/ --no-engram -o base.ckpt
         engram train corpus/ --seed 1 -o seed1.ckpt
         engram train corpus/ --no-engram --param-matched -o matched.ckpt
+        engram train corpus/ --force              # replace model.ckpt and model.tables.zarr
     """
     if not as_json:
         notice(write_estimate(tables, out, no_engram))
     with progress_reporter(quiet=as_json) as progress:
-        result = run_training(corpus, tables, out, steps=steps, no_engram=no_engram, param_matched=param_matched, seed=seed, split=split,
+        result = run_training(corpus, tables, out, force=force, steps=steps, no_engram=no_engram, param_matched=param_matched, seed=seed, split=split,
                               heldout_fraction=heldout_fraction, tokenizer_engine=tokenizer_engine, progress=progress)
     if as_json:
         print_json(result)

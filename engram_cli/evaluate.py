@@ -28,7 +28,7 @@ import polars as pl
 import torch
 
 from engram_cli.ablations import ABLATIONS, mean_source, row_source, shuffle_row_ids, window_losses
-from engram_cli.checkpoint import load_checkpoint
+from engram_cli.checkpoint import check_unit, load_checkpoint
 from engram_cli.errors import CheckpointError, StoreError
 from engram_cli.hashing import shift_k
 from engram_cli.kernels import REGISTRY, EngramLookup, available_backends
@@ -39,6 +39,7 @@ from engram_cli.model import EngramGPT, ModelConfig, table_lookup
 from engram_cli.ngrams import token_columns
 from engram_cli.quantize import same_addresses
 from engram_cli.store import TableStore, from_storage
+from engram_cli.store.output import hold_read
 from engram_cli.store.tokenizer import load_store_tokenizer
 from engram_cli.split import HELDOUT_SHARE, MAX_HELDOUT_TOKENS, ids_digest, pinned_heldout, read_split
 from engram_cli.train import TokenMap, open_tables
@@ -116,7 +117,7 @@ def heldout_stream(ckpt: dict, tok, corpus=None, max_tokens: int = MAX_HELDOUT_T
 def windows(stream: np.ndarray, block: int) -> np.ndarray:
     """Non-overlapping (N, block+1) windows (sharing one boundary token)."""
     n = (len(stream) - 1) // block
-    return np.stack([stream[i * block : i * block + block + 1] for i in range(n)]) if n else np.zeros((0, block + 1), np.int64)
+    return np.stack([stream[i * block : i * block + block + 1] for i in range(n)]) if n > 0 else np.zeros((0, block + 1), np.int64)
 
 
 def heldout_rows(store, layer_id: int, row_ids: np.ndarray) -> torch.Tensor:
@@ -139,6 +140,7 @@ def initial_store(ckpt: dict, plan):
     path = ckpt["extra"].get("initial_tables")
     if not path or not Path(path).exists():
         return None
+    hold_read(path)  # inside `read_locks()` (the command): not replaced while the ablation reads it
     try:
         init = TableStore.open(path)
     except StoreError:
@@ -157,6 +159,7 @@ def evaluate_windows(path, *, tables=None, corpus=None, max_tokens: int = MAX_HE
     t_start = time.perf_counter()
     ckpt = load_checkpoint(path)
     model, store, plan, vocab, tok = load_model(ckpt, tables, tokenizer_engine)
+    check_unit(path, ckpt, store=store, stats=load_stats(path) if store is not None else None)  # one train's checkpoint, store and statistics
     cfg = model.cfg
     tmap = TokenMap(np.asarray(ckpt["extra"]["token_ids"], dtype=np.int64))
     named = None if progress is None else (lambda stage, done, total=None, detail="": progress(stage, done, total, detail or Path(path).name))

@@ -38,6 +38,7 @@ from engram_cli.kernels import EngramLookup, available_backends
 from engram_cli.kinds import Backend, TokenizerEngine
 from engram_cli.model import row_ids_for
 from engram_cli.store import TableStore, from_storage
+from engram_cli.store.output import hold_read
 from engram_cli.split import MAX_HELDOUT_TOKENS, read_split
 from engram_cli.train import open_tables
 
@@ -165,6 +166,7 @@ def _text_ids(tables, corpus, max_tokens: int, progress, tokenizer_engine: Token
 
 def audit_state_dict(path, tables, *, corpus=None, max_tokens: int | None = None, tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF, progress=None) -> dict:
     """The `engram eval --state-dict` report (schema: docs/eval.md, "--state-dict")."""
+    hold_read(tables)  # inside `read_locks()` (the command): no --force rebuild replaces the store while it is audited
     store = TableStore.open(tables)
     plan, vocab = store.plan, store.vocab
     source = str(path)

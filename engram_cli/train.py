@@ -203,11 +203,22 @@ def train_steps(model, lookups: dict, tmap, stream, *, steps: int, batch: int = 
 
 
 # -- the `engram train` pipeline ------------------------------------------------------
+import functools
+import io
+import os
+import zipfile
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from engram_cli.checkpoint import save_checkpoint
+from engram_cli.checkpoint import (
+    check_checkpoint_output,
+    checkpoint_bytes,
+    new_generation,
+    remove_stale_temps,
+    write_temp,
+)
 from engram_cli.defaults import TRAINED_STORE_SUFFIX
-from engram_cli.errors import CheckpointError, StoreError
+from engram_cli.errors import CheckpointError, OutputError, StoreError
 from engram_cli.kinds import TokenizerEngine
 from engram_cli.model import ModelConfig
 from engram_cli.model import param_matched as matched_config
@@ -219,8 +230,20 @@ from engram_cli.split import (
     split_record,
 )
 from engram_cli.store import TableStore, from_storage, link_store, staged_output
-from engram_cli.store.output import check_inputs_apart
-from engram_cli.train_stats import count_training, save_stats, stats_path
+from engram_cli.store.format import ROOT_ATTR, partial_path
+from engram_cli.store.output import (
+    check_inputs_apart,
+    check_no_readers,
+    check_output,
+    hold_read,
+    is_engram_staging,
+    lock_output,
+    read_locks,
+    release_output,
+    shown,
+    storage_errors,
+)
+from engram_cli.train_stats import count_training, stats_path
 
 DEFAULT_CORPUS = "corpus"  # `engram build-table corpus/` reads the same folder
 DEFAULT_STEPS = 150  # the demo: under 5 minutes on 2 CPU cores with the reference plan (16 layers), measured in docs/train.md
@@ -237,7 +260,8 @@ def load_layer_table(store, layer_id: int) -> np.ndarray:
     return np.asarray(from_storage(table, store.dtype), dtype=np.float32)
 
 
-def save_trained_store(src: Path, dst: Path, trained: dict[int, tuple[np.ndarray, np.ndarray]], *, force: bool = True) -> Path:
+def save_trained_store(src: Path, dst: Path, trained: dict[int, tuple[np.ndarray, np.ndarray]], *, force: bool = True,
+                       generation: str | None = None) -> Path:
     """Write a NEW store at `dst`: `src` with the trained rows replaced (the one write path).
 
     Files are hard-linked from `src` (copied across devices); zarr replaces the shards
@@ -245,7 +269,8 @@ def save_trained_store(src: Path, dst: Path, trained: dict[int, tuple[np.ndarray
     through the build's checks (docs/build-table.md, "Failure modes"): `dst` may
     replace only an engram store (and only with `force`, the default for `train`'s own
     `model.tables.zarr`), is locked while written, staged in `<dst>.partial` and moved
-    into place (`store.staged_output`).
+    into place (`store.staged_output`). `generation` (the train's unit id, recorded in its
+    checkpoint too) goes into the root attributes, written last.
     """
 
     src, dst = Path(src), Path(dst)
@@ -255,13 +280,119 @@ def save_trained_store(src: Path, dst: Path, trained: dict[int, tuple[np.ndarray
         store = TableStore.open(staging.partial, mode="r+")
         for layer_id, (rows, values) in trained.items():
             store.write_rows(layer_id, rows, values, by="trained")
+        if generation is not None:
+            store.group.attrs[ROOT_ATTR] = {**store.attrs, "generation": generation}
     return dst
+
+
+def publish_unit(out, data, *, src, trained: dict | None, stats: dict | None, force: bool, generation: str) -> None:
+    """Publish one train's unit: statistics and checkpoint written to temps first, then the trained store, then the renames.
+
+    Every write that can fail for space or a size limit (the checkpoint's bytes `data`,
+    the statistics, the store's rows) happens before anything is replaced: such a failure
+    leaves the previous checkpoint, store and statistics as they were. The trained store
+    moves in first (`staged_output`, tagged `generation`), then the statistics, the
+    checkpoint last; a failure of those renames leaves a checkpoint whose generation no
+    longer matches, which eval refuses by name (`checkpoint.check_unit`). Call under the
+    locks of `claimed_outputs`.
+    """
+    out = Path(out)
+    temps: list[tuple[Path, Path]] = []
+    try:
+        with storage_errors(out):
+            if stats is not None:
+                buf = io.BytesIO()
+                np.savez(buf, **stats, generation=np.array(generation))
+                temps.append((write_temp(stats_path(out), buf.getbuffer()), stats_path(out)))
+            temps.append((write_temp(out, data), out))
+            for _, dst in temps:  # an immutable or read-only old file would fail its rename after the store moved in
+                if dst.exists() and not os.access(dst, os.W_OK):
+                    raise OutputError(f"cannot replace {shown(dst)}: it is read-only or immutable; nothing was replaced; "
+                                      "fix the permissions (or `chattr -i`) or choose another -o/--out")
+            if trained is not None:
+                save_trained_store(src, trained_store_path(out), trained, force=force, generation=generation)
+        for tmp, dst in temps:
+            try:
+                os.replace(tmp, dst)
+            except OSError as e:
+                store = f"its trained store {shown(trained_store_path(out))} was replaced, so `engram eval` refuses the old one; " if trained is not None else ""
+                raise OutputError(f"cannot move {shown(dst)} into place: {e.strerror}; {store}"
+                                  "fix the permissions (or `chattr -i`) and train again with --force") from None
+    finally:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+
+
+def trained_store_path(out) -> Path:
+    """The trained store beside checkpoint `out`: NAME.tables.zarr."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".ckpt").removesuffix(".safetensors") + TRAINED_STORE_SUFFIX)
+
+
+def check_train_outputs(corpus, tables, out, force: bool, *, engram: bool = True) -> tuple[Path, Path]:
+    """Before any work: the checkpoint `out`, its trained store and statistics may be written (`OutputError` otherwise).
+
+    The checkpoint by `checkpoint.check_checkpoint_output`; the trained store apart from
+    the corpus and the input store (training into its own input store is refused) and
+    replacing only an engram store, only with --force; the statistics file replacing
+    only a statistics file (an .npz archive); no other process reading the trained store
+    (those two only when `engram`: a --no-engram train writes neither).
+    """
+    out = check_checkpoint_output(out, force, inputs=[corpus], tables=tables)
+    trained = trained_store_path(out)
+    if not engram:
+        return out, trained
+    check_inputs_apart(trained, [tables], what="trained store", source="table store")
+    check_output(trained, force, inputs=[corpus])
+    stats = stats_path(out)
+    check_inputs_apart(stats, [corpus, tables], what="training statistics file")
+    if (stats.exists() or stats.is_symlink()) and (stats.is_symlink() or not stats.is_file() or not zipfile.is_zipfile(stats)):
+        raise OutputError(f"{shown(stats)} is in the way of the training statistics and is not one; move it away or choose another -o/--out")
+    partial = partial_path(trained)
+    if (partial.exists() or partial.is_symlink()) and not is_engram_staging(partial):
+        raise OutputError(f"{shown(partial)} exists and is not an engram staging directory; move it away or choose another -o/--out")
+    check_no_readers(trained)
+    return out, trained
+
+
+@contextmanager
+def claimed_outputs(corpus, tables, out, force: bool, *, engram: bool = True):
+    """Checks (`check_train_outputs`), then the locks of the checkpoint and its trained store held for the block, checked again under them.
+
+    A second train to the same -o is refused at once naming this one (`OutputBusy`);
+    temps a killed train left are removed. Stores read inside the block are read-locked
+    (`output.read_locks`).
+    """
+    check_train_outputs(corpus, tables, out, force, engram=engram)
+    with ExitStack() as stack:
+        for path in (Path(out), trained_store_path(out)):
+            lock_output(path)
+            stack.callback(release_output, path)
+        remove_stale_temps(out)
+        remove_stale_temps(stats_path(out))
+        check_train_outputs(corpus, tables, out, force, engram=engram)
+        stack.enter_context(read_locks())
+        yield
+
+
+def _claiming_outputs(fn):
+    """`run_training` runs inside `claimed_outputs`: every output refusal comes before the corpus is read."""
+
+    @functools.wraps(fn)
+    def run(corpus, tables, out, *args, force: bool = False, **kw):
+        if not Path(out).parent.exists():  # the missing-folder refusal stays the run's own
+            return fn(corpus, tables, out, *args, force=force, **kw)
+        with claimed_outputs(corpus, tables, out, force, engram=not kw.get("no_engram", False)):
+            return fn(corpus, tables, out, *args, force=force, **kw)
+
+    return run
 
 
 def open_tables(tables, tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF):
     """The store, its plan and vocab, and the tokenizer it was built with (`store.tokenizer.load_store_tokenizer`, checked by sha256),
     to encode with `tokenizer_engine`."""
 
+    hold_read(tables)  # inside `read_locks()` (train, eval): no --force rebuild replaces the store while it is read
     store = TableStore.open(tables)
     vocab = store.vocab
     tok = load_store_tokenizer(store, tokenizer_engine)
@@ -275,7 +406,8 @@ def train_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: bool = False, param_matched: bool = False, batch: int = DEFAULT_BATCH,
+@_claiming_outputs
+def run_training(corpus, tables, out, *, force: bool = False, steps: int = DEFAULT_STEPS, no_engram: bool = False, param_matched: bool = False, batch: int = DEFAULT_BATCH,
                  block: int = DEFAULT_BLOCK, d_model: int = 128, n_layer: int = 4, lr: float = 3e-3, seed: int = 0,
                  split: str = "document", heldout_fraction: float = HELDOUT_SHARE,
                  max_train_tokens: int = MAX_TRAIN_TOKENS, tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF, progress=None) -> dict:
@@ -284,6 +416,12 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
     Each Engram layer's table is loaded once, resident (every batch touches rows all over
     it), and updated in place by `RowAdam`; only the touched rows are written to the new
     store, whose other shards are hard links of the initial store's files.
+
+    Outputs (docs/train.md, "What is refused"): every refusal comes before the corpus is
+    read (`check_train_outputs`); the checkpoint and its trained store are locked for
+    the run, `tables` read-locked; `force` replaces an existing checkpoint (only a
+    checkpoint) and its trained store. The trained store and the statistics carry a
+    fresh generation id; the checkpoint, written last, records it (`checkpoint.check_unit`).
     """
 
     out = Path(out)
@@ -332,9 +470,10 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
     row_opt = opts[-1] if cfg.engram_layers else None
     touched_rows = {l: row_opt.touched(l) for l in cfg.engram_layers}
     state_bytes = row_opt.state_bytes() if row_opt is not None else 0
-    trained_store = None
+    generation = new_generation()
+    trained_store = trained_store_path(out) if cfg.engram_layers else None
+    trained = stats = None
     if cfg.engram_layers:
-        trained_store = out.with_name(out.name.removesuffix(".ckpt").removesuffix(".safetensors") + TRAINED_STORE_SUFFIX)
         if progress is not None:
             progress("save rows", 0, None, str(trained_store))
         trained = {l: (r, lookups[l].table[torch.as_tensor(r, device=device)].cpu().numpy()) for l, r in touched_rows.items()}
@@ -343,14 +482,11 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
             m.lookup = None
         del lookups, opts, row_opt
         gc.collect()
-        save_trained_store(store.path, trained_store, trained)
-    if cfg.engram_layers:  # eval's frequency, share and cache figures count the training split only (train_stats)
+        # eval's frequency, share and cache figures count the training split only (train_stats)
         if progress is not None:
             progress("count", 0, None, "training n-grams and row hits")
-        train_stats = save_stats(stats_path(out), count_training(plan, vocab, train_ids, cfg.engram_layers))
-    else:
-        train_stats = None
-    save_checkpoint(
+        stats = count_training(plan, vocab, train_ids, cfg.engram_layers)
+    data = checkpoint_bytes(
         out, model.cpu(),
         tables=str(trained_store) if trained_store else None,
         plan_fingerprint=plan.fingerprint if cfg.engram_layers else None,
@@ -358,10 +494,12 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
         extra={
             "token_ids": torch.as_tensor(tmap.used),
             "touched_rows": {str(l): torch.as_tensor(r) for l, r in touched_rows.items()},
-            "initial_tables": str(Path(store.path).resolve()),
+            "initial_tables": str(Path(store.path).resolve()), "generation": generation,
             "steps": steps, "batch": batch, "losses": losses, "no_engram": no_engram, "param_matched": param_matched, "seed": seed,
         },
     )
+    publish_unit(out, data, src=store.path, trained=trained, stats=stats, force=force, generation=generation)
+    train_stats = stats_path(out) if stats is not None else None
     return {"checkpoint": str(out), "tables": str(trained_store) if trained_store else None,
             "train_stats": str(train_stats) if train_stats else None, "steps": steps,
             "first_loss": losses[0], "last_loss": losses[-1], "train_tokens": int(len(train_ids)),

@@ -409,3 +409,19 @@ def test_kill_9_while_a_store_is_linked_into_staging_leaves_nothing_a_rerun_refu
     result = invoke("import", exported, "--plan-from", f32_store, "-o", out, "--json")
     assert result.exit_code == 0, result.output
     assert not partial.exists() and TableStore.open(out).plan == TableStore.open(f32_store).plan
+
+
+def test_a_corrupt_data_page_in_the_statistics_is_one_line_naming_the_file(f32_store, tmp_path):
+    store = copy_store(f32_store, tmp_path)
+    summary = json.loads((store / "stats" / "summary.json").read_text())
+    path = store / "stats" / "order_2.parquet"
+    assert summary["checksums"]["order_2.parquet"]["bytes"] == path.stat().st_size  # recorded at build time
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x40  # a data page; the footer (schema, row count) still reads
+    path.write_bytes(bytes(data))
+    TableStore.open(store)  # opening reads footers only
+    line = one_error_line(invoke("collisions", store, "--json"))
+    assert "stats/order_2.parquet" in line and "is corrupt" in line
+    with pytest.raises(StoreError, match="order_2.parquet.* is corrupt"):
+        TableStore.open(store).stats.scan(2)  # eval's read of the counts
+    assert len(list(TableStore.open(f32_store).stats.iter_batches(2))) >= 1  # the intact store reads

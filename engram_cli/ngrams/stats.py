@@ -13,18 +13,26 @@ crossing a document boundary. So `sum(count)` of every order equals the token co
 
 Reading never loads a whole order: `iter_batches` streams (ids, counts) in slices.
 The summary figures come from `SummaryBuilder`, fed range by range.
+
+Parquet data pages carry no checksum, so `write_summary` records each order file's size
+and XXH3-128 in `summary.json` (`checksums`), and a handle opened with `verify=True`
+(every reader of a store's statistics: `TableStore.stats`) hashes an order file once,
+before its first read, refusing a file that changed since the build with one line naming
+it. The cost is one extra sequential read of each order file a reader uses (XXH3 runs
+at several GB/s); the build's own readers do not verify.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import polars as pl
+import xxhash
 
 from ..errors import StoreError
 from .parquet_footer import FooterError, column_maxima, read_footer
@@ -94,9 +102,11 @@ class NgramStats:
 
     root: Path
     summary: dict
+    verify: bool = False  # check each order file against the summary's checksum before its first read
+    _verified: set = field(default_factory=set, compare=False, repr=False)
 
     @classmethod
-    def open(cls, root: str | Path) -> "NgramStats":
+    def open(cls, root: str | Path, *, verify: bool = False) -> "NgramStats":
         """Open a stats directory; `StoreError` (one line, with the fix) unless it is readable as written.
 
         Checks, from metadata only: `summary.json` parses to the layout `_check_summary`
@@ -117,7 +127,10 @@ class NgramStats:
             got = summary.get("format") if isinstance(summary, dict) else type(summary).__name__
             raise StoreError(f"{str(summary_path)!r} has format {got!r}, expected {STATS_FORMAT!r}; rebuild with `engram build-table`")
         _check_summary(summary, summary_path)
-        stats = cls(root=root, summary=summary)
+        checksums = summary.get("checksums")
+        if checksums is not None and not isinstance(checksums, dict):
+            raise StoreError(f"n-gram statistics summary {str(summary_path)!r} is malformed (checksums is {type(checksums).__name__}); rebuild with `engram build-table --force`")
+        stats = cls(root=root, summary=summary, verify=verify)
         for n in stats.orders:
             if not order_file(root, n).is_file():
                 raise StoreError(f"n-gram statistics for order {n} are missing ({order_file(root, n)}); rebuild with `engram build-table`")
@@ -184,7 +197,23 @@ class NgramStats:
         """Windows counted for this order (= tokens of the corpus)."""
         return int(self.order_summary(order)["windows"])
 
+    def check_file(self, order: int) -> None:
+        """With `verify`: `StoreError` naming the order file unless its size and XXH3-128 are those the summary recorded (once per handle)."""
+        if not self.verify or order in self._verified:
+            return
+        path = order_file(self.root, order)
+        want = (self.summary.get("checksums") or {}).get(path.name)
+        if want is not None:  # a store built before checksums has none to compare
+            got = file_checksum(path)
+            want = want if isinstance(want, dict) else {}
+            if got != {"bytes": want.get("bytes"), "xxh3_128": want.get("xxh3_128")}:
+                raise StoreError(f"n-gram statistics file {str(path)!r} is corrupt: its bytes differ from those recorded when the store was built "
+                                 f"(xxh3-128 {got['xxh3_128'][:16]}, {got['bytes']} bytes; recorded {str(want.get('xxh3_128'))[:16]}, {want.get('bytes')} bytes); "
+                                 "rebuild with `engram build-table --force`")
+        self._verified.add(order)
+
     def scan(self, order: int) -> pl.LazyFrame:
+        self.check_file(order)
         return pl.scan_parquet(_polars_path(order_file(self.root, order)))
 
     def iter_batches(self, order: int, batch_rows: int = 1 << 21) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -195,6 +224,7 @@ class NgramStats:
         cols = token_columns(order)
         if self.distinct(order) == 0:
             return
+        self.check_file(order)
         # One streaming pass (collect_batches) instead of a fresh scan + slice per batch.
         for df in _read_errors(path, pl.scan_parquet(_polars_path(path)).select([*cols, "count"]).collect_batches(chunk_size=batch_rows)):
             for start in range(0, df.height, batch_rows):
@@ -310,8 +340,31 @@ def summarize_counts(ids: np.ndarray, counts: np.ndarray, top: int = 20) -> dict
     return builder.result()
 
 
+CHECKSUM_PIECE = 4 << 20
+
+
+def file_checksum(path: Path) -> dict:
+    """{"bytes", "xxh3_128"} of a file, read in pieces (`StoreError` when it cannot be read)."""
+    h, n = xxhash.xxh3_128(), 0
+    try:
+        with open(path, "rb") as f:
+            while piece := f.read(CHECKSUM_PIECE):
+                h.update(piece)
+                n += len(piece)
+    except OSError as e:
+        raise StoreError(f"n-gram statistics file {str(path)!r} cannot be read ({e.strerror}); rebuild with `engram build-table --force`") from None
+    return {"bytes": n, "xxh3_128": h.hexdigest()}
+
+
 def write_summary(root: Path, summary: dict) -> None:
-    """Write a stats directory's summary.json atomically (temp file + rename)."""
+    """Write a stats directory's summary.json atomically (temp file + rename).
+
+    Sets `summary["checksums"]` (in place, so the caller's handle matches the file): the
+    size and XXH3-128 of each order file it lists, as they are now.
+    """
+    files = [order_file(root, int(n)) for n in summary.get("orders", ())]
+    summary.pop("checksums", None)  # always the last key, whatever the caller's dict held
+    summary["checksums"] = {f.name: file_checksum(f) for f in files if f.is_file()}
     tmp = root / f".{SUMMARY_FILE}.partial"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, root / SUMMARY_FILE)

@@ -18,6 +18,11 @@ The rules (docs/build-table.md, "Failure modes"):
 - `check_free_space`: planned bytes against the free space of the output's file
   system, refused with the figures; `storage_errors` turns a disk-full or permission
   error met while writing into a one-line `OutputError`.
+- Read locks: `engram train` and `engram eval` hold a shared `fcntl.flock` on a hidden
+  file beside each store they read (`.<name>.readers`, `hold_read` inside a
+  `read_locks()` block); a writer that would replace the store (`finalize`, and
+  `check_no_readers` before any work) needs that lock exclusively and is refused,
+  naming the store, while a reader holds it. A store never changes under its reader.
 
 Notices (what was restored or removed) go to stderr, one line each.
 """
@@ -25,13 +30,16 @@ Notices (what was restored or removed) go to stderr, one line each.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
+import fcntl
 import json
 import os
 import re
 import shutil
 import socket
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -220,8 +228,6 @@ class OutputLock:
     """
 
     def __init__(self, out: str | os.PathLike):
-        import fcntl  # POSIX only: imported where the lock is taken, so the module imports anywhere
-
         self.out = Path(out)
         self.path = lock_path(self.out)
         while True:
@@ -294,6 +300,112 @@ def release_output(out: str | os.PathLike) -> None:
     held = _HELD.get(_key(Path(out)))
     if held is not None:
         held.release()
+
+
+# -- read locks -----------------------------------------------------------------------------------
+READERS_SUFFIX = ".readers"
+READ_WAIT_S = 10.0  # a reader waits this long for a replacement in progress (finalize's renames) to end
+_READS: contextvars.ContextVar[list | None] = contextvars.ContextVar("engram_read_locks", default=None)
+
+
+def readers_path(store: str | os.PathLike) -> Path:
+    """The read-lock file of a store: hidden, beside it (`.<name>.readers`)."""
+    store = Path(os.path.abspath(os.fspath(store)))
+    return store.with_name(f".{store.name}{READERS_SUFFIX}")
+
+
+def _flock_file(path: Path, mode: int) -> int | None:
+    """An fd of the file at `path` (created) locked with `mode` (non-blocking), or None when another holds a conflicting lock."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:  # the file we locked must still be the one at the path (the last holder unlinks it)
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _drop_flock(fd: int, path: Path, *, exclusive: bool) -> None:
+    """Release a read-lock fd; the file is removed by the last holder (one that can take it exclusively)."""
+    try:
+        if not exclusive:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only when no other reader holds it
+        if os.path.samestat(os.fstat(fd), os.stat(path)):
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def read_locks() -> Iterator[None]:
+    """A block in which `hold_read(store)` takes a shared read lock on each store, all released at its end."""
+    held: list[tuple[int, Path]] = []
+    token = _READS.set(held)
+    try:
+        yield
+    finally:
+        _READS.reset(token)
+        for fd, path in reversed(held):
+            _drop_flock(fd, path, exclusive=False)
+
+
+def hold_read(store: str | os.PathLike) -> None:
+    """Inside `read_locks()`: a shared lock on `store` until the block ends, so no writer replaces it meanwhile (outside: nothing).
+
+    Waits up to READ_WAIT_S for a replacement in progress to end, then `OutputBusy`.
+    A store that cannot hold a lock file beside it (a read-only folder) is read unlocked.
+    """
+    held = _READS.get()
+    if held is None:
+        return
+    path = readers_path(store)
+    if any(p == path for _, p in held):
+        return
+    deadline = time.monotonic() + READ_WAIT_S
+    while True:
+        try:
+            fd = _flock_file(path, fcntl.LOCK_SH)
+        except OSError:
+            return  # no lock file can be made there: nobody can replace the store through us either
+        if fd is not None:
+            held.append((fd, path))
+            return
+        if time.monotonic() > deadline:
+            raise OutputBusy(f"table store {shown(store)} is being replaced by another engram process; wait for it to finish and run this again")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def no_readers(out: str | os.PathLike) -> Iterator[None]:
+    """Hold the read lock of `out` exclusively for the block (a replacement): `OutputBusy` while a reader holds it."""
+    path = readers_path(out)
+    try:
+        fd = _flock_file(path, fcntl.LOCK_EX)
+    except OSError:
+        yield  # a folder that cannot hold the lock file: no reader can have locked it
+        return
+    if fd is None:
+        raise OutputBusy(f"{shown(out)} is being read by another engram process (train or eval: {shown(path)}); "
+                         "wait for it to finish or choose another -o/--out; nothing was replaced")
+    try:
+        yield
+    finally:
+        _drop_flock(fd, path, exclusive=True)
+
+
+def check_no_readers(out: str | os.PathLike) -> None:
+    """`OutputBusy` now, before any work, when another process reads the store at `out` (`no_readers`)."""
+    if out is not None and (Path(out).exists()):
+        with no_readers(out):
+            pass
 
 
 # -- leftovers of an interrupted replacement ----------------------------------------------------
@@ -448,7 +560,7 @@ def storage_errors(out: str | os.PathLike) -> Iterator[None]:
 
 __all__ = [
     "ACCESS_ERRNOS", "LOCK_SUFFIX", "OLD_INFIX", "PARTIAL_SUFFIX", "SPACE_ERRNOS", "OutputLock", "check_free_space",
-    "check_inputs_apart", "check_output", "check_output_name", "is_engram_staging", "is_engram_store", "leftover_hint", "leftover_notice", "leftover_stores",
-    "lock_output", "lock_path", "notice", "old_path", "release_output", "remove_staging", "settle_leftovers", "shown",
+    "check_inputs_apart", "check_no_readers", "check_output", "check_output_name", "hold_read", "is_engram_staging", "is_engram_store", "leftover_hint", "leftover_notice", "leftover_stores",
+    "lock_output", "lock_path", "no_readers", "notice", "old_path", "read_locks", "readers_path", "release_output", "remove_staging", "settle_leftovers", "shown",
     "storage_error", "storage_errors",
 ]

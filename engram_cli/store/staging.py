@@ -30,8 +30,10 @@ from .format import partial_path
 from .output import (
     ROOT_METADATA,
     check_free_space,
+    check_no_readers,
     check_output,
     lock_output,
+    no_readers,
     notice,
     old_path,
     release_output,
@@ -52,7 +54,8 @@ def prepare_partial(out: str | os.PathLike, force: bool, *, inputs=(), need: int
     In order: `output.check_output` (cheap refusals first, no lock taken); the build
     lock (`output.lock_output`, `OutputBusy` naming the holder); `settle_leftovers`
     (a `<out>.old-<pid>` restored or removed, with a notice); `check_output` again
-    under the lock; `check_free_space(out, need)` (`need`: the bytes the build will
+    under the lock; `check_no_readers` (a store a train or eval is reading is not
+    replaced); `check_free_space(out, need)` (`need`: the bytes the build will
     write, `planned_write_bytes`); a stale `<out>.partial` removed only when ours.
     The lock is held from here until `finalize` (or `output.release_output(out)` after
     a failure: call it in a `finally`). `inputs` are the corpus paths the output must
@@ -63,6 +66,7 @@ def prepare_partial(out: str | os.PathLike, force: bool, *, inputs=(), need: int
     try:
         settle_leftovers(out)
         check_output(out, force, inputs=inputs)
+        check_no_readers(out)  # a store a train or eval reads is not replaced: refused now, not after the work
         partial = partial_path(out)
         remove_staging(partial)
         if need:
@@ -104,7 +108,8 @@ def finalize(partial: str | os.PathLike, out: str | os.PathLike, force: bool) ->
     The old store is renamed aside (`<out>.old-<pid>`) before the new one moves in,
     the store is verified at its final path, and only then is the old one deleted: at
     every moment one complete store is on disk, and a failure puts the old one back.
-    Releases the build lock taken by `prepare_partial`.
+    The renames happen under the store's read lock held exclusively (`output.no_readers`):
+    refused while a train or eval reads the store. Releases the build lock taken by `prepare_partial`.
     """
     partial, out = Path(partial), Path(out)
     lock = lock_output(out)
@@ -113,22 +118,23 @@ def finalize(partial: str | os.PathLike, out: str | os.PathLike, force: bool) ->
             TableStore.open(partial)  # refuses an incomplete build
             verify_layout(partial)
             check_output(out, force)
-            old = None
-            if out.exists() or out.is_symlink():
-                old = old_path(out)
-                _move(out, old, "move the old store aside")
-            try:
-                _move(partial, out, "move the new store into place")
+            with no_readers(out):  # no train or eval reads the store while it is replaced
+                old = None
+                if out.exists() or out.is_symlink():
+                    old = old_path(out)
+                    _move(out, old, "move the old store aside")
                 try:
-                    verify_layout(out)
-                    store = TableStore.open(out)
+                    _move(partial, out, "move the new store into place")
+                    try:
+                        verify_layout(out)
+                        store = TableStore.open(out)
+                    except BaseException:
+                        os.replace(out, partial)
+                        raise
                 except BaseException:
-                    os.replace(out, partial)
+                    if old is not None:
+                        os.replace(old, out)
                     raise
-            except BaseException:
-                if old is not None:
-                    os.replace(old, out)
-                raise
             if old is not None:
                 try:
                     shutil.rmtree(old)

@@ -363,7 +363,7 @@ class TableStore:
         root = self.path / STATS_DIR
         if not (root / SUMMARY_FILE).is_file():
             raise StoreError(f"table store {str(self.path)!r} holds no n-gram statistics (built without a corpus); rebuild it with `engram build-table CORPUS`")
-        return NgramStats.open(root)
+        return NgramStats.open(root, verify=True)  # each order file checked against its build-time checksum before its first read
 
     @property
     def vocab(self) -> "CompressedVocab":
