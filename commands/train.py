@@ -15,7 +15,7 @@ from engram_cli.commands._output import (
 from engram_cli.defaults import DEFAULT_CHECKPOINT, DEFAULT_STORE
 from engram_cli.kinds import TokenizerEngine
 from engram_cli.split import HELDOUT_SHARE
-from engram_cli.train import DEFAULT_CORPUS, DEFAULT_STEPS, run_training
+from engram_cli.train import DEFAULT_CORPUS, DEFAULT_DEPTH, DEFAULT_STEPS, run_training
 from engram_cli.units import format_bytes
 
 
@@ -26,6 +26,7 @@ def train_command(
     steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, help="Optimizer steps."),
     no_engram: bool = typer.Option(False, "--no-engram", help="Train the same backbone without Engram memory (the baseline)."),
     param_matched: bool = typer.Option(False, "--param-matched", help="With --no-engram: give the FFN of every block the dense parameters the Engram branches would add (a parameter-matched baseline)."),
+    depth: int = typer.Option(DEFAULT_DEPTH, "--depth", min=1, help="Backbone blocks; the plan's layer ids (numbering the reference's 30 layers) are placed at the same relative depth, and still address their tables (docs/train.md, \"Model\")."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the model's initialisation and the batch order (recorded; the same seed gives the same checkpoint on the CPU)."),
     split: str = typer.Option("document", "--split", help="Held-out unit: document (whole documents, by file path and index) or segment (2048-token segments of every document)."),
     heldout_fraction: float = typer.Option(HELDOUT_SHARE, "--heldout-fraction", help="Share of the documents (or segments) held out for `engram eval`."),
@@ -42,13 +43,15 @@ def train_command(
         engram train corpus/ --no-engram --param-matched -o matched.ckpt
     """
     with progress_reporter(quiet=as_json) as progress:
-        result = run_training(corpus, tables, out, steps=steps, no_engram=no_engram, param_matched=param_matched, seed=seed, split=split,
+        result = run_training(corpus, tables, out, steps=steps, no_engram=no_engram, param_matched=param_matched, seed=seed, split=split, depth=depth,
                               heldout_fraction=heldout_fraction, tokenizer_engine=tokenizer_engine, progress=progress)
     if as_json:
         print_json(result)
         return
     console.print(f"[bold]{result['checkpoint']}[/]: {result['steps']} steps, loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, "
                   f"{result['tokens_per_s']:,.0f} tokens/s, {result['seconds']:.1f} s")
+    placed = "; Engram " + ", ".join(f"layer {l} in block {b}" for l, b in result["engram_blocks"].items()) if result["engram_blocks"] else ""
+    console.print(f"model: {result['depth']} blocks{placed}")
     if result["tables"]:
         rows = sum(result["rows_trained"].values())
         console.print(f"trained rows: {rows:,} in {result['tables']}  (the initial {tables} is unchanged); "

@@ -223,7 +223,8 @@ from engram_cli.store.output import check_inputs_apart
 from engram_cli.train_stats import count_training, save_stats, stats_path
 
 DEFAULT_CORPUS = "corpus"  # `engram build-table corpus/` reads the same folder
-DEFAULT_STEPS = 150  # the demo: under 5 minutes on 2 CPU cores with the reference plan (16 layers), measured in docs/train.md
+DEFAULT_STEPS = 150  # the demo: a training loop of well under a minute on 2 CPU cores at the default depth, measured in docs/train.md
+DEFAULT_DEPTH = 4  # backbone blocks; the plan's layers (1 and 15 of the reference's 30) are placed into them (model.place_layers)
 DEFAULT_BATCH = 8
 DEFAULT_BLOCK = 128
 
@@ -276,7 +277,7 @@ def train_device() -> str:
 
 
 def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: bool = False, param_matched: bool = False, batch: int = DEFAULT_BATCH,
-                 block: int = DEFAULT_BLOCK, d_model: int = 128, n_layer: int = 4, lr: float = 3e-3, seed: int = 0,
+                 block: int = DEFAULT_BLOCK, d_model: int = 128, depth: int = DEFAULT_DEPTH, lr: float = 3e-3, seed: int = 0,
                  split: str = "document", heldout_fraction: float = HELDOUT_SHARE,
                  max_train_tokens: int = MAX_TRAIN_TOKENS, tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF, progress=None) -> dict:
     """Train the reference model; write the checkpoint `out` and (with Engram) `out`'s trained store.
@@ -296,6 +297,9 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
     if not 0 < heldout_fraction < 1:
         raise CheckpointError(f"--heldout-fraction {heldout_fraction} is not between 0 and 1 (exclusive); 0.1 holds out a tenth")
     store, plan, vocab, tok = open_tables(tables, tokenizer_engine)
+    if depth < len(plan.layer_ids):
+        raise CheckpointError(f"--depth {depth} cannot hold the plan's {len(plan.layer_ids)} Engram layers ({', '.join(map(str, plan.layer_ids))}); "
+                              f"give --depth {len(plan.layer_ids)} or more")
     train_ids, held_ids, held_docs = split_corpus(corpus, tok, split=split, share=heldout_fraction, max_train=max_train_tokens, progress=progress)
     if len(train_ids) < block + 2:
         hint = "; with few documents, try --split segment" if split == "document" else ""
@@ -307,11 +311,10 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
     tmap = TokenMap.from_ids(np.concatenate([train_ids, held_ids]))
     torch.manual_seed(seed)
     device = train_device()
-    # --no-engram keeps the depth the plan needs: the baseline is the same backbone without memory
-    n_layer = max(n_layer, max(plan.layer_ids) + 1)
-    cfg = ModelConfig.for_plan(None if no_engram else plan, vocab_size=tmap.size, n_layer=n_layer, n_head=4, d_model=d_model, block_size=block)
+    # --no-engram keeps the depth: the baseline is the same backbone without memory
+    cfg = ModelConfig.for_plan(None if no_engram else plan, vocab_size=tmap.size, n_layer=depth, n_head=4, d_model=d_model, block_size=block)
     if param_matched:  # the Engram model's dense parameters, the branch's given to the FFN width
-        cfg = matched_config(ModelConfig.for_plan(plan, vocab_size=tmap.size, n_layer=n_layer, n_head=4, d_model=d_model, block_size=block))
+        cfg = matched_config(ModelConfig.for_plan(plan, vocab_size=tmap.size, n_layer=depth, n_head=4, d_model=d_model, block_size=block))
     model = EngramGPT(cfg).to(device)
     lookups = {}
     for l in cfg.engram_layers:
@@ -363,6 +366,7 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
     return {"checkpoint": str(out), "tables": str(trained_store) if trained_store else None,
             "train_stats": str(train_stats) if train_stats else None, "steps": steps,
             "first_loss": losses[0], "last_loss": losses[-1], "train_tokens": int(len(train_ids)),
-            "heldout_tokens": int(len(held_ids)), "heldout_documents": len(held_docs), "split": split, "seed": seed, "seconds": train_s, "tokens_per_s": steps * batch * block / train_s,
+            "heldout_tokens": int(len(held_ids)), "heldout_documents": len(held_docs), "split": split, "seed": seed, "depth": depth,
+            "engram_blocks": {str(l): b for l, b in cfg.placement().items()}, "seconds": train_s, "tokens_per_s": steps * batch * block / train_s,
             "device": device, "rows_trained": {str(l): int(r.size) for l, r in touched_rows.items()},
             "optimizer_state_bytes": state_bytes}

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from engram_cli.checkpoint import load_checkpoint
 from engram_cli.cli import app
+from engram_cli.errors import CheckpointError
 from engram_cli.evaluate import heldout_stream
 from engram_cli.split import corpus_root, ids_digest, is_heldout
 from engram_cli.store import TableStore
@@ -56,7 +57,7 @@ def split_env(tmp_path_factory, deepseek_vocab_file):
 def seeded(split_env):
     """Three tiny checkpoints of one config: seeds 0, 0 and 1."""
     root, _ = split_env
-    kw = dict(steps=3, split="document", heldout_fraction=float(FRACTION), d_model=32, n_layer=2, block=32, batch=4)
+    kw = dict(steps=3, split="document", heldout_fraction=float(FRACTION), d_model=32, depth=2, block=32, batch=4)
     return [run_training(root / "corpus", root / "tables.zarr", root / n, seed=seed, **kw) for n, seed in (("s0a.ckpt", 0), ("s0b.ckpt", 0), ("s1.ckpt", 1))]
 
 
@@ -161,6 +162,8 @@ def test_split_refusals(split_env, tmp_path):
     assert "--split" in line
     line = one_error_line(run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", tmp_path / "x.ckpt", "--heldout-fraction", "1.5"))
     assert "--heldout-fraction" in line
+    with pytest.raises(CheckpointError, match="--depth 0 cannot hold"):
+        run_training(root / "corpus", root / "tables.zarr", tmp_path / "x.ckpt", depth=0)
 
 
 def test_statistics_exclude_heldout_documents(split_env, seeded, seed_eval, deepseek_tokenizer):
@@ -210,7 +213,7 @@ def test_param_matched_baseline(split_env):
     from engram_cli.model import EngramGPT, ModelConfig
 
     root, _ = split_env
-    kw = dict(steps=1, heldout_fraction=float(FRACTION), d_model=32, n_layer=2, block=32, batch=2)
+    kw = dict(steps=1, heldout_fraction=float(FRACTION), d_model=32, depth=2, block=32, batch=2)
     run_training(root / "corpus", root / "tables.zarr", root / "pm.ckpt", no_engram=True, param_matched=True, **kw)
     ck = load_checkpoint(root / "pm.ckpt")
     cfg = ModelConfig.from_dict(ck["config"])
