@@ -60,7 +60,7 @@ def render_layer(name: str, l: str, lay: dict) -> None:
         render_buckets("by share of their row's training hits (the n-gram's count / its row's hits, best head)", "share", ts["by_row_share"], lambda b: b["share"])
         console.print("  hot-row cache hit rate by training hits: " + ", ".join(f"{v:.1%} at {k} capacity" for k, v in ts["cache_hit_rate"].items()))
     else:
-        console.print("  no training statistics beside this checkpoint (NAME.train-stats.npz, written by `engram train` since the pinned split): "
+        console.print("  no training statistics beside this checkpoint (NAME.train-stats/, written by `engram train` since the pinned split): "
                       "no frequency, row-share or cache figures")
     u = lay["usage"]
     console.print(f"  table usage: held-out text touches {u['rows_touched_heldout']:,} of {u['rows']:,} rows; training updated {u['rows_trained']:,}; "

@@ -220,7 +220,7 @@ from engram_cli.split import (
 )
 from engram_cli.store import TableStore, from_storage, link_store, staged_output
 from engram_cli.store.output import check_inputs_apart
-from engram_cli.train_stats import count_training, save_stats, stats_path
+from engram_cli.train_stats import stats_path, write_training_stats
 
 DEFAULT_CORPUS = "corpus"  # `engram build-table corpus/` reads the same folder
 DEFAULT_STEPS = 150  # the demo: a training loop of well under a minute on 2 CPU cores at the default depth, measured in docs/train.md
@@ -348,7 +348,7 @@ def run_training(corpus, tables, out, *, steps: int = DEFAULT_STEPS, no_engram: 
     if cfg.engram_layers:  # eval's frequency, share and cache figures count the training split only (train_stats)
         if progress is not None:
             progress("count", 0, None, "training n-grams and row hits")
-        train_stats = save_stats(stats_path(out), count_training(plan, vocab, train_ids, cfg.engram_layers))
+        train_stats = write_training_stats(stats_path(out), plan, vocab, train_ids, cfg.engram_layers)
     else:
         train_stats = None
     save_checkpoint(

@@ -102,7 +102,7 @@ def test_eval_json_schema_and_memory_helps(reports):
     assert 0 < lay["gate_mean"] < 1
     # the store's whole-corpus figures are gone: frequency, row share and cache rates come from the training split only
     assert not {"gate_by_frequency_decile", "gate_by_collision"} & set(lay) and "cache_hit_rate" not in lay["lookups"]
-    ts = lay["training_split"]  # from mem.train-stats.npz: the training split's counts only
+    ts = lay["training_split"]  # from mem.train-stats/: the training split's counts only
     assert set(ts) == {"by_training_count", "by_row_share", "cache_hit_rate"} and list(ts["cache_hit_rate"]) == ["1%", "5%", "10%"]
     for n in ("2", "3"):
         assert sum(b["positions"] for b in ts["by_training_count"][n]) == sum(b["positions"] for b in ts["by_row_share"][n]) == mem["tokens"]
@@ -229,7 +229,9 @@ def test_training_counts_by_an_independent_route(trained):
     x = np.asarray(load_tokenizer().tokenizer.encode(text).ids, dtype=np.int64)[: 4 * 64].reshape(4, 64)
     c = np.asarray(vocab.lookup)[x]
     for n in plan.orders:
-        table = dict(zip(map(tuple, stats[f"ngrams_{n}"].tolist()), stats[f"counts_{n}"].tolist()))
+        table = {}
+        for ids, counts in stats.ngrams.iter_batches(n):
+            table.update(zip(map(tuple, ids.tolist()), counts.tolist()))
         grams = position_ngrams(c, n, plan.compressed_pad_id)
         want = np.array([table.get(tuple(g), 0) for g in grams.tolist()], dtype=np.int64)
         np.testing.assert_array_equal(training_counts(stats, grams), want)

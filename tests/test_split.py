@@ -191,7 +191,9 @@ def test_statistics_exclude_heldout_documents(split_env, seeded, seed_eval, deep
         padded = [pad] * (n - 1) + c.tolist()
         grams = [tuple(padded[i : i + n]) for i in range(len(c))]
         want = Counter(grams)
-        got = dict(zip(map(tuple, stats[f"ngrams_{n}"].tolist()), stats[f"counts_{n}"].tolist()))
+        got = {}
+        for ids, counts in stats.ngrams.iter_batches(n):  # counted out of core by ngrams.count_ngrams
+            got.update(zip(map(tuple, ids.tolist()), counts.tolist()))
         assert got == want
         # eval: positions of held-out n-grams training never saw
         hgrams = np.stack([shift_k(hc, n - 1 - i, pad).ravel() for i in range(n)], -1)
@@ -204,8 +206,8 @@ def test_statistics_exclude_heldout_documents(split_env, seeded, seed_eval, deep
     # row hits: every training position's rows, all heads
     rows = np.asarray(row_ids_for(plan, vocab, 1, train[None])).ravel()
     ids, hits = np.unique(rows, return_counts=True)
-    np.testing.assert_array_equal(stats["rows_1"], ids)
-    np.testing.assert_array_equal(stats["hits_1"], hits)
+    np.testing.assert_array_equal(stats.arrays["rows_1"], ids)
+    np.testing.assert_array_equal(stats.arrays["hits_1"], hits)
 
 
 def test_param_matched_baseline(split_env):
@@ -223,3 +225,26 @@ def test_param_matched_baseline(split_env):
     n_engram = sum(p.numel() for p in engram.parameters())
     assert abs(n_matched - n_engram) <= cfg.n_layer * (cfg.d_model + 1)
     assert "--no-engram" in one_error_line(run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", root / "x.ckpt", "--param-matched", "--json"))
+
+
+def test_row_hits_counted_in_pieces_and_first_version_stats_load(split_env, deepseek_tokenizer, monkeypatch, tmp_path):
+    """Row hits counted 1,000 positions at a time equal the whole stream's; a first-version NAME.train-stats.npz still loads."""
+    from engram_cli import train_stats
+    from engram_cli.model import row_ids_for
+
+    root, _ = split_env
+    store = TableStore.open(root / "tables.zarr")
+    plan, vocab = store.plan, store.vocab
+    ids = np.asarray(deepseek_tokenizer.tokenizer.encode((root / "corpus" / "part00.txt").read_text()).ids, dtype=np.int64)
+    assert ids.size > 3000
+    monkeypatch.setattr(train_stats, "HIT_PIECE_TOKENS", 1000)
+    rows, hits = train_stats.count_row_hits(plan, vocab, ids, 1)
+    want_rows, want_hits = np.unique(row_ids_for(plan, vocab, 1, ids[None]), return_counts=True)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(hits, want_hits)
+    grams = np.array([[5, 6], [7, 8], [5, 9]], dtype=np.uint32)
+    np.savez(tmp_path / "old.train-stats.npz", ngrams_2=grams[:2], counts_2=np.array([3, 4]), rows_1=rows, hits_1=hits)
+    old = train_stats.load_stats(tmp_path / "old.ckpt")
+    assert old.ngrams is None
+    np.testing.assert_array_equal(train_stats.training_counts(old, grams), [3, 4, 0])
+    np.testing.assert_array_equal(train_stats.row_hits(old, 1, rows[:3]), hits[:3])
