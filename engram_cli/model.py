@@ -34,7 +34,6 @@ from engram_cli.kernels import EngramLookup
 from engram_cli.kinds import Backend, TableDtype
 from engram_cli.plan import TablePlan
 
-
 REFERENCE_DEPTH = 30  # the reference backbone the plan's layer ids number (DeepSeek's engram_demo_v1: num_layers 30, layer_ids [1, 15])
 
 

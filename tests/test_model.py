@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from engram_cli.model import EngramGPT, ModelConfig, place_layers, row_ids_for, table_lookup
+from engram_cli.model import (
+    EngramGPT,
+    ModelConfig,
+    place_layers,
+    row_ids_for,
+    table_lookup,
+)
 from engram_cli.plan import make_plan
 
 TEXT = next(p for p in sorted(Path("fixtures/corpus").rglob("*")) if p.is_file()).read_text(errors="replace")[:4000]

@@ -48,9 +48,12 @@ def split_env(tmp_path_factory, deepseek_vocab_file):
     write_parts(root / "corpus")
     r = run("build-table", root / "corpus", "-o", root / "tables.zarr", *TINY, "--vocab", deepseek_vocab_file)
     assert r.exit_code == 0, r.output
-    r = run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", root / "m.ckpt", "--steps", "2", "--heldout-fraction", FRACTION, "--json")
+    r = run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", root / "m.ckpt", "--steps", "2", "--heldout-fraction", FRACTION, "--depth", "3", "--json")
     assert r.exit_code == 0, r.output
-    return root, json.loads(r.stdout)
+    out = json.loads(r.stdout)
+    assert out["depth"] == 3 and out["engram_blocks"] == {"1": 1}  # layer 1 of the reference's 30 -> block ceil(3/30) = 1
+    assert load_checkpoint(root / "m.ckpt")["config"]["engram_blocks"] == [1]
+    return root, out
 
 
 @pytest.fixture(scope="module")
