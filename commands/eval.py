@@ -32,35 +32,39 @@ def _norms(q) -> str:
     return "-" if q is None else f"p10 {q['p10']:.3f} / p50 {q['p50']:.3f} / p90 {q['p90']:.3f} ({q['rows']:,} rows)"
 
 
+def _count_label(b: dict) -> str:
+    return f"{b['min_count']:,}" if b["max_count"] == b["min_count"] else f"{b['min_count']:,}-{b['max_count']:,}"
+
+
+def render_buckets(what: str, col: str, by_order: dict, label) -> None:
+    """One table: a row per bucket, per order its positions, mean gate and mean loss change (branch skipped - full)."""
+    t = Table(title=f"gate and dloss (branch skipped - full, nats) {what}", title_justify="left")
+    t.add_column(col, justify="right")
+    for n in by_order:
+        for c in ("positions", "gate", "dloss"):
+            t.add_column(f"{n}-gram {c}", justify="right")
+    labels = []
+    for buckets in by_order.values():
+        labels += [label(b) for b in buckets if label(b) not in labels]
+    for lab in labels:
+        cells = [lab]
+        for buckets in by_order.values():
+            b = next((b for b in buckets if label(b) == lab), None)
+            cells += ["-", "-", "-"] if b is None else [f"{b['positions']:,}", _f(b["gate_mean"], ".3f"), _f(b["loss_change"], "+.3f")]
+        t.add_row(*cells)
+    console.print(t)
+
+
 def render_layer(name: str, l: str, lay: dict) -> None:
     console.print(f"[bold]{name}, Engram layer {l}[/]: mean gate {lay['gate_mean']:.3f}")
-    deciles = lay.get("gate_by_frequency_decile") or {}
-    if deciles:
-        t = Table(title="mean gate by n-gram frequency decile (1 = rarest; count = corpus count of the n-gram)", title_justify="left")
-        t.add_column("decile", justify="right")
-        for n in deciles:
-            t.add_column(f"{n}-gram count", justify="right")
-            t.add_column(f"{n}-gram gate", justify="right")
-        for d in range(max(len(v) for v in deciles.values())):
-            cells = [str(d + 1)]
-            for v in deciles.values():
-                e = v[d] if d < len(v) else None
-                cells += ["-", "-"] if e is None else [f"{e['min_count']:,}-{e['max_count']:,}", _f(e["gate_mean"], ".3f")]
-            t.add_row(*cells)
-        console.print(t)
-        for n, c in lay["gate_by_collision"].items():
-            console.print(f"  {n}-grams: gate {_f(c['clean_head']['gate_mean'], '.3f')} with a clean head ({c['clean_head']['positions']:,} positions), "
-                          f"{_f(c['all_heads_collide']['gate_mean'], '.3f')} where all heads collide ({c['all_heads_collide']['positions']:,})")
     ts = lay.get("training_split")
     if ts:
-        for n, buckets in ts["by_training_count"].items():
-            cells = [f"{b['min_count']:,}{'' if b['max_count'] == b['min_count'] else '-' + format(b['max_count'], ',')}: gate {_f(b['gate_mean'], '.3f')}, "
-                     f"dloss {_f(b['loss_change'], '+.3f')} ({b['positions']:,})" for b in buckets if b["positions"]]
-            console.print(f"  {n}-grams by training count (0 = never seen in training; dloss = branch skipped - full): " + "; ".join(cells))
-        for n, buckets in ts["by_row_share"].items():
-            cells = [f"{b['share']}: gate {_f(b['gate_mean'], '.3f')}, dloss {_f(b['loss_change'], '+.3f')} ({b['positions']:,})" for b in buckets if b["positions"]]
-            console.print(f"  {n}-grams by share of their row's training hits: " + "; ".join(cells))
+        render_buckets("by training count of the n-gram (0 = never seen in training)", "count", ts["by_training_count"], _count_label)
+        render_buckets("by share of their row's training hits (the n-gram's count / its row's hits, best head)", "share", ts["by_row_share"], lambda b: b["share"])
         console.print("  hot-row cache hit rate by training hits: " + ", ".join(f"{v:.1%} at {k} capacity" for k, v in ts["cache_hit_rate"].items()))
+    else:
+        console.print("  no training statistics beside this checkpoint (NAME.train-stats/, written by `engram train` since the pinned split): "
+                      "no frequency, row-share or cache figures")
     u = lay["usage"]
     console.print(f"  table usage: held-out text touches {u['rows_touched_heldout']:,} of {u['rows']:,} rows; training updated {u['rows_trained']:,}; "
                   f"{u['lookups_on_untrained_rows']:.1%} of {u['lookups']:,} held-out lookups land on rows never updated in training")
@@ -71,8 +75,6 @@ def render_layer(name: str, l: str, lay: dict) -> None:
     for b, v in lk["backends"].items():
         console.print(f"  lookups {b}: {v['tokens_per_s']:,.0f} tokens/s, {v['gb_per_s']:.3f} GB/s, bit-exact vs torch {'yes' if v['bit_exact'] else 'NO'}"
                       f"  ({lk['device']}, table {lk['table']})")
-    if lk.get("cache_hit_rate"):
-        console.print("  hot-row cache hit rate: " + ", ".join(f"{v:.1%} at {k} capacity" for k, v in lk["cache_hit_rate"].items()))
 
 
 def _iv(iv, fmt=".4f") -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 from engram_cli.commands._output import (
     console,
@@ -14,8 +13,9 @@ from engram_cli.commands._output import (
     progress_reporter,
 )
 
-from engram_cli.errors import StoreError
+from engram_cli.errors import EngramError, StoreError
 from engram_cli.quantize import derived_report, prune_store
+from engram_cli.train_stats import load_stats_file
 
 
 def render(r: dict) -> None:
@@ -31,7 +31,7 @@ def prune_command(
     keep_top: Optional[float] = typer.Option(None, "--keep-top", help="Keep this fraction of each layer's rows, the highest-scoring (e.g. 0.1)."),
     min_hits: Optional[float] = typer.Option(None, "--min-hits", help="Keep every row with at least this many hits (--by hits)."),
     by: str = typer.Option("hits", "--by", help="Score rows by training-split hits (`hits`: --train-stats, else the store's own hit counts) or by how much training changed them (`change`: needs --initial)."),
-    train_stats: Optional[Path] = typer.Option(None, "--train-stats", help="NAME.train-stats.npz from `engram train` (training-split row hits)."),
+    train_stats: Optional[Path] = typer.Option(None, "--train-stats", help="NAME.train-stats (folder) from `engram train` (training-split row hits)."),
     initial: Optional[Path] = typer.Option(None, "--initial", help="The store training started from (for --by change)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Also store the kept rows as this dtype (default: the source's)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing table store at -o."),
@@ -41,16 +41,15 @@ def prune_command(
 
     Example:
 
-        engram prune model.tables.zarr --keep-top 0.1 --train-stats model.train-stats.npz -o top10.zarr
+        engram prune model.tables.zarr --keep-top 0.1 --train-stats model.train-stats -o top10.zarr
         engram prune model.tables.zarr --keep-top 0.5 --by change --initial tables.zarr -o half.zarr
     """
     stats = None
     if train_stats is not None:
         try:
-            with np.load(train_stats, allow_pickle=False) as z:
-                stats = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as e:
-            raise StoreError(f"cannot read the training statistics {str(train_stats)!r} ({type(e).__name__}); pass the NAME.train-stats.npz `engram train` wrote") from None
+            stats = load_stats_file(train_stats).arrays
+        except (OSError, ValueError, EngramError) as e:
+            raise StoreError(f"cannot read the training statistics {str(train_stats)!r} ({type(e).__name__}); pass the NAME.train-stats folder `engram train` wrote") from None
     with progress_reporter(quiet=as_json) as progress:
         new = prune_store(tables, out, keep_top=keep_top, min_hits=min_hits, by=by, train_stats=stats, initial=initial, dtype=dtype,
                           force=force, progress=progress)

@@ -19,7 +19,7 @@ from engram_cli.inspect import disk_split
 from engram_cli.kinds import TokenizerEngine
 from engram_cli.split import HELDOUT_SHARE
 from engram_cli.store import TableStore
-from engram_cli.train import DEFAULT_CORPUS, DEFAULT_STEPS, run_training
+from engram_cli.train import DEFAULT_CORPUS, DEFAULT_DEPTH, DEFAULT_STEPS, run_training
 from engram_cli.units import format_bytes
 
 
@@ -30,6 +30,7 @@ def train_command(
     steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, help="Optimizer steps."),
     no_engram: bool = typer.Option(False, "--no-engram", help="Train the same backbone without Engram memory (the baseline)."),
     param_matched: bool = typer.Option(False, "--param-matched", help="With --no-engram: give the FFN of every block the dense parameters the Engram branches would add (a parameter-matched baseline)."),
+    depth: int = typer.Option(DEFAULT_DEPTH, "--depth", min=1, help="Backbone blocks; the plan's layer ids (numbering the reference's 30 layers) are placed at the same relative depth, and still address their tables (docs/train.md, \"Model\")."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the model's initialisation and the batch order (recorded; the same seed gives the same checkpoint on the CPU)."),
     split: str = typer.Option("document", "--split", help="Held-out unit: document (whole documents, by file path and index) or segment (2048-token segments of every document)."),
     heldout_fraction: float = typer.Option(HELDOUT_SHARE, "--heldout-fraction", help="Share of the documents (or segments) held out for `engram eval`."),
@@ -50,7 +51,7 @@ def train_command(
     if not as_json:
         notice(write_estimate(tables, out, no_engram))
     with progress_reporter(quiet=as_json) as progress:
-        result = run_training(corpus, tables, out, force=force, steps=steps, no_engram=no_engram, param_matched=param_matched, seed=seed, split=split,
+        result = run_training(corpus, tables, out, force=force, steps=steps, no_engram=no_engram, param_matched=param_matched, seed=seed, split=split, depth=depth,
                               heldout_fraction=heldout_fraction, tokenizer_engine=tokenizer_engine, progress=progress)
     if as_json:
         print_json(result)
@@ -61,6 +62,8 @@ def train_command(
     unit = ("segment" if result["split"] == "segment" else "piece") + ("" if n == 1 else "s")
     unit += "" if result["split"] == "segment" else " (documents, long ones as 256 KiB pieces)"
     console.print(f"held out for engram eval: {result['heldout_documents']:,} {unit}, {result['heldout_tokens']:,} tokens")
+    placed = "; Engram " + ", ".join(f"layer {l} in block {b}" for l, b in result["engram_blocks"].items()) if result["engram_blocks"] else ""
+    console.print(f"model: {result['depth']} blocks{placed}")
     if result["tables"]:
         rows = sum(result["rows_trained"].values())
         new, linked = disk_split(result["tables"])

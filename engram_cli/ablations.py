@@ -93,7 +93,7 @@ def window_losses(model, tmap, W: np.ndarray, sources: dict, *, batch: int, abla
     out = {k: np.zeros(len(W), dtype=np.float64) for k in names}
     if positions is not None:
         positions.update({k: np.zeros((len(W), W.shape[1] - 1), dtype=np.float32) for k in ("full", "branch_skipped") if k in names})
-    mems = model.memories()
+    mems, engrams = model.memories(), model.engrams()
     with torch.no_grad():
         if progress is not None:  # the stage begins here (the stages before it have ended)
             progress("eval", 0, len(W), name)
@@ -115,7 +115,7 @@ def window_losses(model, tmap, W: np.ndarray, sources: dict, *, batch: int, abla
                     positions[k][s : s + len(win)] = nll.numpy()
                 if k == "full" and gates is not None:
                     for l in layers:
-                        gates[l].append(model.blocks[l].engram.gate.numpy().ravel())
+                        gates[l].append(engrams[l].gate.numpy().ravel())
             if progress is not None:
                 progress("eval", min(s + batch, len(W)), len(W), name)
     return out

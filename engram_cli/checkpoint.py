@@ -26,6 +26,7 @@ import io
 import json
 import os
 import re
+import shutil
 import uuid
 import zipfile
 from pathlib import Path
@@ -106,15 +107,39 @@ def check_checkpoint_output(out, force: bool, *, inputs=(), tables=None) -> Path
     return out
 
 
-def _temp_path(out: Path) -> Path:
+def temp_path(out) -> Path:
     """This process's temp name for `out` (two writers never share one)."""
+    out = Path(out)
     return out.with_name(f".{out.name}.{os.getpid()}.partial")
 
 
+def replace_path(src: Path, dst: Path) -> None:
+    """Rename file or folder `src` onto `dst`; a folder `dst` is moved aside first and removed after (a folder cannot be renamed onto a non-empty one)."""
+    if not dst.is_dir() or dst.is_symlink():
+        os.replace(src, dst)
+        return
+    old = dst.with_name(f".{dst.name}.{os.getpid()}.old")
+    os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except OSError:
+        os.replace(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_path(path: Path) -> None:
+    """Remove file or folder `path` if it exists (a temp of ours)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def remove_stale_temps(out) -> None:
-    """Under `out`'s lock: remove the `.NAME.<pid>.partial` files a killed train left (ours by name), with a notice."""
+    """Under `out`'s lock: remove the `.NAME.<pid>.partial` files (or statistics folders) and `.NAME.<pid>.old` folders a killed train left (ours by name), with a notice."""
     out = Path(out)
-    mine = re.compile(r"\." + re.escape(out.name) + r"\.\d+\.partial")
+    mine = re.compile(r"\." + re.escape(out.name) + r"\.\d+\.(partial|old)")
     parent = out.parent if str(out.parent) else Path(".")
     try:
         names = [n for n in os.listdir(parent) if mine.fullmatch(n)]
@@ -122,15 +147,15 @@ def remove_stale_temps(out) -> None:
         return
     for name in names:
         path = parent / name
-        if path.is_file() and not path.is_symlink():
+        if not path.is_symlink() and (path.is_file() or path.is_dir()):
             try:
-                path.unlink()
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
             except OSError as e:
                 raise OutputError(f"cannot remove {shown(path)}, left by an interrupted train: {e.strerror}; remove it by hand") from None
             notice(f"removed {shown(path)}, left by an interrupted train")
 
 
-def check_unit(path, ckpt: dict, *, store=None, stats: dict | None = None) -> None:
+def check_unit(path, ckpt: dict, *, store=None, stats=None) -> None:
     """`CheckpointError` when checkpoint `path` lacks what eval reads, or its trained store or statistics come from another train.
 
     Compares the checkpoint's `extra.generation` with the store's root attribute
@@ -149,7 +174,7 @@ def check_unit(path, ckpt: dict, *, store=None, stats: dict | None = None) -> No
                                   f"(generation {str(got)[:12]}) come from different trains (one was replaced, or a train failed before "
                                   "its checkpoint was written); re-run `engram train`, or pass --tables")
     if stats is not None:
-        got = str(stats["generation"]) if "generation" in stats else None
+        got = stats.generation
         if got != gen:
             raise CheckpointError(f"checkpoint {shown(path)} (generation {gen[:12]}) and its training statistics (generation {str(got)[:12]}) "
                                   "come from different trains; re-run `engram train`")
@@ -187,7 +212,7 @@ def write_temp(path, data) -> Path:
     Written by Python, so a disk-full or file-size-limit error is an `OSError` (torch's own
     writer reports it as a RuntimeError); the temp is removed on failure.
     """
-    tmp = _temp_path(Path(path))
+    tmp = temp_path(Path(path))
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -207,7 +232,7 @@ def save_checkpoint(path, model, *, tables: str | None, plan_fingerprint: str | 
     """
     path = Path(path)
     data = checkpoint_bytes(path, model, tables=tables, plan_fingerprint=plan_fingerprint, heldout=heldout, extra=extra)
-    with staged_file(path, _temp_path(path)):
+    with staged_file(path, temp_path(path)):
         write_temp(path, data)  # the temp staged_file renames into place
     return path
 

@@ -5,10 +5,10 @@ whole as held-out text); the schema is documented in docs/eval.md.
 
 Memory is bounded by the held-out text, never by the table: the held-out row ids are
 hashed first, their unique rows read once through the lookup kernels' chunk cache
-(`EngramLookup.from_store(max_resident_bytes=...)`, each chunk decoded once), hit counts
-read only at those rows, n-gram counts joined from the store's statistics for the
-held-out n-grams only (polars streams the parquet), row norms from a fixed sample of
-chunks, the hot-row sets from hit counts streamed block by block. The lookup benchmark
+(`EngramLookup.from_store(max_resident_bytes=...)`, each chunk decoded once), row norms
+from a fixed sample of chunks. The frequency, row-share and hot-row cache figures come
+from the training split's statistics beside the checkpoint (`train_stats`), never from
+the store's whole-corpus statistics and hit counts. The lookup benchmark
 holds one layer resident at a time, and only when it fits `LOOKUP_RESIDENT_BYTES` and half
 the available RAM; a larger one is read through a chunk cache of ROW_READ_BYTES (random
 lookups then decode most chunks per call: the figure says what that path costs).
@@ -24,24 +24,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
 
 from engram_cli.ablations import ABLATIONS, mean_source, row_source, shuffle_row_ids, window_losses
 from engram_cli.checkpoint import check_unit, load_checkpoint
 from engram_cli.errors import CheckpointError, StoreError
-from engram_cli.hashing import shift_k
-from engram_cli.kernels import REGISTRY, EngramLookup, available_backends
-from engram_cli.kernels.cache import ChunkCache, top_rows
 from engram_cli.intervals import bootstrap_interval, paired
+from engram_cli.kernels import REGISTRY, EngramLookup, available_backends
+from engram_cli.kernels.cache import top_rows
 from engram_cli.kinds import Backend, TokenizerEngine
 from engram_cli.model import EngramGPT, ModelConfig, table_lookup
-from engram_cli.ngrams import token_columns
 from engram_cli.quantize import same_addresses
+from engram_cli.split import HELDOUT_SHARE, MAX_HELDOUT_TOKENS, ids_digest, pinned_heldout, read_split
 from engram_cli.store import TableStore, from_storage
 from engram_cli.store.output import hold_read
 from engram_cli.store.tokenizer import load_store_tokenizer
-from engram_cli.split import HELDOUT_SHARE, MAX_HELDOUT_TOKENS, ids_digest, pinned_heldout, read_split
 from engram_cli.train import TokenMap, open_tables
 from engram_cli.train_stats import load_stats, training_figures
 from engram_cli.vocab import load_tokenizer
@@ -54,7 +51,6 @@ NORM_SAMPLE_ROWS = 1 << 20  # row norms: every row of a smaller table, else whol
 LOOKUP_RESIDENT_BYTES = 4 << 30  # lookup benchmark: a layer up to this size (and half the available RAM) is held resident
 LOOKUP_BENCH_WINDOWS = 8  # held-out windows per benchmarked lookup call
 LOOKUP_REPS = 3  # timed calls per backend (the fastest counts)
-DECILES = 10
 QUANTILES = {"p10": 0.1, "p50": 0.5, "p90": 0.9}
 
 
@@ -175,7 +171,7 @@ def evaluate_windows(path, *, tables=None, corpus=None, max_tokens: int = MAX_HE
         if progress is not None:
             progress("read rows", 0, None, f"layer {l}")
         row_ids[l] = np.asarray(table_lookup(plan, vocab, l).row_ids(torch.as_tensor(x_raw)))  # (N, T, H)
-        model.blocks[l].engram.keep_gate = True
+        model.engrams()[l].keep_gate = True
     sources = {"full": row_source(plan, vocab, row_ids, lambda l, u: heldout_rows(store, l, u))}
     init = initial_store(ckpt, plan) if layers else None
     if layers:
@@ -201,7 +197,7 @@ def evaluate_windows(path, *, tables=None, corpus=None, max_tokens: int = MAX_HE
         "seed": ckpt["extra"].get("seed"),
         "config_sha256": config_digest(ckpt),
         "tokens": ntok,
-        "windows": int(len(W)),
+        "windows": len(W),
         "windows_sha256": ids_digest(W),
         "loss": loss_m,
         "loss_interval": bootstrap_interval(full),
@@ -220,73 +216,15 @@ def evaluate_windows(path, *, tables=None, corpus=None, max_tokens: int = MAX_HE
         g = np.concatenate(gates[l])  # (N*T,) in position order
         r = row_ids[l].reshape(-1, row_ids[l].shape[-1])  # (N*T, H)
         lay = {"gate_mean": float(g.mean())}
-        lay.update(gate_report(store, plan, vocab, l, x_raw, r, g))
         lay["usage"] = usage_report(cfg.table_rows[str(l)], r, touched)
         lay["row_norms"] = row_norms(store, l, touched)
         lay["lookups"] = lookup_report(store, plan, vocab, l, x_raw[:LOOKUP_BENCH_WINDOWS])
-        lay["lookups"]["cache_hit_rate"] = cache_hit_rates(store, l, r)
         if train_stats is not None:
             dloss = (per_position["branch_skipped"] - per_position["full"]).ravel()
             lay["training_split"] = training_figures(train_stats, plan, vocab, l, x_raw, r, g, dloss)
         report["layers"][str(l)] = lay
     report["seconds"] = time.perf_counter() - t_start
     return report, full
-
-
-# -- the gate -------------------------------------------------------------------------------
-def heldout_ngram_counts(store, vocab, plan, x_raw: np.ndarray, order: int) -> np.ndarray:
-    """Corpus count (store statistics) of the order-n n-gram ending at each held-out position, (N*T,) uint64.
-
-    The n-gram is the one the lookup hashes there (compressed ids, the window's start
-    padded with the compressed pad id). Only the held-out n-grams are joined against
-    the statistics' parquet (streamed), so memory follows the held-out text.
-    """
-
-    c = np.asarray(vocab.lookup)[x_raw]  # (N, T) compressed ids
-    cols = token_columns(order)
-    pos = pl.DataFrame({name: shift_k(c, order - 1 - i, plan.compressed_pad_id).ravel().astype(np.uint32) for i, name in enumerate(cols)})
-    keys = pos.unique()
-    counts = store.stats.scan(order).select([*cols, "count"]).join(keys.lazy(), on=cols, how="semi").collect(engine="streaming")
-    got = pos.with_row_index("i").join(counts, on=cols, how="left").sort("i")["count"].fill_null(0)
-    return got.to_numpy().astype(np.uint64)
-
-
-def gate_report(store, plan, vocab, layer_id: int, x_raw: np.ndarray, rows: np.ndarray, gate: np.ndarray) -> dict:
-    """Mean gate per n-gram frequency decile, and clean head vs all heads collide, per order.
-
-    Deciles: held-out positions sorted by the count of their order-n n-gram, cut in 10
-    equal groups by rank. A head is clean for a position when its row's hit count equals
-    the n-gram's own count (no other corpus n-gram of that order lands there); "all
-    heads collide" when no head of the order is clean.
-    """
-    if store is None or not store.has_hits:
-        return {}
-    hits = held_hits(store, layer_id, rows)  # (N*T, H)
-    K = plan.heads
-    by_decile, by_collision = {}, {}
-    for i, n in enumerate(plan.orders):
-        count = heldout_ngram_counts(store, vocab, plan, x_raw, n)
-        order = np.argsort(count, kind="stable")
-        groups = np.array_split(order, DECILES)
-        by_decile[str(n)] = [
-            {"decile": d + 1, "positions": int(grp.size), "min_count": int(count[grp].min()), "max_count": int(count[grp].max()),
-             "gate_mean": float(gate[grp].mean())}
-            for d, grp in enumerate(groups) if grp.size
-        ]
-        clean = (hits[:, i * K : (i + 1) * K] == count[:, None]).any(1)
-        by_collision[str(n)] = {
-            "clean_head": {"positions": int(clean.sum()), "gate_mean": float(gate[clean].mean()) if clean.any() else None},
-            "all_heads_collide": {"positions": int((~clean).sum()), "gate_mean": float(gate[~clean].mean()) if (~clean).any() else None},
-        }
-    return {"gate_by_frequency_decile": by_decile, "gate_by_collision": by_collision}
-
-
-def held_hits(store, layer_id: int, rows: np.ndarray) -> np.ndarray:
-    """Hit counts at `rows` (any shape), reading only the hits chunks they touch."""
-    arr = store.hits(layer_id)
-    uniq, inv = np.unique(rows, return_inverse=True)
-    h = ChunkCache(arr, int(arr.chunks[0]), ROW_READ_BYTES).take(uniq)
-    return h[inv.reshape(rows.shape)]
 
 
 # -- table usage --------------------------------------------------------------------------------
@@ -337,7 +275,7 @@ def row_norms(store, layer_id: int, touched: np.ndarray) -> dict:
 
 
 def cache_hit_rates(store, layer_id: int, rows: np.ndarray) -> dict:
-    """Share of held-out lookups a hot-row cache of the 1/5/10 % most-hit rows (store hit counts) would serve."""
+    """Share of lookups `rows` a hot-row cache of the 1/5/10 % most-hit rows (store hit counts: the build corpus) would serve; `eval --state-dict` only."""
     if not store.has_hits:
         return {}
     hits = store.hits(layer_id)

@@ -11,6 +11,13 @@ is not a parameter here: it stays in its store and its rows come through the loo
 kernels (`EngramLookup`), so the model never holds a dense copy, gradient or optimizer
 state of it (see `MultiHeadEmbedding`). Without a plan (`--no-engram`) the same
 backbone has no Engram layers.
+
+Placement (`place_layers`): the plan's layer ids number the layers of the reference's
+30-layer backbone (DeepSeek's demo: layers 1 and 15 of 30); in a backbone of `depth`
+blocks, layer id i sits in block ceil(i * depth / 30) (30 -> max id + 1 for a plan with
+deeper ids), at most depth - 1, moved up (or down at the top) to the next free block
+when two land together. The layer id still addresses the table and its hash: only the
+block the branch sits in follows the depth.
 """
 
 from __future__ import annotations
@@ -27,13 +34,29 @@ from engram_cli.kernels import EngramLookup
 from engram_cli.kinds import Backend, TableDtype
 from engram_cli.plan import TablePlan
 
+REFERENCE_DEPTH = 30  # the reference backbone the plan's layer ids number (DeepSeek's engram_demo_v1: num_layers 30, layer_ids [1, 15])
+
+
+def place_layers(layer_ids, depth: int) -> tuple[int, ...]:
+    """The block (0 .. depth-1) of each layer id, in the order given: ids scaled from the reference depth, kept distinct and in order."""
+    ids = [int(x) for x in layer_ids]
+    n = len(ids)
+    if depth < n:
+        raise ValueError(f"a backbone of {depth} blocks cannot hold {n} Engram layers; give a depth of at least {n}")
+    source = max(REFERENCE_DEPTH, max(ids, default=0) + 1)
+    blocks, prev = {}, -1
+    for i, l in enumerate(sorted(ids)):
+        prev = min(max(-(-l * depth // source), prev + 1), depth - n + i)
+        blocks[l] = prev
+    return tuple(blocks[l] for l in ids)
+
 
 @dataclass
 class ModelConfig:
     """Shape of the reference model; defaults are the CPU demo size."""
 
     vocab_size: int = 4096  # output ids: the tokens the corpus uses (a 129k-id head would dominate a tiny model)
-    n_layer: int = 4  # raised to max(plan.layer_ids)+1 by for_plan, so every Engram layer exists
+    n_layer: int = 4  # backbone depth (blocks); the plan's layers are placed into it (place_layers)
     n_head: int = 4  # head width 32: the smallest that still trains well at this size
     d_model: int = 128  # nanoGPT-small scale: 200 steps run in a few minutes on 2 CPU cores
     block_size: int = 128  # context: short, so a CPU step stays fast; Engram layers see only the last 3 tokens anyway
@@ -45,16 +68,23 @@ class ModelConfig:
     conv_kernel: int = 4  # the reference short conv kernel
     eps: float = 1e-6
     mlp_hidden: int = 0  # FFN width; 0 = 4 * d_model (a parameter-matched baseline widens it: `param_matched`)
+    engram_blocks: tuple[int, ...] = ()  # the block of each engram_layers id; () = the id itself (checkpoints made before placement)
+
+    def placement(self) -> dict[int, int]:
+        """Engram layer id -> the block its branch sits in."""
+        return dict(zip(self.engram_layers, self.engram_blocks or self.engram_layers))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["engram_layers"] = list(self.engram_layers)
+        d["engram_blocks"] = list(self.engram_blocks)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
         d["engram_layers"] = tuple(int(x) for x in d.get("engram_layers", ()))
+        d["engram_blocks"] = tuple(int(x) for x in d.get("engram_blocks", ()))
         d["table_rows"] = {str(k): int(v) for k, v in d.get("table_rows", {}).items()}
         return cls(**d)
 
@@ -62,11 +92,12 @@ class ModelConfig:
     def for_plan(cls, plan: TablePlan | None, **kw) -> "ModelConfig":
         if plan is None:
             return cls(**kw)
-        n_layer = max(kw.pop("n_layer", 4), max(plan.layer_ids) + 1)
+        n_layer = kw.pop("n_layer", 4)
         orders = len(plan.orders) * plan.heads
         return cls(
             n_layer=n_layer,
             engram_layers=tuple(plan.layer_ids),
+            engram_blocks=place_layers(plan.layer_ids, n_layer),
             mem_dim=orders * plan.head_dim,
             head_dim=plan.head_dim,
             table_rows={str(l): plan.layer_rows(l) for l in plan.layer_ids},
@@ -178,9 +209,10 @@ class Engram(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
-        self.engram = Engram(cfg, layer_id) if layer_id in cfg.engram_layers else None
+        layer_at = {b: l for l, b in cfg.placement().items()}  # block -> the plan's layer id (it addresses the table)
+        self.engram = Engram(cfg, layer_at[index]) if index in layer_at else None
         self.ln1 = RMSNorm(cfg.d_model, cfg.eps)
         self.attn = nn.MultiheadAttention(cfg.d_model, cfg.n_head, batch_first=True, bias=False)
         self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
@@ -209,9 +241,13 @@ class EngramGPT(nn.Module):
         self.ln_f = RMSNorm(cfg.d_model, cfg.eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
+    def engrams(self) -> dict:
+        """Layer id (the plan's) -> that layer's Engram branch, wherever its block sits."""
+        return {b.engram.layer_id: b.engram for b in self.blocks if b.engram is not None}
+
     def memories(self) -> dict:
         """Layer id -> that layer's MultiHeadEmbedding (the tables live outside the parameters)."""
-        return {i: b.engram.multi_head_embedding for i, b in enumerate(self.blocks) if b.engram is not None}
+        return {l: e.multi_head_embedding for l, e in self.engrams().items()}
 
     def attach_tables(self, lookups: dict) -> "EngramGPT":
         """Serve each Engram layer's rows from `lookups[layer_id]` (an EngramLookup with a table)."""
@@ -223,8 +259,8 @@ class EngramGPT(nn.Module):
         B, T = idx.shape
         assert T <= self.cfg.block_size, f"sequence {T} > block_size {self.cfg.block_size}"
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, d)
-        for i, b in enumerate(self.blocks):
-            x = b(x, None if row_ids is None else row_ids.get(i), ablate=ablate)
+        for b in self.blocks:
+            x = b(x, None if row_ids is None or b.engram is None else row_ids.get(b.engram.layer_id), ablate=ablate)
         logits = self.head(self.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits
@@ -245,7 +281,7 @@ def param_matched(cfg: ModelConfig) -> ModelConfig:
     extra = engram_dense_params(cfg)
     d = cfg.d_model
     grow = round(extra / cfg.n_layer / (2 * d + 1))
-    return replace(cfg, engram_layers=(), mem_dim=0, head_dim=0, table_rows={}, mlp_hidden=(cfg.mlp_hidden or 4 * d) + grow)
+    return replace(cfg, engram_layers=(), engram_blocks=(), mem_dim=0, head_dim=0, table_rows={}, mlp_hidden=(cfg.mlp_hidden or 4 * d) + grow)
 
 
 def table_lookup(plan: TablePlan, vocab, layer_id: int, table=None, *, backend: Backend | str = Backend.CPU, device=None):

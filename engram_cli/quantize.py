@@ -13,7 +13,7 @@ bounds and the gate figures; docs/spec.md "Integer rows" and "Pruned tables" the
   moved into place. Rows already in the target dtype are copied byte for byte.
 - prune: each layer keeps its rows with the highest score (`--keep-top F`: ceil(F x rows),
   ties to the lower row id; `--min-hits N`: every row with at least N hits). Scores:
-  training-split hits (`NAME.train-stats.npz`, written by `engram train`), else the
+  training-split hits (`NAME.train-stats`, written by `engram train`), else the
   store's own hit counts (the whole corpus, held-out text included), or the change of a
   row in training (L2 norm of trained - initial; `by="change"`). The pruned store holds the
   kept rows in row order and the map of their row ids (`layer_{id}/kept`); a lookup of a
@@ -95,7 +95,7 @@ def kept_from_scores(scores: np.ndarray, *, keep_top: float | None = None, min_h
 
 
 def training_hits(train_stats: dict, layer_id: int, rows: int) -> np.ndarray:
-    """Training-split hits per row of a layer (float64 (rows,)), from a `NAME.train-stats.npz` dict."""
+    """Training-split hits per row of a layer (float64 (rows,)), from the `arrays` of `train_stats.load_stats`."""
     key = f"rows_{layer_id}"
     if key not in train_stats:
         raise StoreError(f"the training statistics hold no row hits for layer {layer_id}; re-run `engram train`")
@@ -106,7 +106,7 @@ def training_hits(train_stats: dict, layer_id: int, rows: int) -> np.ndarray:
 
 def store_hits(store: TableStore, layer_id: int) -> np.ndarray:
     if not store.has_hits:
-        raise StoreError(f"table store {str(store.path)!r} has no hit counts; pass --train-stats NAME.train-stats.npz or --by change")
+        raise StoreError(f"table store {str(store.path)!r} has no hit counts; pass --train-stats NAME.train-stats or --by change")
     return np.asarray(store.hits(layer_id)[:], dtype=np.float64)
 
 

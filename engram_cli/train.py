@@ -204,9 +204,7 @@ def train_steps(model, lookups: dict, tmap, stream, *, steps: int, batch: int = 
 
 # -- the `engram train` pipeline ------------------------------------------------------
 import functools
-import io
 import os
-import zipfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -215,6 +213,9 @@ from engram_cli.checkpoint import (
     checkpoint_bytes,
     new_generation,
     remove_stale_temps,
+    remove_path,
+    replace_path,
+    temp_path,
     write_temp,
 )
 from engram_cli.defaults import TRAINED_STORE_SUFFIX
@@ -243,10 +244,11 @@ from engram_cli.store.output import (
     shown,
     storage_errors,
 )
-from engram_cli.train_stats import count_training, stats_path
+from engram_cli.train_stats import ROWS_FILE, stats_path, write_training_stats
 
 DEFAULT_CORPUS = "corpus"  # `engram build-table corpus/` reads the same folder
-DEFAULT_STEPS = 150  # the demo: under 5 minutes on 2 CPU cores with the reference plan (16 layers), measured in docs/train.md
+DEFAULT_STEPS = 150  # the demo: a training loop of well under a minute on 2 CPU cores at the default depth, measured in docs/train.md
+DEFAULT_DEPTH = 4  # backbone blocks; the plan's layers (1 and 15 of the reference's 30) are placed into them (model.place_layers)
 DEFAULT_BATCH = 8
 DEFAULT_BLOCK = 128
 
@@ -285,11 +287,11 @@ def save_trained_store(src: Path, dst: Path, trained: dict[int, tuple[np.ndarray
     return dst
 
 
-def publish_unit(out, data, *, src, trained: dict | None, stats: dict | None, force: bool, generation: str) -> None:
+def publish_unit(out, data, *, src, trained: dict | None, stats_dir: Path | None, force: bool, generation: str) -> None:
     """Publish one train's unit: statistics and checkpoint written to temps first, then the trained store, then the renames.
 
     Every write that can fail for space or a size limit (the checkpoint's bytes `data`,
-    the statistics, the store's rows) happens before anything is replaced: such a failure
+    the statistics already counted into the temp folder `stats_dir`, the store's rows) happens before anything is replaced: such a failure
     leaves the previous checkpoint, store and statistics as they were. The trained store
     moves in first (`staged_output`, tagged `generation`), then the statistics, the
     checkpoint last; a failure of those renames leaves a checkpoint whose generation no
@@ -300,10 +302,8 @@ def publish_unit(out, data, *, src, trained: dict | None, stats: dict | None, fo
     temps: list[tuple[Path, Path]] = []
     try:
         with storage_errors(out):
-            if stats is not None:
-                buf = io.BytesIO()
-                np.savez(buf, **stats, generation=np.array(generation))
-                temps.append((write_temp(stats_path(out), buf.getbuffer()), stats_path(out)))
+            if stats_dir is not None:
+                temps.append((Path(stats_dir), stats_path(out)))
             temps.append((write_temp(out, data), out))
             for _, dst in temps:  # an immutable or read-only old file would fail its rename after the store moved in
                 if dst.exists() and not os.access(dst, os.W_OK):
@@ -313,14 +313,14 @@ def publish_unit(out, data, *, src, trained: dict | None, stats: dict | None, fo
                 save_trained_store(src, trained_store_path(out), trained, force=force, generation=generation)
         for tmp, dst in temps:
             try:
-                os.replace(tmp, dst)
+                replace_path(tmp, dst)
             except OSError as e:
                 store = f"its trained store {shown(trained_store_path(out))} was replaced, so `engram eval` refuses the old one; " if trained is not None else ""
                 raise OutputError(f"cannot move {shown(dst)} into place: {e.strerror}; {store}"
                                   "fix the permissions (or `chattr -i`) and train again with --force") from None
     finally:
         for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
+            remove_path(tmp)
 
 
 def trained_store_path(out) -> Path:
@@ -346,7 +346,7 @@ def check_train_outputs(corpus, tables, out, force: bool, *, engram: bool = True
     check_output(trained, force, inputs=[corpus])
     stats = stats_path(out)
     check_inputs_apart(stats, [corpus, tables], what="training statistics file")
-    if (stats.exists() or stats.is_symlink()) and (stats.is_symlink() or not stats.is_file() or not zipfile.is_zipfile(stats)):
+    if (stats.exists() or stats.is_symlink()) and (stats.is_symlink() or not (stats / ROWS_FILE).is_file()):
         raise OutputError(f"{shown(stats)} is in the way of the training statistics and is not one; move it away or choose another -o/--out")
     partial = partial_path(trained)
     if (partial.exists() or partial.is_symlink()) and not is_engram_staging(partial):
@@ -408,7 +408,7 @@ def train_device() -> str:
 
 @_claiming_outputs
 def run_training(corpus, tables, out, *, force: bool = False, steps: int = DEFAULT_STEPS, no_engram: bool = False, param_matched: bool = False, batch: int = DEFAULT_BATCH,
-                 block: int = DEFAULT_BLOCK, d_model: int = 128, n_layer: int = 4, lr: float = 3e-3, seed: int = 0,
+                 block: int = DEFAULT_BLOCK, d_model: int = 128, depth: int = DEFAULT_DEPTH, lr: float = 3e-3, seed: int = 0,
                  split: str = "document", heldout_fraction: float = HELDOUT_SHARE,
                  max_train_tokens: int = MAX_TRAIN_TOKENS, tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF, progress=None) -> dict:
     """Train the reference model; write the checkpoint `out` and (with Engram) `out`'s trained store.
@@ -434,6 +434,9 @@ def run_training(corpus, tables, out, *, force: bool = False, steps: int = DEFAU
     if not 0 < heldout_fraction < 1:
         raise CheckpointError(f"--heldout-fraction {heldout_fraction} is not between 0 and 1 (exclusive); 0.1 holds out a tenth")
     store, plan, vocab, tok = open_tables(tables, tokenizer_engine)
+    if depth < len(plan.layer_ids):
+        raise CheckpointError(f"--depth {depth} cannot hold the plan's {len(plan.layer_ids)} Engram layers ({', '.join(map(str, plan.layer_ids))}); "
+                              f"give --depth {len(plan.layer_ids)} or more")
     train_ids, held_ids, held_docs = split_corpus(corpus, tok, split=split, share=heldout_fraction, max_train=max_train_tokens, progress=progress)
     if len(train_ids) < block + 2:
         hint = "; with few documents, try --split segment" if split == "document" else ""
@@ -445,11 +448,10 @@ def run_training(corpus, tables, out, *, force: bool = False, steps: int = DEFAU
     tmap = TokenMap.from_ids(np.concatenate([train_ids, held_ids]))
     torch.manual_seed(seed)
     device = train_device()
-    # --no-engram keeps the depth the plan needs: the baseline is the same backbone without memory
-    n_layer = max(n_layer, max(plan.layer_ids) + 1)
-    cfg = ModelConfig.for_plan(None if no_engram else plan, vocab_size=tmap.size, n_layer=n_layer, n_head=4, d_model=d_model, block_size=block)
+    # --no-engram keeps the depth: the baseline is the same backbone without memory
+    cfg = ModelConfig.for_plan(None if no_engram else plan, vocab_size=tmap.size, n_layer=depth, n_head=4, d_model=d_model, block_size=block)
     if param_matched:  # the Engram model's dense parameters, the branch's given to the FFN width
-        cfg = matched_config(ModelConfig.for_plan(plan, vocab_size=tmap.size, n_layer=n_layer, n_head=4, d_model=d_model, block_size=block))
+        cfg = matched_config(ModelConfig.for_plan(plan, vocab_size=tmap.size, n_layer=depth, n_head=4, d_model=d_model, block_size=block))
     model = EngramGPT(cfg).to(device)
     lookups = {}
     for l in cfg.engram_layers:
@@ -485,7 +487,7 @@ def run_training(corpus, tables, out, *, force: bool = False, steps: int = DEFAU
         # eval's frequency, share and cache figures count the training split only (train_stats)
         if progress is not None:
             progress("count", 0, None, "training n-grams and row hits")
-        stats = count_training(plan, vocab, train_ids, cfg.engram_layers)
+        stats = write_training_stats(temp_path(stats_path(out)), plan, vocab, train_ids, cfg.engram_layers, generation=generation)
     data = checkpoint_bytes(
         out, model.cpu(),
         tables=str(trained_store) if trained_store else None,
@@ -498,11 +500,12 @@ def run_training(corpus, tables, out, *, force: bool = False, steps: int = DEFAU
             "steps": steps, "batch": batch, "losses": losses, "no_engram": no_engram, "param_matched": param_matched, "seed": seed,
         },
     )
-    publish_unit(out, data, src=store.path, trained=trained, stats=stats, force=force, generation=generation)
+    publish_unit(out, data, src=store.path, trained=trained, stats_dir=stats, force=force, generation=generation)
     train_stats = stats_path(out) if stats is not None else None
     return {"checkpoint": str(out), "tables": str(trained_store) if trained_store else None,
             "train_stats": str(train_stats) if train_stats else None, "steps": steps,
             "first_loss": losses[0], "last_loss": losses[-1], "train_tokens": int(len(train_ids)),
-            "heldout_tokens": int(len(held_ids)), "heldout_documents": len(held_docs), "split": split, "seed": seed, "seconds": train_s, "tokens_per_s": steps * batch * block / train_s,
+            "heldout_tokens": int(len(held_ids)), "heldout_documents": len(held_docs), "split": split, "seed": seed, "depth": depth,
+            "engram_blocks": {str(l): b for l, b in cfg.placement().items()}, "seconds": train_s, "tokens_per_s": steps * batch * block / train_s,
             "device": device, "rows_trained": {str(l): int(r.size) for l, r in touched_rows.items()},
             "optimizer_state_bytes": state_bytes}

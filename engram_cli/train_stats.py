@@ -3,10 +3,18 @@
 `engram train` counts, over the training token stream it trained on (the training
 documents concatenated, as the batches sample it; one sequence, padded at its start as
 the lookup pads a window), every order's n-grams (compressed ids) and every Engram
-layer's row hits (each position's rows, all heads). They go to `NAME.train-stats.npz`
-beside the checkpoint (plain arrays: loads with `allow_pickle=False`). Held-out
-documents are not in that stream, so a held-out n-gram that training never saw has
-count 0 here (tests/test_split.py counts them independently).
+layer's row hits (each position's rows, all heads). They go to the folder
+`NAME.train-stats/` beside the checkpoint: the n-grams counted by the build's
+out-of-core counter (`ngrams.count_ngrams`: sorted runs spilled past its memory limit,
+the same `order_N.parquet` + `summary.json` layout as a store's statistics) and the row
+hits as plain arrays (`rows.npz`: per layer the rows hit and their hits; loads with
+`allow_pickle=False`), counted piece by piece into one count per table row (memory:
+8 bytes per row of the table, which training already holds resident at 256). Eval joins
+the held-out n-grams against the parquet (polars streams it), so neither side holds
+the training n-grams in memory. Held-out documents are not in that stream, so a
+held-out n-gram that training never saw has count 0 here (tests/test_split.py counts
+them independently). A `NAME.train-stats.npz` of the first version (all arrays in one
+file) still loads.
 
 Eval's figures from them (`training_figures`), per layer and order: the mean gate and
 the mean loss change when the branch is skipped, by the n-gram's training count
@@ -18,6 +26,8 @@ cache hit rates by training hits.
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +36,19 @@ import torch
 
 from engram_cli.hashing import shift_k
 from engram_cli.model import table_lookup
-from engram_cli.ngrams import token_columns
+from engram_cli.ngrams import NgramStats, count_ngrams, token_columns
 
-STATS_SUFFIX = ".train-stats.npz"
+STATS_SUFFIX = ".train-stats"
+OLD_SUFFIX = ".train-stats.npz"  # the first version: every array in one file
+ROWS_FILE = "rows.npz"
+HIT_PIECE_TOKENS = 1 << 20  # row hits are counted this many positions at a time
 SHARE_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0)  # share buckets: unseen (count 0), (0, .25], (.25, .5], (.5, .75], (.75, 1), exactly 1
 CACHE_SHARES = (0.01, 0.05, 0.10)
 
 
-def stats_path(checkpoint) -> Path:
+def stats_path(checkpoint, suffix: str = STATS_SUFFIX) -> Path:
     p = Path(checkpoint)
-    return p.with_name(p.name.removesuffix(".ckpt").removesuffix(".safetensors") + STATS_SUFFIX)
+    return p.with_name(p.name.removesuffix(".ckpt").removesuffix(".safetensors") + suffix)
 
 
 def position_ngrams(c: np.ndarray, order: int, pad: int) -> np.ndarray:
@@ -43,50 +56,99 @@ def position_ngrams(c: np.ndarray, order: int, pad: int) -> np.ndarray:
     return np.stack([shift_k(c, order - 1 - i, pad).ravel() for i in range(order)], -1).astype(np.uint32)
 
 
-def count_training(plan, vocab, train_ids: np.ndarray, layers) -> dict:
-    """{"ngrams_n", "counts_n"} per order and {"rows_l", "hits_l"} per layer over the training stream (one sequence)."""
-    c = np.asarray(vocab.lookup)[np.asarray(train_ids, dtype=np.int64)][None]
-    out = {}
-    for n in plan.orders:
-        grams, counts = np.unique(position_ngrams(c, n, plan.compressed_pad_id), axis=0, return_counts=True)
-        out[f"ngrams_{n}"], out[f"counts_{n}"] = grams, counts.astype(np.int64)
-    for l in layers:
-        ids = np.asarray(table_lookup(plan, vocab, l).row_ids(torch.as_tensor(np.asarray(train_ids, dtype=np.int64)[None])))
-        rows, hits = np.unique(ids, return_counts=True)
-        out[f"rows_{l}"], out[f"hits_{l}"] = rows.astype(np.int64), hits.astype(np.int64)
-    return out
+def count_row_hits(plan, vocab, train_ids: np.ndarray, layer_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows hit, their hits) int64 of one layer over the training stream, HIT_PIECE_TOKENS positions at a time.
+
+    Each piece after the first is hashed behind the max_ngram-1 tokens before it (their
+    positions dropped), so the row ids are those of the whole stream as one sequence.
+    """
+    lookup = table_lookup(plan, vocab, layer_id)
+    ids = np.asarray(train_ids, dtype=np.int64)
+    ctx = plan.max_ngram_size - 1
+    hits = np.zeros(plan.layer_rows(layer_id), dtype=np.int64)
+    for a in range(0, ids.size, HIT_PIECE_TOKENS):
+        head = max(0, a - ctx)
+        rows = np.asarray(lookup.row_ids(torch.as_tensor(ids[head : a + HIT_PIECE_TOKENS][None])))[0, a - head :]
+        hits += np.bincount(rows.ravel(), minlength=hits.size)
+    rows = np.flatnonzero(hits)
+    return rows.astype(np.int64), hits[rows]
 
 
-def save_stats(path, stats: dict) -> Path:
+def write_training_stats(folder, plan, vocab, train_ids: np.ndarray, layers, *, generation: str | None = None, progress=None) -> Path:
+    """Count the training stream into the new folder `folder` (n-grams by `ngrams.count_ngrams`, row hits per layer, the train's
+    `generation` in rows.npz); the caller moves it into place with the rest of the train's unit (`train.publish_unit`)."""
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        c = np.asarray(vocab.lookup)[np.asarray(train_ids, dtype=np.int64)]
+        count_ngrams([c], max_ngram_size=plan.max_ngram_size, pad_id=plan.compressed_pad_id, vocab_size=vocab.compressed_size, out_dir=folder,
+                     progress=progress, extra={"what": "training split of engram train"})
+        rows = {} if generation is None else {"generation": np.array(generation)}
+        for l in layers:
+            rows[f"rows_{l}"], rows[f"hits_{l}"] = count_row_hits(plan, vocab, train_ids, l)
+        np.savez(folder / ROWS_FILE, **rows)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+@dataclass
+class TrainingStats:
+    """The training split's statistics beside a checkpoint: n-gram counts (scanned, never loaded whole) and row hits per layer."""
+
+    ngrams: NgramStats | None  # the folder form
+    arrays: dict  # rows_L, hits_L, generation (and, from a first-version .npz, ngrams_N, counts_N)
+
+    @property
+    def generation(self) -> str | None:
+        """The train that wrote these statistics (`checkpoint.check_unit`), None before generations."""
+        return str(self.arrays["generation"]) if "generation" in self.arrays else None
+
+    def scan(self, order: int) -> pl.LazyFrame:
+        """Token columns and `count` of every order-n training n-gram."""
+        if self.ngrams is not None:
+            return self.ngrams.scan(order).select([*token_columns(order), "count"])
+        grams = self.arrays[f"ngrams_{order}"]
+        return pl.DataFrame({**{name: grams[:, i] for i, name in enumerate(token_columns(order))}, "count": self.arrays[f"counts_{order}"]}).lazy()
+
+
+def load_stats(checkpoint) -> TrainingStats | None:
+    """The training statistics beside `checkpoint`, or None (a checkpoint made before them, or they are gone)."""
+    folder, old = stats_path(checkpoint), stats_path(checkpoint, OLD_SUFFIX)
+    if (folder / ROWS_FILE).is_file():
+        return load_stats_file(folder)
+    if old.is_file():
+        return load_stats_file(old)
+    return None
+
+
+def load_stats_file(path) -> TrainingStats:
+    """Training statistics from a `NAME.train-stats` folder or a first-version `NAME.train-stats.npz` file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial.npz")
-    np.savez(tmp, **stats)
-    tmp.replace(path)
-    return path
+    folder = path.is_dir()
+    with np.load(path / ROWS_FILE if folder else path, allow_pickle=False) as z:
+        return TrainingStats(NgramStats.open(path) if folder else None, {k: z[k] for k in z.files})
 
 
-def load_stats(checkpoint) -> dict | None:
-    """The training statistics beside `checkpoint`, or None (a checkpoint made before them, or the file is gone)."""
-    p = stats_path(checkpoint)
-    if not p.is_file():
-        return None
-    with np.load(p, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+def training_counts(stats: TrainingStats, grams: np.ndarray) -> np.ndarray:
+    """Training count of each n-gram row of `grams` (M, n), 0 for one never seen in training.
 
-
-def training_counts(stats: dict, grams: np.ndarray) -> np.ndarray:
-    """Training count of each n-gram row of `grams` (M, n), 0 for one never seen in training."""
+    Only the n-grams of `grams` are joined against the statistics (a polars semi-join
+    over the scanned parquet), so memory follows `grams`.
+    """
     n = grams.shape[1]
     cols = token_columns(n)
-    table = pl.DataFrame({**{name: stats[f"ngrams_{n}"][:, i] for i, name in enumerate(cols)}, "count": stats[f"counts_{n}"]})
-    pos = pl.DataFrame({name: grams[:, i] for i, name in enumerate(cols)}).with_row_index("i")
-    got = pos.join(table, on=cols, how="left").sort("i")["count"].fill_null(0)
+    pos = pl.DataFrame({name: grams[:, i].astype(np.uint32) for i, name in enumerate(cols)})
+    table = stats.scan(n).with_columns([pl.col(c).cast(pl.UInt32) for c in cols])
+    counts = table.join(pos.unique().lazy(), on=cols, how="semi").collect(engine="streaming")
+    got = pos.with_row_index("i").join(counts, on=cols, how="left").sort("i")["count"].fill_null(0)
     return got.to_numpy().astype(np.int64)
 
 
-def row_hits(stats: dict, layer_id: int, rows: np.ndarray) -> np.ndarray:
+def row_hits(stats: TrainingStats, layer_id: int, rows: np.ndarray) -> np.ndarray:
     """Training hits of each row id in `rows` (any shape), 0 for rows training never looked up."""
-    ids, hits = stats[f"rows_{layer_id}"], stats[f"hits_{layer_id}"]
+    ids, hits = stats.arrays[f"rows_{layer_id}"], stats.arrays[f"hits_{layer_id}"]
     if ids.size == 0:
         return np.zeros(rows.shape, dtype=np.int64)
     pos = np.minimum(np.searchsorted(ids, rows), ids.size - 1)
@@ -117,7 +179,7 @@ def training_figures(stats: dict, plan, vocab, layer_id: int, x_raw: np.ndarray,
                   for a, b in zip(e[:-1], e[1:])]
         masks.append(({"share": "1"}, (count > 0) & (share >= 1)))
         by_share[str(n)] = _bucket(masks, gate, dloss)
-    ids, hits = stats[f"rows_{layer_id}"], stats[f"hits_{layer_id}"]
+    ids, hits = stats.arrays[f"rows_{layer_id}"], stats.arrays[f"hits_{layer_id}"]
     flat = rows.ravel()
     rates = {}
     n_rows = plan.layer_rows(layer_id)

@@ -3,7 +3,7 @@
 A variant is a table dtype (`float32`, `bf16`, `fp16`, `fp8`, `int8`, `int4`: the trained
 store quantized, `quantize.quantize_store`) or `prune:F` (its top fraction F of each
 layer's rows by training-split hits, `quantize.prune_store`; the store's own hits where
-the checkpoint has no `NAME.train-stats.npz`), or both joined by `+` (`int8+prune:0.5`).
+the checkpoint has no `NAME.train-stats`), or both joined by `+` (`int8+prune:0.5`).
 Every variant's store is written once into a scratch folder (or `workdir`) and read
 through the lookup kernels as the model would read it. All variants are scored on the
 same held-out windows with the same weights; the loss change is paired against the
@@ -124,7 +124,8 @@ def gate_report(checkpoint, variants: str | list[Variant] = DEFAULT_VARIANTS, *,
         raise CheckpointError(f"the held-out text is shorter than one block of {model.cfg.block_size} tokens; pass a larger --corpus")
     x_raw = W[:, :-1]
     row_ids = {l: np.asarray(table_lookup(plan, vocab, l).row_ids(torch.as_tensor(x_raw))) for l in layers}
-    train_stats = load_stats(checkpoint)
+    loaded = load_stats(checkpoint)
+    train_stats = None if loaded is None else loaded.arrays  # rows_L, hits_L
     with tempfile.TemporaryDirectory(prefix="engram-variants-", dir=workdir) as tmp:
         stores = {BASELINE: store}
         for i, v in enumerate(vs):

@@ -100,24 +100,25 @@ def test_eval_json_schema_and_memory_helps(reports):
     assert mem["ablations"]["branch_skipped"]["interval"][0] > 0  # at 40 steps the memory helps beyond the noise of the windows
     lay = mem["layers"]["1"]
     assert 0 < lay["gate_mean"] < 1
-    for n in ("2", "3"):
-        dec = lay["gate_by_frequency_decile"][n]
-        assert [d["decile"] for d in dec] == list(range(1, 11)) and sum(d["positions"] for d in dec) == mem["tokens"]
-        assert all(a["max_count"] <= b["min_count"] for a, b in zip(dec, dec[1:]))  # deciles by rising frequency
-        col = lay["gate_by_collision"][n]
-        assert col["clean_head"]["positions"] + col["all_heads_collide"]["positions"] == mem["tokens"]
-    ts = lay["training_split"]  # from mem.train-stats.npz: the training split's counts only
+    # the store's whole-corpus figures are gone: frequency, row share and cache rates come from the training split only
+    assert not {"gate_by_frequency_decile", "gate_by_collision"} & set(lay) and "cache_hit_rate" not in lay["lookups"]
+    ts = lay["training_split"]  # from mem.train-stats/: the training split's counts only
     assert set(ts) == {"by_training_count", "by_row_share", "cache_hit_rate"} and list(ts["cache_hit_rate"]) == ["1%", "5%", "10%"]
     for n in ("2", "3"):
         assert sum(b["positions"] for b in ts["by_training_count"][n]) == sum(b["positions"] for b in ts["by_row_share"][n]) == mem["tokens"]
-        assert ts["by_training_count"][n][0]["max_count"] == 0 and ts["by_row_share"][n][0]["share"] == "unseen"
+        counts = ts["by_training_count"][n]
+        assert counts[0]["max_count"] == 0 and ts["by_row_share"][n][0]["share"] == "unseen"
+        assert [(b["min_count"], b["max_count"]) for b in counts[1:]] == [(1 << k, (1 << (k + 1)) - 1) for k in range(len(counts) - 1)]  # log2 bins
+        for b in counts + ts["by_row_share"][n]:
+            assert (b["gate_mean"] is None) == (b["loss_change"] is None) == (b["positions"] == 0)
+            assert b["gate_mean"] is None or 0 < b["gate_mean"] < 1
     u = lay["usage"]
     assert 0 < u["rows_touched_heldout"] <= u["rows"] and u["lookups"] == mem["tokens"] * 4
     assert 0 < u["lookups_on_untrained_rows"] < 1
     assert set(lay["lookups"]["backends"]) >= {"torch", "cpu"}
     assert all(b["bit_exact"] and b["tokens_per_s"] > 0 and b["gb_per_s"] > 0 for b in lay["lookups"]["backends"].values())
-    rates = list(lay["lookups"]["cache_hit_rate"].values())
-    assert list(lay["lookups"]["cache_hit_rate"]) == ["1%", "5%", "10%"] and rates == sorted(rates) and 0 < rates[0] and rates[-1] <= 1
+    rates = list(ts["cache_hit_rate"].values())
+    assert rates == sorted(rates) and 0 < rates[0] and rates[-1] <= 1
 
 
 def test_eval_paired_difference(evaluation):
@@ -180,7 +181,7 @@ def test_eval_side_by_side_table(trained):
     mem_line = next(l for l in table.splitlines() if "mem.ckpt" in l)
     base_line = next(l for l in table.splitlines() if "base.ckpt" in l)
     assert " yes " in mem_line and " no " in base_line and "+0.0000" in base_line
-    for what in ("table ablations", "full model", "branch_skipped", "initial_rows", "shuffled_rows", "mean_row", "paired: ", "by training count", "by share of their row", "cache hit rate by training hits", "mean gate by n-gram frequency decile", "clean head", "table usage", "row norms", "lookups cpu", "hot-row cache hit rate"):
+    for what in ("table ablations", "full model", "branch_skipped", "initial_rows", "shuffled_rows", "mean_row", "paired: ", "by training count", "by share of their row", "cache hit rate by training hits", "table usage", "row norms", "lookups cpu", "hot-row cache hit rate"):
         assert what in r.stdout, what
 
 
@@ -215,24 +216,23 @@ def test_train_refuses_a_missing_store(tmp_path):
     assert "build-table" in one_error_line(run("train", tmp_path / "c", "--tables", tmp_path / "none.zarr", "-o", tmp_path / "m.ckpt"))
 
 
-def test_heldout_ngram_counts_by_an_independent_route(trained):
-    """The polars join against the statistics equals a plain dict built from every counted n-gram."""
-    from engram_cli.evaluate import heldout_ngram_counts
-    from engram_cli.hashing import shift_k
+def test_training_counts_by_an_independent_route(trained):
+    """The polars join against the training statistics equals a plain dict of the counted n-grams, 0 for n-grams never counted."""
+    from engram_cli.train_stats import load_stats, position_ngrams, training_counts
     from engram_cli.vocab import load_tokenizer
 
     root, _, _ = trained
     store = TableStore.open(root / "tables.zarr")
     plan, vocab = store.plan, store.vocab
-    text = (root / "corpus" / "debian-faq.en.txt").read_text()[:3000]
+    stats = load_stats(root / "mem.ckpt")
+    text = (root / "corpus" / "debian-faq.en.txt").read_text()[:3000] + " zyxwv qqqq unusual words"
     x = np.asarray(load_tokenizer().tokenizer.encode(text).ids, dtype=np.int64)[: 4 * 64].reshape(4, 64)
     c = np.asarray(vocab.lookup)[x]
     for n in plan.orders:
         table = {}
-        for ids, counts in store.stats.iter_batches(n):
+        for ids, counts in stats.ngrams.iter_batches(n):
             table.update(zip(map(tuple, ids.tolist()), counts.tolist()))
-        grams = np.stack([shift_k(c, n - 1 - i, plan.compressed_pad_id) for i in range(n)], -1).reshape(-1, n)
-        want = np.array([table.get(tuple(g), 0) for g in grams.tolist()], dtype=np.uint64)
-        got = heldout_ngram_counts(store, vocab, plan, x, n)
-        np.testing.assert_array_equal(got, want)
-        assert (want > 0).mean() > 0.5  # the text is part of the corpus: most of its n-grams were counted
+        grams = position_ngrams(c, n, plan.compressed_pad_id)
+        want = np.array([table.get(tuple(g), 0) for g in grams.tolist()], dtype=np.int64)
+        np.testing.assert_array_equal(training_counts(stats, grams), want)
+        assert (want > 0).mean() > 0.5  # most of the text was in training

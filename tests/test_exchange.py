@@ -303,14 +303,12 @@ def model_state_dict(store: TableStore, changes) -> tuple[dict, dict]:
 
     model = EngramGPT(ModelConfig.for_plan(store.plan, d_model=32, n_layer=4, n_head=4, vocab_size=64, block_size=64))
     sd, changed = {}, {}
-    for i, block in enumerate(model.blocks):
-        if block.engram is None:
-            continue
+    for i, engram in model.engrams().items():  # i: the plan's layer id (the block it sits in follows the depth)
         w = reference_weight(stored(store.path, i), store.dtype, store.head_dim).clone()
         zero, bump = changes(w.shape[0])
         w[zero] = 0
         w[bump] += 1
-        sd.update({f"blocks.{i}.engram.{k}": v for k, v in block.engram.state_dict().items()})
+        sd.update({f"blocks.{i}.engram.{k}": v for k, v in engram.state_dict().items()})
         sd[f"blocks.{i}.engram.{WEIGHT}"] = w  # the table is not a parameter of our module: the reference names it so
         changed[i] = (np.asarray(zero), np.asarray(bump))
     return sd, changed

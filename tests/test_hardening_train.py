@@ -37,7 +37,7 @@ from engram_cli.errors import CheckpointError
 from engram_cli.model import EngramGPT, ModelConfig
 from engram_cli.store import TableStore
 from engram_cli.store.output import hold_read, lock_path, read_locks, readers_path
-from engram_cli.train_stats import load_stats, stats_path
+from engram_cli.train_stats import ROWS_FILE, load_stats, stats_path
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -64,7 +64,7 @@ def beside(path: Path) -> list[str]:
     """What a train of `path` may leave beside it: temps, partials, locks."""
     stem = path.name.removesuffix(".ckpt")
     return sorted(n.name for n in path.parent.iterdir() if n.name.startswith((f".{stem}", f"{stem}.")) and n.name not in
-                  (path.name, f"{stem}.tables.zarr", f"{stem}.train-stats.npz"))
+                  (path.name, f"{stem}.tables.zarr", f"{stem}.train-stats"))
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +169,9 @@ def test_a_failed_checkpoint_write_leaves_the_previous_unit_whole(unit):
     before = {str(p): digest(p) for p in files}
     dead = subprocess.Popen(["true"])
     dead.wait()  # the pid of a process that has exited: what a `kill -9` of a train leaves behind
-    for name in (f".m.ckpt.{dead.pid}.partial", f".m.train-stats.npz.{dead.pid}.partial"):
-        (out.parent / name).write_bytes(b"PK\x03\x04" + bytes(4096))  # its half-written temps
+    (out.parent / f".m.ckpt.{dead.pid}.partial").write_bytes(b"PK\x03\x04" + bytes(4096))  # its half-written temps
+    (out.parent / f".m.train-stats.{dead.pid}.partial").mkdir()
+    (out.parent / f".m.train-stats.{dead.pid}.partial" / "order_2.parquet").write_bytes(bytes(4096))
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (out.stat().st_size // 2, hard))  # `ulimit -f`: half the checkpoint, more than the statistics
     try:
@@ -204,7 +205,7 @@ def test_a_flipped_byte_in_a_safetensors_checkpoint_is_one_line(unit, tmp_path):
 
 
 def test_eval_refuses_a_checkpoint_whose_store_or_statistics_come_from_another_train(unit, tmp_path):
-    for name in ("m.ckpt", "m.tables.zarr", "m.train-stats.npz"):
+    for name in ("m.ckpt", "m.tables.zarr", "m.train-stats"):
         src = unit["root"] / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
     out = tmp_path / "m.ckpt"
@@ -222,9 +223,10 @@ def test_eval_refuses_a_checkpoint_whose_store_or_statistics_come_from_another_t
     meta["attributes"]["engram"]["generation"] = gen
     meta_path.write_text(json.dumps(meta))
     check_unit(out, ck, store=TableStore.open(tmp_path / "m.tables.zarr"), stats=load_stats(out))  # the unit again
-    with np.load(stats_path(out)) as z:
+    rows_file = stats_path(out) / ROWS_FILE
+    with np.load(rows_file) as z:
         stats = {k: z[k] for k in z.files}
-    np.savez(stats_path(out), **{**stats, "generation": np.array("1" * 32)})
+    np.savez(rows_file, **{**stats, "generation": np.array("1" * 32)})
     with pytest.raises(CheckpointError, match=r"training statistics \(generation 111111111111\)"):
         check_unit(out, ck, store=None, stats=load_stats(out))
 
@@ -236,14 +238,16 @@ from engram_cli.checkpoint import checkpoint_bytes, load_checkpoint, new_generat
 from engram_cli.model import EngramGPT, ModelConfig
 from engram_cli.store import TableStore
 from engram_cli.train import publish_unit
-from engram_cli.train_stats import load_stats
+from engram_cli.checkpoint import temp_path
+from engram_cli.train_stats import stats_path, write_training_stats
 out, src = sys.argv[1], sys.argv[2]
 ck = load_checkpoint(out)
 model = EngramGPT(ModelConfig.from_dict(ck["config"]))
 model.load_state_dict(ck["weights"])
 gen = new_generation()
 data = checkpoint_bytes(out, model, tables=ck["tables"], plan_fingerprint=ck["plan_fingerprint"], heldout=ck["heldout"], extra={**ck["extra"], "generation": gen})
-stats = {k: v for k, v in load_stats(out).items() if k != "generation"}
+store = TableStore.open(src)
+stats = write_training_stats(temp_path(stats_path(out)), store.plan, store.vocab, np.arange(64) % 50, ck["config"]["engram_layers"], generation=gen)
 layer = ck["config"]["engram_layers"][0]
 rows = (np.array([0, 1]), np.ones((2, TableStore.open(src).head_dim), np.float32))
 real = os.replace
@@ -252,12 +256,12 @@ def replace(a, b):
         os.kill(os.getpid(), signal.SIGKILL)
     real(a, b)
 os.replace = replace
-publish_unit(out, data, src=src, trained={layer: rows}, stats=stats, force=True, generation=gen)
+publish_unit(out, data, src=src, trained={layer: rows}, stats_dir=stats, force=True, generation=gen)
 """
 
 
 def test_kill_9_before_the_checkpoint_moves_in_leaves_a_pair_eval_refuses(unit, tmp_path):
-    for name in ("m.ckpt", "m.tables.zarr", "m.train-stats.npz"):
+    for name in ("m.ckpt", "m.tables.zarr", "m.train-stats"):
         src = unit["root"] / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
     out = tmp_path / "m.ckpt"

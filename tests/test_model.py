@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from engram_cli.model import EngramGPT, ModelConfig, row_ids_for, table_lookup
+from engram_cli.model import (
+    EngramGPT,
+    ModelConfig,
+    place_layers,
+    row_ids_for,
+    table_lookup,
+)
 from engram_cli.plan import make_plan
 
 TEXT = next(p for p in sorted(Path("fixtures/corpus").rglob("*")) if p.is_file()).read_text(errors="replace")[:4000]
@@ -103,3 +109,53 @@ def test_ablation_changes_output(setup):
         a = model(ids, {1: torch.as_tensor(rows)})
         b = model(ids, {1: torch.as_tensor(rows)}, ablate=True)
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("ids, depth, blocks", [
+    ((1, 15), 30, (1, 15)),  # the reference depth: the ids themselves
+    ((1, 15), 4, (1, 2)),  # the default: early, and mid-depth as in the reference
+    ((1, 15), 16, (1, 8)),
+    ((15, 1), 4, (2, 1)),  # in the plan's order
+    ((1, 3), 4, (1, 2)),  # both scale to block 1: the later one moves up
+    ((28, 29), 4, (2, 3)),  # both scale past the top: the earlier one moves down
+    ((0, 1, 2), 3, (0, 1, 2)),
+    ((40, 100), 4, (2, 3)),  # ids beyond 30: scaled from max id + 1
+])
+def test_place_layers(ids, depth, blocks):
+    assert place_layers(ids, depth) == blocks
+
+
+def test_place_layers_refuses_too_shallow():
+    with pytest.raises(ValueError, match="at least 2"):
+        place_layers((1, 15), 1)
+
+
+def test_layers_placed_in_a_shallow_backbone_keep_their_tables(deepseek_tokenizer, deepseek_vocab):
+    """Layer 15 of a 4-block model sits in block 2 and is fed layer 15's row ids (its hash and table); the config records it."""
+    vocab = deepseek_vocab
+    plan = make_plan(compressed_vocab_size=vocab.compressed_size, compressed_pad_id=int(vocab.lookup[2]), layer_ids=(1, 15), heads=2, dim=16, rows_per_head=(50, 80))
+    cfg = ModelConfig.for_plan(plan, vocab_size=64, n_layer=4, n_head=2, d_model=32, block_size=64)
+    assert cfg.engram_blocks == (1, 2) and cfg.placement() == {1: 1, 15: 2}
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    torch.manual_seed(0)
+    model = EngramGPT(cfg)
+    assert [None if b.engram is None else b.engram.layer_id for b in model.blocks] == [None, 1, 15, None]
+    model.attach_tables({l: table_lookup(plan, vocab, l, torch.randn(plan.layer_rows(l), plan.head_dim)) for l in plan.layer_ids})
+    ids = np.asarray(deepseek_tokenizer.tokenizer.encode(TEXT).ids[:32], dtype=np.int64)[None, :]
+    rows = {l: torch.as_tensor(row_ids_for(plan, vocab, l, ids)) for l in plan.layer_ids}
+    assert not torch.equal(rows[1], rows[15])
+    seen = {}
+    for l, e in model.engrams().items():
+        e.register_forward_hook(lambda m, args, out, l=l: seen.__setitem__(l, args[1]))
+    model(torch.zeros(ids.shape, dtype=torch.int64), rows)
+    assert torch.equal(seen[1], rows[1]) and torch.equal(seen[15], rows[15])
+
+
+def test_config_without_placement_loads_as_before():
+    """A checkpoint config from before placement (no engram_blocks): each Engram layer in the block of its id, weight names unchanged."""
+    old = {"vocab_size": 64, "n_layer": 16, "n_head": 2, "d_model": 32, "block_size": 16, "engram_layers": [1, 15], "mem_dim": 64,
+           "head_dim": 16, "table_rows": {"1": 100, "15": 100}, "max_ngram_size": 3, "conv_kernel": 4, "eps": 1e-6}
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.engram_blocks == () and cfg.placement() == {1: 1, 15: 15}
+    model = EngramGPT(cfg)
+    assert model.blocks[15].engram.layer_id == 15 and "blocks.15.engram.value_proj.weight" in model.state_dict()

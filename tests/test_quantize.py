@@ -51,7 +51,7 @@ def trained(tmp_path_factory, deepseek_vocab_file):
         r = run("quantize", root / "m.tables.zarr", "--dtype", d, "-o", root / f"{d}.zarr", "--json")
         assert r.exit_code == 0, r.output
         out[d] = json.loads(r.stdout)
-    r = run("prune", root / "m.tables.zarr", "--keep-top", "0.1", "--train-stats", root / "m.train-stats.npz", "-o", root / "p10.zarr", "--json")
+    r = run("prune", root / "m.tables.zarr", "--keep-top", "0.1", "--train-stats", root / "m.train-stats", "-o", root / "p10.zarr", "--json")
     assert r.exit_code == 0, r.output
     out["prune"] = json.loads(r.stdout)
     r = run("prune", root / "m.tables.zarr", "--keep-top", "0.5", "--by", "change", "--initial", root / "tables.zarr", "--dtype", "int4",
@@ -138,7 +138,7 @@ def test_sizes_and_what_the_stores_record(trained):
     assert s.attrs["format"] == "engram-tables/2" and s.pruned["kept_by"] == "training-split hits" and s.pruned["fallback"] == "zeros"
     assert TableStore.open(root / "bfloat16.zarr").attrs["format"] == "engram-tables/1"
     # kept by training-split hits: every kept row was hit in training at least as often as any dropped row
-    with np.load(root / "m.train-stats.npz") as z:
+    with np.load(root / "m.train-stats" / "rows.npz") as z:
         hits = np.zeros(rows, np.int64)
         hits[z["rows_1"]] = z["hits_1"]
     kept = s.kept_rows(1)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from engram_cli.checkpoint import load_checkpoint
 from engram_cli.cli import app
+from engram_cli.errors import CheckpointError
 from engram_cli.evaluate import heldout_stream
 from engram_cli.split import corpus_root, ids_digest, is_heldout
 from engram_cli.store import TableStore
@@ -47,16 +48,19 @@ def split_env(tmp_path_factory, deepseek_vocab_file):
     write_parts(root / "corpus")
     r = run("build-table", root / "corpus", "-o", root / "tables.zarr", *TINY, "--vocab", deepseek_vocab_file)
     assert r.exit_code == 0, r.output
-    r = run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", root / "m.ckpt", "--steps", "2", "--heldout-fraction", FRACTION, "--json")
+    r = run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", root / "m.ckpt", "--steps", "2", "--heldout-fraction", FRACTION, "--depth", "3", "--json")
     assert r.exit_code == 0, r.output
-    return root, json.loads(r.stdout)
+    out = json.loads(r.stdout)
+    assert out["depth"] == 3 and out["engram_blocks"] == {"1": 1}  # layer 1 of the reference's 30 -> block ceil(3/30) = 1
+    assert load_checkpoint(root / "m.ckpt")["config"]["engram_blocks"] == [1]
+    return root, out
 
 
 @pytest.fixture(scope="module")
 def seeded(split_env):
     """Three tiny checkpoints of one config: seeds 0, 0 and 1."""
     root, _ = split_env
-    kw = dict(steps=3, split="document", heldout_fraction=float(FRACTION), d_model=32, n_layer=2, block=32, batch=4)
+    kw = dict(steps=3, split="document", heldout_fraction=float(FRACTION), d_model=32, depth=2, block=32, batch=4)
     return [run_training(root / "corpus", root / "tables.zarr", root / n, seed=seed, **kw) for n, seed in (("s0a.ckpt", 0), ("s0b.ckpt", 0), ("s1.ckpt", 1))]
 
 
@@ -161,6 +165,8 @@ def test_split_refusals(split_env, tmp_path):
     assert "--split" in line
     line = one_error_line(run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", tmp_path / "x.ckpt", "--heldout-fraction", "1.5"))
     assert "--heldout-fraction" in line
+    with pytest.raises(CheckpointError, match="--depth 0 cannot hold"):
+        run_training(root / "corpus", root / "tables.zarr", tmp_path / "x.ckpt", depth=0)
 
 
 def test_statistics_exclude_heldout_documents(split_env, seeded, seed_eval, deepseek_tokenizer):
@@ -188,7 +194,9 @@ def test_statistics_exclude_heldout_documents(split_env, seeded, seed_eval, deep
         padded = [pad] * (n - 1) + c.tolist()
         grams = [tuple(padded[i : i + n]) for i in range(len(c))]
         want = Counter(grams)
-        got = dict(zip(map(tuple, stats[f"ngrams_{n}"].tolist()), stats[f"counts_{n}"].tolist()))
+        got = {}
+        for ids, counts in stats.ngrams.iter_batches(n):  # counted out of core by ngrams.count_ngrams
+            got.update(zip(map(tuple, ids.tolist()), counts.tolist()))
         assert got == want
         # eval: positions of held-out n-grams training never saw
         hgrams = np.stack([shift_k(hc, n - 1 - i, pad).ravel() for i in range(n)], -1)
@@ -201,8 +209,8 @@ def test_statistics_exclude_heldout_documents(split_env, seeded, seed_eval, deep
     # row hits: every training position's rows, all heads
     rows = np.asarray(row_ids_for(plan, vocab, 1, train[None])).ravel()
     ids, hits = np.unique(rows, return_counts=True)
-    np.testing.assert_array_equal(stats["rows_1"], ids)
-    np.testing.assert_array_equal(stats["hits_1"], hits)
+    np.testing.assert_array_equal(stats.arrays["rows_1"], ids)
+    np.testing.assert_array_equal(stats.arrays["hits_1"], hits)
 
 
 def test_param_matched_baseline(split_env):
@@ -210,7 +218,7 @@ def test_param_matched_baseline(split_env):
     from engram_cli.model import EngramGPT, ModelConfig
 
     root, _ = split_env
-    kw = dict(steps=1, heldout_fraction=float(FRACTION), d_model=32, n_layer=2, block=32, batch=2)
+    kw = dict(steps=1, heldout_fraction=float(FRACTION), d_model=32, depth=2, block=32, batch=2)
     run_training(root / "corpus", root / "tables.zarr", root / "pm.ckpt", no_engram=True, param_matched=True, **kw)
     ck = load_checkpoint(root / "pm.ckpt")
     cfg = ModelConfig.from_dict(ck["config"])
@@ -220,3 +228,26 @@ def test_param_matched_baseline(split_env):
     n_engram = sum(p.numel() for p in engram.parameters())
     assert abs(n_matched - n_engram) <= cfg.n_layer * (cfg.d_model + 1)
     assert "--no-engram" in one_error_line(run("train", root / "corpus", "--tables", root / "tables.zarr", "-o", root / "x.ckpt", "--param-matched", "--json"))
+
+
+def test_row_hits_counted_in_pieces_and_first_version_stats_load(split_env, deepseek_tokenizer, monkeypatch, tmp_path):
+    """Row hits counted 1,000 positions at a time equal the whole stream's; a first-version NAME.train-stats.npz still loads."""
+    from engram_cli import train_stats
+    from engram_cli.model import row_ids_for
+
+    root, _ = split_env
+    store = TableStore.open(root / "tables.zarr")
+    plan, vocab = store.plan, store.vocab
+    ids = np.asarray(deepseek_tokenizer.tokenizer.encode((root / "corpus" / "part00.txt").read_text()).ids, dtype=np.int64)
+    assert ids.size > 3000
+    monkeypatch.setattr(train_stats, "HIT_PIECE_TOKENS", 1000)
+    rows, hits = train_stats.count_row_hits(plan, vocab, ids, 1)
+    want_rows, want_hits = np.unique(row_ids_for(plan, vocab, 1, ids[None]), return_counts=True)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(hits, want_hits)
+    grams = np.array([[5, 6], [7, 8], [5, 9]], dtype=np.uint32)
+    np.savez(tmp_path / "old.train-stats.npz", ngrams_2=grams[:2], counts_2=np.array([3, 4]), rows_1=rows, hits_1=hits)
+    old = train_stats.load_stats(tmp_path / "old.ckpt")
+    assert old.ngrams is None
+    np.testing.assert_array_equal(train_stats.training_counts(old, grams), [3, 4, 0])
+    np.testing.assert_array_equal(train_stats.row_hits(old, 1, rows[:3]), hits[:3])
