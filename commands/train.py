@@ -48,11 +48,10 @@ def train_command(
         engram train corpus/ --no-engram --param-matched -o matched.ckpt
         engram train corpus/ --force              # replace model.ckpt and model.tables.zarr
     """
-    if not as_json:
-        notice(write_estimate(tables, out, no_engram))
     with progress_reporter(quiet=as_json) as progress:
         result = run_training(corpus, tables, out, force=force, steps=steps, no_engram=no_engram, param_matched=param_matched, seed=seed, split=split, depth=depth,
-                              heldout_fraction=heldout_fraction, tokenizer_engine=tokenizer_engine, progress=progress)
+                              heldout_fraction=heldout_fraction, tokenizer_engine=tokenizer_engine, progress=progress,
+                              announce=None if as_json else lambda: notice(write_estimate(tables, out, no_engram)))
     if as_json:
         print_json(result)
         return

@@ -410,8 +410,12 @@ def train_device() -> str:
 def run_training(corpus, tables, out, *, force: bool = False, steps: int = DEFAULT_STEPS, no_engram: bool = False, param_matched: bool = False, batch: int = DEFAULT_BATCH,
                  block: int = DEFAULT_BLOCK, d_model: int = 128, depth: int = DEFAULT_DEPTH, lr: float = 3e-3, seed: int = 0,
                  split: str = "document", heldout_fraction: float = HELDOUT_SHARE,
-                 max_train_tokens: int = MAX_TRAIN_TOKENS, tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF, progress=None) -> dict:
+                 max_train_tokens: int = MAX_TRAIN_TOKENS, tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF, progress=None,
+                 announce=None) -> dict:
     """Train the reference model; write the checkpoint `out` and (with Engram) `out`'s trained store.
+
+    `announce()`, when given, is called once every input and output check has passed, just
+    before the model is built (the command's notice of what training will write).
 
     Each Engram layer's table is loaded once, resident (every batch touches rows all over
     it), and updated in place by `RowAdam`; only the touched rows are written to the new
@@ -445,6 +449,8 @@ def run_training(corpus, tables, out, *, force: bool = False, steps: int = DEFAU
         hint = " or --split segment" if split == "document" else ""
         raise CheckpointError(f"the held-out split of {str(corpus)!r} ({split}s, {heldout_fraction:.0%}) has only {len(held_ids)} tokens, "
                               f"fewer than one window of {block + 1}; use a corpus with more documents, a larger --heldout-fraction{hint}")
+    if announce is not None:
+        announce()
     tmap = TokenMap.from_ids(np.concatenate([train_ids, held_ids]))
     torch.manual_seed(seed)
     device = train_device()
