@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from engram_cli.commands._output import (
@@ -19,8 +18,8 @@ from engram_cli.errors import EngramError
 from engram_cli.kinds import TokenizerEngine
 from engram_cli.sweep import allocation as alloc_defaults
 from engram_cli.sweep import memory as mem_defaults
-from engram_cli.sweep.memory import SweepOptions, run_memory_sweep
 from engram_cli.sweep.allocation import run_allocation_sweep
+from engram_cli.sweep.memory import SweepOptions, run_memory_sweep
 from engram_cli.sweep.summary import fmt_params
 from engram_cli.train import DEFAULT_CORPUS
 from engram_cli.units import format_bytes, parse_int_list
@@ -89,21 +88,21 @@ _CORPUS = typer.Argument(Path(DEFAULT_CORPUS), help=f"Corpus folder or files (de
 
 def _common(default_steps: int):
     """The options both sweeps share (steps, seeds, backbone, table layout, output)."""
-    return dict(
-        out=typer.Option(Path(mem_defaults.DEFAULT_OUT), "-o", "--out", help="Folder of the sweep: one checkpoint directory per point, the stores, the JSON and the plot."),
-        steps=typer.Option(default_steps, "--steps", min=1, help="Optimizer steps per point (batch 8 x 128 tokens)."),
-        seeds=typer.Option(mem_defaults.DEFAULT_SEEDS, "--seeds", min=1, help="Seeds per point (0..N-1): the spread of every figure."),
-        dim=typer.Option(mem_defaults.DEFAULT_D_MODEL, "--dim", min=4, help="Model width (d_model) of the backbone."),
-        layers=typer.Option(mem_defaults.DEFAULT_N_LAYER, "--layers", min=1, help="Transformer blocks of the backbone."),
-        engram_layers=typer.Option(",".join(map(str, mem_defaults.DEFAULT_ENGRAM_LAYERS)), "--engram-layers", help="Block ids that get an Engram table (below --layers)."),
-        heads=typer.Option(mem_defaults.DEFAULT_HEADS, "--heads", min=1, help="Hash heads per n-gram order (K) of the tables."),
-        table_dim=typer.Option(mem_defaults.DEFAULT_TABLE_DIM, "--table-dim", min=1, help="n_embed_per_ngram of the tables; each row is table-dim // heads wide."),
-        tokenizer=typer.Option(mem_defaults.DEFAULT_TOKENIZER, "--tokenizer", help="Tokenizer of the stores (as `engram build-table --tokenizer`)."),
-        jobs=typer.Option(1, "--jobs", min=1, help="Points run at once, each in its own local process (the stores are built first, one at a time)."),
-        tokenizer_engine=typer.Option(TokenizerEngine.AUTO.value, "--tokenizer-engine", callback=TokenizerEngine.option_callback, help="The library that tokenizes: auto, fastokens or hf (the ids are the same)."),
-        no_plot=typer.Option(False, "--no-plot", help="Write no image (matplotlib is needed for it)."),
-        as_json=json_option(),
-    )
+    return {
+        "out": typer.Option(Path(mem_defaults.DEFAULT_OUT), "-o", "--out", help="Folder of the sweep: one checkpoint directory per point, the stores, the JSON and the plot."),
+        "steps": typer.Option(default_steps, "--steps", min=1, help="Optimizer steps per point (batch 8 x 128 tokens)."),
+        "seeds": typer.Option(mem_defaults.DEFAULT_SEEDS, "--seeds", min=1, help="Seeds per point (0..N-1): the spread of every figure."),
+        "dim": typer.Option(mem_defaults.DEFAULT_D_MODEL, "--dim", min=4, help="Model width (d_model) of the backbone."),
+        "layers": typer.Option(mem_defaults.DEFAULT_N_LAYER, "--layers", min=1, help="Transformer blocks of the backbone."),
+        "engram_layers": typer.Option(",".join(map(str, mem_defaults.DEFAULT_ENGRAM_LAYERS)), "--engram-layers", help="Block ids that get an Engram table (below --layers)."),
+        "heads": typer.Option(mem_defaults.DEFAULT_HEADS, "--heads", min=1, help="Hash heads per n-gram order (K) of the tables."),
+        "table_dim": typer.Option(mem_defaults.DEFAULT_TABLE_DIM, "--table-dim", min=1, help="n_embed_per_ngram of the tables; each row is table-dim // heads wide."),
+        "tokenizer": typer.Option(mem_defaults.DEFAULT_TOKENIZER, "--tokenizer", help="Tokenizer of the stores (as `engram build-table --tokenizer`)."),
+        "jobs": typer.Option(1, "--jobs", min=1, help="Points run at once, each in its own local process (the stores are built first, one at a time)."),
+        "tokenizer_engine": typer.Option(TokenizerEngine.AUTO.value, "--tokenizer-engine", callback=TokenizerEngine.option_callback, help="The library that tokenizes: auto, fastokens or hf (the ids are the same)."),
+        "no_plot": typer.Option(False, "--no-plot", help="Write no image (matplotlib is needed for it)."),
+        "as_json": json_option(),
+    }
 
 
 _M = _common(mem_defaults.DEFAULT_STEPS)
@@ -113,8 +112,8 @@ _A = _common(alloc_defaults.DEFAULT_STEPS)
 @sweep_app.command("memory")
 def memory_command(
     corpus: Path = _CORPUS,
-    rows_per_head: Optional[str] = typer.Option(None, "--rows-per-head", help=f"Table sizes, rows per head, comma-separated (k = 1024). Default {','.join(map(str, mem_defaults.DEFAULT_ROWS_PER_HEAD))}."),
-    budget: Optional[str] = typer.Option(None, "--budget", help="Table sizes as budgets instead, comma-separated (e.g. 1MiB,8MiB,64MiB)."),
+    rows_per_head: str | None = typer.Option(None, "--rows-per-head", help=f"Table sizes, rows per head, comma-separated (k = 1024). Default {','.join(map(str, mem_defaults.DEFAULT_ROWS_PER_HEAD))}."),
+    budget: str | None = typer.Option(None, "--budget", help="Table sizes as budgets instead, comma-separated (e.g. 1MiB,8MiB,64MiB)."),
     out: Path = _M["out"], steps: int = _M["steps"], seeds: int = _M["seeds"], dim: int = _M["dim"], layers: int = _M["layers"],
     engram_layers: str = _M["engram_layers"], heads: int = _M["heads"], table_dim: int = _M["table_dim"], tokenizer: str = _M["tokenizer"],
     jobs: int = _M["jobs"], tokenizer_engine: str = _M["tokenizer_engine"], no_plot: bool = _M["no_plot"], as_json: bool = _M["as_json"],

@@ -17,8 +17,8 @@ output), so it reads like the definition and is deterministic on the CPU:
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 AUX_WEIGHT = 0.01  # Switch Transformer's alpha: large enough to balance the load, small beside the loss
 

@@ -71,10 +71,11 @@ def allocation_sizes(rho: float, opts: SweepOptions, *, experts: int, top_k: int
             "model_options": {"moe_experts": n_exp, "moe_top_k": top_k, "moe_hidden": expert_hidden, "moe_shared_hidden": shared}}
 
 
-def run_allocation_sweep(corpus, out_dir, *, rhos=DEFAULT_RHO, opts: SweepOptions = SweepOptions(steps=DEFAULT_STEPS), experts: int = DEFAULT_EXPERTS,
+def run_allocation_sweep(corpus, out_dir, *, rhos=DEFAULT_RHO, opts: SweepOptions | None = None, experts: int = DEFAULT_EXPERTS,
                          top_k: int = DEFAULT_TOP_K, expert_hidden: int = DEFAULT_EXPERT_HIDDEN, shared_hidden: int = DEFAULT_SHARED_HIDDEN,
                          jobs: int = 1, plot: bool = True, tokenizer_engine=TokenizerEngine.HF, progress=None, notice=None) -> dict:
     """Run (or resume) the allocation sweep into `out_dir`; the result, also written to `out_dir/allocation.json` (docs/sweep.md)."""
+    opts = opts or SweepOptions(steps=DEFAULT_STEPS)
     opts.check()
     if not 1 <= top_k < experts:
         raise EngramError(f"--top-k {top_k} must be at least 1 and below --experts {experts} (the sparse budget is the experts a token skips)")

@@ -17,8 +17,20 @@ from pathlib import Path
 
 from engram_cli.errors import EngramError
 from engram_cli.kinds import TokenizerEngine
-from engram_cli.sweep.points import PointSpec, TableSpec, ensure_store, run_points, write_json
-from engram_cli.sweep.summary import group_points, per_seed_slopes, plot_available, plot_sweep, power_law
+from engram_cli.sweep.points import (
+    PointSpec,
+    TableSpec,
+    ensure_store,
+    run_points,
+    write_json,
+)
+from engram_cli.sweep.summary import (
+    group_points,
+    per_seed_slopes,
+    plot_available,
+    plot_sweep,
+    power_law,
+)
 from engram_cli.vocab import DEFAULT_TOKENIZER
 
 # Defaults sized so `engram sweep memory fixtures/corpus` runs in under 20 minutes on 2 quiet
@@ -79,9 +91,10 @@ def size_label(rows_per_head: int | None, budget: str | None) -> str:
     return f"budget {budget}" if budget else f"rows {rows_per_head:,}"
 
 
-def run_memory_sweep(corpus, out_dir, *, rows_per_head: list[int] | None = None, budgets: list[str] | None = None, opts: SweepOptions = SweepOptions(),
+def run_memory_sweep(corpus, out_dir, *, rows_per_head: list[int] | None = None, budgets: list[str] | None = None, opts: SweepOptions | None = None,
                      jobs: int = 1, plot: bool = True, tokenizer_engine=TokenizerEngine.HF, progress=None, notice=None) -> dict:
     """Run (or resume) the memory sweep into `out_dir`; the result, also written to `out_dir/sweep.json` (docs/sweep.md)."""
+    opts = opts or SweepOptions()
     opts.check()
     if rows_per_head and budgets:
         raise EngramError("give --rows-per-head or --budget, not both")

@@ -205,7 +205,7 @@ def _run_in_worker(args) -> dict:
 
 
 def _eta(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
+    m, s = divmod(round(seconds), 60)
     return f"{m} min {s:02d} s" if m else f"{s} s"
 
 

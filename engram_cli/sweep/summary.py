@@ -124,6 +124,6 @@ def fmt_params(n: float | None) -> str:
         return "-"
     if n == 0:
         return "0"
-    e = int(math.floor(math.log10(abs(n)) / 3))
+    e = math.floor(math.log10(abs(n)) / 3)
     e = max(0, min(e, 3))
     return f"{n / 10 ** (3 * e):.3g}{['', 'k', 'M', 'G'][e]}"
