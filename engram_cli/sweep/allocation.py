@@ -29,7 +29,7 @@ from engram_cli.sweep.points import ensure_store, run_points, write_json
 from engram_cli.sweep.summary import group_points, plot_available, plot_sweep
 
 DEFAULT_RHO = (0.4, 0.6, 0.8, 1.0)
-DEFAULT_EXPERTS = 16  # routed experts per block at rho = 1
+DEFAULT_EXPERTS = 32  # routed experts per block at rho = 1: a sparse budget of 994k parameters at the defaults (tables of 1.6k-4.7k rows per head at rho 0.8-0.4)
 DEFAULT_TOP_K = 2
 DEFAULT_EXPERT_HIDDEN = 128  # one expert's width (2 x d_model at the default 64)
 DEFAULT_SHARED_HIDDEN = 128  # the shared expert: one expert's width, as in DeepSeekMoE
@@ -79,10 +79,10 @@ def run_allocation_sweep(corpus, out_dir, *, rhos=DEFAULT_RHO, opts: SweepOption
     opts.check()
     if not 1 <= top_k < experts:
         raise EngramError(f"--top-k {top_k} must be at least 1 and below --experts {experts} (the sparse budget is the experts a token skips)")
+    sizes = [allocation_sizes(float(r), opts, experts=experts, top_k=top_k, expert_hidden=expert_hidden, shared_hidden=shared_hidden) for r in rhos]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    sizes = [allocation_sizes(float(r), opts, experts=experts, top_k=top_k, expert_hidden=expert_hidden, shared_hidden=shared_hidden) for r in rhos]
     with_memory = [s for s in sizes if s["engram"]]
     tables = {id(s): opts.table(rows_per_head=s["rows_per_head"]) for s in with_memory}
     # without memory the store only lends its tokenizer: the smallest table of the sweep (or one of 2 rows per head)

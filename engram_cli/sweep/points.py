@@ -135,7 +135,10 @@ def ensure_store(spec: TableSpec, corpus, out_dir: Path, *, tokenizer_engine=Tok
     if info.is_file() and path.exists():
         return json.loads(info.read_text(encoding="utf-8"))
     tok = load_tokenizer(spec.tokenizer, tokenizer_engine)
-    vocab = resolve_vocab(tok, None, default=out_dir / "vocab.npz", notice=notice)
+    vocab_file = out_dir / "vocab.npz"  # computed once per sweep folder, then reused (`resolve_vocab` checks it matches)
+    vocab = resolve_vocab(tok, None, default=vocab_file, notice=notice)
+    if not vocab_file.exists():
+        vocab.save(vocab_file)
     budget = parse_budget(spec.budget) if spec.budget else None
     plan = plan_tables(vocab, layer_ids=spec.layer_ids, max_ngram_size=spec.max_ngram, heads=spec.heads, rows_per_head=spec.rows_per_head or 2,
                        dim=spec.dim, seed=spec.seed, pad_id=DEFAULT_PAD_ID, budget=budget)
@@ -195,7 +198,7 @@ def run_point(spec: PointSpec, corpus, point_dir: Path, store: dict, cid: str, *
     }
     rec["train_losses"] = [float(x) for x in load_checkpoint(ckpt)["extra"]["losses"]]  # every step: reruns compare them to the last digit
     write_json(point_dir / POINT_FILE, rec)
-    return rec
+    return json.loads((point_dir / POINT_FILE).read_text(encoding="utf-8"))  # as a rerun reads it back
 
 
 def _run_in_worker(args) -> dict:
