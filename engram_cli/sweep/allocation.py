@@ -91,11 +91,8 @@ def run_allocation_sweep(corpus, out_dir, *, rhos=DEFAULT_RHO, opts: SweepOption
     for spec in [*tables.values(), tokenizer_table]:
         if spec.digest() not in stores:
             stores[spec.digest()] = ensure_store(spec, corpus, out_dir, tokenizer_engine=tokenizer_engine, progress=progress, notice=notice)
-    specs = []
-    for s in sizes:
-        table = tables.get(id(s), tokenizer_table)
-        specs += [opts.point(sweep="allocation", label=f"rho {s['rho']:g}", table=table, engram=s["engram"], seed=seed, rho=s["rho"],
-                             model_options=s["model_options"]) for seed in range(opts.seeds)]
+    specs = [opts.point(sweep="allocation", label=f"rho {s['rho']:g}", table=tables.get(id(s), tokenizer_table), engram=s["engram"], seed=seed, rho=s["rho"],
+                        model_options=s["model_options"]) for seed in range(opts.seeds) for s in sizes]  # seed by seed, as `sweep memory`
     points = run_points(specs, corpus, out_dir, stores, jobs=jobs, tokenizer_engine=tokenizer_engine, progress=progress, notice=notice)
     by_rho = {s["rho"]: s for s in sizes}
     points = [{**p, **{k: by_rho[p["rho"]][k] for k in ("experts", "sparse_params", "inactive_expert_params", "table_budget_params")}} for p in points]

@@ -106,12 +106,11 @@ def run_memory_sweep(corpus, out_dir, *, rows_per_head: list[int] | None = None,
     for size in sizes:
         spec = opts.table(**size)
         stores[spec.digest()] = ensure_store(spec, corpus, out_dir, tokenizer_engine=tokenizer_engine, progress=progress, notice=notice)
-    specs = []
-    for size in sizes:
-        label = size_label(size.get("rows_per_head"), size.get("budget"))
-        specs += [opts.point(sweep="memory", label=label, table=opts.table(**size), engram=True, seed=s) for s in range(opts.seeds)]
-    control_table = opts.table(**sizes[0])
-    specs += [opts.point(sweep="memory", label=CONTROL_LABEL, table=control_table, engram=False, param_matched=True, seed=s) for s in range(opts.seeds)]
+    specs = []  # seed by seed, so a sweep stopped early still has whole curves
+    for s in range(opts.seeds):
+        specs += [opts.point(sweep="memory", label=size_label(size.get("rows_per_head"), size.get("budget")), table=opts.table(**size), engram=True, seed=s)
+                  for size in sizes]
+        specs.append(opts.point(sweep="memory", label=CONTROL_LABEL, table=opts.table(**sizes[0]), engram=False, param_matched=True, seed=s))
     points = run_points(specs, corpus, out_dir, stores, jobs=jobs, tokenizer_engine=tokenizer_engine, progress=progress, notice=notice)
     groups = group_points(points)
     result = {
