@@ -33,7 +33,7 @@ DEFAULT_EXPERTS = 32  # routed experts per block at rho = 1: a sparse budget of 
 DEFAULT_TOP_K = 2
 DEFAULT_EXPERT_HIDDEN = 128  # one expert's width (2 x d_model at the default 64)
 DEFAULT_SHARED_HIDDEN = 128  # the shared expert: one expert's width, as in DeepSeekMoE
-DEFAULT_STEPS = 300  # as `sweep memory`: 4 rho x 2 seeds fit 30 minutes on 2 CPU cores (docs/sweep.md)
+DEFAULT_STEPS = 150  # as `engram train`: 4 rho x 2 seeds should fit 30 minutes on 2 CPU cores (docs/sweep.md)
 
 
 def rows_for_params(params: int, opts: SweepOptions) -> int:

@@ -33,11 +33,10 @@ from engram_cli.sweep.summary import (
 )
 from engram_cli.vocab import DEFAULT_TOKENIZER
 
-# Defaults sized so `engram sweep memory fixtures/corpus` should run in about 10 minutes on 2 quiet
-# CPU cores, half the 20 allowed (an estimate from measured costs: docs/sweep.md, "Measured"): a
-# 2-layer, 64-wide backbone (the output head over the corpus's ~15k token ids is most of a step),
-# one Engram layer, 4 heads of 16-wide rows.
-DEFAULT_STEPS = 300  # ~300k training tokens: most of the fixture corpus's 424k, once
+# Defaults sized so `engram sweep memory fixtures/corpus` runs in under 20 minutes on 2 CPU cores
+# (measured: docs/sweep.md, "Measured"): a 2-layer, 64-wide backbone (the output head over the
+# corpus's ~15k token ids is most of a step), one Engram layer, 4 heads of 16-wide rows.
+DEFAULT_STEPS = 100  # 102k training tokens: about 1 CPU-second a step here, so 8 points stay under 20 minutes (docs/sweep.md)
 DEFAULT_SEEDS = 2
 DEFAULT_D_MODEL = 64
 DEFAULT_N_LAYER = 2
