@@ -66,7 +66,7 @@ def check_config(path, cfg) -> ModelConfig:
     if missing:
         raise _fail(path, f"config lacks {', '.join(map(repr, missing))}")
     for name, f in fields.items():
-        if name not in cfg or name in ("engram_layers", "table_rows"):
+        if name not in cfg or name in ("engram_layers", "table_rows", "engram_blocks"):
             continue
         v, default = cfg[name], f.default
         if name in CONFIG_LIMITS or (isinstance(default, int) and not isinstance(default, bool)):
@@ -83,10 +83,18 @@ def check_config(path, cfg) -> ModelConfig:
     if d_model % n_head:
         raise _fail(path, f"config.d_model = {d_model} is not a multiple of n_head = {n_head}")
     layers = _typed(path, "config.engram_layers", cfg["engram_layers"], (list, tuple), "a list")
-    for l in layers:
-        _int(path, "an entry of config.engram_layers", l, 0, n_layer - 1)
+    blocks = _typed(path, "config.engram_blocks", cfg.get("engram_blocks", ()), (list, tuple), "a list")
+    for l in layers:  # plan layer ids: placed into blocks by engram_blocks (model.place_layers), else the id is the block
+        _int(path, "an entry of config.engram_layers", l, 0, CONFIG_LIMITS["n_layer"][1] if blocks else n_layer - 1)
     if len(set(layers)) != len(layers):
         raise _fail(path, f"config.engram_layers {list(layers)} repeats a layer")
+    if blocks:
+        if len(blocks) != len(layers):
+            raise _fail(path, f"config.engram_blocks {list(blocks)[:8]} does not give one block per Engram layer {list(layers)}")
+        for b in blocks:
+            _int(path, "an entry of config.engram_blocks", b, 0, n_layer - 1)
+        if len(set(blocks)) != len(blocks):
+            raise _fail(path, f"config.engram_blocks {list(blocks)} repeats a block")
     rows = _typed(path, "config.table_rows", cfg.get("table_rows", {}), dict, "a dict")
     if sorted(map(str, rows)) != sorted(str(l) for l in layers):
         raise _fail(path, f"config.table_rows has layers {sorted(map(str, rows))}, config.engram_layers {sorted(str(l) for l in layers)}")

@@ -21,7 +21,7 @@ from . import __version__
 from .errors import EngramError
 
 # Subcommand modules, in the order a user runs them.
-COMMAND_MODULES = ("compress_vocab", "build_table", "collisions", "inspect", "train", "eval", "export", "import_tables", "quantize", "prune")
+COMMAND_MODULES = ("compress_vocab", "build_table", "collisions", "inspect", "train", "eval", "sweep", "export", "import_tables", "quantize", "prune")
 
 
 def polish_help(command: click.Command, ctx: click.Context) -> click.Command:

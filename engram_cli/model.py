@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from engram_cli.kernels import EngramLookup
 from engram_cli.kinds import Backend, TableDtype
+from engram_cli.moe import MoEFFN, load_balance_loss
 from engram_cli.plan import TablePlan
 
 REFERENCE_DEPTH = 30  # the reference backbone the plan's layer ids number (DeepSeek's engram_demo_v1: num_layers 30, layer_ids [1, 15])
@@ -73,6 +74,10 @@ class ModelConfig:
     def placement(self) -> dict[int, int]:
         """Engram layer id -> the block its branch sits in."""
         return dict(zip(self.engram_layers, self.engram_blocks or self.engram_layers))
+    moe_experts: int = 0  # routed experts of a mixture-of-experts FFN (engram_cli/moe.py); 0 = the dense FFN
+    moe_top_k: int = 2  # experts per token: two, as in the Switch/DeepSeek small configurations
+    moe_hidden: int = 0  # width of one routed expert; 0 = d_model
+    moe_shared_hidden: int = 0  # width of the shared expert every token uses; 0 = none
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -217,7 +222,10 @@ class Block(nn.Module):
         self.attn = nn.MultiheadAttention(cfg.d_model, cfg.n_head, batch_first=True, bias=False)
         self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
         hidden = cfg.mlp_hidden or 4 * cfg.d_model
-        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model))
+        if cfg.moe_experts:  # the FFN as routed experts (engram_cli/moe.py)
+            self.mlp = MoEFFN(cfg.d_model, cfg.moe_hidden or cfg.d_model, cfg.moe_experts, cfg.moe_top_k, cfg.moe_shared_hidden)
+        else:
+            self.mlp = nn.Sequential(nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model))
 
     def forward(self, x, row_ids=None, ablate: bool = False):
         if self.engram is not None and not ablate:
@@ -264,7 +272,10 @@ class EngramGPT(nn.Module):
         logits = self.head(self.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits
-        return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+        if self.cfg.moe_experts and self.training:  # the routers' load-balancing loss, in training only
+            loss = loss + load_balance_loss(self)
+        return logits, loss
 
 
 def engram_dense_params(cfg: ModelConfig) -> int:

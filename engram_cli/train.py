@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -411,11 +411,13 @@ def run_training(corpus, tables, out, *, force: bool = False, steps: int = DEFAU
                  block: int = DEFAULT_BLOCK, d_model: int = 128, depth: int = DEFAULT_DEPTH, lr: float = 3e-3, seed: int = 0,
                  split: str = "document", heldout_fraction: float = HELDOUT_SHARE,
                  max_train_tokens: int = MAX_TRAIN_TOKENS, tokenizer_engine: TokenizerEngine | str = TokenizerEngine.HF, progress=None,
-                 announce=None) -> dict:
+                 announce=None, model_options: dict | None = None) -> dict:
     """Train the reference model; write the checkpoint `out` and (with Engram) `out`'s trained store.
 
     `announce()`, when given, is called once every input and output check has passed, just
     before the model is built (the command's notice of what training will write).
+    `model_options`: `ModelConfig` fields set on the shape made here (the MoE FFN of
+    `engram sweep allocation`).
 
     Each Engram layer's table is loaded once, resident (every batch touches rows all over
     it), and updated in place by `RowAdam`; only the touched rows are written to the new
@@ -458,6 +460,8 @@ def run_training(corpus, tables, out, *, force: bool = False, steps: int = DEFAU
     cfg = ModelConfig.for_plan(None if no_engram else plan, vocab_size=tmap.size, n_layer=depth, n_head=4, d_model=d_model, block_size=block)
     if param_matched:  # the Engram model's dense parameters, the branch's given to the FFN width
         cfg = matched_config(ModelConfig.for_plan(plan, vocab_size=tmap.size, n_layer=depth, n_head=4, d_model=d_model, block_size=block))
+    if model_options:
+        cfg = replace(cfg, **model_options)
     model = EngramGPT(cfg).to(device)
     lookups = {}
     for l in cfg.engram_layers:
