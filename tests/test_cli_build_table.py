@@ -125,7 +125,7 @@ def test_output_inside_the_corpus_is_refused(tmp_path, small_corpus):
         (["--layers", "1,x"], "--layers"),
         (["--heads", "3"], "--dim 512"),
         (["--pad-id", "999999"], "--pad-id"),
-        (["--dtype", "int8"], "--dtype"),
+        (["--dtype", "int2"], "--dtype"),
         (["--init", "bogus"], "--init"),
         (["--init-std", "nan"], "--init-std"),
         (["--compressor", "gzip"], "--compressor"),

@@ -305,7 +305,7 @@ CASES = [
     ("extra.token_ids", KeyError, "lacks 'token_ids'"), ("config", "n_layer=4", "config is str"),
     ("config.dropout", 0.1, "unknown key(s) 'dropout'"), ("surprise", 1, "unknown top-level key(s) 'surprise'"),
     ("config.n_head", 0, "config.n_head = 0 is outside"), ("config.d_model", "128", "config.d_model is str"),
-    ("config.engram_layers", [9], "engram_layers = 9 is outside"), ("config.engram_layers", "1", "config.engram_layers is str"),
+    ("config.engram_layers", [999], "engram_layers = 999 is outside"), ("config.engram_blocks", [9], "engram_blocks = 9 is outside"), ("config.engram_layers", "1", "config.engram_layers is str"),
     ("config.table_rows", [420], "config.table_rows is list"), ("tables", 5, "tables is int"), ("heldout", None, "heldout is NoneType"),
     ("config.n_layer", 10**7, "config.n_layer = 10000000 is outside"), ("config.d_model", 10**6, "config.d_model = 1000000 is outside"),
     ("config.vocab_size", 10**12, "config.vocab_size = 1000000000000 is outside"), ("config.eps", float("nan"), "not in (0, 1)"),

@@ -147,7 +147,7 @@ def test_fit_plan_too_small():
     [
         ({"layer_ids": ()}, "no layers"), ({"layer_ids": (1, 1)}, "repeat"), ({"layer_ids": (-1,)}, ">= 0"),
         ({"max_ngram_size": 1}, "at least 2"), ({"heads": 0}, "at least 1"), ({"dim": 100, "heads": 8}, "multiple"),
-        ({"rows_per_head": (10, 20, 30)}, "need 2"), ({"rows_per_head": 1}, "at least 2"), ({"dtype": "int8"}, "--dtype"),
+        ({"rows_per_head": (10, 20, 30)}, "need 2"), ({"rows_per_head": 1}, "at least 2"), ({"dtype": "int2"}, "--dtype"),
         ({"compressed_vocab_size": 0}, "positive"),
     ],
 )
