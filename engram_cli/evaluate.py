@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 
 from engram_cli.ablations import ABLATIONS, mean_source, row_source, shuffle_row_ids, window_losses
 from engram_cli.checkpoint import check_unit, load_checkpoint
+from engram_cli.checkpoint_schema import available_ram
 from engram_cli.errors import CheckpointError, StoreError
 from engram_cli.intervals import bootstrap_interval, paired
 from engram_cli.kernels import REGISTRY, EngramLookup, available_backends
@@ -289,18 +289,6 @@ def cache_hit_rates(store, layer_id: int, rows: np.ndarray) -> dict:
 
 
 # -- lookups -------------------------------------------------------------------------------------
-def available_ram() -> int:
-    """Bytes of RAM available now (MemAvailable; free pages where /proc/meminfo is missing)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def lookup_report(store, plan, vocab, layer_id: int, x_raw: np.ndarray, device=None) -> dict:
     """tokens/s and GB/s of each available backend on held-out ids, each checked bit-exact against the torch reference.
 
