@@ -355,7 +355,6 @@ def test_a_corrupt_table_or_hits_chunk_read_by_state_dict_audit_is_one_line_nami
 
 
 def test_a_hits_chunk_declaring_3_gib_is_refused_before_decoding(f32_store, tmp_path):
-    import resource
 
     import google_crc32c
 
@@ -379,12 +378,16 @@ def test_a_hits_chunk_declaring_3_gib_is_refused_before_decoding(f32_store, tmp_
     index[later, 0] += shift
     ib = index.astype("<u8").tobytes()
     shard.write_bytes(bytes(body) + ib + np.array([google_crc32c.value(ib)], dtype="<u4").tobytes())
-    proc = subprocess.run([*ENGRAM, "inspect", str(store), "--json"], capture_output=True, text=True, timeout=300)
+    # the peak of that one command: a fresh parent whose only child it is (this test process's
+    # RUSAGE_CHILDREN would count every child it ever waited for, a training among them)
+    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.stderr.write(r.stderr); sys.exit(r.returncode)")
+    proc = subprocess.run([sys.executable, "-c", probe, *ENGRAM, "inspect", str(store), "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ")
     assert "declares 3221225472 decoded bytes" in lines[0] and "layer_1/hits/c/0" in lines[0]
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 2 << 20  # KiB: no child came near 3 GiB
+    assert int(proc.stdout.split()[-1]) < 2 << 20  # KiB: the command never came near 3 GiB
 
 
 def test_kill_9_while_a_store_is_linked_into_staging_leaves_nothing_a_rerun_refuses(f32_store, tmp_path):
