@@ -99,15 +99,7 @@ def quantize_int_rows(x: np.ndarray, kind: str) -> np.ndarray:
     np.divide(blocks, scale[:, :, None], out=q, where=scale[:, :, None] > 0)
     qm = QMAX[kind]
     q = np.clip(np.rint(q), -qm, qm).astype(np.int8).reshape(n, d)
-    vb = value_bytes(d, kind)
-    out = np.empty((n, vb + SCALE_BYTES * (d // INT_BLOCK)), dtype=np.uint8)
-    if kind == "int8":
-        out[:, :vb] = q.view(np.uint8)
-    else:
-        nib = (q.astype(np.int16) + 8).astype(np.uint8)
-        out[:, :vb] = nib[:, 0::2] | (nib[:, 1::2] << np.uint8(4))
-    out[:, vb:] = words.astype("<u2").view(np.uint8).reshape(n, -1)
-    return out
+    return pack_int_rows(q, words, kind)
 
 
 def head_dim_of(width: int, kind: str) -> int:
