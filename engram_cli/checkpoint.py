@@ -44,7 +44,7 @@ from engram_cli.checkpoint_schema import (
 from engram_cli.errors import CheckpointError, OutputError
 from engram_cli.integrity import check_zip_crc
 from engram_cli.model import ModelConfig
-from engram_cli.store.output import check_inputs_apart, check_output_name, notice, shown
+from engram_cli.store.output import check_inputs_apart, check_output_name, remove_leftovers, shown
 from engram_cli.store.staging import staged_file
 
 FORMAT = "engram-checkpoint/1"
@@ -139,20 +139,7 @@ def remove_path(path: Path) -> None:
 def remove_stale_temps(out) -> None:
     """Under `out`'s lock: remove the `.NAME.<pid>.partial` files (or statistics folders) and `.NAME.<pid>.old` folders a killed train left (ours by name), with a notice."""
     out = Path(out)
-    mine = re.compile(r"\." + re.escape(out.name) + r"\.\d+\.(partial|old)")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        names = [n for n in os.listdir(parent) if mine.fullmatch(n)]
-    except OSError:
-        return
-    for name in names:
-        path = parent / name
-        if not path.is_symlink() and (path.is_file() or path.is_dir()):
-            try:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            except OSError as e:
-                raise OutputError(f"cannot remove {shown(path)}, left by an interrupted train: {e.strerror}; remove it by hand") from None
-            notice(f"removed {shown(path)}, left by an interrupted train")
+    remove_leftovers(out, re.compile(r"\." + re.escape(out.name) + r"\.\d+\.(partial|old)"), "train", folders=True)
 
 
 def check_unit(path, ckpt: dict, *, store=None, stats=None) -> None:

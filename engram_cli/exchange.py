@@ -54,7 +54,7 @@ from engram_cli.store.output import (
     check_output,
     check_output_name,
     lock_output,
-    notice,
+    remove_leftovers,
     shown,
 )
 from engram_cli.store.staging import link_store, staged_file, staged_output
@@ -215,19 +215,7 @@ def _remove_stale_temps(out: Path) -> None:
     """Under the export's lock: remove the temp files an interrupted export of `out` left (`.OUT.<pid>.partial`
     and its scratch `..OUT.<pid>.partial.<pid>.scratch`), with a notice; nothing else is touched."""
     mine = re.compile(r"\." + re.escape(out.name) + r"\.\d+\.partial" + r"|\.\." + re.escape(out.name) + r"\.\d+\.partial\.\d+\.scratch")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        names = [n for n in os.listdir(parent) if mine.fullmatch(n)]
-    except OSError:
-        return
-    for name in names:
-        path = parent / name
-        if path.is_file() and not path.is_symlink():
-            try:
-                path.unlink()
-            except OSError as e:
-                raise OutputError(f"cannot remove {shown(path)}, left by an interrupted export: {e.strerror}; remove it by hand") from None
-            notice(f"removed {shown(path)}, left by an interrupted export")
+    remove_leftovers(out, mine, "export")
 
 
 # -- export --------------------------------------------------------------------------------

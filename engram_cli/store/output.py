@@ -65,6 +65,25 @@ def shown(path: str | os.PathLike) -> str:
     return repr(os.fsdecode(path))
 
 
+def remove_leftovers(out: Path, names: re.Pattern, who: str, *, folders: bool = False) -> None:
+    """Under `out`'s lock: remove the entries beside `out` whose names fully match `names` (temps an
+    interrupted `who` left, ours by name: files, and folders when `folders`), each with a notice."""
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        found = [n for n in os.listdir(parent) if names.fullmatch(n)]
+    except OSError:
+        return
+    for name in found:
+        path = parent / name
+        if path.is_symlink() or not (path.is_file() or (folders and path.is_dir())):
+            continue
+        try:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        except OSError as e:
+            raise OutputError(f"cannot remove {shown(path)}, left by an interrupted {who}: {e.strerror}; remove it by hand") from None
+        notice(f"removed {shown(path)}, left by an interrupted {who}")
+
+
 def _engram_attrs(path: Path) -> dict | None:
     """The root `engram` attributes of a Zarr v3 group at `path`, or None (not one of ours)."""
     try:
