@@ -8,21 +8,30 @@
   time as explicit LLVM vector code (`_floor_mod_lanes`: one AVX-512 register of int64),
   written straight into the output (no temporaries per head or per order).
 - `gather_rows_into(table, rows, out)`: rows of a (R, row bytes) uint8 view of any table
-  into a (N, row bytes) uint8 view of the output, with software prefetch of the rows a
-  few iterations ahead (the gather is bound by DRAM latency, not bandwidth); row ids
-  outside the table are an IndexError.
+  into a (N, row bytes) uint8 view of the output, with software prefetch of the rows
+  PREFETCH_AHEAD iterations ahead (the gather is bound by memory latency, not bandwidth)
+  and, when the output rows are whole 64-byte-aligned lines, 64-byte copies with
+  non-temporal stores (the output is not read back soon: no read-for-ownership of its
+  lines); row ids outside the table are an IndexError.
 - `gather_fp8_into(table, rows, head_dim, out)`: packed float8_e4m3 rows dequantized to
   float32 while gathered: `e4m3 LUT[byte] * bitcast_f32(scale byte << 23)`, bit-identical
   to engram_cli/fp8.py (both factors come from 256-entry tables built from it).
 
 The floor modulo (why it is exact): for an int64 mix m and a prime p >= 2, d = float64(m) is
 within 2^9 of m, 1/p is rounded to within 2^-53 relative, and the product to within
-2^-53 relative, so d * (1/p) is within (2^9 + 2^10 + 2^10)/p = 2560/p of m/p. For
-p >= FAST_MOD_MIN_PRIME (4096) that is under 1: q = floor(d * (1/p)) is the true quotient
-or one off, so r = m - q*p (wrapping int64, exact because the true value is small) lies in
-[-p, 2p) and one add or subtract of p makes it the floor modulo. For smaller primes (tiny
-test plans) the same step runs twice (the second on |r| < 2^12 + 2p, exact in float64).
+2^-53 relative, so d * (1/p) is within (2^9 + 2^10 + 2^10)/p = E/p of m/p (E = QUOTIENT_ERROR,
+2560). Computed as one fma, y = d * (1/p) - E/p is rounded once (within 2^10/p, in place of
+the product's rounding), so m/p - 2E/p <= y <= m/p (up to 2^-40/p, far less than the 1/p
+between m/p and the next integer below). For p >= FAST_MOD_MIN_PRIME (8192) 2E/p is under 1:
+q = floor(y) is the true quotient or one less, r = m - q*p (wrapping int64, exact because the
+true value is small) lies in [0, 2p), and one conditional subtract of p makes it the floor
+modulo. For smaller primes (tiny test plans) an unbiased step runs twice (the second on
+|r| < 2^13 + 2p, exact in float64) and r in [-p, 2p) takes one add and one subtract.
 q fits int64 (|m/p| <= 2^62); the products q*p wrap, but the difference is exact.
+
+Threads: OpenMP (numba's `omp` layer) first, the work queue where no OpenMP runtime loads;
+inputs under PARALLEL_MIN_ITEMS outputs, and every call in a child forked from a process that
+imported this module, run a serial build of the same kernel (the chunk functions are shared).
 
 Compiled on first use and cached on disk next to this file (numba `cache=True`); the
 torch reference (`RowHasher.reference`, `index_select`) stays beside these in hash.py and
@@ -32,7 +41,6 @@ gather.py, and tests/kernels checks them against it bit for bit.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 
 import numba
 import numpy as np
@@ -43,32 +51,37 @@ from numba.extending import intrinsic
 
 from engram_cli.fp8 import FP8_BLOCK, e4m3_to_float32_table
 
-# numba's work-queue threads sleep between kernels; OpenMP's spin, which on a machine shared with
-# other jobs (or with torch's own OpenMP pool) turns a 0.3 ms kernel into a 10 ms wait for a
-# descheduled thread. NUMBA_THREADING_LAYER still overrides this.
-if not os.environ.get("NUMBA_THREADING_LAYER"):
-    numba.config.THREADING_LAYER = "workqueue"
+# Threading: OpenMP first. Its workers spin briefly between kernels, so a launch costs about 2 us
+# against about 50 us for numba's work queue (whose workers sleep), which on a 0.1 ms kernel is
+# the difference between ~29x and ~9x the numpy hash; interleaved with torch ops, and with another
+# job busy on one of the two cores, OpenMP still came out ahead (docs/kernels.md). The work queue
+# stays the fallback where no OpenMP runtime loads. NUMBA_THREADING_LAYER(_PRIORITY) still override.
+if not (os.environ.get("NUMBA_THREADING_LAYER") or os.environ.get("NUMBA_THREADING_LAYER_PRIORITY")):
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
-FAST_MOD_MIN_PRIME = 4096  # floor_mod's single step is exact for primes from here up (module docstring)
+_forked = False  # True in a child forked from this process: GNU OpenMP's pool does not survive a fork
+
+
+def _mark_forked() -> None:
+    global _forked
+    _forked = True  # the kernels run serially from here on (the child's own threads are not started)
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+QUOTIENT_ERROR = 2560.0  # the float quotient's error bound times p (module docstring)
+FAST_MOD_MIN_PRIME = 8192  # floor_mod's single step is exact for primes from here up (module docstring)
 CHUNK_POSITIONS = 2048  # positions per parallel task of the hash
 CHUNK_ROWS = 2048  # rows per parallel task of the gathers
-PREFETCH_AHEAD = 12  # rows prefetched ahead of the copy (about 3 KB of float32 rows in flight per core)
+PREFETCH_AHEAD = 16  # rows prefetched ahead of the copy (4 KB of float32 rows in flight per core)
 CACHE_LINE = 64
 PARALLEL_MIN_ITEMS = 1 << 15  # below this many outputs (ids or rows) a kernel runs on the calling thread only
 
 
-@contextmanager
-def _threads_for(items: int):
-    """All of numba's threads for large inputs, the calling thread alone for small ones (no hand-off)."""
-    if items >= PARALLEL_MIN_ITEMS:
-        yield
-        return
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
+def _parallel(items: int) -> bool:
+    """Whether a kernel over `items` outputs runs on all threads: large inputs, not in a forked child."""
+    return items >= PARALLEL_MIN_ITEMS and not _forked and numba.get_num_threads() > 1
 
 
 @intrinsic
@@ -86,6 +99,40 @@ def _prefetch(typingctx, arr, row, col):
         return context.get_dummy_value()
 
     return types.void(arr, row, col), codegen
+
+
+@intrinsic
+def _copy_line_nt(typingctx, src, r, dst, i, w):
+    """dst[i, w : w+64] = src[r, w : w+64]: one 64-byte load and one non-temporal store (the
+    output is written once and not read back soon: streaming it past the caches saves the
+    read-for-ownership of every line, a third of a gather's memory traffic). dst[i, w] must be
+    64-byte aligned."""
+
+    def codegen(context, builder, sig, args):
+        v64 = ir.VectorType(ir.IntType(8), CACHE_LINE)
+
+        def ptr(k, idx):
+            ary = context.make_array(sig.args[k])(context, builder, args[k])
+            p = cgutils.get_item_pointer(context, builder, sig.args[k], ary, idx, wraparound=False)
+            return builder.bitcast(p, v64.as_pointer())
+
+        v = builder.load(ptr(0, [args[1], args[4]]), align=1)
+        st = builder.store(v, ptr(2, [args[3], args[4]]), align=CACHE_LINE)
+        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return types.void(src, r, dst, i, w), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """A full memory fence: the non-temporal stores before it are visible to every thread after it."""
+
+    def codegen(context, builder, sig, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
 
 
 def _floor_mod_lanes(two_step: bool, vector_mix: bool):
@@ -122,21 +169,25 @@ def _floor_mod_lanes(two_step: bool, vector_mix: bool):
                 return builder.bitcast(cgutils.get_item_pointer(context, builder, sig.args[k], ary, idx, wraparound=False), i8p)
 
             floor = fn(f"llvm.floor.v{LANES}f64", v8d, [v8d])
+            fma = fn(f"llvm.fma.v{LANES}f64", v8d, [v8d, v8d, v8d])
             store = fn(f"llvm.masked.store.v{LANES}i64.p0", ir.VoidType(), [v8i, i8p, i32, v8b])
             p, iv, off = vec(args[1], v8i), vec(args[2], v8d), vec(args[3], v8i)
+            bias_v = builder.fmul(iv, ir.Constant(v8d, [-QUOTIENT_ERROR] * LANES))  # -2560/p
             if vector_mix:
                 m = builder.load(builder.bitcast(ptr(0, [ir.Constant(i64, 0)]), v8i.as_pointer()), align=8)
             else:
                 m = splat(args[0], v8i)
 
-            def step(x):  # x - floor(float(x) * (1/p)) * p, in wrapping int64
-                q = builder.fptosi(builder.call(floor, [builder.fmul(builder.sitofp(x, v8d), iv)]), v8i)
-                return builder.sub(x, builder.mul(q, p))
+            def step(x, bias=None):  # x - floor(float(x) * (1/p) [- bias]) * p, in wrapping int64
+                y = builder.sitofp(x, v8d)
+                y = builder.fmul(y, iv) if bias is None else builder.call(fma, [y, iv, bias])
+                return builder.sub(x, builder.mul(builder.fptosi(builder.call(floor, [y]), v8i), p))
 
-            r = step(m)
-            if two_step:
-                r = step(r)
-            r = builder.select(builder.icmp_signed("<", r, ir.Constant(v8i, [0] * LANES)), builder.add(r, p), r)
+            if two_step:  # quotient within one of the true one, twice: r in [-p, 2p)
+                r = step(step(m))
+                r = builder.select(builder.icmp_signed("<", r, ir.Constant(v8i, [0] * LANES)), builder.add(r, p), r)
+            else:  # quotient biased down by its error bound: the true one or one less, r in [0, 2p)
+                r = step(m, bias_v)
             r = builder.select(builder.icmp_signed(">=", r, p), builder.sub(r, p), r)
             mask = builder.icmp_signed("<", ir.Constant(v8i, list(range(LANES))), splat(args[7], v8i))
             builder.call(store, [builder.add(r, off), ptr(4, [args[5], args[6]]), ir.Constant(i32, 8), mask])
@@ -160,60 +211,83 @@ def _lanes(a, h0):
     return (a[h0], a[h0 + 1], a[h0 + 2], a[h0 + 3], a[h0 + 4], a[h0 + 5], a[h0 + 6], a[h0 + 7])
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _row_ids_kernel(ids, lookup, pad, mult, primes8, inv8, offsets8, head_order8, group_order, H, two_step, out):
+@njit(cache=True, nogil=True)
+def _row_ids_chunk(c, ids, lookup, pad, mult, primes8, inv8, offsets8, head_order8, group_order, H, two_step, out):
+    """Row ids of chunk `c` (CHUNK_POSITIONS positions of one sequence) into `out`; returns the
+    count of ids >= the vocabulary size met (read as the pad id)."""
     B, T = ids.shape
     N = mult.shape[0]
     V = lookup.shape[0]
     G = group_order.shape[0]
     per_row = (T + CHUNK_POSITIONS - 1) // CHUNK_POSITIONS
     bad = 0
-    for c in prange(B * per_row):
-        b = c // per_row
-        t0 = (c - b * per_row) * CHUNK_POSITIONS
-        n = min(T, t0 + CHUNK_POSITIONS) - t0
-        mixes = np.empty((N, CHUNK_POSITIONS), np.int64)  # each order's mix at each position of the chunk
-        mh = np.empty(LANES, np.int64)
-        xs = np.empty(CHUNK_POSITIONS + N, np.int64)  # compressed ids of positions t0-(N-1) .. t0+n-1
-        for i in range(n + N - 1):
-            t = t0 + i - (N - 1)
+    b = c // per_row
+    t0 = (c - b * per_row) * CHUNK_POSITIONS
+    n = min(T, t0 + CHUNK_POSITIONS) - t0
+    mixes = np.empty((N, CHUNK_POSITIONS), np.int64)  # each order's mix at each position of the chunk
+    mh = np.empty(LANES, np.int64)
+    xs = np.empty(CHUNK_POSITIONS + N, np.int64)  # compressed ids of positions t0-(N-1) .. t0+n-1
+    lead = max(0, N - 1 - t0)  # positions before the sequence start: the pad id
+    xs[:lead] = pad
+    src = ids[b, t0 + lead - (N - 1): t0 + n]
+    for i in range(src.shape[0]):  # (loops over views: no negative-index checks, so they vectorize)
+        x = src[i]
+        if x >= V:
+            bad += 1
             x = pad
-            if t >= 0:
-                x = ids[b, t]
-                if x >= V:
-                    bad += 1
-                    x = pad
-                elif x >= 0:  # negative ids pass through
-                    x = lookup[x]
-            xs[i] = x
-        m0 = mult[0]
-        for i in range(n):  # vectorized over positions
-            mixes[0, i] = xs[i + N - 1] * m0
-        for k in range(1, N):
-            mk = mult[k]
+        elif x >= 0:  # negative ids pass through
+            x = lookup[x]
+        xs[lead + i] = x
+    for k in range(N):  # each order's mix: the previous order's XOR one more product, vectorized over positions
+        mk = mult[k]
+        sh = xs[N - 1 - k: N - 1 - k + n]
+        mix = mixes[k]
+        if k == 0:
             for i in range(n):
-                mixes[k, i] = mixes[k - 1, i] ^ (xs[i + N - 1 - k] * mk)
-        base = b * T + t0
-        for g in range(G):  # LANES heads at a time, their constants held in registers over the chunk
-            h0 = g * LANES
-            cnt = min(LANES, H - h0)
-            pt, it, ot = _lanes(primes8, h0), _lanes(inv8, h0), _lanes(offsets8, h0)
-            o = group_order[g] - 1
-            if o >= 0:  # the group's heads share one order: its mix broadcast
-                if two_step:
-                    for i in range(n):
-                        _fm_two(mixes[o, i], pt, it, ot, out, base + i, h0, cnt)
-                else:
-                    for i in range(n):
-                        _fm(mixes[o, i], pt, it, ot, out, base + i, h0, cnt)
+                mix[i] = sh[i] * mk
+        else:
+            prev = mixes[k - 1]
+            for i in range(n):
+                mix[i] = prev[i] ^ (sh[i] * mk)
+    base = b * T + t0
+    for g in range(G):  # LANES heads at a time, their constants held in registers over the chunk
+        h0 = g * LANES
+        cnt = min(LANES, H - h0)
+        pt, it, ot = _lanes(primes8, h0), _lanes(inv8, h0), _lanes(offsets8, h0)
+        o = group_order[g] - 1
+        if o >= 0:  # the group's heads share one order: its mix broadcast
+            if two_step:
+                for i in range(n):
+                    _fm_two(mixes[o, i], pt, it, ot, out, base + i, h0, cnt)
             else:
                 for i in range(n):
-                    for j in range(LANES):
-                        mh[j] = mixes[head_order8[h0 + j] - 1, i]
-                    if two_step:
-                        _fm_vec_two(mh, pt, it, ot, out, base + i, h0, cnt)
-                    else:
-                        _fm_vec(mh, pt, it, ot, out, base + i, h0, cnt)
+                    _fm(mixes[o, i], pt, it, ot, out, base + i, h0, cnt)
+        else:
+            for i in range(n):
+                for j in range(LANES):
+                    mh[j] = mixes[head_order8[h0 + j] - 1, i]
+                if two_step:
+                    _fm_vec_two(mh, pt, it, ot, out, base + i, h0, cnt)
+                else:
+                    _fm_vec(mh, pt, it, ot, out, base + i, h0, cnt)
+    return bad
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _row_ids_parallel(ids, lookup, pad, mult, primes8, inv8, offsets8, head_order8, group_order, H, two_step, out):
+    B, T = ids.shape
+    bad = 0
+    for c in prange(B * ((T + CHUNK_POSITIONS - 1) // CHUNK_POSITIONS)):
+        bad += _row_ids_chunk(c, ids, lookup, pad, mult, primes8, inv8, offsets8, head_order8, group_order, H, two_step, out)
+    return bad
+
+
+@njit(cache=True, nogil=True)
+def _row_ids_serial(ids, lookup, pad, mult, primes8, inv8, offsets8, head_order8, group_order, H, two_step, out):
+    B, T = ids.shape
+    bad = 0
+    for c in range(B * ((T + CHUNK_POSITIONS - 1) // CHUNK_POSITIONS)):
+        bad += _row_ids_chunk(c, ids, lookup, pad, mult, primes8, inv8, offsets8, head_order8, group_order, H, two_step, out)
     return bad
 
 
@@ -228,49 +302,89 @@ def _floor_mod_kernel(mix, primes8, inv8, offsets8, H, two_step, out):
                 _fm(mix[i], pt, it, ot, out, i, h0, min(LANES, H - h0))
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _gather_kernel(table, rows, out, ahead):
+@njit(cache=True, nogil=True)
+def _gather_chunk(c, table, rows, out, ahead, stream):
+    """Rows CHUNK_ROWS*c .. of `rows` from `table` into `out`, the rows `ahead` prefetched; stream:
+    whole 64-byte blocks with non-temporal stores (out's rows 64-byte aligned, width a multiple of
+    64), else a byte loop. Returns the count of row ids outside the table."""
     R, W = table.shape
     N = rows.shape[0]
+    e = min(N, (c + 1) * CHUNK_ROWS)
     bad = 0
-    for c in prange((N + CHUNK_ROWS - 1) // CHUNK_ROWS):
-        e = min(N, (c + 1) * CHUNK_ROWS)
-        for i in range(c * CHUNK_ROWS, e):
-            j = i + ahead
-            if j < e:
-                rp = rows[j]
-                if rp >= 0 and rp < R:
-                    for w in range(0, W, CACHE_LINE):
-                        _prefetch(table, rp, w)
-            r = rows[i]
-            if r < 0 or r >= R:
-                bad += 1
-                continue
+    for i in range(c * CHUNK_ROWS, e):
+        j = i + ahead
+        if j < e:
+            rp = rows[j]
+            if rp >= 0 and rp < R:
+                for w in range(0, W, CACHE_LINE):
+                    _prefetch(table, rp, w)
+        r = rows[i]
+        if r < 0 or r >= R:
+            bad += 1
+            continue
+        if stream:
+            for w in range(0, W, CACHE_LINE):
+                _copy_line_nt(table, r, out, i, w)
+        else:
             for w in range(W):
                 out[i, w] = table[r, w]
+    if stream:
+        _store_fence()
     return bad
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _gather_fp8_kernel(table, rows, head_dim, vlut, slut, out, ahead):
+def _gather_parallel(table, rows, out, ahead, stream):
+    bad = 0
+    for c in prange((rows.shape[0] + CHUNK_ROWS - 1) // CHUNK_ROWS):
+        bad += _gather_chunk(c, table, rows, out, ahead, stream)
+    return bad
+
+
+@njit(cache=True, nogil=True)
+def _gather_serial(table, rows, out, ahead, stream):
+    bad = 0
+    for c in range((rows.shape[0] + CHUNK_ROWS - 1) // CHUNK_ROWS):
+        bad += _gather_chunk(c, table, rows, out, ahead, stream)
+    return bad
+
+
+@njit(cache=True, nogil=True)
+def _gather_fp8_chunk(c, table, rows, head_dim, vlut, slut, out, ahead):
+    """FP8 rows CHUNK_ROWS*c .. dequantized to float32 while gathered; returns the count of bad row ids."""
     R, W = table.shape
     N = rows.shape[0]
+    e = min(N, (c + 1) * CHUNK_ROWS)
     bad = 0
-    for c in prange((N + CHUNK_ROWS - 1) // CHUNK_ROWS):
-        e = min(N, (c + 1) * CHUNK_ROWS)
-        for i in range(c * CHUNK_ROWS, e):
-            j = i + ahead
-            if j < e:
-                rp = rows[j]
-                if rp >= 0 and rp < R:
-                    for w in range(0, W, CACHE_LINE):
-                        _prefetch(table, rp, w)
-            r = rows[i]
-            if r < 0 or r >= R:
-                bad += 1
-                continue
-            for d in range(head_dim):
-                out[i, d] = vlut[table[r, d]] * slut[table[r, head_dim + d // FP8_BLOCK]]
+    for i in range(c * CHUNK_ROWS, e):
+        j = i + ahead
+        if j < e:
+            rp = rows[j]
+            if rp >= 0 and rp < R:
+                for w in range(0, W, CACHE_LINE):
+                    _prefetch(table, rp, w)
+        r = rows[i]
+        if r < 0 or r >= R:
+            bad += 1
+            continue
+        for d in range(head_dim):
+            out[i, d] = vlut[table[r, d]] * slut[table[r, head_dim + d // FP8_BLOCK]]
+    return bad
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _gather_fp8_parallel(table, rows, head_dim, vlut, slut, out, ahead):
+    bad = 0
+    for c in prange((rows.shape[0] + CHUNK_ROWS - 1) // CHUNK_ROWS):
+        bad += _gather_fp8_chunk(c, table, rows, head_dim, vlut, slut, out, ahead)
+    return bad
+
+
+@njit(cache=True, nogil=True)
+def _gather_fp8_serial(table, rows, head_dim, vlut, slut, out, ahead):
+    bad = 0
+    for c in range((rows.shape[0] + CHUNK_ROWS - 1) // CHUNK_ROWS):
+        bad += _gather_fp8_chunk(c, table, rows, head_dim, vlut, slut, out, ahead)
     return bad
 
 
@@ -322,17 +436,22 @@ def hash_constants(lookup: np.ndarray, pad: int, mult: np.ndarray, primes: np.nd
 def row_ids_into(ids: np.ndarray, consts: tuple, out: np.ndarray) -> np.ndarray:
     """Raw ids (B, T) int64 -> row ids written into `out` (B*T, H) int64, with `hash_constants`
     (ids >= the vocabulary size: IndexError; EngramLookup refuses them before this)."""
-    with _threads_for(out.size):
-        bad = _row_ids_kernel(ids, *consts, out)
+    kernel = _row_ids_parallel if _parallel(out.size) else _row_ids_serial
+    bad = kernel(ids, *consts, out)
     if bad:
         raise IndexError(f"{bad} token ids are outside the vocabulary of {consts[0].shape[0]} ids")
     return out
 
 
+def _streams(out: np.ndarray) -> bool:
+    """Whether `out` takes the gather's non-temporal stores: rows of whole, 64-byte-aligned lines."""
+    return out.shape[1] % CACHE_LINE == 0 and out.ctypes.data % CACHE_LINE == 0 and out.strides[0] == out.shape[1]
+
+
 def gather_rows_into(table: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
     """uint8 rows (R, W) at `rows` (N,) int64 -> `out` (N, W) uint8."""
-    with _threads_for(rows.shape[0]):
-        bad = _gather_kernel(table, rows, out, PREFETCH_AHEAD)
+    kernel = _gather_parallel if _parallel(rows.shape[0]) else _gather_serial
+    bad = kernel(table, rows, out, PREFETCH_AHEAD, _streams(out))
     if bad:
         raise IndexError(f"{bad} row ids are outside the table's {table.shape[0]} rows")
     return out
@@ -340,8 +459,8 @@ def gather_rows_into(table: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np
 
 def gather_fp8_into(table: np.ndarray, rows: np.ndarray, head_dim: int, out: np.ndarray) -> np.ndarray:
     """Packed FP8 rows (R, head_dim + head_dim//32) uint8 at `rows` -> float32 `out` (N, head_dim)."""
-    with _threads_for(rows.shape[0]):
-        bad = _gather_fp8_kernel(table, rows, np.int64(head_dim), _VLUT, _SLUT, out, PREFETCH_AHEAD)
+    kernel = _gather_fp8_parallel if _parallel(rows.shape[0]) else _gather_fp8_serial
+    bad = kernel(table, rows, np.int64(head_dim), _VLUT, _SLUT, out, PREFETCH_AHEAD)
     if bad:
         raise IndexError(f"{bad} row ids are outside the table's {table.shape[0]} rows")
     return out

@@ -5,6 +5,7 @@ torch.remainder."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -101,6 +102,20 @@ def test_floor_mod_multiples_and_prime_sizes():
     assert torch.equal(torch.from_numpy(floor_mod_heads(mix.numpy(), p[2:5].numpy())), want[:, 2:5])  # single-step path only
 
 
+def test_floor_mod_biased_quotient_edges():
+    """The single-step path biases the float quotient down by its error bound and keeps one
+    correction (kernels/cpu.py): exact multiples and their neighbours at the largest quotients,
+    where the float error is largest, for the smallest moduli that take that path."""
+    p = torch.tensor([FAST_MOD_MIN_PRIME, 8209, 8219, 65_537, 646_403, 2**40 - 87], dtype=torch.int64)
+    mixes = []
+    for q in p.tolist():
+        top = (2**63 - 1) // q
+        for k in (top, top - 1, top - 2**20, -top, -top + 1, 2**52 // q, -(2**52 // q)):
+            mixes += [k * q + e for e in (-2, -1, 0, 1, 2) if -(2**63) <= k * q + e < 2**63]
+    mix = torch.tensor(mixes + [-(2**63), 2**63 - 1], dtype=torch.int64)
+    assert torch.equal(torch.from_numpy(floor_mod_heads(mix.numpy(), p.numpy())), torch.remainder(mix[:, None], p))
+
+
 @pytest.mark.parametrize("B,T", [(1, 5000), (3, 1500), (64, 3)])
 def test_fast_path_chunks(B, T, deepseek_vocab):
     """Positions split across the CPU kernel's parallel chunks (2048 positions) give the same ids."""
@@ -109,3 +124,21 @@ def test_fast_path_chunks(B, T, deepseek_vocab):
     ids[0, ::7] = -1
     want = position_row_ids(plan, 1, compress_ids(deepseek_vocab.lookup, ids))
     np.testing.assert_array_equal(row_ids(plan, deepseek_vocab, "cpu", ids), want)
+
+
+def test_forked_child_hashes_serially(deepseek_vocab):
+    """A child forked after the parallel kernel ran (GNU OpenMP's pool does not survive a fork)
+    computes the same ids, on its own thread, instead of hanging or being terminated."""
+    plan = plan_for(deepseek_vocab, max_n=3, heads=8, dim=256, rows=(5003, 7001))
+    ids = edge_ids(deepseek_vocab, 4, 4096, seed=5)  # 16 k positions x 16 heads: the parallel path
+    want = position_row_ids(plan, 1, compress_ids(deepseek_vocab.lookup, ids))
+    np.testing.assert_array_equal(row_ids(plan, deepseek_vocab, "cpu", ids), want)
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only when its ids are right
+        ok = False
+        try:
+            ok = np.array_equal(row_ids(plan, deepseek_vocab, "cpu", ids), want)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
