@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engram_cli.aligned import aligned_empty
 from engram_cli.plan import make_plan
 from engram_cli.vocab import load_or_compress_vocab, load_tokenizer
 
@@ -20,11 +21,12 @@ def reference_inputs(batch: int, seq: int, seed: int = 0, **plan_overrides):
 
 
 def store_like(t: torch.Tensor) -> torch.Tensor:
-    """`t` copied into numpy-allocated memory, as `TableStore.load_layer` tables are: numpy backs
-    large arrays with transparent huge pages (madvise), torch's allocator does not, and a random
-    row gather over 4 KiB pages spends a TLB miss per row (about 15-20% of its time here)."""
+    """`t` copied into memory allocated as `TableStore.load_layer` allocates tables
+    (engram_cli/aligned.py: page-aligned, and backed by numpy with transparent huge pages,
+    which torch's allocator is not: a random row gather over 4 KiB pages spends a TLB miss
+    per row, about 15-20% of its time here)."""
     words = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-    a = np.empty(tuple(t.shape), dtype=words.numpy().dtype)
+    a = aligned_empty(tuple(t.shape), words.numpy().dtype)
     a[...] = words.numpy()
     out = torch.from_numpy(a)
     return out.view(torch.bfloat16) if t.dtype == torch.bfloat16 else out

@@ -42,8 +42,8 @@ def main() -> None:
     n_rows, hd = a.rows_per_head * a.heads, a.head_dim
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.standard_normal((n_rows, hd), dtype=np.float32))
-    tables = {"float32": (x, False), "bfloat16": (store_like(x.to(torch.bfloat16)), False),  # numpy memory, as a store load gives
-              "float8_e4m3": (torch.from_numpy(quantize_fp8_rows(x.numpy())), True)}
+    tables = {"float32": (store_like(x), False), "bfloat16": (store_like(x.to(torch.bfloat16)), False),  # memory as a store load gives
+              "float8_e4m3": (store_like(torch.from_numpy(quantize_fp8_rows(x.numpy()))), True)}
     del x
     heads = torch.arange(a.heads) * a.rows_per_head
     rows = (torch.from_numpy(rng.integers(0, a.rows_per_head, size=(a.tokens, a.heads))) + heads).reshape(-1)

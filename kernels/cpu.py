@@ -318,6 +318,7 @@ def _gather_chunk(c, table, rows, out, ahead, stream):
             if rp >= 0 and rp < R:
                 for w in range(0, W, CACHE_LINE):
                     _prefetch(table, rp, w)
+                _prefetch(table, rp, W - 1)  # the row's last line (a table not on a line boundary: one more)
         r = rows[i]
         if r < 0 or r >= R:
             bad += 1
@@ -363,6 +364,7 @@ def _gather_fp8_chunk(c, table, rows, head_dim, vlut, slut, out, ahead):
             if rp >= 0 and rp < R:
                 for w in range(0, W, CACHE_LINE):
                     _prefetch(table, rp, w)
+                _prefetch(table, rp, W - 1)  # the row's last line (a table not on a line boundary: one more)
         r = rows[i]
         if r < 0 or r >= R:
             bad += 1

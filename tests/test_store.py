@@ -448,3 +448,14 @@ def test_corrupt_chunk_is_a_store_error(tmp_path, stats_dir):
     with pytest.raises(StoreError, match="corrupt chunk"):
         TableStore.open(out).read_rows(1, np.array([0, 1]))
     assert store.read_rows(1, np.array([store.chunk_rows])).shape == (1, small_plan().head_dim)  # other chunks still read
+
+
+def test_load_layer_is_page_aligned(built):
+    """Tables come back on a page boundary (engram_cli/aligned.py): the CPU gather's rows start on cache lines."""
+    from engram_cli.aligned import ALIGN
+
+    store = built[1]
+    for layer in store.layer_ids:
+        table = store.load_layer(layer)
+        assert table.ctypes.data % ALIGN == 0 and table.flags.c_contiguous
+        np.testing.assert_array_equal(table[3:9], store.load_layer(layer, rows=(3, 9)))

@@ -22,6 +22,7 @@ import numpy as np
 import zarr
 from zarr.core.buffer.cpu import NDBuffer
 
+from ..aligned import aligned_empty
 from ..errors import PlanError, StoreError
 from ..fp8 import FP8RowError, fp8_rows_problem
 from ..int_rows import IntRowError, int_rows_problem
@@ -466,7 +467,7 @@ class TableStore:
         start, stop = self._row_range(layer_id, rows)
         shape = (stop - start, self.stored_row_width)
         if out is None:
-            out = np.empty(shape, dtype=self.storage_dtype)
+            out = aligned_empty(shape, self.storage_dtype)  # rows on cache-line boundaries (engram_cli/aligned.py)
         elif not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != self.storage_dtype or not out.flags.c_contiguous or not out.flags.writeable:
             got = f"{getattr(out, 'shape', '?')} {getattr(out, 'dtype', type(out).__name__)}"
             raise StoreError(f"out= must be a writable C-contiguous numpy array of shape {shape} and dtype {self.storage_dtype}, got {got}")
