@@ -39,7 +39,8 @@ from engram_cli.split import HELDOUT_SHARE, MAX_HELDOUT_TOKENS, ids_digest, pinn
 from engram_cli.store import TableStore, from_storage
 from engram_cli.store.output import hold_read
 from engram_cli.store.tokenizer import load_store_tokenizer
-from engram_cli.train import TokenMap, open_tables
+from engram_cli.train import open_tables
+from engram_cli.train_loop import TokenMap
 from engram_cli.train_stats import load_stats, training_figures
 from engram_cli.vocab import load_tokenizer
 

@@ -44,7 +44,7 @@ from engram_cli.model import table_lookup
 from engram_cli.quantize import parse_dtype, prune_store, quantize_store, store_size
 from engram_cli.split import MAX_HELDOUT_TOKENS
 from engram_cli.store import TableStore
-from engram_cli.train import TokenMap
+from engram_cli.train_loop import TokenMap
 from engram_cli.train_stats import load_stats
 
 DEFAULT_VARIANTS = "float32,bf16,fp8,int8,int4,prune:0.5,prune:0.1"

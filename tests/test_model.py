@@ -83,7 +83,7 @@ def test_engram_matches_reference_equations(setup):
 
 def test_gradients_reach_exactly_the_looked_up_rows(setup):
     """Backward reaches exactly the looked-up rows; an optimizer step changes exactly those rows of the table."""
-    from engram_cli.train import RowAdam
+    from engram_cli.train_loop import RowAdam
 
     plan, rows, model, eng, table = setup
     ids = torch.randint(0, 64, (1, rows.shape[1]))

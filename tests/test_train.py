@@ -10,7 +10,7 @@ from engram_cli.errors import CheckpointError
 from engram_cli.model import EngramGPT, ModelConfig, table_lookup
 from engram_cli.plan import make_plan
 from engram_cli.split import is_heldout
-from engram_cli.train import RowAdam, TokenMap, train_steps
+from engram_cli.train_loop import RowAdam, TokenMap, train_steps
 
 import pytest
 
@@ -43,7 +43,7 @@ def test_few_steps_lower_loss_and_touch_only_batch_rows(data):
 
 def test_row_adam_matches_torch_sparse_adam(monkeypatch):
     """RowAdam (lazy row state, rows outside the parameters) against torch.optim.SparseAdam on an nn.Embedding."""
-    from engram_cli.train import _RowState
+    from engram_cli.train_loop import _RowState
 
     monkeypatch.setattr(_RowState, "BLOCK", 64)  # state spread over several blocks
     torch.manual_seed(0)
@@ -147,3 +147,29 @@ def test_trained_store_rewrites_only_touched_shards(tmp_path):
             assert q.stat().st_ino != ino and p.stat().st_nlink == 1
         elif rel.name != "zarr.json":  # attributes are rewritten (the modification record)
             assert q.stat().st_ino == ino and q.stat().st_nlink == 2, rel
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float8_e4m3", "int4"])
+def test_load_layer_table_decodes_by_shard_into_aligned_float32(tmp_path, dtype):
+    """train's resident table: the store's rows as float32 (from_storage of the whole layer, bit for bit),
+    page-aligned for the CPU gather, decoded shard by shard (several shards here)."""
+    from typer.testing import CliRunner
+
+    from cli_checks import SMALL_STORE_ARGS, copy_fixtures
+    from engram_cli.aligned import ALIGN
+    from engram_cli.cli import app
+    from engram_cli.store import TableStore, from_storage
+    from engram_cli.train import load_layer_table
+
+    corpus = copy_fixtures(tmp_path / "corpus")
+    out = tmp_path / "tables.zarr"
+    args = ["--heads", "2", *SMALL_STORE_ARGS[2:]]  # 2 heads of 32 dims: FP8 and int4 need whole blocks of 32
+    result = CliRunner().invoke(app, ["build-table", str(corpus), "-o", str(out), *args, "--dtype", dtype])
+    assert result.exit_code == 0, result.output
+    store = TableStore.open(out)
+    for layer in store.layer_ids:
+        assert store.stored_rows(layer) > store.shard_rows  # more than one shard decoded
+        got = load_layer_table(store, layer)
+        want = np.asarray(from_storage(store.load_layer(layer), store.dtype), dtype=np.float32)
+        assert got.dtype == np.float32 and got.ctypes.data % ALIGN == 0
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
