@@ -72,6 +72,15 @@ def render_inspect(report: dict) -> None:
             )
     else:
         console.print("Modified since build: no.")
+    d = report.get("derived")
+    if d:
+        console.print(f"Derived from {escape(str(d.get('from')))} ({d.get('from_dtype')}) at {d.get('at')}.")
+    pr = report.get("pruned")
+    if pr:
+        kept = "; ".join(f"layer {x['layer_id']} {x['kept_rows']:,} of {x['rows']:,} ({x['kept_share']:.1%})" for x in pr["layers"])
+        how = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in pr.items() if k in ("kept_by", "keep_top", "min_hits") and v is not None)
+        console.print(f"Pruned: kept rows {kept}; every other row reads {'+0.0' if pr['fallback'] == 'zeros' else pr['fallback']}"
+                      + (f" ({how})." if how else "."))
     if report.get("saturation") and report["saturation"]["notice"]:
         console.print(report["saturation"]["notice"], markup=False, soft_wrap=True)
     if report["hits"]:

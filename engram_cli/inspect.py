@@ -208,6 +208,16 @@ def modification_operations(records: list[dict]) -> list[dict]:
     return ops
 
 
+def pruned_report(store: TableStore) -> dict | None:
+    """A pruned store's kept rows per layer (docs/spec.md "Pruned tables"), with how they were chosen; None when not pruned."""
+    p = store.pruned
+    if p is None:
+        return None
+    layers = [{"layer_id": l, "kept_rows": store.stored_rows(l), "rows": store.plan.layer_rows(l),
+               "kept_share": store.stored_rows(l) / max(1, store.plan.layer_rows(l))} for l in store.layer_ids]
+    return {"layers": layers, "fallback": p.get("fallback"), **{k: p[k] for k in ("kept_by", "keep_top", "min_hits") if k in p}}
+
+
 def inspect_store(store: TableStore, profiles: list[HitProfile] | None = None) -> dict:
     """The JSON-safe report of docs/inspect.md (`profiles` from `hit_profiles`)."""
 
@@ -250,6 +260,8 @@ def inspect_store(store: TableStore, profiles: list[HitProfile] | None = None) -
             "tokenizer": tokenizer_report(attrs.get(TOKENIZER_ATTR)),
         },
         "modified": {"since_build": bool(modified), "records": modified, "operations": modification_operations(modified)},
+        "derived": attrs.get("derived") if isinstance(attrs.get("derived"), dict) else None,
+        "pruned": pruned_report(store),
         "saturation": saturation_verdict(plan, {n: stats.distinct(n) for n in plan.orders}) if stats is not None else None,
         "has_hits": store.has_hits,
         "hits": [p.to_dict() for p in profiles or []],

@@ -213,3 +213,23 @@ def test_export_import_carry_int_rows_and_pruned_tables(trained, tmp_path, name)
         new = TableStore.open(tmp_path / f"{fmt}.zarr")
         a, b = src.read_rows(1, rows, as_stored=src.pruned is None), new.read_rows(1, rows, as_stored=src.pruned is None)
         assert new.dtype == src.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8)), fmt
+
+
+def test_inspect_names_derivation_and_pruning(trained):
+    """`engram inspect` of a pruned copy says where it came from and what it keeps (people and --json);
+    a built store says neither."""
+    root, out = trained
+    r = run("inspect", root / "p10.zarr", "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    src = TableStore.open(root / "m.tables.zarr")
+    assert rep["derived"]["from"] == str((root / "m.tables.zarr").resolve()) and rep["derived"]["from_dtype"] == "float32"
+    (layer,) = rep["pruned"]["layers"]
+    assert layer["kept_rows"] == out["prune"]["output"]["rows_stored"] and layer["rows"] == src.plan.layer_rows(1)
+    assert rep["pruned"]["fallback"] == "zeros" and rep["pruned"]["kept_by"] == "training-split hits" and rep["pruned"]["keep_top"] == 0.1
+    r = run("inspect", root / "p10.zarr")
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.stdout.split())
+    assert f"layer 1 {layer['kept_rows']:,} of {layer['rows']:,}" in text and "every other row reads +0.0" in text and "Derived from" in text
+    built = json.loads(run("inspect", root / "tables.zarr", "--json").stdout)
+    assert built["derived"] is None and built["pruned"] is None
