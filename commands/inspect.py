@@ -98,7 +98,10 @@ def render_inspect(report: dict) -> None:
     v = report["verify"]
     if v is not None:
         if v["ok"]:
-            console.print(f"Verify: all {v['chunks']:,} chunks read, crc32c intact ({format_bytes(v['bytes_read'])} decoded).")
+            files = v.get("stats_files", 0)
+            console.print(f"Verify: all {v['chunks'] - files:,} chunks read, crc32c intact"
+                          + (f"; {files} n-gram statistics file(s) match their recorded XXH3-128" if files else "")
+                          + f" ({format_bytes(v['bytes_read'])} read).")
         else:
             b = v["first_bad"]
             where = b["array"] if b["layer_id"] is None else f"layer {b['layer_id']} {b['array']}"

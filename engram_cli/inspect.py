@@ -21,7 +21,8 @@ from .audit.saturation import saturation_verdict
 from .errors import EngramError, StoreError
 from .pipeline.report import plan_report
 from .store import TableStore
-from .store.format import ceil_div, chunk_row_range, row_bytes
+from .ngrams.stats import order_file
+from .store.format import ceil_div, row_bytes
 from .store.layout import VOCAB_ARRAYS
 from .store.tokenizer import TOKENIZER_ATTR
 from .vocab import TOKENIZER_ENGINE
@@ -280,21 +281,30 @@ class ChunkRef:
     start: int
     stop: int
 
-    def shard_file(self, store: TableStore, shard_rows: int) -> Path:
-        arr = store.table(self.layer_id) if self.array == "table" else store.hits(self.layer_id)
+    def shard_file(self, store: TableStore) -> Path:
+        """The file holding this chunk (a kept-row map is one array read whole: its first file)."""
+        if self.array == "table":
+            arr, shard_rows = store.table(self.layer_id), store.shard_rows
+        elif self.array == "hits":
+            arr = store.hits(self.layer_id)
+            shard_rows = int(arr.shards[0])
+        else:
+            arr, shard_rows = store.group[f"layer_{self.layer_id}"][self.array], max(1, self.stop)
         key = arr.metadata.encode_chunk_key((self.start // shard_rows,) + (0,) * (arr.ndim - 1))
         return store.path / f"layer_{self.layer_id}" / self.array / key
 
 
 def iter_chunks(store: TableStore) -> Iterator[ChunkRef]:
-    """Every chunk of every table (and hits array), in layer and row order."""
-    plan = store.plan
+    """Every chunk of every table (its stored rows: a pruned store's kept ones), every kept-row
+    map (one read each), and every hits array, in layer and row order."""
     for layer_id in store.layer_ids:
-        rows = plan.layer_rows(layer_id)
-        for c in range(ceil_div(rows, store.chunk_rows)):
-            start, stop = chunk_row_range(plan, layer_id, c, store.chunk_rows)
-            yield ChunkRef(layer_id, "table", c, start, stop)
+        stored = store.stored_rows(layer_id)
+        for c in range(ceil_div(stored, store.chunk_rows)):
+            yield ChunkRef(layer_id, "table", c, c * store.chunk_rows, min(stored, (c + 1) * store.chunk_rows))
+        if store.pruned is not None:
+            yield ChunkRef(layer_id, "kept", 0, 0, stored)
         if store.has_hits:
+            rows = store.plan.layer_rows(layer_id)
             step = _hits_block_rows(store.hits(layer_id))
             for c in range(ceil_div(rows, step)):
                 yield ChunkRef(layer_id, "hits", c, c * step, min(rows, (c + 1) * step))
@@ -331,54 +341,73 @@ def _verify_vocab(store: TableStore) -> tuple[int, int, dict | None]:
 
 
 def count_chunks(store: TableStore) -> int:
-    plan = store.plan
-    n = sum(1 for _ in _vocab_chunks(store))
-    for layer_id in store.layer_ids:
-        rows = plan.layer_rows(layer_id)
-        n += ceil_div(rows, store.chunk_rows)
-        if store.has_hits:
-            n += ceil_div(rows, _hits_block_rows(store.hits(layer_id)))
-    return n
+    """What `verify_store` reads: vocabulary chunks, table / kept-map / hits chunks, statistics files."""
+    return sum(1 for _ in _vocab_chunks(store)) + sum(1 for _ in iter_chunks(store)) + len(_stats_orders(store))
+
+
+def _stats_orders(store: TableStore) -> list[int]:
+    """The orders whose n-gram statistics file the store holds (none for a store built without a corpus)."""
+    try:
+        return list(store.stats.orders)
+    except StoreError:
+        return []
 
 
 def verify_store(store: TableStore, *, progress: Progress = _noop) -> dict:
     """Read and decode every chunk; each one's crc32c is checked by the reader's codec.
 
     The vocabulary first (its arrays decoded chunk by chunk, then checked against its
-    fingerprint: they carry no crc32c), then every table and hits chunk.
+    fingerprint: they carry no crc32c), then every table chunk (a pruned store's stored
+    rows), kept-row map and hits chunk, then each n-gram statistics file against the size
+    and XXH3-128 its summary recorded at the build (parquet pages carry no checksum).
 
     Stops at the first chunk that fails and returns {"ok", "chunks", "checked",
-    "bytes_read", "first_bad"}; `first_bad` names the layer, array, chunk index, rows and
-    shard file. One chunk is in memory at a time.
+    "bytes_read", "first_bad", "stats_files"}; `first_bad` names the layer, array, chunk
+    index, rows and shard file. One chunk is in memory at a time.
     """
     total = count_chunks(store)
     progress("verify chunks", 0, total, "")
     checked, read, bad = _verify_vocab(store)
     if bad is not None:
         progress("verify chunks", checked, total, "corrupt chunk found")
-        return {"ok": False, "chunks": total, "checked": checked, "bytes_read": read, "first_bad": bad}
+        return {"ok": False, "chunks": total, "checked": checked, "bytes_read": read, "first_bad": bad, "stats_files": len(_stats_orders(store))}
     for ref in iter_chunks(store):
         try:
             if ref.array == "table":
                 block = store.load_layer(ref.layer_id, rows=(ref.start, ref.stop))
+            elif ref.array == "kept":
+                block = store.kept_rows(ref.layer_id)  # decoded (crc32c) and checked: increasing row ids of the layer
             else:
                 block = _read_hits(store, store.hits(ref.layer_id), ref.layer_id, ref.start, ref.stop)
         except (StoreError, ValueError) as e:
-            shard_rows = store.shard_rows if ref.array == "table" else int(store.hits(ref.layer_id).shards[0])
             bad = {
                 "layer_id": ref.layer_id,
                 "array": ref.array,
                 "chunk": ref.index,
                 "rows": [ref.start, ref.stop],
-                "shard_file": os.path.relpath(ref.shard_file(store, shard_rows), store.path),
+                "shard_file": os.path.relpath(ref.shard_file(store), store.path),
                 "error": str(e) if isinstance(e, EngramError) else f"{type(e).__name__}: {e}",
             }
             progress("verify chunks", checked, total, "corrupt chunk found")
-            return {"ok": False, "chunks": total, "checked": checked, "bytes_read": read, "first_bad": bad}
+            return {"ok": False, "chunks": total, "checked": checked, "bytes_read": read, "first_bad": bad, "stats_files": len(_stats_orders(store))}
         checked += 1
         read += block.nbytes
         progress("verify chunks", checked, total, f"layer {ref.layer_id} {ref.array}")
-    return {"ok": True, "chunks": total, "checked": checked, "bytes_read": read, "first_bad": None}
+    orders = _stats_orders(store)
+    stats = store.stats if orders else None
+    for order in orders:
+        path = order_file(stats.root, order)
+        try:
+            stats.check_file(order)  # size and XXH3-128 against those summary.json recorded at the build
+        except StoreError as e:
+            bad = {"layer_id": None, "array": f"stats/{path.name}", "chunk": 0, "rows": [0, 0],
+                   "shard_file": os.path.relpath(path, store.path), "error": str(e)}
+            progress("verify chunks", checked, total, "corrupt statistics file found")
+            return {"ok": False, "chunks": total, "checked": checked, "bytes_read": read, "first_bad": bad, "stats_files": len(orders)}
+        checked += 1
+        read += path.stat().st_size
+        progress("verify chunks", checked, total, f"statistics order {order}")
+    return {"ok": True, "chunks": total, "checked": checked, "bytes_read": read, "first_bad": None, "stats_files": len(orders)}
 
 
 # -- plot ----------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def test_json_schema_is_the_documented_one(built):
     assert report["plan"]["fingerprint"] == store.plan.fingerprint
     assert [h["order"] for h in report["hits"]] == [n for _ in store.layer_ids for n in store.plan.orders]
     assert report["verify"]["ok"] is True and report["verify"]["checked"] == report["verify"]["chunks"]
-    assert set(report["verify"]) == {"ok", "chunks", "checked", "bytes_read", "first_bad"}
+    assert set(report["verify"]) == {"ok", "chunks", "checked", "bytes_read", "first_bad", "stats_files"}
 
 
 def test_human_report(built):

@@ -19,6 +19,9 @@ from engram_cli.store import TableStore
 
 import cli_checks
 from cli_checks import build_small_store, flip_byte
+from typer.testing import CliRunner
+
+from engram_cli.cli import app
 
 SMALL_FILES = cli_checks.SMALL_FILES
 
@@ -124,3 +127,33 @@ def test_verify_finds_a_bad_hits_chunk(copy):
     assert copy / bad["shard_file"] == hits_file
     with pytest.raises(StoreError, match="corrupt hits chunk"):
         hit_profiles(TableStore.open(copy))
+
+
+def test_verify_hashes_the_statistics_files(copy):
+    """The n-gram statistics carry no chunk checksum: --verify compares each order file with the size
+    and XXH3-128 the build recorded, after every chunk, and names the file that differs."""
+    store = TableStore.open(copy)
+    intact = verify_store(store)
+    assert intact["ok"] and intact["stats_files"] == len(store.stats.orders) >= 1
+    victim = copy / "stats" / f"order_{store.stats.orders[-1]}.parquet"
+    flip_byte(victim, victim.stat().st_size // 2)
+    v = verify_store(TableStore.open(copy))
+    bad = v["first_bad"]
+    assert not v["ok"] and bad["layer_id"] is None and bad["array"] == f"stats/{victim.name}"
+    assert copy / bad["shard_file"] == victim and v["checked"] == v["chunks"] - 1  # everything before it was read and intact
+
+
+def test_verify_reads_a_pruned_store_and_its_kept_map(tmp_path, copy):
+    """A pruned store holds only its kept rows (and a kept-row map): --verify reads those, not the plan's rows,
+    and a corrupt map is found by name."""
+    out = tmp_path / "pruned.zarr"
+    r = CliRunner().invoke(app, ["prune", str(copy), "--keep-top", "0.3", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    store = TableStore.open(out)
+    v = verify_store(store)
+    assert v["ok"] and v["first_bad"] is None, v
+    layer = store.layer_ids[0]
+    kept_file = out / f"layer_{layer}" / "kept" / "c" / "0"
+    flip_byte(kept_file, 10)
+    bad = verify_store(TableStore.open(out))["first_bad"]
+    assert (bad["layer_id"], bad["array"]) == (layer, "kept") and out / bad["shard_file"] == kept_file
