@@ -35,6 +35,7 @@ from engram_cli.execution.ray import check_cluster_options
 from engram_cli.kinds import HashFamily
 from engram_cli.plan import check_rows_or_budget, check_target_rate, parse_budget
 from engram_cli.store import TableStore
+from engram_cli.store.output import reading
 from engram_cli.units import format_bytes, parse_int_list
 
 SWEEP_AXES = ("heads=", "rows=")
@@ -210,21 +211,22 @@ def collisions_command(
         check_plot_support(plot)
     cluster_spec = check_cluster_options(cluster)
 
-    store = TableStore.open(store_path)
-    stored = store.plan
-    stats = store.stats
-    plan, notes = what_if_plan(stored, heads=heads, rows_per_head=rows, budget=parsed_budget)
-    spec = parse_sweep(sweep_specs, plan) if sweep_specs else None
-    validate_audit(plan, stats, layers=layer_ids, target=target, top=top)
-    try:
-        keys = store.vocab.keys
-    except StoreError:  # decoding is a nicety: ids are shown when the vocabulary is unreadable
-        keys = None
-    with progress_reporter(quiet=as_json) as progress:
-        if cluster_spec is not None:
-            report = audit_collisions_distributed(store_path, plan, cluster=cluster_spec, families=families, layers=layer_ids, target=target, sweep=spec, top=top, progress=progress)
-        else:
-            report = audit_collisions(plan, stats, families=families, layers=layer_ids, target=target, sweep=spec, vocab_keys=keys, top=top, progress=progress)
+    with reading(store_path):  # the store is not replaced while its statistics are read
+        store = TableStore.open(store_path)
+        stored = store.plan
+        stats = store.stats
+        plan, notes = what_if_plan(stored, heads=heads, rows_per_head=rows, budget=parsed_budget)
+        spec = parse_sweep(sweep_specs, plan) if sweep_specs else None
+        validate_audit(plan, stats, layers=layer_ids, target=target, top=top)
+        try:
+            keys = store.vocab.keys
+        except StoreError:  # decoding is a nicety: ids are shown when the vocabulary is unreadable
+            keys = None
+        with progress_reporter(quiet=as_json) as progress:
+            if cluster_spec is not None:
+                report = audit_collisions_distributed(store_path, plan, cluster=cluster_spec, families=families, layers=layer_ids, target=target, sweep=spec, top=top, progress=progress)
+            else:
+                report = audit_collisions(plan, stats, families=families, layers=layer_ids, target=target, sweep=spec, vocab_keys=keys, top=top, progress=progress)
     verdict = saturation_verdict(stored, {n: stats.distinct(n) for n in stored.orders})  # the stored plan's, as build-table and inspect give it
     report = {"store": str(store_path), "what_if": plan is not stored, "saturation": verdict, "stored_plan": None if plan is stored else {"heads": stored.heads, "rows_per_head": list(stored.rows_per_head), "dim": stored.dim, "total_bytes": stored.total_bytes}, "notes": notes, **report}
     if plot is not None:

@@ -16,6 +16,7 @@ from engram_cli.commands._output import (
 from engram_cli.defaults import DEFAULT_STORE
 from engram_cli.exchange import export_tables
 from engram_cli.kinds import ExchangeFormat
+from engram_cli.store.output import reading
 
 
 def export_command(
@@ -32,7 +33,7 @@ def export_command(
         engram export tables.zarr --format safetensors -o tables.safetensors
         engram export model.tables.zarr --format reference -o engram.pt
     """
-    with progress_reporter(quiet=as_json) as progress:
+    with reading(tables), progress_reporter(quiet=as_json) as progress:  # the store is not replaced while it is exported
         result = export_tables(tables, out, fmt, force=force, progress=progress).as_dict()
     if as_json:
         print_json(result)

@@ -19,6 +19,7 @@ from engram_cli.audit import check_plot_support
 from engram_cli.defaults import DEFAULT_STORE
 from engram_cli.inspect import hit_profiles, inspect_store, plot_hit_ranks, verify_store
 from engram_cli.store import TableStore
+from engram_cli.store.output import reading
 from engram_cli.units import format_bytes
 
 
@@ -105,10 +106,9 @@ def render_inspect(report: dict) -> None:
         else:
             b = v["first_bad"]
             where = b["array"] if b["layer_id"] is None else f"layer {b['layer_id']} {b['array']}"
-            console.print(
-                f"Verify: [red]FAILED[/] at {where} chunk {b['chunk']} (rows {b['rows'][0]:,}..{b['rows'][1]:,}, "
-                f"shard file {escape(str(b['shard_file']))}) after {v['checked']:,} good chunks of {v['chunks']:,}."
-            )
+            at = (f"n-gram statistics file {escape(str(b['shard_file']))}" if b["array"].startswith("stats/") else
+                  f"{where} chunk {b['chunk']} (rows {b['rows'][0]:,}..{b['rows'][1]:,}, shard file {escape(str(b['shard_file']))})")
+            console.print(f"Verify: [red]FAILED[/] at {at} after {v['checked']:,} good chunks of {v['chunks']:,}.")
 
 
 def inspect_command(
@@ -128,8 +128,8 @@ def inspect_command(
 
     if plot is not None:
         check_plot_support(plot)
-    store = TableStore.open(store_path)
-    with progress_reporter(quiet=as_json) as progress:
+    with reading(store_path), progress_reporter(quiet=as_json) as progress:  # not replaced while it is read
+        store = TableStore.open(store_path)
         checked = verify_store(store, progress=progress) if verify else None
         # a store that failed verification may not stream its hits: report without them
         profiles = hit_profiles(store, progress=progress) if checked is None or checked["ok"] else []
@@ -146,7 +146,11 @@ def inspect_command(
     if verify and not report["verify"]["ok"]:
         b = report["verify"]["first_bad"]
         where = b["array"] if b["layer_id"] is None else f"layer {b['layer_id']} {b['array']}"
-        typer.echo(f"Error: corrupt chunk: {where} chunk {b['chunk']} (rows {b['rows'][0]}..{b['rows'][1]}) in {b['shard_file']}; rebuild the store or restore it from a copy", err=True)
+        if b["array"].startswith("stats/"):
+            typer.echo(f"Error: corrupt n-gram statistics file {b['shard_file']}: its size or XXH3-128 differs from the build's record; "
+                       "rebuild the store (`engram build-table --force`) or restore it from a copy", err=True)
+        else:
+            typer.echo(f"Error: corrupt chunk: {where} chunk {b['chunk']} (rows {b['rows'][0]}..{b['rows'][1]}) in {b['shard_file']}; rebuild the store or restore it from a copy", err=True)
         raise typer.Exit(2)
 
 

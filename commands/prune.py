@@ -15,6 +15,7 @@ from engram_cli.commands._output import (
 
 from engram_cli.errors import EngramError, StoreError
 from engram_cli.quantize import derived_report, prune_store
+from engram_cli.store.output import reading
 from engram_cli.train_stats import load_stats_file
 
 
@@ -50,7 +51,7 @@ def prune_command(
             stats = load_stats_file(train_stats).arrays
         except (OSError, ValueError, EngramError) as e:
             raise StoreError(f"cannot read the training statistics {str(train_stats)!r} ({type(e).__name__}); pass the NAME.train-stats folder `engram train` wrote") from None
-    with progress_reporter(quiet=as_json) as progress:
+    with reading(tables, initial), progress_reporter(quiet=as_json) as progress:  # the sources are not replaced while they are read
         new = prune_store(tables, out, keep_top=keep_top, min_hits=min_hits, by=by, train_stats=stats, initial=initial, dtype=dtype,
                           force=force, progress=progress)
     r = derived_report(tables, new)

@@ -13,6 +13,7 @@ from engram_cli.commands._output import (
 )
 
 from engram_cli.quantize import derived_report, quantize_store
+from engram_cli.store.output import reading
 
 
 def render(r: dict) -> None:
@@ -36,7 +37,7 @@ def quantize_command(
         engram quantize model.tables.zarr --dtype int8 -o int8.zarr
         engram eval model.ckpt --tables int8.zarr
     """
-    with progress_reporter(quiet=as_json) as progress:
+    with reading(tables), progress_reporter(quiet=as_json) as progress:  # the source is not replaced while it is copied
         new = quantize_store(tables, out, dtype, force=force, progress=progress)
     r = derived_report(tables, new)
     print_json(r) if as_json else render(r)

@@ -18,9 +18,9 @@ The rules (docs/build-table.md, "Failure modes"):
 - `check_free_space`: planned bytes against the free space of the output's file
   system, refused with the figures; `storage_errors` turns a disk-full or permission
   error met while writing into a one-line `OutputError`.
-- Read locks: `engram train` and `engram eval` hold a shared `fcntl.flock` on a hidden
-  file beside each store they read (`.<name>.readers`, `hold_read` inside a
-  `read_locks()` block); a writer that would replace the store (`finalize`, and
+- Read locks: every command that reads a store (`train`, `eval`, `inspect`, `collisions`,
+  `export`, `quantize`, `prune`) holds a shared `fcntl.flock` on a hidden file beside it
+  (`.<name>.readers`, `hold_read` inside a `read_locks()` block, or `reading(store)`); a writer that would replace the store (`finalize`, and
   `check_no_readers` before any work) needs that lock exclusively and is refused,
   naming the store, while a reader holds it. A store never changes under its reader.
 
@@ -376,6 +376,17 @@ def read_locks() -> Iterator[None]:
             _drop_flock(fd, path, exclusive=False)
 
 
+@contextlib.contextmanager
+def reading(*stores: str | os.PathLike | None) -> Iterator[None]:
+    """A block that reads `stores` (None: skipped) under shared read locks (`read_locks` + `hold_read`):
+    no `build-table --force`, `import --force` or `train --force` replaces one of them meanwhile."""
+    with read_locks():
+        for store in stores:
+            if store is not None:
+                hold_read(store)
+        yield
+
+
 def hold_read(store: str | os.PathLike) -> None:
     """Inside `read_locks()`: a shared lock on `store` until the block ends, so no writer replaces it meanwhile (outside: nothing).
 
@@ -412,7 +423,7 @@ def no_readers(out: str | os.PathLike) -> Iterator[None]:
         yield  # a folder that cannot hold the lock file: no reader can have locked it
         return
     if fd is None:
-        raise OutputBusy(f"{shown(out)} is being read by another engram process (train or eval: {shown(path)}); "
+        raise OutputBusy(f"{shown(out)} is being read by another engram process (its read lock: {shown(path)}); "
                          "wait for it to finish or choose another -o/--out; nothing was replaced")
     try:
         yield
