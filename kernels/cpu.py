@@ -305,6 +305,16 @@ def _floor_mod_kernel(mix, primes8, inv8, offsets8, H, two_step, out):
                 _fm(mix[i], pt, it, ot, out, i, h0, min(LANES, H - h0))
 
 
+@njit(inline="always")
+def _prefetch_row(table, r):
+    """Every line of table row r into L2 (nothing for a row id outside the table: the gather reports it)."""
+    R, W = table.shape
+    if r >= 0 and r < R:
+        for w in range(0, W, CACHE_LINE):
+            _prefetch(table, r, w)
+        _prefetch(table, r, W - 1)  # the row's last line (a table not on a line boundary: one more)
+
+
 @njit(cache=True, nogil=True)
 def _gather_chunk(c, table, rows, out, ahead, stream):
     """Rows CHUNK_ROWS*c .. of `rows` from `table` into `out`, the rows `ahead` prefetched; stream:
@@ -315,13 +325,8 @@ def _gather_chunk(c, table, rows, out, ahead, stream):
     e = min(N, (c + 1) * CHUNK_ROWS)
     bad = 0
     for i in range(c * CHUNK_ROWS, e):
-        j = i + ahead
-        if j < e:
-            rp = rows[j]
-            if rp >= 0 and rp < R:
-                for w in range(0, W, CACHE_LINE):
-                    _prefetch(table, rp, w)
-                _prefetch(table, rp, W - 1)  # the row's last line (a table not on a line boundary: one more)
+        if i + ahead < e:
+            _prefetch_row(table, rows[i + ahead])
         r = rows[i]
         if r < 0 or r >= R:
             bad += 1
@@ -361,13 +366,8 @@ def _gather_fp8_chunk(c, table, rows, head_dim, vlut, slut, out, ahead):
     e = min(N, (c + 1) * CHUNK_ROWS)
     bad = 0
     for i in range(c * CHUNK_ROWS, e):
-        j = i + ahead
-        if j < e:
-            rp = rows[j]
-            if rp >= 0 and rp < R:
-                for w in range(0, W, CACHE_LINE):
-                    _prefetch(table, rp, w)
-                _prefetch(table, rp, W - 1)  # the row's last line (a table not on a line boundary: one more)
+        if i + ahead < e:
+            _prefetch_row(table, rows[i + ahead])
         r = rows[i]
         if r < 0 or r >= R:
             bad += 1
