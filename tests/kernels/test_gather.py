@@ -146,3 +146,25 @@ def test_aligned_empty(shape, dtype):
     assert a.size == 0 or a.ctypes.data % ALIGN == 0
     a[...] = 1
     assert (a == 1).all()
+
+
+@pytest.mark.parametrize("n_threads_rows", [1, 40_000])  # the serial and the parallel build
+def test_cpu_fp8_gather_every_byte_under_every_scale(n_threads_rows):
+    """The CPU gather decodes e4m3 with vector integer ops (kernels/cpu.py `_dequant_fp8_lanes`): every value
+    byte (NaN, -0.0, subnormals included) under every scale byte (0 and 255 included) equals the torch
+    reference's table-and-multiply, bit for bit."""
+    from engram_cli.kernels.gather import gather_into
+
+    head_dim = 64
+    blocks = [(v0, s) for s in range(256) for v0 in range(0, 256, 32)]  # 2,048 blocks of 32 values: 65,536 pairs
+    packed = np.zeros((len(blocks) // 2, head_dim + 2), dtype=np.uint8)
+    for k, (v0, s) in enumerate(blocks):
+        row, half = divmod(k, 2)
+        packed[row, half * 32:(half + 1) * 32] = np.arange(v0, v0 + 32, dtype=np.uint8)
+        packed[row, head_dim + half] = s
+    table = torch.from_numpy(packed)
+    rows = torch.arange(n_threads_rows) % table.shape[0]
+    out = torch.empty((rows.numel(), head_dim))
+    assert gather_into(table, rows, head_dim, True, out) is out
+    want = fp8_dequant_torch(table.index_select(0, rows), head_dim)
+    assert torch.equal(out.view(torch.int32), want.view(torch.int32))
