@@ -163,3 +163,20 @@ def test_cli_refusals_are_one_line(tmp_path):
     assert "not both" in line
     line = one_error_line(runner.invoke(app, ["sweep", "allocation", str(tmp_path), "--rho", "1.5", "-o", str(tmp_path / "s")]))
     assert "--rho 1.5" in line
+
+
+def test_jobs_run_points_in_processes_with_the_serial_results(memory_sweep):
+    """`--jobs 2` runs the points in two spawned processes (one torch thread each): the same points, the same
+    records, losses equal to the serial sweep's up to the threads' summation order."""
+    root, first, _, _ = memory_sweep
+    out = root / "sweep_jobs"
+    out.mkdir()
+    shutil.copy(root / "sweep" / "vocab.npz", out / "vocab.npz")
+    said = []
+    par = run_memory_sweep(root / "corpus", out, rows_per_head=[64], opts=TINY, jobs=2, notice=said.append)
+    assert sum(m.startswith("point ") for m in said) == 2 and not any(m.startswith("skipped ") for m in said)
+    assert [p["label"] for p in par["points"]] == [p["label"] for p in first["points"]]
+    for a, b in zip(first["points"], par["points"]):
+        assert a["config_sha256"] == b["config_sha256"] and a["table_params"] == b["table_params"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["train_losses"] == pytest.approx(a["train_losses"], rel=1e-5)
+        assert (out / "points" / b["dir"].split("/")[-1] / "model.ckpt").is_file()
