@@ -142,3 +142,20 @@ def test_forked_child_hashes_serially(deepseek_vocab):
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_parallel_kernels_run_on_openmp_threads(deepseek_vocab):
+    """kernels/cpu.py puts OpenMP first (a ~2 us launch against the work queue's ~50 us: docs/kernels.md);
+    the work queue only where no OpenMP runtime loads or the user asks for it."""
+    import numba
+
+    if os.environ.get("NUMBA_THREADING_LAYER") or os.environ.get("NUMBA_THREADING_LAYER_PRIORITY"):
+        pytest.skip("the threading layer is set by the environment")
+    plan = plan_for(deepseek_vocab, max_n=3, heads=8, dim=256, rows=(5003, 7001))
+    row_ids(plan, deepseek_vocab, "cpu", edge_ids(deepseek_vocab, 4, 4096, seed=1))  # the parallel path
+    try:
+        import numba.np.ufunc.omppool  # noqa: F401  (loads only where an OpenMP runtime does)
+        want = "omp"
+    except ImportError:
+        want = "workqueue"
+    assert numba.threading_layer() in (want, "tbb")
