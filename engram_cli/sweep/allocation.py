@@ -25,8 +25,8 @@ from engram_cli.kinds import TokenizerEngine
 from engram_cli.model import ModelConfig, engram_dense_params
 from engram_cli.moe import ffn_params
 from engram_cli.sweep.memory import SweepOptions
-from engram_cli.sweep.points import ensure_store, run_points, write_json
-from engram_cli.sweep.summary import group_points, plot_available, plot_sweep
+from engram_cli.sweep.points import ensure_store, run_points
+from engram_cli.sweep.summary import group_points, publish_sweep
 
 DEFAULT_RHO = (0.4, 0.6, 0.8, 1.0)
 DEFAULT_EXPERTS = 32  # routed experts per block at rho = 1: a sparse budget of 994k parameters at the defaults (tables of 1.6k-4.7k rows per head at rho 0.8-0.4)
@@ -104,10 +104,6 @@ def run_allocation_sweep(corpus, out_dir, *, rhos=DEFAULT_RHO, opts: SweepOption
         "options": {**asdict(opts), "experts": experts, "top_k": top_k, "expert_hidden": expert_hidden, "shared_hidden": shared_hidden, "jobs": jobs},
         "sizes": sizes, "points": points, "groups": groups, "seconds": time.perf_counter() - t0, "plot": None,
     }
-    if plot and plot_available():
-        result["plot"] = str(out_dir / "allocation.png")
-        plot_sweep(groups, out_dir / "allocation.png", x_key="rho", x_label="rho: share of the sparse budget given to MoE experts", log_x=False,
-                   title=f"allocation sweep: {opts.steps} steps, {opts.n_layer} layers x {opts.d_model}, {opts.seeds} seed(s)")
-    write_json(out_dir / "allocation.json", result)
-    return result
+    return publish_sweep(result, out_dir, "allocation", plot=plot, x_key="rho", x_label="rho: share of the sparse budget given to MoE experts",
+                         log_x=False, title=f"allocation sweep: {opts.steps} steps, {opts.n_layer} layers x {opts.d_model}, {opts.seeds} seed(s)")
 

@@ -22,14 +22,12 @@ from engram_cli.sweep.points import (
     TableSpec,
     ensure_store,
     run_points,
-    write_json,
 )
 from engram_cli.sweep.summary import (
     group_points,
     per_seed_slopes,
-    plot_available,
-    plot_sweep,
     power_law,
+    publish_sweep,
 )
 from engram_cli.vocab import DEFAULT_TOKENIZER
 
@@ -118,9 +116,5 @@ def run_memory_sweep(corpus, out_dir, *, rows_per_head: list[int] | None = None,
         "points": points, "groups": groups, "power_law": power_law(groups), "power_law_per_seed": per_seed_slopes(points),
         "stores": list(stores.values()), "seconds": time.perf_counter() - t0, "plot": None,
     }
-    if plot and plot_available():
-        result["plot"] = str(out_dir / "sweep.png")
-        plot_sweep(groups, out_dir / "sweep.png", x_key="table_params", x_label="Engram table parameters", log_x=True,
-                   title=f"memory sweep: {opts.steps} steps, {opts.n_layer} layers x {opts.d_model}, {opts.seeds} seed(s)")
-    write_json(out_dir / "sweep.json", result)
-    return result
+    return publish_sweep(result, out_dir, "sweep", plot=plot, x_key="table_params", x_label="Engram table parameters", log_x=True,
+                         title=f"memory sweep: {opts.steps} steps, {opts.n_layer} layers x {opts.d_model}, {opts.seeds} seed(s)")

@@ -15,6 +15,7 @@ import numpy as np
 
 from engram_cli.ablations import ABLATIONS
 from engram_cli.intervals import spread
+from engram_cli.sweep.points import write_json
 
 MIN_FIT_POINTS = 3  # a slope through two points is a line, not a fit
 
@@ -127,3 +128,14 @@ def fmt_params(n: float | None) -> str:
     e = math.floor(math.log10(abs(n)) / 3)
     e = max(0, min(e, 3))
     return f"{n / 10 ** (3 * e):.3g}{['', 'k', 'M', 'G'][e]}"
+
+
+def publish_sweep(result: dict, out_dir: Path, stem: str, *, plot: bool, **plot_args) -> dict:
+    """A sweep's last step: its plot `stem`.png (when asked and matplotlib is there; `plot_sweep`'s
+    arguments) recorded in `result["plot"]`, then `stem`.json written whole; returns `result`."""
+    out_dir = Path(out_dir)
+    if plot and plot_available():
+        result["plot"] = str(out_dir / f"{stem}.png")
+        plot_sweep(result["groups"], out_dir / f"{stem}.png", **plot_args)
+    write_json(out_dir / f"{stem}.json", result)
+    return result
