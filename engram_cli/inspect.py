@@ -228,10 +228,7 @@ def inspect_store(store: TableStore, profiles: list[HitProfile] | None = None) -
     modified = store.modified
     plan = store.plan
     hits_bytes = plan.total_rows * 8 if store.has_hits else 0
-    try:
-        stats = store.stats
-    except StoreError:  # built without a corpus: no counts, no verdict
-        stats = None
+    stats = _opened_stats(store)  # None when built without a corpus: no counts, no verdict
     return {
         "format": REPORT_FORMAT,
         "path": str(store.path),
@@ -340,17 +337,19 @@ def _verify_vocab(store: TableStore) -> tuple[int, int, dict | None]:
     return checked, read, None
 
 
-def count_chunks(store: TableStore) -> int:
-    """What `verify_store` reads: vocabulary chunks, table / kept-map / hits chunks, statistics files."""
-    return sum(1 for _ in _vocab_chunks(store)) + sum(1 for _ in iter_chunks(store)) + len(_stats_orders(store))
+def count_chunks(store: TableStore, stats=None) -> int:
+    """What `verify_store` reads: vocabulary chunks, table / kept-map / hits chunks, and the order
+    files of `stats` (the store's opened n-gram statistics, None for none)."""
+    files = len(stats.orders) if stats is not None else 0
+    return sum(1 for _ in _vocab_chunks(store)) + sum(1 for _ in iter_chunks(store)) + files
 
 
-def _stats_orders(store: TableStore) -> list[int]:
-    """The orders whose n-gram statistics file the store holds (none for a store built without a corpus)."""
+def _opened_stats(store: TableStore):
+    """The store's n-gram statistics, opened once (None for a store built without a corpus)."""
     try:
-        return list(store.stats.orders)
+        return store.stats
     except StoreError:
-        return []
+        return None
 
 
 def verify_store(store: TableStore, *, progress: Progress = _noop) -> dict:
@@ -365,12 +364,19 @@ def verify_store(store: TableStore, *, progress: Progress = _noop) -> dict:
     "bytes_read", "first_bad", "stats_files"}; `first_bad` names the layer, array, chunk
     index, rows and shard file. One chunk is in memory at a time.
     """
-    total = count_chunks(store)
+    stats = _opened_stats(store)
+    orders = list(stats.orders) if stats is not None else []
+    total = count_chunks(store, stats)
+
+    def result(checked: int, read: int, bad: dict | None, why: str = "corrupt chunk found") -> dict:
+        if bad is not None:
+            progress("verify chunks", checked, total, why)
+        return {"ok": bad is None, "chunks": total, "checked": checked, "bytes_read": read, "first_bad": bad, "stats_files": len(orders)}
+
     progress("verify chunks", 0, total, "")
     checked, read, bad = _verify_vocab(store)
     if bad is not None:
-        progress("verify chunks", checked, total, "corrupt chunk found")
-        return {"ok": False, "chunks": total, "checked": checked, "bytes_read": read, "first_bad": bad, "stats_files": len(_stats_orders(store))}
+        return result(checked, read, bad)
     for ref in iter_chunks(store):
         try:
             if ref.array == "table":
@@ -380,34 +386,28 @@ def verify_store(store: TableStore, *, progress: Progress = _noop) -> dict:
             else:
                 block = _read_hits(store, store.hits(ref.layer_id), ref.layer_id, ref.start, ref.stop)
         except (StoreError, ValueError) as e:
-            bad = {
+            return result(checked, read, {
                 "layer_id": ref.layer_id,
                 "array": ref.array,
                 "chunk": ref.index,
                 "rows": [ref.start, ref.stop],
                 "shard_file": os.path.relpath(ref.shard_file(store), store.path),
                 "error": str(e) if isinstance(e, EngramError) else f"{type(e).__name__}: {e}",
-            }
-            progress("verify chunks", checked, total, "corrupt chunk found")
-            return {"ok": False, "chunks": total, "checked": checked, "bytes_read": read, "first_bad": bad, "stats_files": len(_stats_orders(store))}
+            })
         checked += 1
         read += block.nbytes
         progress("verify chunks", checked, total, f"layer {ref.layer_id} {ref.array}")
-    orders = _stats_orders(store)
-    stats = store.stats if orders else None
     for order in orders:
         path = order_file(stats.root, order)
         try:
             stats.check_file(order)  # size and XXH3-128 against those summary.json recorded at the build
         except StoreError as e:
-            bad = {"layer_id": None, "array": f"stats/{path.name}", "chunk": 0, "rows": [0, 0],
-                   "shard_file": os.path.relpath(path, store.path), "error": str(e)}
-            progress("verify chunks", checked, total, "corrupt statistics file found")
-            return {"ok": False, "chunks": total, "checked": checked, "bytes_read": read, "first_bad": bad, "stats_files": len(orders)}
+            return result(checked, read, {"layer_id": None, "array": f"stats/{path.name}", "chunk": 0, "rows": [0, 0],
+                                          "shard_file": os.path.relpath(path, store.path), "error": str(e)}, "corrupt statistics file found")
         checked += 1
         read += path.stat().st_size
         progress("verify chunks", checked, total, f"statistics order {order}")
-    return {"ok": True, "chunks": total, "checked": checked, "bytes_read": read, "first_bad": None, "stats_files": len(orders)}
+    return result(checked, read, None)
 
 
 # -- plot ----------------------------------------------------------------------------
