@@ -47,6 +47,16 @@ def _int(path, where: str, v, lo: int, hi: int) -> int:
     return v
 
 
+def _keys(path, obj: dict, known, required, *, unknown: str, lacks: str) -> None:
+    """No key outside `known`, every key of `required` there (`CheckpointError` naming the first five)."""
+    extra = sorted(str(k) for k in obj if k not in known)
+    if extra:
+        raise _fail(path, f"{unknown} {', '.join(map(repr, extra[:5]))}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise _fail(path, f"{lacks} {', '.join(map(repr, missing))}")
+
+
 def _typed(path, where: str, v, types, name: str):
     if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         raise _fail(path, f"{where} is bool, not {name}")
@@ -59,12 +69,7 @@ def check_config(path, cfg) -> ModelConfig:
     """The `ModelConfig` of a checkpoint's `config`, every field checked (`CheckpointError` naming the first bad one)."""
     _typed(path, "config", cfg, dict, "a dict")
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(str(k) for k in cfg if k not in fields)
-    if unknown:
-        raise _fail(path, f"config has unknown key(s) {', '.join(map(repr, unknown[:5]))}")
-    missing = [k for k in REQUIRED_CONFIG if k not in cfg]
-    if missing:
-        raise _fail(path, f"config lacks {', '.join(map(repr, missing))}")
+    _keys(path, cfg, fields, REQUIRED_CONFIG, unknown="config has unknown key(s)", lacks="config lacks")
     for name, f in fields.items():
         if name not in cfg or name in ("engram_layers", "table_rows", "engram_blocks"):
             continue
@@ -227,12 +232,7 @@ def check_checkpoint_dict(path, obj: dict, *, complete: bool = False) -> None:
     `complete` (eval): also what a checkpoint of `engram train` always has, the token
     ids of its output layer and touched rows of its own Engram layers.
     """
-    unknown = sorted(str(k) for k in obj if k not in TOP_KEYS)
-    if unknown:
-        raise _fail(path, f"unknown top-level key(s) {', '.join(map(repr, unknown[:5]))}")
-    missing = [k for k in TOP_KEYS if k not in obj]
-    if missing:
-        raise _fail(path, f"lacks {', '.join(map(repr, missing))}")
+    _keys(path, obj, TOP_KEYS, TOP_KEYS, unknown="unknown top-level key(s)", lacks="lacks")
     for k in ("tables", "plan_fingerprint"):
         if obj[k] is not None:
             _typed(path, k, obj[k], str, "a string")
