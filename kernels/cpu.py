@@ -50,7 +50,7 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from engram_cli.fp8 import FP8_BLOCK, e4m3_to_float32_table
+from engram_cli.fp8 import FP8_BLOCK, e4m3_to_float32_table, scale_bytes_to_float32
 
 # Threading: OpenMP first. Its workers spin briefly between kernels, so a launch costs about 2 us
 # against about 50 us for numba's work queue (whose workers sleep), which on a 0.1 ms kernel is
@@ -434,7 +434,7 @@ def _gather_fp8_serial(table, rows, head_dim, slut, out, ahead):
     return bad
 
 
-_SLUT = (np.arange(256, dtype=np.uint32) << np.uint32(23)).view(np.float32)  # bitcast_f32(byte << 23)
+_SLUT = scale_bytes_to_float32(np.arange(256, dtype=np.uint8))  # every ue8m0 scale byte's float32: bitcast(byte << 23)
 
 
 def _padded(a: np.ndarray, fill, dtype) -> np.ndarray:
